@@ -1,0 +1,456 @@
+"""The `ramp` command line.
+
+Command names and flags are a contract with operators and docs. The flags of `ramp edge` and
+`ramp tunnel run` are generated from the config models, so a new config key is a new flag with
+no further code; only flags actually given override the config file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import textwrap
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from ramp import __version__
+from ramp.config import (
+    ConfigError,
+    ConnectorConfig,
+    EdgeConfig,
+    default_data_dir,
+    load_config,
+    parse_hostport,
+)
+from ramp.store.db import Store, StoreError
+from ramp.tunnel.token import Token, TokenError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_EDGE = "127.0.0.1:7844"
+DATA_DIR_DEFAULT_TEXT = "~/.local/share/ramp"
+_USER_ERRORS = (ConfigError, StoreError, TokenError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=BaseModel)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr, one compact line per record, naming the logger."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        force=True,
+    )
+
+
+def _fail(message: str, code: int = 2) -> typing.NoReturn:
+    click.echo(f"ramp: error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def _user_errors(f: F) -> F:
+    """Operator mistakes get one line on stderr and exit status 2, not a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except _USER_ERRORS as e:
+            _fail(str(e))
+
+    return typing.cast(F, wrapper)
+
+
+def _common(f: F) -> F:
+    """`--data-dir` and `--log-level`, for commands whose flags do not come from a model."""
+    f = click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS),
+        default="info",
+        show_default=True,
+        help="Log verbosity.",
+    )(f)
+    f = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"Directory holding the store. [default: $RAMP_HOME, else {DATA_DIR_DEFAULT_TEXT}]",
+    )(f)
+    return f
+
+
+def _data_dir(value: Path | None) -> Path:
+    return (value or default_data_dir()).expanduser()
+
+
+# -- flags generated from the config models ---------------------------------------------------
+
+
+def _default_text(name: str, field: FieldInfo) -> str:
+    if name == "data_dir":
+        return f"$RAMP_HOME, else {DATA_DIR_DEFAULT_TEXT}"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value in ({}, [], ""):
+        return "none"
+    return str(value)
+
+
+def _dict_flag(name: str) -> str:
+    return name[:-1] if name.endswith("s") else name
+
+
+def _option_for(name: str, field: FieldInfo, envvar: str | None) -> Callable[[F], F]:
+    flag = "--" + name.replace("_", "-")
+    ann = field.annotation
+    origin = typing.get_origin(ann)
+    help_text = f"{field.description or ''} [default: {_default_text(name, field)}]"
+    if origin is dict:
+        key_flag = "--" + _dict_flag(name).replace("_", "-")
+        return click.option(
+            key_flag,
+            name,
+            multiple=True,
+            metavar="NAME:PASSWORD" if name == "users" else "KEY:VALUE",
+            help=f"{field.description} Repeatable.",
+        )
+    if origin is list:
+        return click.option(
+            flag,
+            name,
+            multiple=True,
+            metavar="HOST:PORT" if name == "edge" else "VALUE",
+            help=f"{field.description} Repeatable.",
+        )
+    if ann is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if origin is typing.Literal:
+        kind: click.ParamType = click.Choice([str(a) for a in typing.get_args(ann)])
+    elif ann is int:
+        kind = click.INT
+    elif ann is float:
+        kind = click.FLOAT
+    elif ann is Path:
+        kind = click.Path(path_type=Path)
+    else:
+        kind = click.STRING
+    return click.option(flag, name, type=kind, default=None, envvar=envvar, help=help_text)
+
+
+def _model_options(
+    model: type[BaseModel], envvars: dict[str, str] | None = None
+) -> Callable[[F], F]:
+    envvars = envvars or {}
+
+    def decorate(f: F) -> F:
+        # click lists options in reverse order of decoration: go backwards to keep model order.
+        for name, field in reversed(list(model.model_fields.items())):
+            f = _option_for(name, field, envvars.get(name))(f)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="YAML config file (see `ramp config default`); flags override it.",
+        )(f)
+
+    return decorate
+
+
+def _overrides(model: type[BaseModel], flags: dict[str, Any]) -> dict[str, Any]:
+    """Only the flags the user gave, shaped for the model."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        value = flags.get(name)
+        if value is None or value == ():
+            continue
+        origin = typing.get_origin(field.annotation)
+        if origin is dict:
+            pairs: dict[str, str] = {}
+            for item in value:
+                key, sep, val = item.partition(":")
+                if not sep or not key:
+                    raise ConfigError(
+                        f"--{_dict_flag(name).replace('_', '-')} {item!r}: expected "
+                        + ("NAME:PASSWORD" if name == "users" else "KEY:VALUE")
+                    )
+                pairs[key] = val
+            value = pairs
+        elif origin is list:
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def _load(model: type[M], config_file: Path | None, flags: dict[str, Any]) -> M:
+    cfg = load_config(model, config_file, _overrides(model, flags))
+    cfg.data_dir = cfg.data_dir.expanduser()  # type: ignore[attr-defined]
+    return cfg
+
+
+def default_yaml(model: type[BaseModel], data_dir: str = DATA_DIR_DEFAULT_TEXT) -> str:
+    """Every key of `model` with its default, each preceded by its description as a comment."""
+    role = "edge" if model is EdgeConfig else "connector"
+    command = "ramp edge" if model is EdgeConfig else "ramp tunnel run"
+    defaults = model().model_dump(mode="json")
+    lines = [
+        f"# ramp {role} configuration, with every key at its default.",
+        f"# Use it with: {command} --config FILE   (flags override the file)",
+        "",
+    ]
+    for name, field in model.model_fields.items():
+        text = field.description or name
+        if name == "data_dir":
+            text += f" Default: $RAMP_HOME if set, else {DATA_DIR_DEFAULT_TEXT}."
+        lines += [f"# {line}" for line in textwrap.wrap(text, 96)]
+        value = data_dir if name == "data_dir" else defaults[name]
+        dumped = yaml.safe_dump({name: value}, default_flow_style=False, sort_keys=False)
+        lines.append(dumped.rstrip("\n"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- output helpers -----------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    out = []
+    for row in [headers, *rows]:
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(out)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ramp")
+def main() -> None:
+    """ramp: reach services inside private networks without opening inbound ports.
+
+    \b
+    On a public machine:      ramp edge
+    Create a tunnel:          ramp tunnel create NAME
+    Route a network to it:    ramp tunnel route ip add 10.0.0.0/8 NAME
+    Get its connector token:  ramp tunnel token NAME --edge EDGE_HOST:7844
+    In the private network:   ramp tunnel run --token TOKEN
+    Everything on one host:   ramp up
+    """
+
+
+cli = main
+
+
+@main.command()
+@_model_options(EdgeConfig)
+@_user_errors
+def edge(config_file: Path | None, **flags: Any) -> None:
+    """Run the edge: proxy listeners, routing, and the tunnel listener connectors dial."""
+    cfg = _load(EdgeConfig, config_file, flags)
+    setup_logging(cfg.log_level)
+    from ramp.edge import run_edge
+
+    raise SystemExit(run_edge(cfg))
+
+
+@main.group()
+def tunnel() -> None:
+    """Create and manage tunnels, their routes and tokens; run a connector."""
+
+
+@tunnel.command("create")
+@click.argument("name")
+@_common
+@_user_errors
+def tunnel_create(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Create a tunnel called NAME."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        t = store.create_tunnel(name)
+    click.echo(f"Created tunnel {t.name} with id {t.id}")
+    click.echo(f"Get its connector token with: ramp tunnel token {t.name} --edge EDGE_HOST:7844")
+
+
+@tunnel.command("list")
+@_common
+@_user_errors
+def tunnel_list(data_dir: Path | None, log_level: str) -> None:
+    """List tunnels and their routes."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        tunnels = store.list_tunnels()
+        routes = store.list_routes()
+    by_tunnel: dict[str, list[str]] = {}
+    for r in routes:
+        by_tunnel.setdefault(r.tunnel_id, []).append(r.cidr)
+    rows = [
+        [
+            t.name,
+            t.id,
+            t.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ",".join(by_tunnel.get(t.id, [])) or "-",
+        ]
+        for t in tunnels
+    ]
+    click.echo(_table(["NAME", "ID", "CREATED", "ROUTES"], rows))
+
+
+@tunnel.command("delete")
+@click.argument("name")
+@_common
+@_user_errors
+def tunnel_delete(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Delete the tunnel NAME (a name or an id) and its routes."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        t = store.delete_tunnel(name)
+    click.echo(f"Deleted tunnel {t.name} ({t.id}) and its routes")
+
+
+@tunnel.group("route")
+def tunnel_route() -> None:
+    """Route destinations to tunnels."""
+
+
+@tunnel_route.group("ip")
+def route_ip() -> None:
+    """Route IP networks (CIDR) to tunnels; the longest matching prefix wins."""
+
+
+@route_ip.command("add")
+@click.argument("cidr")
+@click.argument("name")
+@_common
+@_user_errors
+def route_ip_add(cidr: str, name: str, data_dir: Path | None, log_level: str) -> None:
+    """Send traffic for CIDR to the tunnel NAME."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        r = store.add_route(cidr, name)
+    click.echo(f"Added route {r.cidr} -> tunnel {r.tunnel_name}")
+
+
+@route_ip.command("list")
+@_common
+@_user_errors
+def route_ip_list(data_dir: Path | None, log_level: str) -> None:
+    """List IP routes."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        routes = store.list_routes()
+    click.echo(_table(["CIDR", "TUNNEL"], [[r.cidr, r.tunnel_name] for r in routes]))
+
+
+@route_ip.command("delete")
+@click.argument("cidr")
+@_common
+@_user_errors
+def route_ip_delete(cidr: str, data_dir: Path | None, log_level: str) -> None:
+    """Delete the route for CIDR."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        net = store.delete_route(cidr)
+    click.echo(f"Deleted route {net}")
+
+
+def _check_edges(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+    for edge_addr in value:
+        try:
+            parse_hostport(edge_addr)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return list(value) or [DEFAULT_EDGE]
+
+
+@tunnel.command("token")
+@click.argument("name")
+@click.option(
+    "--edge",
+    "edges",
+    multiple=True,
+    metavar="HOST:PORT",
+    callback=_check_edges,
+    help=f"Edge tunnel address the connector dials. Repeatable. [default: {DEFAULT_EDGE}]",
+)
+@_common
+@_user_errors
+def tunnel_token(name: str, edges: list[str], data_dir: Path | None, log_level: str) -> None:
+    """Print the connector token of tunnel NAME (and nothing else)."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        t = store.get_tunnel(name)
+        if t is None:
+            raise StoreError(f"unknown tunnel {name!r}")
+        token = Token(
+            tunnel_id=t.id,
+            secret=store.tunnel_secret(t.id),
+            edges=edges,
+            ca_fingerprint=store.edge_identity().ca_fingerprint,
+        )
+    click.echo(token.encode())
+
+
+@tunnel.command("run")
+@_model_options(ConnectorConfig, envvars={"token": "RAMP_TUNNEL_TOKEN"})
+@_user_errors
+def tunnel_run(config_file: Path | None, **flags: Any) -> None:
+    """Run a connector: dial out to the edge(s) and serve the tunnel's flows.
+
+    The token can also be given in the environment variable RAMP_TUNNEL_TOKEN.
+    """
+    cfg = _load(ConnectorConfig, config_file, flags)
+    if not cfg.token:
+        _fail("no token: pass --token TOKEN or set RAMP_TUNNEL_TOKEN (see `ramp tunnel token`)")
+    try:
+        Token.decode(cfg.token)
+    except TokenError as e:
+        _fail(f"invalid token: {e}")
+    setup_logging(cfg.log_level)
+    from ramp.connector import run_connector
+
+    raise SystemExit(run_connector(cfg))
+
+
+@main.command()
+@_common
+@_user_errors
+def up(data_dir: Path | None, log_level: str) -> None:
+    """Run an edge and a connector together on this host (tunnel `local`)."""
+    setup_logging(log_level)
+    from ramp.up import run_up
+
+    raise SystemExit(run_up(_data_dir(data_dir), log_level))
+
+
+@main.group()
+def config() -> None:
+    """Configuration files."""
+
+
+@config.command("default")
+@click.option(
+    "--role", type=click.Choice(["edge", "connector"]), required=True, help="Whose config."
+)
+@_common
+def config_default(role: str, data_dir: Path | None, log_level: str) -> None:
+    """Print the full default config of ROLE as YAML, every key commented."""
+    model: type[BaseModel] = EdgeConfig if role == "edge" else ConnectorConfig
+    click.echo(default_yaml(model, str(data_dir) if data_dir else DATA_DIR_DEFAULT_TEXT), nl=False)
+
+
+if __name__ == "__main__":
+    main()

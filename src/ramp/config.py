@@ -1,0 +1,179 @@
+"""Configuration of each role: defaults, overridden by a YAML file, overridden by flags.
+
+The models are the single source of truth: `ramp config default` prints them as commented YAML,
+the CLI builds one flag per key, and the roles receive a validated instance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def default_data_dir() -> Path:
+    """`$RAMP_HOME`, else `~/.local/share/ramp`."""
+    env = os.environ.get("RAMP_HOME")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "share" / "ramp"
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split `HOST:PORT`, `[V6]:PORT` or (with a default port) `HOST`."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {value!r}: missing ']'")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port_s = value.partition(":")
+    elif value.count(":") > 1:
+        raise ValueError(f"bad address {value!r}: write IPv6 addresses as [ADDR]:PORT")
+    else:
+        host, port_s = value, ""
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"bad address {value!r}: expected HOST:PORT")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    if not host:
+        raise ValueError(f"bad address {value!r}: empty host")
+    return host, int(port_s)
+
+
+def _check_listen(value: str) -> str:
+    if value in ("", "off"):
+        return "off"
+    parse_hostport(value)
+    return value
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory holding the store (SQLite), the edge CA and keys.",
+    )
+    log_level: LogLevel = Field("info", description="Log verbosity: debug, info, warning, error.")
+
+
+class EdgeConfig(_Base):
+    """The edge: on-ramps, routing to tunnels, direct egress."""
+
+    tunnel_listen: str = Field(
+        "0.0.0.0:7844", description="UDP HOST:PORT where connectors dial in over QUIC."
+    )
+    socks5_listen: str = Field(
+        "127.0.0.1:1080", description="SOCKS5 proxy listener HOST:PORT, or 'off'."
+    )
+    http_listen: str = Field(
+        "127.0.0.1:8080", description="HTTP CONNECT proxy listener HOST:PORT, or 'off'."
+    )
+    metrics_listen: str = Field(
+        "127.0.0.1:20241", description="HTTP listener for /metrics and /ready, or 'off'."
+    )
+    allow_direct_egress: bool = Field(
+        False,
+        description="Let destinations outside every route go out directly from the edge.",
+    )
+    connect_timeout: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds to wait for a flow's outbound leg (tunnel answer or direct dial).",
+    )
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="Seconds a proxy client has to finish its request."
+    )
+    max_flows: int = Field(
+        10000, gt=0, description="Concurrent flows; past it new requests get an error."
+    )
+    users: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Proxy credentials, user name to password. When set, SOCKS5 requires "
+            "RFC 1929 username/password and HTTP requires Proxy-Authorization Basic."
+        ),
+    )
+    audit_log: str = Field(
+        "-", description="File for the audit log (one JSON line per finished flow); '-' = stderr."
+    )
+    store_poll_interval: float = Field(
+        1.0, gt=0, description="Seconds between checks of the store for CLI changes."
+    )
+    quic_idle_timeout: float = Field(
+        5.0, gt=0, description="Seconds without packets before a tunnel connection is dead."
+    )
+
+    _v_listen = field_validator("tunnel_listen", "socks5_listen", "http_listen", "metrics_listen")(
+        classmethod(lambda cls, v: _check_listen(v))
+    )
+
+
+class ConnectorConfig(_Base):
+    """The connector (`ramp tunnel run`)."""
+
+    token: str = Field("", description="Tunnel token from `ramp tunnel token NAME`.")
+    edge: list[str] = Field(
+        default_factory=list,
+        description="Edge HOST:PORT addresses; when set they replace those in the token.",
+    )
+    ha_connections: int = Field(
+        4, ge=1, le=16, description="QUIC connections to open to each edge address."
+    )
+    metrics_listen: str = Field(
+        "127.0.0.1:20242", description="HTTP listener for /metrics and /ready, or 'off'."
+    )
+    grace_period: float = Field(
+        30.0, ge=0, description="Seconds open flows may run after SIGTERM before exit."
+    )
+    connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds to wait for an origin to accept a TCP connection."
+    )
+    quic_idle_timeout: float = Field(
+        5.0, gt=0, description="Seconds without packets before a tunnel connection is dead."
+    )
+    keepalive_interval: float = Field(
+        1.0, gt=0, description="Seconds between QUIC PINGs on an idle tunnel connection."
+    )
+
+    _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+T = TypeVar("T", bound=_Base)
+
+
+class ConfigError(Exception):
+    """A config file or flag is wrong; the message says which and why."""
+
+
+def load_config(model: type[T], config_file: Path | None, overrides: dict[str, Any]) -> T:
+    """Defaults < YAML file < flags. `overrides` holds only flags the user actually gave."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = yaml.safe_load(config_file.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping of keys")
+        data.update({k.replace("-", "_"): v for k, v in raw.items()})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return model(**data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"{key}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from e

@@ -1,0 +1,162 @@
+"""The connector role (`ramp tunnel run`): dials out to the edge and serves its flows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from ramp.config import ConnectorConfig, parse_hostport
+from ramp.observe.metrics import ConnectorMetrics
+from ramp.observe.status import start_status_server
+from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
+from ramp.tunnel.token import Token, TokenError
+from ramp.wire.tunnel import RegisterError
+
+log = logging.getLogger("ramp.connector")
+audit = logging.getLogger("ramp.connector.flows")
+
+EXIT_BAD_TOKEN = 2
+EXIT_REFUSED = 3
+
+_REFUSAL_HINTS = {
+    RegisterError.UNKNOWN_TUNNEL: "the edge knows no such tunnel: wrong token for this edge?",
+    RegisterError.TUNNEL_DELETED: "the tunnel was deleted on the edge: create a new one "
+    "and use its token",
+    RegisterError.BAD_PROOF: "the edge rejected the tunnel secret: the token's secret is wrong",
+    RegisterError.UNSUPPORTED_VERSION: "the edge does not speak this connector's protocol "
+    "version: upgrade one of them",
+    RegisterError.BAD_REQUEST: "the edge could not read the registration",
+}
+
+
+class Connector:
+    def __init__(self, config: ConnectorConfig, token: Token) -> None:
+        self.config = config
+        self.token = token
+        self.metrics = ConnectorMetrics()
+        edges = config.edge or token.edges
+        self.edges = [parse_hostport(e) for e in edges]
+        self.client = TunnelClient(
+            tunnel_id=token.tunnel_id,
+            secret=token.secret,
+            ca_fingerprint=token.ca_fingerprint,
+            edges=self.edges,
+            ha_connections=config.ha_connections,
+            connect_timeout=config.connect_timeout,
+            idle_timeout=config.quic_idle_timeout,
+            keepalive=config.keepalive_interval,
+            on_flow_end=self._flow_end,
+            on_connections=self.metrics.tunnel_connections.set,
+            on_refused=self._refused,
+            on_dial_failure=lambda reason: self.metrics.dial_failures.labels(reason).inc(),
+            metrics_bad_input=lambda where, reason: self.metrics.bad_input.labels(
+                where, reason
+            ).inc(),
+        )
+        self.status: Any = None
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        n = len(self.client.live)
+        return n > 0 and not self.client.draining, {
+            "status": "draining" if self.client.draining else ("ready" if n else "connecting"),
+            "connections": n,
+            "flows": self.client.active_flows,
+        }
+
+    def _refused(self, e: RegistrationRefused) -> None:
+        self.metrics.registration_failures.labels(e.code.name.lower()).inc()
+        log.error("edge refused registration: %s (%s)", e.code.name.lower(), e.message)
+
+    def _flow_end(self, end: FlowEnd) -> None:
+        m = self.metrics
+        m.flows.labels("tunnel", end.result.value).inc()
+        if end.bytes_up:
+            m.flow_bytes.labels("up").inc(end.bytes_up)
+        if end.bytes_down:
+            m.flow_bytes.labels("down").inc(end.bytes_down)
+        m.flows_active.set(self.client.active_flows)
+        audit.info(
+            "flow src=%s dst=%s result=%s up=%d down=%d duration=%.3f%s",
+            end.source,
+            end.destination,
+            end.result.value,
+            end.bytes_up,
+            end.bytes_down,
+            end.duration,
+            f" reason={end.reason!r}" if end.reason else "",
+        )
+
+    async def run(self, stop: asyncio.Event) -> int:
+        self.status = await start_status_server(
+            self.config.metrics_listen, self.metrics.registry, self.ready
+        )
+        edges = ", ".join(f"{h}:{p}" for h, p in self.edges)
+        log.info(
+            "connector %s for tunnel %s: %d connection(s) to each of %s",
+            str(self.client.connector_id)[:8],
+            self.token.tunnel_id,
+            self.config.ha_connections,
+            edges,
+        )
+        self.client.start()
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {stop_wait, self.client.fatal}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self.client.fatal.done():
+                return self._fatal(self.client.fatal.result())
+            log.info(
+                "draining: %d open flow(s), grace period %gs",
+                self.client.active_flows,
+                self.config.grace_period,
+            )
+            await self.client.drain(self.config.grace_period)
+            return 0
+        finally:
+            stop_wait.cancel()
+            await self.client.close()
+            if self.status is not None:
+                await self.status.close()
+
+    def _fatal(self, e: Exception) -> int:
+        if isinstance(e, RegistrationRefused):
+            hint = _REFUSAL_HINTS.get(e.code, "")
+            print(
+                f"ramp: registration refused by the edge: {e.code.name.lower()}: {e.message}"
+                + (f"\n  {hint}" if hint else ""),
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if isinstance(e, PinError):
+            print(f"ramp: refusing the edge: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        print(f"ramp: {e}", file=sys.stderr)
+        return 1
+
+
+def load_token(config: ConnectorConfig) -> Token:
+    if not config.token:
+        raise TokenError("no token: pass --token TOKEN or set RAMP_TUNNEL_TOKEN")
+    token = Token.decode(config.token)
+    if not (config.edge or token.edges):
+        raise TokenError("the token names no edge address: pass --edge HOST:PORT")
+    return token
+
+
+def run_connector(config: ConnectorConfig) -> int:
+    """`ramp tunnel run`: returns the process exit code."""
+    from ramp.runtime import run_until_signal
+
+    try:
+        token = load_token(config)
+    except TokenError as e:
+        print(f"ramp: invalid token: {e}", file=sys.stderr)
+        return EXIT_BAD_TOKEN
+
+    async def main(stop: asyncio.Event) -> int:
+        return await Connector(config, token).run(stop)
+
+    return run_until_signal(main)

@@ -1,0 +1,272 @@
+"""The edge role: on-ramps in, routing to tunnels (or direct egress) out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from ramp.config import EdgeConfig, parse_hostport
+from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.flows.opener import TcpLeg
+from ramp.observe.audit import AuditLog
+from ramp.observe.metrics import EdgeMetrics
+from ramp.observe.status import start_status_server
+from ramp.offramps.tcp import DirectLeg, dial_tcp, resolve
+from ramp.offramps.tunnel import ConnectionGone, open_tunnel_flow
+from ramp.onramps.http_connect import HttpConnectServer
+from ramp.onramps.socks5 import Socks5Server
+from ramp.policy.router import RouteEntry, RouteTable
+from ramp.store.db import Store
+from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
+from ramp.wire.tunnel import PROTOCOL_VERSION, CloseCode, Register, RegisterError
+
+log = logging.getLogger("ramp.edge")
+
+
+class Edge:
+    """One edge process: implements `FlowOpener` for its on-ramps."""
+
+    def __init__(self, config: EdgeConfig, *, metrics: EdgeMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or EdgeMetrics()
+        self.store = Store(config.data_dir)
+        self.audit = AuditLog(config.audit_log)
+        self.routes = RouteTable()
+        self.active: set[int] = set()
+        self._store_version = -1
+        self._tunnel_names: dict[str, str] = {}
+        self.tunnels: TunnelEdge | None = None
+        self.onramps: list[Any] = []
+        self.status: Any = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        ident = self.store.edge_identity()
+        self.reload_store()
+        self.tunnels = TunnelEdge(
+            configuration=server_configuration(
+                ident.leaf_cert_pem + ident.ca_cert_pem,
+                ident.leaf_key_pem,
+                self.config.quic_idle_timeout,
+            ),
+            check=self.check_registration,
+            on_drop=lambda reason: self.metrics.tunnel_bad_packets.labels(reason).inc(),
+            on_refused=self._registration_refused,
+            on_change=self._connections_changed,
+        )
+        host, port = parse_hostport(self.config.tunnel_listen)
+        await self.tunnels.start(host, port)
+        log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
+        for listen, cls in (
+            (self.config.socks5_listen, Socks5Server),
+            (self.config.http_listen, HttpConnectServer),
+        ):
+            if listen == "off":
+                continue
+            server = cls(self.config, self)
+            h, p = parse_hostport(listen)
+            await server.start(h, p)
+            self.onramps.append(server)
+        self.status = await start_status_server(
+            self.config.metrics_listen, self.metrics.registry, self.ready
+        )
+        self._poller = asyncio.ensure_future(self._poll_store())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for server in self.onramps:
+            await server.close()
+        if self.tunnels is not None:
+            self.tunnels.close()
+        if self.status is not None:
+            await self.status.close()
+        self.store.close()
+        self.audit.close()
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        assert self.tunnels is not None
+        by_tunnel = {
+            self._tunnel_names.get(tid, tid): len(entry.conns)
+            for tid, entry in self.tunnels.tunnels.items()
+        }
+        n = sum(by_tunnel.values())
+        return n > 0, {
+            "status": "ready" if n else "waiting for a connector",
+            "connections": by_tunnel,
+            "flows": len(self.active),
+        }
+
+    # -- store -----------------------------------------------------------------------------------
+
+    def reload_store(self) -> None:
+        version = self.store.data_version()
+        if version == self._store_version:
+            return
+        self._store_version = version
+        tunnels = {t.id: t.name for t in self.store.list_tunnels()}
+        self.routes = RouteTable(
+            RouteEntry(r.network, r.tunnel_id, r.tunnel_name) for r in self.store.list_routes()
+        )
+        self.metrics.routes.set(len(self.routes))
+        gone = set(self._tunnel_names) - set(tunnels)
+        self._tunnel_names = tunnels
+        if self.tunnels is not None:
+            for tid in list(self.tunnels.tunnels):
+                if tid in gone or tid not in tunnels:
+                    log.info("tunnel %s was deleted: closing its connections", tid)
+                    self.tunnels.drop_tunnel(tid, CloseCode.TUNNEL_DELETED, "tunnel deleted")
+        log.debug("store loaded: %d tunnels, %d routes", len(tunnels), len(self.routes))
+
+    async def _poll_store(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.store_poll_interval)
+            try:
+                self.reload_store()
+            except Exception:
+                log.exception("reloading the store failed; keeping the last good state")
+
+    # -- tunnel registrations --------------------------------------------------------------------
+
+    def check_registration(self, frame: Register) -> Verdict:
+        if frame.version != PROTOCOL_VERSION:
+            return Verdict(
+                False,
+                error=RegisterError.UNSUPPORTED_VERSION,
+                message=f"edge speaks version {PROTOCOL_VERSION}, not {frame.version}",
+            )
+        tid = str(frame.tunnel_id)
+        status = self.store.tunnel_status(tid)
+        if status == "unknown":
+            return Verdict(
+                False, error=RegisterError.UNKNOWN_TUNNEL, message=f"no tunnel {tid} on this edge"
+            )
+        if status == "deleted":
+            return Verdict(
+                False, error=RegisterError.TUNNEL_DELETED, message=f"tunnel {tid} was deleted"
+            )
+        if not self.store.verify_secret(tid, frame.secret):
+            return Verdict(
+                False, error=RegisterError.BAD_PROOF, message="the tunnel secret does not match"
+            )
+        tunnel = self.store.get_tunnel(tid)
+        self._tunnel_names[tid] = tunnel.name if tunnel else tid
+        return Verdict(True, tunnel_name=self._tunnel_names[tid])
+
+    def _registration_refused(self, reason: str, peer: str, message: str) -> None:
+        self.metrics.registration_failures.labels(reason).inc()
+
+    def _connections_changed(self) -> None:
+        assert self.tunnels is not None
+        self.metrics.tunnel_connections.clear()
+        for tid, entry in self.tunnels.tunnels.items():
+            self.metrics.tunnel_connections.labels(self._tunnel_names.get(tid, tid)).set(
+                len(entry.conns)
+            )
+
+    # -- FlowOpener ------------------------------------------------------------------------------
+
+    async def open_tcp(self, flow: Flow) -> TcpLeg:
+        self.active.add(flow.id)
+        self.metrics.flows_active.set(len(self.active))
+        started = time.monotonic()
+        if len(self.active) > self.config.max_flows:
+            raise FlowError(FlowResult.ERROR, f"edge at its limit of {self.config.max_flows} flows")
+        dest = flow.destination
+        addrs = await resolve(dest.host, dest.port)
+        ip = addrs[0][1][0]
+        flow.resolved = ip
+        route = self.routes.lookup(ip)
+        if route is not None:
+            flow.route = route.tunnel_name
+            leg: TcpLeg = await self._open_via_tunnel(flow, route)
+        elif self.config.allow_direct_egress:
+            flow.route = "direct"
+            sock = await dial_tcp(ip, dest.port, self.config.connect_timeout)
+            leg = DirectLeg(flow, sock)
+        else:
+            raise FlowError(
+                FlowResult.NOT_PERMITTED,
+                f"no route to {ip} and direct egress is off",
+            )
+        self.metrics.flow_setup.observe(time.monotonic() - started)
+        return leg
+
+    async def _open_via_tunnel(self, flow: Flow, route: RouteEntry) -> TcpLeg:
+        assert self.tunnels is not None
+        candidates = self.tunnels.candidates(route.tunnel_id)
+        if not candidates:
+            raise FlowError(
+                FlowResult.NET_UNREACHABLE,
+                f"tunnel {route.tunnel_name} has no connected connector",
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.connect_timeout
+        for conn in candidates:
+            if not conn.can_open_stream():
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                return await open_tunnel_flow(conn, flow, remaining)
+            except ConnectionGone:
+                continue  # that connection died under us: the next one may be alive
+        if loop.time() >= deadline:
+            raise FlowError(FlowResult.TIMEOUT, "no tunnel connection answered in time")
+        raise FlowError(
+            FlowResult.NET_UNREACHABLE,
+            f"no usable connection for tunnel {route.tunnel_name} (all busy or closing)",
+        )
+
+    def flow_finished(self, flow: Flow) -> None:
+        self.active.discard(flow.id)
+        if flow.ended is None:
+            flow.ended = time.monotonic()
+        if flow.result is None:
+            flow.result = FlowResult.OK
+        m = self.metrics
+        m.flows_active.set(len(self.active))
+        m.flows.labels(flow.onramp, flow.result.value).inc()
+        if flow.bytes_up:
+            m.flow_bytes.labels("up").inc(flow.bytes_up)
+        if flow.bytes_down:
+            m.flow_bytes.labels("down").inc(flow.bytes_down)
+        self.audit.write(flow)
+
+    def bad_input(self, onramp: str, reason: str, peer: tuple[str, int] | None = None) -> None:
+        self.metrics.bad_input.labels(onramp, reason).inc()
+        log.info(
+            "bad input on %s from %s: %s", onramp, f"{peer[0]}:{peer[1]}" if peer else "-", reason
+        )
+
+
+async def serve_edge(config: EdgeConfig, stop: asyncio.Event) -> int:
+    edge = Edge(config)
+    try:
+        await edge.start()
+    except OSError as e:
+        log.error("cannot start the edge: %s", e)
+        await edge.close()
+        return 1
+    log.info("edge %s ready", uuid.uuid4().hex[:8])
+    try:
+        await stop.wait()
+    finally:
+        await edge.close()
+    return 0
+
+
+def run_edge(config: EdgeConfig) -> int:
+    """`ramp edge`: run until SIGINT/SIGTERM."""
+    from ramp.runtime import run_until_signal
+
+    return run_until_signal(lambda stop: serve_edge(config, stop))
+
+
+__all__ = ["Edge", "run_edge", "serve_edge"]

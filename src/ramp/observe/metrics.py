@@ -1,0 +1,89 @@
+"""Prometheus metrics of each role, each on its own registry (several roles may share a
+process, as in `ramp up`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class FlowMetrics:
+    """Flow counters both roles have."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.flows_active = Gauge("ramp_flows_active", "Flows open now.", registry=registry)
+        self.flows = Counter(
+            "ramp_flows",
+            "Finished flows by on-ramp and result.",
+            ["onramp", "result"],
+            registry=registry,
+        )
+        self.flow_bytes = Counter(
+            "ramp_flow_bytes",
+            "Payload bytes relayed; up = client to origin, down = origin to client.",
+            ["direction"],
+            registry=registry,
+        )
+        self.flow_setup = Histogram(
+            "ramp_flow_setup_seconds",
+            "Time from request to an open outbound leg.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.bad_input = Counter(
+            "ramp_bad_input",
+            "Input rejected at the protocol level.",
+            ["onramp", "reason"],
+            registry=registry,
+        )
+        self.tunnel_bad_packets = Counter(
+            "ramp_tunnel_bad_packets",
+            "UDP packets dropped on the tunnel port before reaching a QUIC connection.",
+            ["reason"],
+            registry=registry,
+        )
+
+
+class EdgeMetrics(FlowMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry or CollectorRegistry())
+        self.tunnel_connections = Gauge(
+            "ramp_tunnel_connections",
+            "Registered connector connections by tunnel.",
+            ["tunnel"],
+            registry=self.registry,
+        )
+        self.registrations = Counter(
+            "ramp_tunnel_registrations",
+            "Accepted connector registrations.",
+            registry=self.registry,
+        )
+        self.registration_failures = Counter(
+            "ramp_tunnel_registration_failures",
+            "Refused connector registrations by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.routes = Gauge(
+            "ramp_routes", "IP routes loaded from the store.", registry=self.registry
+        )
+
+
+class ConnectorMetrics(FlowMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry or CollectorRegistry())
+        self.tunnel_connections = Gauge(
+            "ramp_tunnel_connections", "Registered connections to edges.", registry=self.registry
+        )
+        self.registration_failures = Counter(
+            "ramp_tunnel_registration_failures",
+            "Registrations refused by an edge, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.dial_failures = Counter(
+            "ramp_tunnel_dial_failures",
+            "Failed attempts to reach an edge.",
+            ["reason"],
+            registry=self.registry,
+        )

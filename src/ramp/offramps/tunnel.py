@@ -1,0 +1,147 @@
+"""Tunnel off-ramp: a flow leaves the edge as a stream on a connector's QUIC connection."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
+from ramp.tunnel.control import CODE_TO_RESULT
+from ramp.tunnel.edge_side import EdgeConnection
+from ramp.wire.tunnel import (
+    ConnectCode,
+    ConnectResult,
+    ConnectTcp,
+    FrameDecoder,
+    ProtocolError,
+    StreamError,
+    encode_frame,
+)
+
+
+class ConnectionGone(Exception):
+    """The tunnel connection died before the connector answered: try another one."""
+
+
+class _PendingFlow:
+    """Stream handler while the edge waits for CONNECT_RESULT."""
+
+    def __init__(self, window: int) -> None:
+        self.decoder = FrameDecoder()
+        self.result: asyncio.Future[ConnectResult] = asyncio.get_running_loop().create_future()
+        self.extra: list[bytes] = []
+        self.extra_len = 0
+        self.window = window
+        self.fin = False
+
+    def stream_data(self, data: bytes, fin: bool) -> None:
+        if self.result.done():
+            # origin bytes that came right behind the answer, before the bridge took over
+            self.extra.append(data)
+            self.extra_len += len(data)
+            self.fin = self.fin or fin
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as e:
+            self.result.set_exception(FlowError(FlowResult.ERROR, f"tunnel protocol: {e}"))
+            return
+        if frames:
+            frame = frames[0]
+            if not isinstance(frame, ConnectResult) or len(frames) > 1:
+                self.result.set_exception(
+                    FlowError(FlowResult.ERROR, "tunnel protocol: expected CONNECT_RESULT")
+                )
+                return
+            rest = self.decoder.take_rest()
+            if rest:
+                self.extra.append(rest)
+                self.extra_len += len(rest)
+            self.fin = fin
+            self.result.set_result(frame)
+        elif fin:
+            self.result.set_exception(FlowError(FlowResult.ERROR, "connector closed the stream"))
+
+    def stream_reset(self, code: int) -> None:
+        if not self.result.done():
+            self.result.set_exception(FlowError(FlowResult.ERROR, f"connector reset ({code})"))
+
+    def stop_sending(self, code: int) -> None:
+        self.stream_reset(code)
+
+    def connection_lost(self) -> None:
+        if not self.result.done():
+            self.result.set_exception(ConnectionGone())
+
+
+async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> TunnelLeg:
+    """Ask the connector behind `conn` to dial `flow.destination`; raises FlowError."""
+    if conn.closed:
+        raise ConnectionGone()
+    pending = _PendingFlow(FLOW_WINDOW)
+    stream_id = conn.open_stream(pending)
+    host = flow.resolved or flow.destination.host
+    meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
+    if flow.identity != "-":
+        meta["identity"] = flow.identity
+    if flow.resolved and flow.resolved != flow.destination.host:
+        meta["host"] = flow.destination.host
+    header = ConnectTcp(flow.id, host, flow.destination.port, FLOW_WINDOW, meta)
+    conn.send(stream_id, encode_frame(header))
+    try:
+        async with asyncio.timeout(timeout):
+            answer = await pending.result
+    except TimeoutError:
+        conn.reset(stream_id, StreamError.FLOW_ABORT)
+        raise FlowError(
+            FlowResult.TIMEOUT, f"no answer from the connector within {timeout:g}s"
+        ) from None
+    except FlowError:
+        conn.reset(stream_id, StreamError.PROTOCOL)
+        raise
+    except (ConnectionGone, asyncio.CancelledError):
+        conn.reset(stream_id, StreamError.FLOW_ABORT)
+        raise
+    if answer.code != ConnectCode.OK:
+        conn.reset(stream_id, StreamError.FLOW_ABORT)
+        raise FlowError(CODE_TO_RESULT[answer.code], answer.message or answer.code.name.lower())
+    bridge = StreamBridge(conn, stream_id, send_credit=answer.window, grant=conn.send_window)
+    conn.handlers[stream_id] = TunnelSide(bridge)
+    conn.bridges[stream_id] = bridge
+    bridge.done.add_done_callback(lambda _: conn.bridges.pop(stream_id, None))
+    for chunk in pending.extra:
+        bridge.stream_data(chunk, False)
+    if pending.fin:
+        bridge.stream_data(b"", True)
+    return TunnelLeg(flow, bridge)
+
+
+class TunnelLeg:
+    def __init__(self, flow: Flow, bridge: StreamBridge) -> None:
+        self.flow = flow
+        self.bridge = bridge
+
+    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
+        loop = asyncio.get_running_loop()
+        bridge = self.bridge
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.connect_accepted_socket(lambda: bridge, sock=client)
+            bridge.feed_initial(initial)
+            await asyncio.shield(bridge.done)
+        except asyncio.CancelledError:
+            bridge.abort()
+            raise
+        except OSError:
+            bridge.abort()
+            client.close()
+        finally:
+            self.flow.bytes_up += bridge.bytes_tcp_to_quic
+            self.flow.bytes_down += bridge.bytes_quic_to_tcp
+            if bridge.reset_by is not None and self.flow.result is None:
+                self.flow.result = FlowResult.RESET
+                self.flow.reason = f"reset by {'client' if bridge.reset_by == 'tcp' else 'origin'}"
+
+    def abort(self) -> None:
+        self.bridge.abort()

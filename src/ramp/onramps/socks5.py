@@ -1,0 +1,78 @@
+"""The SOCKS5 on-ramp (RFC 1928 CONNECT, RFC 1929 username/password when users are configured)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from ramp.flows.flow import Destination, FlowResult
+from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
+from ramp.wire import socks5
+from ramp.wire.socks5 import NEED_DATA, Command, Rep, Socks5Error
+
+log = logging.getLogger(__name__)
+
+# Curl and most clients report 0x04 as "host unreachable / timed out"; 0x06 (TTL expired) is
+# what RFC 1928 offers, but clients show it as an obscure routing error.
+REP_FOR_RESULT: dict[FlowResult, Rep] = {
+    FlowResult.NOT_PERMITTED: Rep.NOT_ALLOWED,
+    FlowResult.NET_UNREACHABLE: Rep.NETWORK_UNREACHABLE,
+    FlowResult.HOST_UNREACHABLE: Rep.HOST_UNREACHABLE,
+    FlowResult.REFUSED: Rep.CONNECTION_REFUSED,
+    FlowResult.TIMEOUT: Rep.HOST_UNREACHABLE,
+    FlowResult.ERROR: Rep.GENERAL_FAILURE,
+    FlowResult.RESET: Rep.GENERAL_FAILURE,
+}
+
+
+def reply_for(result: FlowResult) -> bytes:
+    return socks5.build_reply(REP_FOR_RESULT.get(result, Rep.GENERAL_FAILURE))
+
+
+class Socks5Server(TcpOnRamp):
+    """SOCKS5 proxy listener: `Socks5Server(config, opener)`, `await start(host, port)`,
+    `port`, `await close()`."""
+
+    onramp = "socks5"
+
+    async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
+        users = self.config.users
+        hs = socks5.ServerHandshake(require_auth=bool(users))
+        identity = "-"
+        got = False
+        request: socks5.Request | None = None
+        try:
+            while request is None:
+                ev = hs.next_event()
+                if ev is NEED_DATA:
+                    hs.receive_data(await self.recv(sock, got))
+                    got = True
+                elif isinstance(ev, socks5.Greeting):
+                    await self.send(sock, socks5.build_method_selection(ev.method))
+                elif isinstance(ev, socks5.AuthRequest):
+                    user = check_user(users, ev.username, ev.password)
+                    await self.send(sock, hs.auth_reply(user is not None))
+                    if user is None:
+                        self.opener.bad_input(self.onramp, "auth_failed", peer)
+                        await self.send_final(sock, b"")
+                        return None
+                    identity = user
+                elif isinstance(ev, socks5.Request):
+                    request = ev
+        except Socks5Error as e:
+            log.debug("socks5 %s: %s", peer, e)
+            self.opener.bad_input(self.onramp, e.reason, peer)
+            await self.send_final(sock, e.reply)
+            return None
+        if request.command is not Command.CONNECT:
+            self.opener.bad_input(self.onramp, "command_not_supported", peer)
+            await self.send_final(sock, socks5.build_reply(Rep.COMMAND_NOT_SUPPORTED))
+            return None
+        return FlowPlan(
+            destination=Destination(request.host, request.port),
+            identity=identity,
+            ok_reply=socks5.build_reply(Rep.SUCCEEDED),
+            error_reply=reply_for,
+            busy_reply=socks5.build_reply(Rep.GENERAL_FAILURE),
+            initial=hs.trailing_data,
+        )

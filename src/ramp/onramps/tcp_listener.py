@@ -1,0 +1,289 @@
+"""What the TCP proxy on-ramps (SOCKS5, HTTP CONNECT) share.
+
+Each on-ramp works on raw non-blocking sockets with `loop.sock_*` rather than asyncio streams,
+because the relay takes the client socket afterwards and moves bytes with `os.splice`. An on-ramp
+subclass only implements `_handshake`: read the request, answer protocol-level errors, and return
+a `FlowPlan`. This class owns listening, limits, opening the flow, the reply, the relay hand-off
+and the one `flow_finished` call per flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ramp.config import EdgeConfig
+from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
+from ramp.flows.opener import FlowOpener
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 16384
+# After an error reply, read (and drop) what the client still sends for this long, so that
+# closing with unread data does not turn into an RST that destroys the reply in flight.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 65536
+ACCEPT_BACKOFF = 0.1
+
+
+class HandshakeEOF(Exception):
+    """The client closed before finishing its request; `got_bytes` says if it sent anything."""
+
+    def __init__(self, got_bytes: bool) -> None:
+        super().__init__("client closed during handshake")
+        self.got_bytes = got_bytes
+
+
+@dataclass(slots=True)
+class FlowPlan:
+    """A parsed request, ready to become a flow."""
+
+    destination: Destination
+    identity: str
+    ok_reply: bytes  # sent once the leg is open (may be empty)
+    error_reply: Callable[[FlowResult], bytes]  # sent when opening fails
+    busy_reply: bytes  # sent when max_flows is reached
+    initial: bytes = b""  # bytes for the origin before the client's stream
+
+
+def peer_of(addr: object) -> tuple[str, int]:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return str(addr), 0
+
+
+def check_user(users: dict[str, str], username: bytes, password: bytes) -> str | None:
+    """The user name if the credentials match a configured user, else None."""
+    try:
+        name = username.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    expected = users.get(name)
+    # Compare against something even for unknown users so timing does not reveal names.
+    ok = hmac.compare_digest(password, (expected if expected is not None else "\0").encode())
+    return name if ok and expected is not None else None
+
+
+class TcpOnRamp:
+    """Listener, limits and flow lifecycle for one TCP proxy on-ramp."""
+
+    onramp = "tcp"
+
+    def __init__(self, config: EdgeConfig, opener: FlowOpener) -> None:
+        self.config = config
+        self.opener = opener
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handshakes = 0  # connections still in their handshake
+        self.flows = 0  # connections holding a flow
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port (port 0 picks one: see `port`) and start accepting."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # "::" should mean IPv6 only; a dual-stack listener is a separate choice.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._accept_task = asyncio.create_task(self._accept_loop(sock))
+        log.info("%s on-ramp listening on %s", self.onramp, self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._sock is None:
+            raise RuntimeError("not listening")
+        return peer_of(self._sock.getsockname())
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    async def close(self) -> None:
+        """Stop listening and end every connection (handshakes and relays)."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:
+                # EMFILE and friends: keep serving the connections we have, retry soon.
+                log.warning("%s accept failed: %s", self.onramp, e)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            peer = peer_of(addr)
+            if self.handshakes >= self.config.max_flows:
+                conn.close()
+                self.opener.bad_input(self.onramp, "too_many_handshakes", peer)
+                continue
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve_conn(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
+        """Read the request and return a plan, or answer the client and return None."""
+        raise NotImplementedError
+
+    def _timeout_reply(self) -> bytes:
+        """What to tell a client that took too long (empty: just close)."""
+        return b""
+
+    async def _serve_conn(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            self.handshakes += 1
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    plan = await self._handshake(sock, peer)
+            except TimeoutError:
+                self.opener.bad_input(self.onramp, "handshake_timeout", peer)
+                await self.send_final(sock, self._timeout_reply())
+                return
+            except HandshakeEOF as e:
+                # A bare connect-and-close (health checks, port probes) is not bad input.
+                if e.got_bytes:
+                    self.opener.bad_input(self.onramp, "incomplete_handshake", peer)
+                return
+            except OSError as e:
+                log.debug("%s %s: connection error during handshake: %s", self.onramp, peer, e)
+                return
+            finally:
+                self.handshakes -= 1
+            if plan is None:
+                return
+            if self.flows >= self.config.max_flows:
+                self.opener.bad_input(self.onramp, "too_many_flows", peer)
+                await self.send_final(sock, plan.busy_reply)
+                return
+            flow = Flow(
+                onramp=self.onramp,
+                source=peer,
+                destination=plan.destination,
+                identity=plan.identity,
+            )
+            await self._run_flow(sock, flow, plan)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s %s: unexpected error", self.onramp, peer)
+        finally:
+            # The relay closes the socket itself; closing again is a no-op then.
+            sock.close()
+
+    async def _run_flow(self, sock: socket.socket, flow: Flow, plan: FlowPlan) -> None:
+        loop = asyncio.get_running_loop()
+        self.flows += 1
+        try:
+            try:
+                leg = await self.opener.open_tcp(flow)
+            except FlowError as e:
+                flow.result, flow.reason = e.result, e.reason
+                await self.send_final(sock, plan.error_reply(e.result))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("%s flow %d: opening failed", self.onramp, flow.id)
+                flow.result, flow.reason = FlowResult.ERROR, f"internal error: {e!r}"
+                await self.send_final(sock, plan.error_reply(FlowResult.ERROR))
+                return
+            try:
+                if plan.ok_reply:
+                    async with asyncio.timeout(self.config.handshake_timeout):
+                        await loop.sock_sendall(sock, plan.ok_reply)
+            except (OSError, TimeoutError) as e:
+                leg.abort()
+                flow.result, flow.reason = FlowResult.ERROR, f"client gone before reply: {e}"
+                return
+            except asyncio.CancelledError:
+                leg.abort()
+                raise
+            try:
+                await leg.relay(sock, initial=plan.initial)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("%s flow %d: relay failed", self.onramp, flow.id)
+                if flow.result is None:
+                    flow.result, flow.reason = FlowResult.ERROR, f"relay error: {e!r}"
+            else:
+                if flow.result is None:
+                    flow.result = FlowResult.OK
+        finally:
+            self.flows -= 1
+            if flow.result is None:
+                flow.result, flow.reason = FlowResult.ERROR, flow.reason or "cancelled"
+            if flow.ended is None:
+                flow.ended = time.monotonic()
+            try:
+                self.opener.flow_finished(flow)
+            except Exception:
+                log.exception("%s flow %d: flow_finished failed", self.onramp, flow.id)
+
+    # -- socket helpers -------------------------------------------------------------------
+
+    @staticmethod
+    async def recv(sock: socket.socket, got_bytes: bool) -> bytes:
+        """Read some bytes; EOF raises HandshakeEOF."""
+        data = await asyncio.get_running_loop().sock_recv(sock, RECV_SIZE)
+        if not data:
+            raise HandshakeEOF(got_bytes)
+        return data
+
+    @staticmethod
+    async def send(sock: socket.socket, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+    async def send_final(self, sock: socket.socket, data: bytes) -> None:
+        """Best effort: send a last reply, half-close, drain briefly. Never raises OSError."""
+        loop = asyncio.get_running_loop()
+        linger = min(LINGER_SECONDS, self.config.handshake_timeout)
+        try:
+            async with asyncio.timeout(linger):
+                if data:
+                    await loop.sock_sendall(sock, data)
+                sock.shutdown(socket.SHUT_WR)
+                drained = 0
+                while drained < LINGER_BYTES:
+                    chunk = await loop.sock_recv(sock, RECV_SIZE)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+        except (OSError, TimeoutError):
+            pass

@@ -1,0 +1,360 @@
+"""The QUIC adapter over qh3: a connection protocol that routes stream events to per-stream
+handlers (no asyncio StreamReader in the data path), and a server that batches datagrams,
+counts what it drops, and hands connections to the tunnel layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+from qh3.asyncio.protocol import QuicConnectionProtocol
+from qh3.asyncio.server import QuicServer
+from qh3.quic import events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
+
+try:  # optimised GRO/GSO transport; present in qh3 >= 1.4
+    from qh3.asyncio._transport import create_optimized_datagram_transport
+except ImportError:  # pragma: no cover - older qh3
+    create_optimized_datagram_transport = None  # type: ignore[assignment]
+
+from qh3._hazmat import pull_quic_header as _pull_quic_header
+
+log = logging.getLogger("ramp.quic")
+
+# qh3 logs every peer close at WARNING; for a tunnel that is routine.
+logging.getLogger("qh3").setLevel(logging.ERROR)
+logging.getLogger("quic").setLevel(logging.ERROR)
+
+QUIC_MIN_INITIAL_SIZE = 1200
+
+
+class StreamHandler(Protocol):
+    """Receives one QUIC stream's events."""
+
+    def stream_data(self, data: bytes, fin: bool) -> None: ...
+
+    def stream_reset(self, code: int) -> None: ...
+
+    def stop_sending(self, code: int) -> None: ...
+
+    def connection_lost(self) -> None: ...
+
+
+class TunnelConnection(QuicConnectionProtocol):
+    """One QUIC connection carrying a control stream and many flow streams."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic)
+        self.handlers: dict[int, StreamHandler] = {}
+        self.last_rx = self._loop.time()
+        self.closed = False
+        self.close_reason = ""
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._keepalive_interval = 0.0
+        self._peer_seen: set[int] = set()
+        self._peer_seen_order: deque[int] = deque()
+
+    # -- hooks for subclasses -------------------------------------------------------------
+
+    def peer_stream_opened(self, stream_id: int) -> StreamHandler | None:
+        """A stream the peer opened has its first data. Return a handler or None to reset."""
+        return None
+
+    def handshake_done(self, alpn: str | None) -> None:
+        pass
+
+    def terminated(self, error_code: int, reason: str) -> None:
+        pass
+
+    # -- API --------------------------------------------------------------------------------
+
+    def open_stream(self, handler: StreamHandler) -> int:
+        stream_id = self._quic.get_next_available_stream_id(is_unidirectional=False)
+        self.handlers[stream_id] = handler
+        return stream_id
+
+    def can_open_stream(self) -> bool:
+        """Whether the peer's stream limit leaves room for another bidirectional stream."""
+        core = self._quic._core
+        if core is None:
+            return False
+        try:
+            limits = core.stream_limits
+            active = core.active_local_streams
+        except AttributeError:  # older qh3 without the counters
+            return True
+        return active[0] < limits[0] if limits else True
+
+    def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
+        if self.closed:
+            return
+        self._quic.send_stream_data(stream_id, data, end_stream=fin)
+        self._transmit_soon()
+
+    def reset(self, stream_id: int, code: int) -> None:
+        """Abort both directions of a stream."""
+        self.handlers.pop(stream_id, None)
+        if self.closed:
+            return
+        try:
+            if self._quic._stream_can_send(stream_id):
+                self._quic.reset_stream(stream_id, code)
+            self._quic.stop_stream(stream_id, code)
+        except Exception as e:  # a stream qh3 already forgot: nothing left to abort
+            log.debug("reset of stream %d ignored: %s", stream_id, e)
+        self._transmit_soon()
+
+    def forget(self, stream_id: int) -> None:
+        self.handlers.pop(stream_id, None)
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self._quic.close(error_code=code, reason_phrase=reason)
+        self.transmit()
+
+    def start_keepalive(self, interval: float) -> None:
+        """Send a PING when nothing was received for `interval`, so NATs and idle timers
+        see traffic and a dead peer is noticed within the idle timeout."""
+        self._keepalive_interval = interval
+        self._schedule_keepalive()
+
+    def _schedule_keepalive(self) -> None:
+        if self.closed or self._keepalive_interval <= 0:
+            return
+        self._keepalive = self._loop.call_later(self._keepalive_interval, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        if self.closed:
+            return
+        if self._loop.time() - self.last_rx >= self._keepalive_interval * 0.9:
+            self._quic.send_ping(0)
+            self.transmit()
+        self._schedule_keepalive()
+
+    # -- qh3 plumbing -------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.last_rx = self._loop_time()
+        super().datagram_received(data, addr)
+
+    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        self.last_rx = self._loop_time()
+        super().datagrams_received(data, addr)
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            handler = self.handlers.get(event.stream_id)
+            if handler is None:
+                if not self._is_peer_stream(event.stream_id):
+                    return  # late data for a stream we already finished with
+                handler = self.peer_stream_opened(event.stream_id)
+                if handler is None:
+                    self.reset(event.stream_id, 0x102)
+                    return
+                self.handlers[event.stream_id] = handler
+            handler.stream_data(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            handler = self.handlers.pop(event.stream_id, None)
+            if handler is not None:
+                handler.stream_reset(event.error_code)
+        elif isinstance(event, events.StopSendingReceived):
+            handler = self.handlers.get(event.stream_id)
+            if handler is not None:
+                handler.stop_sending(event.error_code)
+        elif isinstance(event, events.HandshakeCompleted):
+            self.handshake_done(event.alpn_protocol)
+        elif isinstance(event, events.ConnectionTerminated):
+            self._on_terminated(event.error_code, event.reason_phrase)
+
+    def _is_peer_stream(self, stream_id: int) -> bool:
+        """A stream the peer opened and we have not seen before (bit 0 marks the server)."""
+        if bool(stream_id & 1) != self._quic._is_client or stream_id in self._peer_seen:
+            return False
+        # remember recent ids so data arriving after we finished a stream cannot reopen it
+        self._peer_seen.add(stream_id)
+        self._peer_seen_order.append(stream_id)
+        if len(self._peer_seen_order) > 8192:
+            self._peer_seen.discard(self._peer_seen_order.popleft())
+        return True
+
+    def _on_terminated(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason or f"code {code}"
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        handlers = list(self.handlers.values())
+        self.handlers.clear()
+        for h in handlers:
+            try:
+                h.connection_lost()
+            except Exception:
+                log.exception("stream handler failed on connection loss")
+        self.terminated(code, reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # the UDP transport went away (client side): the QUIC connection is gone with it
+        self._on_terminated(0, "transport closed")
+        self._closed.set()
+
+
+class TunnelServer(QuicServer):
+    """qh3's server with datagram batching per connection and counters for dropped packets."""
+
+    def __init__(self, *, on_drop: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_drop = on_drop
+
+    def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
+        # group consecutive datagrams for the same known connection: one qh3 call per batch
+        batch: list[bytes] = []
+        batch_proto: QuicConnectionProtocol | None = None
+        cid_len = self._configuration.connection_id_length
+        for data in datagrams:
+            proto = None
+            if data and data[0] & 0x80 == 0 and len(data) > cid_len:
+                proto = self._protocols.get(bytes(data[1 : 1 + cid_len]))
+            if proto is not None and (batch_proto is None or proto is batch_proto):
+                batch.append(data)
+                batch_proto = proto
+                continue
+            if batch_proto is not None:
+                batch_proto.datagrams_received(batch, addr)
+                batch, batch_proto = [], None
+            if proto is not None:
+                batch, batch_proto = [data], proto
+            else:
+                self.datagram_received(data, addr)
+        if batch_proto is not None:
+            batch_proto.datagrams_received(batch, addr)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert isinstance(data, bytes)
+        try:
+            hdr = _pull_quic_header(data, 0, self._configuration.connection_id_length)
+        except ValueError:
+            self._on_drop("malformed")
+            return
+        version, ptype, _plen, dcid, scid = hdr[:5]
+        if version is not None and version not in self._configuration.supported_versions:
+            self._on_drop("unsupported_version")
+            self._transport.sendto(
+                encode_quic_version_negotiation(
+                    source_cid=dcid,
+                    destination_cid=scid,
+                    supported_versions=self._configuration.supported_versions,
+                ),
+                addr,
+            )
+            return
+        protocol = self._protocols.get(dcid)
+        if protocol is None:
+            if len(data) < QUIC_MIN_INITIAL_SIZE or ptype != QuicPacketType.INITIAL:
+                self._on_drop("unknown_connection")
+                return
+            protocol = self._new_connection(dcid)
+        protocol.datagram_received(data, addr)
+
+    def _new_connection(self, dcid: bytes) -> QuicConnectionProtocol:
+        connection = QuicConnection(
+            configuration=self._configuration, original_destination_connection_id=dcid
+        )
+        protocol = self._create_protocol(connection, stream_handler=None)
+        protocol.connection_made(self._transport)
+        protocol._connection_id_issued_handler = partial(
+            self._connection_id_issued, protocol=protocol
+        )
+        protocol._connection_id_retired_handler = partial(
+            self._connection_id_retired, protocol=protocol
+        )
+        protocol._connection_terminated_handler = partial(
+            self._connection_terminated, protocol=protocol
+        )
+        self._protocols[dcid] = protocol
+        self._protocols[connection.host_cid] = protocol
+        return protocol
+
+    def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
+        if self._protocols.get(cid) is protocol:
+            del self._protocols[cid]
+
+
+def _udp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # bursts of a fast tunnel outrun the default 208 KiB socket buffers
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _datagram_endpoint(
+    factory: Callable[[], asyncio.DatagramProtocol], sock: socket.socket
+) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
+    loop = asyncio.get_running_loop()
+    if create_optimized_datagram_transport is not None and os.environ.get("RAMP_NO_GSO") != "1":
+        return await create_optimized_datagram_transport(loop, factory, sock=sock)
+    return await loop.create_datagram_endpoint(factory, sock=sock)  # type: ignore[return-value]
+
+
+async def serve(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., TunnelConnection],
+    on_drop: Callable[[str], None],
+) -> tuple[asyncio.DatagramTransport, TunnelServer]:
+    sock = _udp_socket(host, port)
+    transport, server = await _datagram_endpoint(
+        lambda: TunnelServer(
+            configuration=configuration, create_protocol=create_protocol, on_drop=on_drop
+        ),
+        sock,
+    )
+    assert isinstance(server, TunnelServer)
+    return transport, server
+
+
+async def dial(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[[QuicConnection], TunnelConnection],
+) -> TunnelConnection:
+    """Open a QUIC connection; returns once the handshake completed (or raises)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    sock = _udp_socket("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+    connection = QuicConnection(configuration=configuration)
+    transport, protocol = await _datagram_endpoint(lambda: create_protocol(connection), sock)
+    assert isinstance(protocol, TunnelConnection)
+    protocol.connect(addr)
+    try:
+        await protocol.wait_connected()
+    except BaseException:
+        transport.close()
+        raise
+    protocol.udp_transport = transport  # type: ignore[attr-defined]
+    return protocol

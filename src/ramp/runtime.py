@@ -1,0 +1,44 @@
+"""Running a role: the event loop, signals, and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("ramp")
+
+EXIT_SECOND_SIGNAL = 130
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run `main(stop)` on uvloop (if installed). The first SIGINT/SIGTERM sets `stop` so the
+    role can shut down gracefully; a second one exits at once."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay usable
+        uvloop = None
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                logging.shutdown()
+                os._exit(EXIT_SECOND_SIGNAL)
+            log.info(
+                "%s: shutting down (send it again to exit at once)", signal.Signals(signum).name
+            )
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await main(stop)
+
+    if uvloop is not None:
+        return uvloop.run(runner())
+    return asyncio.run(runner())

@@ -1,0 +1,478 @@
+"""Control-plane state in SQLite: tunnels, routes, the master key and the edge's certificates.
+
+The CLI writes while an edge reads, possibly in another process: WAL mode lets readers run
+during a write, and a busy timeout makes the rare lock wait a pause instead of an error. Every
+write bumps a `generation` counter in the same transaction, so a poller learns about changes
+from any process with one cheap read (`data_version()`).
+
+Tunnel secrets are never stored. Each is derived from a master key, so `ramp tunnel token` can
+print the token again at any time, and only its SHA-256 is kept for the edge to verify against.
+Deleting a tunnel keeps a tombstone row so the edge can tell "deleted" from "unknown".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DB_FILE = "ramp.db"
+BUSY_TIMEOUT_S = 30.0
+SECRET_LABEL = b"ramp tunnel secret v1"
+EDGE_SERVER_NAME = "ramp-edge"
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}", re.IGNORECASE)
+_CA_DAYS = 3650
+_LEAF_DAYS = 365
+# Reissue the leaf this long before it expires; the CA (and so every token) stays the same.
+_LEAF_RENEW_BEFORE = dt.timedelta(days=30)
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS tunnels (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        secret_hash BLOB NOT NULL,
+        created_at  TEXT NOT NULL,
+        deleted_at  TEXT
+    )""",
+    # Names are unique among live tunnels only, so a deleted tunnel's name may be reused.
+    "CREATE UNIQUE INDEX IF NOT EXISTS tunnels_live_name ON tunnels(name) WHERE deleted_at IS NULL",
+    """CREATE TABLE IF NOT EXISTS routes (
+        cidr       TEXT PRIMARY KEY,
+        tunnel_id  TEXT NOT NULL REFERENCES tunnels(id),
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS routes_tunnel ON routes(tunnel_id)",
+    "INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)",
+    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', 1)",
+)
+
+TunnelStatus = Literal["active", "deleted", "unknown"]
+
+
+class StoreError(Exception):
+    """A store operation was refused; the message says why, in words for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    id: str
+    name: str
+    created_at: dt.datetime  # UTC, timezone-aware
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    cidr: str  # normalized, e.g. "10.1.0.0/16", "2001:db8::/32"
+    tunnel_id: str
+    tunnel_name: str
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.cidr)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeIdentity:
+    ca_cert_pem: bytes
+    leaf_cert_pem: bytes
+    leaf_key_pem: bytes
+    ca_fingerprint: str  # sha256 hex (lowercase) of the CA certificate DER
+
+
+def normalize_cidr(cidr: str) -> str:
+    """`10.1.2.3/16` -> `10.1.0.0/16`; a bare address becomes a host route."""
+    try:
+        return str(ipaddress.ip_network(cidr.strip(), strict=False))
+    except ValueError as e:
+        raise StoreError(f"bad CIDR {cidr!r}: {e}") from None
+
+
+def check_tunnel_name(name: str) -> None:
+    if not _NAME_RE.fullmatch(name):
+        raise StoreError(f"bad tunnel name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
+    if _UUID_RE.fullmatch(name):
+        raise StoreError(f"bad tunnel name {name!r}: a name must not look like a tunnel id")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _ts(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(s: str) -> dt.datetime:
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def _route_sort_key(r: Route) -> tuple[int, int, int]:
+    net = r.network
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+class Store:
+    """One connection to the store; safe to share between threads of one process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).expanduser()
+        self.path = self.data_dir / DB_FILE
+        self._lock = threading.RLock()
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The database holds the master key and the edge CA key: create it private. SQLite
+            # gives its -wal and -shm files the same mode as the database file.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+            )
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"cannot switch store {self.path} to WAL mode (got {mode})")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            # WAL + NORMAL survives process crashes; a power cut may lose the last commit, which
+            # is acceptable for CLI edits and saves an fsync per commit.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as e:
+            self._db.close()
+            raise StoreError(f"cannot use store {self.path}: {e}") from e
+        except StoreError:
+            self._db.close()
+            raise
+        try:
+            with self._write(bump=False) as db:
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+        except StoreError:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self, *, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction that also bumps the generation counter."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise StoreError(f"store {self.path}: {e}") from e
+            try:
+                yield self._db
+                if bump:
+                    self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"store {self.path}: {e}") from e
+                raise
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"store {self.path}: {e}") from e
+
+    def _meta(self, db: sqlite3.Connection, key: str) -> bytes | None:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def data_version(self) -> int:
+        """A number that changes whenever any process commits a change to the store."""
+        return int(self._query("SELECT value FROM meta WHERE key = 'generation'")[0][0])
+
+    # -- secrets ------------------------------------------------------------------------------
+
+    def _master_key(self) -> bytes:
+        rows = self._query("SELECT value FROM meta WHERE key = 'master_key'")
+        if rows:
+            return bytes(rows[0][0])
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('master_key', ?)",
+                (secrets.token_bytes(32),),
+            )
+            key = self._meta(db, "master_key")
+        assert key is not None
+        return bytes(key)
+
+    def _derive_secret(self, tunnel_id: str) -> bytes:
+        return hmac.new(self._master_key(), SECRET_LABEL + tunnel_id.encode(), "sha256").digest()
+
+    def tunnel_secret(self, tunnel_id: str) -> bytes:
+        """The secret a connector of this tunnel proves; only for live tunnels."""
+        status = self.tunnel_status(tunnel_id)
+        if status == "unknown":
+            raise StoreError(f"unknown tunnel id {tunnel_id!r}")
+        if status == "deleted":
+            raise StoreError(f"tunnel {tunnel_id} was deleted")
+        return self._derive_secret(tunnel_id)
+
+    def verify_secret(self, tunnel_id: str, secret: bytes) -> bool:
+        """True if `secret` is the secret of a live tunnel `tunnel_id`."""
+        rows = self._query(
+            "SELECT secret_hash FROM tunnels WHERE id = ? AND deleted_at IS NULL", (tunnel_id,)
+        )
+        if not rows:
+            return False
+        return hmac.compare_digest(hashlib.sha256(secret).digest(), bytes(rows[0][0]))
+
+    # -- tunnels ------------------------------------------------------------------------------
+
+    def create_tunnel(self, name: str) -> Tunnel:
+        check_tunnel_name(name)
+        tunnel_id = str(uuid.uuid4())
+        secret_hash = hashlib.sha256(self._derive_secret(tunnel_id)).digest()
+        created = _now()
+        with self._write() as db:
+            if db.execute(
+                "SELECT 1 FROM tunnels WHERE name = ? AND deleted_at IS NULL", (name,)
+            ).fetchone():
+                raise StoreError(f"a tunnel named {name!r} already exists")
+            db.execute(
+                "INSERT INTO tunnels(id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+                (tunnel_id, name, secret_hash, _ts(created)),
+            )
+        return Tunnel(tunnel_id, name, created)
+
+    def list_tunnels(self) -> list[Tunnel]:
+        rows = self._query(
+            "SELECT id, name, created_at FROM tunnels WHERE deleted_at IS NULL"
+            " ORDER BY created_at, name"
+        )
+        return [Tunnel(i, n, _parse_ts(c)) for i, n, c in rows]
+
+    def _find_tunnel(self, db: sqlite3.Connection, name_or_id: str) -> Tunnel | None:
+        cols = "SELECT id, name, created_at FROM tunnels WHERE deleted_at IS NULL"
+        row = db.execute(cols + " AND name = ?", (name_or_id,)).fetchone()
+        if row is None and _UUID_RE.fullmatch(name_or_id):
+            row = db.execute(cols + " AND id = ?", (name_or_id.lower(),)).fetchone()
+        return None if row is None else Tunnel(row[0], row[1], _parse_ts(row[2]))
+
+    def get_tunnel(self, name_or_id: str) -> Tunnel | None:
+        """A live tunnel by name, or by id; None if there is none."""
+        with self._lock:
+            try:
+                return self._find_tunnel(self._db, name_or_id)
+            except sqlite3.Error as e:
+                raise StoreError(f"store {self.path}: {e}") from e
+
+    def delete_tunnel(self, name: str) -> Tunnel:
+        """Delete a live tunnel (by name or id) and its routes; keeps a tombstone."""
+        with self._write() as db:
+            tunnel = self._find_tunnel(db, name)
+            if tunnel is None:
+                raise StoreError(f"unknown tunnel {name!r}")
+            db.execute("DELETE FROM routes WHERE tunnel_id = ?", (tunnel.id,))
+            db.execute("UPDATE tunnels SET deleted_at = ? WHERE id = ?", (_ts(_now()), tunnel.id))
+        return tunnel
+
+    def tunnel_status(self, tunnel_id: str) -> TunnelStatus:
+        rows = self._query("SELECT deleted_at FROM tunnels WHERE id = ?", (tunnel_id,))
+        if not rows:
+            return "unknown"
+        return "active" if rows[0][0] is None else "deleted"
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def add_route(self, cidr: str, tunnel_name: str) -> Route:
+        """Send traffic for `cidr` to the tunnel `tunnel_name` (a name or an id)."""
+        net = normalize_cidr(cidr)
+        with self._write() as db:
+            tunnel = self._find_tunnel(db, tunnel_name)
+            if tunnel is None:
+                raise StoreError(f"unknown tunnel {tunnel_name!r}")
+            row = db.execute(
+                "SELECT t.name FROM routes r JOIN tunnels t ON t.id = r.tunnel_id WHERE r.cidr = ?",
+                (net,),
+            ).fetchone()
+            if row is not None:
+                raise StoreError(f"route {net} already exists (tunnel {row[0]!r})")
+            db.execute(
+                "INSERT INTO routes(cidr, tunnel_id, created_at) VALUES (?, ?, ?)",
+                (net, tunnel.id, _ts(_now())),
+            )
+        return Route(net, tunnel.id, tunnel.name)
+
+    def list_routes(self) -> list[Route]:
+        """All routes, IPv4 before IPv6, in address order."""
+        rows = self._query(
+            "SELECT r.cidr, r.tunnel_id, t.name FROM routes r JOIN tunnels t ON t.id = r.tunnel_id"
+        )
+        return sorted((Route(c, i, n) for c, i, n in rows), key=_route_sort_key)
+
+    def delete_route(self, cidr: str) -> str:
+        """Delete the route for `cidr`; returns it normalized."""
+        net = normalize_cidr(cidr)
+        with self._write() as db:
+            if db.execute("DELETE FROM routes WHERE cidr = ?", (net,)).rowcount == 0:
+                raise StoreError(f"no route {net}")
+        return net
+
+    # -- edge certificates --------------------------------------------------------------------
+
+    def edge_identity(self) -> EdgeIdentity:
+        """The edge's CA and server certificate, made on first use and renewed before expiry."""
+        keys = ("edge_ca_cert", "edge_ca_key", "edge_leaf_cert", "edge_leaf_key")
+        with self._lock:
+            try:
+                found = {k: self._meta(self._db, k) for k in keys}
+            except sqlite3.Error as e:
+                raise StoreError(f"store {self.path}: {e}") from e
+        if not _identity_usable(found):
+            with self._write() as db:
+                # Another process may have made it meanwhile: decide again under the write lock.
+                found = {k: self._meta(db, k) for k in keys}
+                if found["edge_ca_cert"] is None or found["edge_ca_key"] is None:
+                    ca_cert, ca_key = _make_ca()
+                    found["edge_ca_cert"], found["edge_ca_key"] = ca_cert, ca_key
+                    found["edge_leaf_cert"] = None
+                if not _identity_usable(found):
+                    leaf_cert, leaf_key = _make_leaf(found["edge_ca_cert"], found["edge_ca_key"])
+                    found["edge_leaf_cert"], found["edge_leaf_key"] = leaf_cert, leaf_key
+                for k in keys:
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (k, found[k])
+                    )
+        ca_pem = bytes(found["edge_ca_cert"] or b"")
+        return EdgeIdentity(
+            ca_cert_pem=ca_pem,
+            leaf_cert_pem=bytes(found["edge_leaf_cert"] or b""),
+            leaf_key_pem=bytes(found["edge_leaf_key"] or b""),
+            ca_fingerprint=ca_fingerprint(ca_pem),
+        )
+
+
+def ca_fingerprint(ca_cert_pem: bytes) -> str:
+    """sha256 hex of a certificate's DER: what a token pins."""
+    cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _identity_usable(found: dict[str, bytes | None]) -> bool:
+    if any(v is None for v in found.values()):
+        return False
+    leaf = x509.load_pem_x509_certificate(bytes(found["edge_leaf_cert"] or b""))
+    return leaf.not_valid_after_utc - dt.datetime.now(dt.UTC) > _LEAF_RENEW_BEFORE
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _make_ca() -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ramp edge CA")])
+    now = dt.datetime.now(dt.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))  # tolerate clock skew
+        .not_valid_after(now + dt.timedelta(days=_CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def _make_leaf(ca_cert_pem: bytes | None, ca_key_pem: bytes | None) -> tuple[bytes, bytes]:
+    assert ca_cert_pem is not None and ca_key_pem is not None
+    ca_cert = x509.load_pem_x509_certificate(bytes(ca_cert_pem))
+    ca_key = serialization.load_pem_private_key(bytes(ca_key_pem), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, EDGE_SERVER_NAME)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=_LEAF_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(EDGE_SERVER_NAME)]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)

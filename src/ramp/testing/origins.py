@@ -1,0 +1,202 @@
+"""Origin servers for the test network, run as one process inside the private namespace.
+
+    python -m ramp.testing.origins --root DIR --http 198.51.100.10:80 --echo 198.51.100.10:7 ...
+
+- `--http`: HTTP/1.1 static files from `--root` (GET and HEAD, keep-alive, origin-form and
+  absolute-form request targets; files go out with sendfile). `/` answers a short text.
+- `--echo`: echoes every byte; end of input is passed on as end of output (half-close).
+- `--hello-echo`: first writes "HOST PORT\\n" (the peer as the origin sees it), then echoes, so a
+  test can tell which process on the other side opened the connection.
+- `--half-close`: reads until end of input, then answers `half_close_reply(data)` and closes.
+
+Each flag may be repeated. "ready" is printed on stdout once every listener is bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from ramp.config import parse_hostport
+
+INDEX_BODY = b"ramp lab origin\n"
+HALF_CLOSE_TAIL = bytes(range(256)) * 1024  # 256 KiB after the summary line
+MAX_HALF_CLOSE_INPUT = 256 * 2**20
+MAX_HEAD = 64 * 1024
+BACKLOG = 4096  # hundreds of flows may dial at once; a full backlog would delay SYNs by 1 s
+
+
+def half_close_reply(data: bytes) -> bytes:
+    """What the half-close server answers to `data` (a test computes it to compare)."""
+    line = f"got {len(data)} sha256={hashlib.sha256(data).hexdigest()}\n".encode()
+    return line + HALF_CLOSE_TAIL
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        await _close(writer)
+
+
+async def _hello_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    writer.write(f"{peer[0]} {peer[1]}\n".encode())
+    await _echo(reader, writer)
+
+
+async def _half_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        chunks: list[bytes] = []
+        total = 0
+        while data := await reader.read(65536):
+            total += len(data)
+            if total > MAX_HALF_CLOSE_INPUT:
+                return
+            chunks.append(data)
+        writer.write(half_close_reply(b"".join(chunks)))
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        await _close(writer)
+
+
+def _http_handler(root: Path) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await _http_one(root, reader, writer):
+                pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            await _close(writer)
+
+    return handle
+
+
+async def _http_one(root: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Serve one request; True to keep the connection for another."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return False
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        await _respond(writer, 400, b"bad request line\n", keep=False)
+        return False
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0") or "0")
+    if length:
+        await reader.readexactly(length)
+    conn = headers.get("connection", "").lower()
+    keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
+    if method not in ("GET", "HEAD"):
+        await _respond(writer, 405, b"only GET and HEAD\n", keep=keep)
+        return keep
+    path = unquote(urlsplit(target).path if "://" in target else target.split("?")[0])
+    name = path.lstrip("/")
+    if not name:
+        await _respond(writer, 200, INDEX_BODY, keep=keep, head_only=method == "HEAD")
+        return keep
+    file = root / name
+    if "/" in name or name.startswith(".") or not file.is_file():
+        await _respond(writer, 404, b"not found\n", keep=keep)
+        return keep
+    size = file.stat().st_size
+    writer.write(_status_head(200, size, keep, "application/octet-stream"))
+    await writer.drain()
+    if method == "GET":
+        with file.open("rb") as f:
+            await asyncio.get_running_loop().sendfile(writer.transport, f)
+    return keep
+
+
+def _status_head(status: int, length: int, keep: bool, ctype: str) -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+    return (
+        f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\n"
+        f"Content-Length: {length}\r\nContent-Type: {ctype}\r\n"
+        f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+    ).encode()
+
+
+async def _respond(
+    writer: asyncio.StreamWriter, status: int, body: bytes, *, keep: bool, head_only: bool = False
+) -> None:
+    writer.write(_status_head(status, len(body), keep, "text/plain"))
+    if not head_only:
+        writer.write(body)
+    await writer.drain()
+
+
+async def _serve(specs: list[tuple[Handler, str]]) -> None:
+    servers = []
+    for handler, listen in specs:
+        host, port = parse_hostport(listen)
+        servers.append(
+            await asyncio.start_server(
+                handler, host, port, backlog=BACKLOG, reuse_address=True, limit=MAX_HEAD
+            )
+        )
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for server in servers:
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ramp.testing.origins", description=__doc__)
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="directory --http serves")
+    for flag in ("http", "echo", "hello-echo", "half-close"):
+        parser.add_argument(f"--{flag}", action="append", default=[], metavar="HOST:PORT")
+    args = parser.parse_args(argv)
+    specs: list[tuple[Handler, str]] = []
+    specs += [(_http_handler(args.root), a) for a in args.http]
+    specs += [(_echo, a) for a in args.echo]
+    specs += [(_hello_echo, a) for a in args.hello_echo]
+    specs += [(_half_close, a) for a in args.half_close]
+    if not specs:
+        parser.error("nothing to serve")
+    try:
+        asyncio.run(_serve(specs))
+    except OSError as e:
+        print(f"origins: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

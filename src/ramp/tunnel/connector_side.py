@@ -1,0 +1,471 @@
+"""The connector's end of the tunnel: dial out to the edge, register, serve the flows the edge
+opens, and keep `ha_connections` connections per edge alive with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import socket
+import ssl
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+
+from ramp import __version__
+from ramp.flows.flow import FlowError, FlowResult
+from ramp.offramps.tcp import dial_tcp
+from ramp.quic import endpoint
+from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
+from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
+from ramp.wire.tunnel import (
+    ALPN,
+    CloseCode,
+    ConnectCode,
+    ConnectResult,
+    ConnectTcp,
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    Register,
+    Registered,
+    RegisterError,
+    RegisterRefused,
+    StreamError,
+    Unregister,
+    Window,
+    encode_frame,
+)
+
+log = logging.getLogger("ramp.connector")
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+REGISTER_TIMEOUT = 10.0
+EDGE_SERVER_NAME = "ramp-edge"
+
+
+class PinError(Exception):
+    """The edge's certificate is not signed by the CA the token names."""
+
+
+class RegistrationRefused(Exception):
+    def __init__(self, code: RegisterError, message: str) -> None:
+        super().__init__(f"{code.name.lower()}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnd:
+    """What the connector reports about each finished flow (metrics and log)."""
+
+    stream_id: int
+    destination: str
+    source: str
+    result: FlowResult
+    reason: str
+    bytes_up: int
+    bytes_down: int
+    duration: float
+
+
+def check_pin(conn: QuicConnection, ca_fingerprint: str) -> None:
+    """Accept the edge only if its leaf certificate was issued by the pinned CA (or is it)."""
+    want = ca_fingerprint.lower()
+    leaf_h = conn.get_peercert()
+    if leaf_h is None:
+        raise PinError("the edge sent no certificate")
+    leaf_der = leaf_h.public_bytes()
+    if hashlib.sha256(leaf_der).hexdigest() == want:
+        return
+    leaf = x509.load_der_x509_certificate(leaf_der)
+    for cert_h in conn.get_issuercerts():
+        der = cert_h.public_bytes()
+        if hashlib.sha256(der).hexdigest() != want:
+            continue
+        ca = x509.load_der_x509_certificate(der)
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, Exception) as e:
+            raise PinError(f"edge certificate not signed by the pinned CA: {e}") from e
+        return
+    raise PinError(
+        "the edge's certificate does not match the CA fingerprint in the token "
+        "(wrong edge address, or a token from another edge)"
+    )
+
+
+def client_configuration(idle_timeout: float) -> QuicConfiguration:
+    return QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        server_name=EDGE_SERVER_NAME,
+        # the chain is checked against the token's pin right after the handshake (check_pin)
+        verify_mode=ssl.CERT_NONE,
+        max_datagram_frame_size=65536,
+    )
+
+
+class ConnectorConnection(endpoint.TunnelConnection):
+    def __init__(self, quic: QuicConnection, *, owner: TunnelClient, index: int) -> None:
+        super().__init__(quic)
+        self.owner = owner
+        self.index = index
+        self.control: ControlStream | None = None
+        self.bridges: dict[int, StreamBridge] = {}
+        self.registered: asyncio.Future[Registered] = self._loop.create_future()
+        self.flow_tasks: set[asyncio.Task[None]] = set()
+
+    def start_registration(self, frame: Register) -> None:
+        sid = self.open_stream(None)  # type: ignore[arg-type]
+        self.control = ControlStream(self, sid, self._on_frame, self._on_error)
+        self.handlers[sid] = self.control
+        self.control.send(frame)
+
+    def _on_error(self, message: str) -> None:
+        log.warning("edge connection %d: %s", self.index, message)
+
+    def _on_frame(self, frame: Frame) -> None:
+        if isinstance(frame, Window):
+            route_window(self.bridges, frame)
+        elif isinstance(frame, Registered) and not self.registered.done():
+            self.registered.set_result(frame)
+        elif isinstance(frame, RegisterRefused) and not self.registered.done():
+            self.registered.set_exception(RegistrationRefused(frame.code, frame.message))
+        else:
+            self._on_error(f"unexpected {type(frame).__name__} frame")
+            self.close_with(CloseCode.PROTOCOL_ERROR, f"unexpected {type(frame).__name__}")
+
+    def peer_stream_opened(self, stream_id: int) -> endpoint.StreamHandler | None:
+        if not self.registered.done() or self.registered.exception() is not None:
+            return None
+        return _IncomingFlow(self, stream_id)
+
+    def terminated(self, error_code: int, reason: str) -> None:
+        if not self.registered.done():
+            self.registered.set_exception(ConnectionError(reason or f"closed ({error_code})"))
+        self.bridges.clear()
+
+    def send_window(self, stream_id: int, increment: int) -> None:
+        if self.control is not None and not self.closed:
+            self.control.send_window(stream_id, increment)
+
+    def unregister(self) -> None:
+        if self.control is not None and not self.closed:
+            self.control.send(Unregister())
+
+
+class _IncomingFlow:
+    """Stream handler for a flow stream until its origin is dialled."""
+
+    def __init__(self, conn: ConnectorConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.decoder = FrameDecoder()
+        self.header: ConnectTcp | None = None
+        self.early: list[bytes] = []
+        self.early_len = 0
+        self.fin = False
+        self.bridge: StreamBridge | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def stream_data(self, data: bytes, fin: bool) -> None:
+        if self.header is not None:
+            # payload before we answered: allowed up to the window we are about to grant
+            self.early.append(data)
+            self.early_len += len(data)
+            self.fin = self.fin or fin
+            if self.early_len > FLOW_WINDOW:
+                self._protocol_error("payload before CONNECT_RESULT exceeds the window")
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as e:
+            self._protocol_error(str(e))
+            return
+        if not frames:
+            if fin:
+                self.conn.forget(self.stream_id)
+            return
+        frame = frames[0]
+        if not isinstance(frame, ConnectTcp) or len(frames) > 1:
+            self._protocol_error("expected one CONNECT_TCP frame")
+            return
+        self.header = frame
+        rest = self.decoder.take_rest()
+        if rest:
+            self.early.append(rest)
+            self.early_len += len(rest)
+        self.fin = fin
+        self.task = asyncio.ensure_future(self.conn.owner.serve_flow(self))
+        self.conn.flow_tasks.add(self.task)
+        self.task.add_done_callback(self.conn.flow_tasks.discard)
+
+    def _protocol_error(self, message: str) -> None:
+        log.warning("flow stream %d: %s", self.stream_id, message)
+        self.conn.owner.metrics_bad_input("tunnel", "protocol_error")
+        self.gone = True
+        self.conn.reset(self.stream_id, StreamError.PROTOCOL)
+        if self.task is not None:
+            self.task.cancel()
+
+    def stream_reset(self, code: int) -> None:
+        self.gone = True
+        if self.task is not None and self.bridge is None:
+            self.task.cancel()
+
+    def stop_sending(self, code: int) -> None:
+        self.stream_reset(code)
+        self.conn.reset(self.stream_id, StreamError.FLOW_ABORT)
+
+    def connection_lost(self) -> None:
+        self.stream_reset(0)
+
+
+class TunnelClient:
+    """All of a connector's connections to its edges."""
+
+    def __init__(
+        self,
+        *,
+        tunnel_id: str,
+        secret: bytes,
+        ca_fingerprint: str,
+        edges: list[tuple[str, int]],
+        ha_connections: int,
+        connect_timeout: float,
+        idle_timeout: float,
+        keepalive: float,
+        on_flow_end: Callable[[FlowEnd], None],
+        on_connections: Callable[[int], None],
+        on_refused: Callable[[RegistrationRefused], None],
+        on_dial_failure: Callable[[str], None],
+        metrics_bad_input: Callable[[str, str], None],
+    ) -> None:
+        self.tunnel_id = uuid.UUID(tunnel_id)
+        self.secret = secret
+        self.ca_fingerprint = ca_fingerprint
+        self.edges = edges
+        self.ha_connections = ha_connections
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.keepalive = keepalive
+        self.connector_id = uuid.uuid4()
+        self.on_flow_end = on_flow_end
+        self._on_connections = on_connections
+        self._on_refused = on_refused
+        self._on_dial_failure = on_dial_failure
+        self.metrics_bad_input = metrics_bad_input
+        self.live: set[ConnectorConnection] = set()
+        self.draining = False
+        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self._supervisors: list[asyncio.Task[None]] = []
+        self.active_flows = 0
+
+    def start(self) -> None:
+        index = 0
+        for host, port in self.edges:
+            for _ in range(self.ha_connections):
+                task = asyncio.ensure_future(self._supervise(host, port, index))
+                self._supervisors.append(task)
+                index += 1
+
+    async def _supervise(self, host: str, port: int, index: int) -> None:
+        """Keep one connection up: dial, register, serve, and redial with backoff."""
+        attempt = 0
+        while not self.draining:
+            conn: ConnectorConnection | None = None
+            try:
+                conn = await self._connect(host, port, index)
+                attempt = 0
+                await conn.wait_closed()
+                if not self.draining:
+                    log.warning(
+                        "connection %d to %s:%d lost (%s); redialling",
+                        index,
+                        host,
+                        port,
+                        conn.close_reason,
+                    )
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.close_with(CloseCode.SHUTDOWN, "connector shutting down")
+                raise
+            except RegistrationRefused as e:
+                self._on_refused(e)
+                if e.code.permanent:
+                    if not self.fatal.done():
+                        self.fatal.set_result(e)
+                    return
+                self._on_dial_failure("refused_transient")
+            except PinError as e:
+                if not self.fatal.done():
+                    self.fatal.set_result(e)
+                return
+            except (OSError, ConnectionError, TimeoutError) as e:
+                reason = "timeout" if isinstance(e, TimeoutError) else "network"
+                self._on_dial_failure(reason)
+                log.warning(
+                    "connection %d to %s:%d failed: %s",
+                    index,
+                    host,
+                    port,
+                    str(e) or type(e).__name__,
+                )
+            finally:
+                if conn is not None:
+                    self._drop(conn)
+            if self.draining:
+                return
+            attempt += 1
+            # full jitter (AWS architecture blog): spreads reconnect storms after an edge restart
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt - 1, 10)))
+            await asyncio.sleep(delay)
+
+    async def _connect(self, host: str, port: int, index: int) -> ConnectorConnection:
+        config = client_configuration(self.idle_timeout)
+        async with asyncio.timeout(REGISTER_TIMEOUT):
+            conn = await endpoint.dial(
+                host,
+                port,
+                configuration=config,
+                create_protocol=lambda quic: ConnectorConnection(quic, owner=self, index=index),
+            )
+        assert isinstance(conn, ConnectorConnection)
+        try:
+            check_pin(conn._quic, self.ca_fingerprint)
+            conn.start_registration(
+                Register(
+                    tunnel_id=self.tunnel_id,
+                    connector_id=self.connector_id,
+                    conn_index=index,
+                    secret=self.secret,
+                    client_info=f"ramp/{__version__} {socket.gethostname()}",
+                )
+            )
+            async with asyncio.timeout(REGISTER_TIMEOUT):
+                answer = await conn.registered
+        except BaseException:
+            conn.close_with(CloseCode.SHUTDOWN, "registration abandoned")
+            conn.udp_transport.close()  # type: ignore[attr-defined]
+            raise
+        conn.start_keepalive(self.keepalive)
+        self.live.add(conn)
+        self._on_connections(len(self.live))
+        log.info(
+            "connection %d registered with edge %s at %s:%d (tunnel %s)",
+            index,
+            answer.edge_id,
+            host,
+            port,
+            answer.tunnel_name,
+        )
+        return conn
+
+    def _drop(self, conn: ConnectorConnection) -> None:
+        if conn in self.live:
+            self.live.discard(conn)
+            self._on_connections(len(self.live))
+        transport = getattr(conn, "udp_transport", None)
+        if transport is not None and conn.closed:
+            transport.close()
+
+    async def serve_flow(self, flow: _IncomingFlow) -> None:
+        conn = flow.conn
+        header = flow.header
+        assert header is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        dest = f"{header.host}:{header.port}"
+        source = header.metadata.get("src", "-")
+        result, reason = FlowResult.OK, ""
+        bridge: StreamBridge | None = None
+        self.active_flows += 1
+        try:
+            if self.draining:
+                raise FlowError(FlowResult.ERROR, "connector is shutting down")
+            sock = await dial_tcp(header.host, header.port, self.connect_timeout)
+            if flow.gone or conn.closed:
+                sock.close()
+                result, reason = FlowResult.ERROR, "edge gave up before the origin answered"
+                return
+            bridge = StreamBridge(
+                conn, flow.stream_id, send_credit=header.window, grant=conn.send_window
+            )
+            flow.bridge = bridge
+            conn.handlers[flow.stream_id] = TunnelSide(bridge)
+            conn.bridges[flow.stream_id] = bridge
+            conn.send(flow.stream_id, encode_frame(ConnectResult(ConnectCode.OK, FLOW_WINDOW)))
+            await loop.connect_accepted_socket(lambda: bridge, sock=sock)
+            for chunk in flow.early:
+                bridge.stream_data(chunk, False)
+            if flow.fin:
+                bridge.stream_data(b"", True)
+            await asyncio.shield(bridge.done)
+            if bridge.reset_by is not None:
+                result = FlowResult.RESET
+                reason = "reset by " + ("origin" if bridge.reset_by == "tcp" else "edge")
+        except FlowError as e:
+            result, reason = e.result, e.reason
+            if not flow.gone and not conn.closed:
+                answer = ConnectResult(RESULT_TO_CODE[e.result], 0, e.reason)
+                conn.send(flow.stream_id, encode_frame(answer), fin=True)
+            conn.forget(flow.stream_id)
+        except asyncio.CancelledError:
+            result, reason = FlowResult.ERROR, "cancelled"
+            if bridge is not None:
+                bridge.abort()
+            else:
+                conn.reset(flow.stream_id, StreamError.FLOW_ABORT)
+            raise
+        finally:
+            self.active_flows -= 1
+            conn.bridges.pop(flow.stream_id, None)
+            self.on_flow_end(
+                FlowEnd(
+                    flow.stream_id,
+                    dest,
+                    source,
+                    result,
+                    reason,
+                    bridge.bytes_quic_to_tcp if bridge else 0,
+                    bridge.bytes_tcp_to_quic if bridge else 0,
+                    loop.time() - started,
+                )
+            )
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking flows, tell the edges, and let open flows finish for `grace` seconds."""
+        self.draining = True
+        for conn in list(self.live):
+            conn.unregister()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.active_flows and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.active_flows:
+            log.warning("grace period over: cutting %d open flows", self.active_flows)
+
+    async def close(self) -> None:
+        self.draining = True
+        for task in self._supervisors:
+            task.cancel()
+        for conn in list(self.live):
+            for task in list(conn.flow_tasks):
+                task.cancel()
+            conn.close_with(CloseCode.SHUTDOWN, "connector shutting down")
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        for conn in list(self.live):
+            self._drop(conn)
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [{"index": c.index, "rtt_ms": None} for c in self.live]

@@ -1,0 +1,385 @@
+"""The edge <-> connector tunnel protocol, version 1: frames and their codec (sans-I/O).
+
+See docs/protocol.md for the specification. Every frame is
+
+    type (varint) | length (varint) | payload (length bytes)
+
+and payload fields are varints, fixed-size byte strings, or length-prefixed byte strings
+(varint length, then bytes). Decoding is strict: unknown frame types on a control stream,
+truncated or oversized payloads, trailing bytes inside a payload and out-of-range values raise
+`ProtocolError`, never anything else.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+from ramp.wire.varint import decode_varint, encode_varint
+
+ALPN = "ramp-tunnel/1"
+PROTOCOL_VERSION = 1
+
+MAX_FRAME_PAYLOAD = 16 * 1024
+MAX_HOST_LEN = 255
+MAX_MESSAGE_LEN = 1024
+MAX_SECRET_LEN = 256
+MAX_METADATA_ITEMS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 1024
+MAX_WINDOW = 1 << 32
+
+
+class ProtocolError(ValueError):
+    """The peer sent something the protocol forbids; the message says what."""
+
+
+class FrameType(enum.IntEnum):
+    REGISTER = 0x01
+    REGISTERED = 0x02
+    REGISTER_ERROR = 0x03
+    UNREGISTER = 0x04
+    WINDOW = 0x05
+    CONNECT_TCP = 0x10
+    CONNECT_RESULT = 0x11
+
+
+class RegisterError(enum.IntEnum):
+    """Why the edge refused a registration. Codes below 0x10 are permanent."""
+
+    UNKNOWN_TUNNEL = 0x01
+    TUNNEL_DELETED = 0x02
+    BAD_PROOF = 0x03
+    UNSUPPORTED_VERSION = 0x04
+    BAD_REQUEST = 0x05
+    OVERLOADED = 0x10  # transient: try again later
+
+    @property
+    def permanent(self) -> bool:
+        return self < 0x10
+
+
+class ConnectCode(enum.IntEnum):
+    """The connector's answer to CONNECT_TCP."""
+
+    OK = 0x00
+    REFUSED = 0x01
+    NET_UNREACHABLE = 0x02
+    HOST_UNREACHABLE = 0x03
+    TIMEOUT = 0x04
+    NOT_PERMITTED = 0x05
+    ERROR = 0x06
+
+
+class StreamError(enum.IntEnum):
+    """Application error codes for QUIC RESET_STREAM / STOP_SENDING on flow streams."""
+
+    FLOW_RESET = 0x100  # the TCP peer on the other side sent RST
+    FLOW_ABORT = 0x101  # the flow was cut (shutdown, timeout, internal error)
+    PROTOCOL = 0x102  # the stream carried something invalid
+
+
+class CloseCode(enum.IntEnum):
+    """Application error codes for QUIC CONNECTION_CLOSE."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    REGISTRATION_REFUSED = 0x2
+    SHUTDOWN = 0x3
+    TUNNEL_DELETED = 0x4
+    REGISTRATION_TIMEOUT = 0x5
+
+
+# --- field helpers ---------------------------------------------------------------------------
+
+
+class _Reader:
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def varint(self, what: str, maximum: int | None = None) -> int:
+        got = decode_varint(self.buf, self.pos)
+        if got is None:
+            raise ProtocolError(f"truncated {what}")
+        value, self.pos = got
+        if maximum is not None and value > maximum:
+            raise ProtocolError(f"{what} too large: {value} > {maximum}")
+        return value
+
+    def fixed(self, n: int, what: str) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise ProtocolError(f"truncated {what}")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def blob(self, what: str, maximum: int) -> bytes:
+        n = self.varint(f"{what} length", maximum)
+        return self.fixed(n, what)
+
+    def text(self, what: str, maximum: int) -> str:
+        raw = self.blob(what, maximum)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"{what} is not UTF-8") from e
+
+    def end(self, what: str) -> None:
+        if self.pos != len(self.buf):
+            raise ProtocolError(f"{len(self.buf) - self.pos} trailing bytes in {what}")
+
+
+def _blob(data: bytes) -> bytes:
+    return encode_varint(len(data)) + data
+
+
+def _text(value: str) -> bytes:
+    return _blob(value.encode("utf-8"))
+
+
+# --- frames ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Connector -> edge, first frame on the control stream."""
+
+    tunnel_id: uuid.UUID
+    connector_id: uuid.UUID
+    conn_index: int
+    secret: bytes
+    version: int = PROTOCOL_VERSION
+    client_info: str = ""
+
+    def payload(self) -> bytes:
+        return b"".join(
+            (
+                encode_varint(self.version),
+                self.tunnel_id.bytes,
+                self.connector_id.bytes,
+                encode_varint(self.conn_index),
+                _blob(self.secret),
+                _text(self.client_info),
+            )
+        )
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Register:
+        version = r.varint("version")
+        tunnel_id = uuid.UUID(bytes=r.fixed(16, "tunnel id"))
+        connector_id = uuid.UUID(bytes=r.fixed(16, "connector id"))
+        conn_index = r.varint("connection index", 255)
+        secret = r.blob("secret", MAX_SECRET_LEN)
+        client_info = r.text("client info", MAX_MESSAGE_LEN)
+        return cls(tunnel_id, connector_id, conn_index, secret, version, client_info)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """Edge -> connector: the registration is accepted."""
+
+    tunnel_name: str
+    edge_id: str
+
+    def payload(self) -> bytes:
+        return _text(self.tunnel_name) + _text(self.edge_id)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Registered:
+        return cls(r.text("tunnel name", MAX_HOST_LEN), r.text("edge id", MAX_HOST_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRefused:
+    """Edge -> connector: the registration is refused; the edge then closes the connection."""
+
+    code: RegisterError
+    message: str = ""
+
+    def payload(self) -> bytes:
+        return encode_varint(self.code) + _text(self.message)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> RegisterRefused:
+        raw = r.varint("error code")
+        try:
+            code = RegisterError(raw)
+        except ValueError as e:
+            raise ProtocolError(f"unknown registration error code {raw}") from e
+        return cls(code, r.text("message", MAX_MESSAGE_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Unregister:
+    """Connector -> edge: send no new flows on this connection; open ones may finish."""
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Unregister:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Either way on the control stream: the sender may send `increment` more bytes on a flow."""
+
+    stream_id: int
+    increment: int
+
+    def payload(self) -> bytes:
+        return encode_varint(self.stream_id) + encode_varint(self.increment)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Window:
+        stream_id = r.varint("stream id")
+        increment = r.varint("window increment", MAX_WINDOW)
+        if increment == 0:
+            raise ProtocolError("window increment of zero")
+        return cls(stream_id, increment)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTcp:
+    """Edge -> connector, first frame on a flow stream: dial this destination."""
+
+    flow_id: int
+    host: str
+    port: int
+    window: int  # bytes the connector may send before the edge grants more
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def payload(self) -> bytes:
+        parts = [
+            encode_varint(self.flow_id),
+            _text(self.host),
+            encode_varint(self.port),
+            encode_varint(self.window),
+            encode_varint(len(self.metadata)),
+        ]
+        for k, v in self.metadata.items():
+            parts += (_text(k), _text(v))
+        return b"".join(parts)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> ConnectTcp:
+        flow_id = r.varint("flow id")
+        host = r.text("host", MAX_HOST_LEN)
+        if not host:
+            raise ProtocolError("empty host")
+        port = r.varint("port", 65535)
+        if port == 0:
+            raise ProtocolError("port 0")
+        window = r.varint("window", MAX_WINDOW)
+        n = r.varint("metadata count", MAX_METADATA_ITEMS)
+        metadata = {}
+        for _ in range(n):
+            key = r.text("metadata key", MAX_METADATA_KEY)
+            metadata[key] = r.text("metadata value", MAX_METADATA_VALUE)
+        return cls(flow_id, host, port, window, metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectResult:
+    """Connector -> edge: the answer to CONNECT_TCP, before any payload byte."""
+
+    code: ConnectCode
+    window: int  # bytes the edge may send before the connector grants more
+    message: str = ""
+
+    def payload(self) -> bytes:
+        return encode_varint(self.code) + encode_varint(self.window) + _text(self.message)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> ConnectResult:
+        raw = r.varint("result code")
+        try:
+            code = ConnectCode(raw)
+        except ValueError as e:
+            raise ProtocolError(f"unknown connect result code {raw}") from e
+        return cls(code, r.varint("window", MAX_WINDOW), r.text("message", MAX_MESSAGE_LEN))
+
+
+Frame = Register | Registered | RegisterRefused | Unregister | Window | ConnectTcp | ConnectResult
+
+_TYPES: dict[type, FrameType] = {
+    Register: FrameType.REGISTER,
+    Registered: FrameType.REGISTERED,
+    RegisterRefused: FrameType.REGISTER_ERROR,
+    Unregister: FrameType.UNREGISTER,
+    Window: FrameType.WINDOW,
+    ConnectTcp: FrameType.CONNECT_TCP,
+    ConnectResult: FrameType.CONNECT_RESULT,
+}
+_PARSERS = {t: cls for cls, t in _TYPES.items()}
+
+
+def encode_frame(frame: Frame) -> bytes:
+    payload = frame.payload()
+    if len(payload) > MAX_FRAME_PAYLOAD:
+        raise ProtocolError(f"frame payload too large: {len(payload)}")
+    return encode_varint(_TYPES[type(frame)]) + encode_varint(len(payload)) + payload
+
+
+def parse_frame(buf: bytes | bytearray) -> tuple[Frame, int] | None:
+    """Parse one frame from the start of `buf`.
+
+    Returns (frame, bytes consumed), or None if `buf` holds only part of a frame.
+    """
+    got = decode_varint(buf, 0)
+    if got is None:
+        return None
+    ftype, pos = got
+    cls = _PARSERS.get(ftype)  # type: ignore[call-overload]
+    if cls is None:
+        raise ProtocolError(f"unknown frame type 0x{ftype:x}")
+    got = decode_varint(buf, pos)
+    if got is None:
+        return None
+    length, pos = got
+    if length > MAX_FRAME_PAYLOAD:
+        raise ProtocolError(f"frame payload too large: {length}")
+    end = pos + length
+    if end > len(buf):
+        return None
+    r = _Reader(bytes(buf[pos:end]))
+    frame = cls.parse(r)
+    r.end(cls.__name__)
+    return frame, end
+
+
+class FrameDecoder:
+    """Accumulates stream bytes and yields whole frames (for the control stream)."""
+
+    def __init__(self, limit: int = 4 * MAX_FRAME_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while self._buf:
+            got = parse_frame(self._buf)
+            if got is None:
+                break
+            frame, used = got
+            del self._buf[:used]
+            frames.append(frame)
+        if len(self._buf) > self._limit:
+            raise ProtocolError("incomplete frame exceeds buffer limit")
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def take_rest(self) -> bytes:
+        """Bytes after the last whole frame (flow streams switch to raw payload after one)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest

@@ -1,0 +1,818 @@
+"""SOCKS5 and HTTP proxy on-ramps on loopback, with a fake FlowOpener standing in for the router."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import h11
+import pytest
+import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ramp.config import EdgeConfig
+from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
+from ramp.onramps.http_connect import (
+    BadTarget,
+    HttpConnectServer,
+    basic_credentials,
+    parse_absolute_url,
+    parse_authority,
+    rewrite_head,
+)
+from ramp.onramps.socks5 import Socks5Server
+from ramp.onramps.tcp_listener import TcpOnRamp
+from ramp.wire import socks5
+from ramp.wire.socks5 import Command, Method, Rep
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
+    "asyncio": None,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
+
+
+# -- fakes ----------------------------------------------------------------------------------
+
+
+class EchoLeg:
+    """Stands in for the origin: sends `initial` back, then echoes until the client's EOF."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.initial: bytes | None = None
+        self.aborted = False
+
+    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
+        loop = asyncio.get_running_loop()
+        self.initial = initial
+        try:
+            if initial:
+                await loop.sock_sendall(client, initial)
+                self.flow.bytes_down += len(initial)
+            while data := await loop.sock_recv(client, 65536):
+                self.flow.bytes_up += len(data)
+                await loop.sock_sendall(client, data)
+                self.flow.bytes_down += len(data)
+        finally:
+            client.close()
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class DirectLeg:
+    """A real TCP connection to the destination, copied both ways (for curl tests)."""
+
+    def __init__(self, flow: Flow, origin: socket.socket) -> None:
+        self.flow = flow
+        self.origin = origin
+
+    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
+        loop = asyncio.get_running_loop()
+
+        async def pump(src: socket.socket, dst: socket.socket, first: bytes, up: bool) -> None:
+            if first:
+                await loop.sock_sendall(dst, first)
+            while data := await loop.sock_recv(src, 65536):
+                await loop.sock_sendall(dst, data)
+                if up:
+                    self.flow.bytes_up += len(data)
+                else:
+                    self.flow.bytes_down += len(data)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+        try:
+            await asyncio.gather(
+                pump(client, self.origin, initial, True), pump(self.origin, client, b"", False)
+            )
+        finally:
+            client.close()
+            self.origin.close()
+
+    def abort(self) -> None:
+        self.origin.close()
+
+
+class FakeOpener:
+    def __init__(self, fail: FlowResult | None = None, direct: bool = False) -> None:
+        self.fail = fail
+        self.direct = direct
+        self.opened: list[Flow] = []
+        self.legs: list[EchoLeg] = []
+        self.finished: list[Flow] = []
+        self.bad: list[tuple[str, str]] = []
+
+    async def open_tcp(self, flow: Flow) -> EchoLeg | DirectLeg:
+        self.opened.append(flow)
+        if self.fail is not None:
+            raise FlowError(self.fail, f"test says {self.fail.value}")
+        if self.direct:
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(
+                flow.destination.host, flow.destination.port, type=socket.SOCK_STREAM
+            )
+            family, type_, proto, _, addr = infos[0]
+            origin = socket.socket(family, type_, proto)
+            origin.setblocking(False)
+            try:
+                await loop.sock_connect(origin, addr)
+            except OSError as e:
+                origin.close()
+                raise FlowError(FlowResult.REFUSED, str(e)) from e
+            return DirectLeg(flow, origin)
+        leg = EchoLeg(flow)
+        self.legs.append(leg)
+        return leg
+
+    def flow_finished(self, flow: Flow) -> None:
+        assert flow not in self.finished, "flow_finished called twice"
+        self.finished.append(flow)
+
+    def bad_input(self, onramp: str, reason: str, peer: tuple[str, int] | None = None) -> None:
+        self.bad.append((onramp, reason))
+
+    async def wait_finished(self, n: int = 1) -> None:
+        while len(self.finished) < n:
+            await asyncio.sleep(0.01)
+
+    async def wait_bad(self, n: int = 1) -> None:
+        while len(self.bad) < n:
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    cls: type[TcpOnRamp], opener: FakeOpener, **config: Any
+) -> AsyncIterator[TcpOnRamp]:
+    server = cls(EdgeConfig(**config), opener)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def read_eof(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), 5)
+
+
+# -- SOCKS5 client --------------------------------------------------------------------------
+
+
+async def socks_open(
+    port: int,
+    host: str,
+    dport: int,
+    *,
+    auth: tuple[bytes, bytes] | None = None,
+    command: int = Command.CONNECT,
+    early: bytes = b"",
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """Handshake up to the reply; returns the stream and REP."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    methods = [Method.USERNAME_PASSWORD] if auth else [Method.NO_AUTH]
+    writer.write(socks5.build_greeting(methods))
+    assert socks5.parse_method_selection(await reader.readexactly(2)) == methods[0]
+    if auth:
+        writer.write(socks5.build_auth_request(*auth))
+        assert socks5.parse_auth_status(await reader.readexactly(2))
+    writer.write(socks5.build_request(command, host, dport) + early)
+    return reader, writer, await read_reply(reader)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> int:
+    buf = b""
+    while (parsed := socks5.parse_reply(buf)) is None:
+        chunk = await reader.read(1)
+        assert chunk, f"closed before a complete reply: {buf!r}"
+        buf += chunk
+    return parsed[0].rep
+
+
+# -- SOCKS5 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("host", ["192.0.2.7", "2001:db8::7", "app.internal.example"])
+def test_socks5_connect_relays_both_ways(loop: str, host: str) -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener) as server:
+            reader, writer, rep = await socks_open(server.port, host, 8080)
+            assert rep == Rep.SUCCEEDED
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.write_eof()
+            assert await read_eof(reader) == b""
+            writer.close()
+            await opener.wait_finished()
+        (flow,) = opener.finished
+        assert flow.onramp == "socks5"
+        assert (flow.destination.host, flow.destination.port) == (host, 8080)
+        assert flow.identity == "-"
+        assert flow.source[0] == "127.0.0.1"
+        assert flow.result is FlowResult.OK
+        assert flow.bytes_up == 4
+        assert opener.bad == []
+
+    run(main, loop)
+
+
+def test_socks5_early_data_goes_to_the_leg_first() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener) as server:
+            reader, writer, rep = await socks_open(
+                server.port, "192.0.2.1", 80, early=b"GET / HTTP/1.0\r\n\r\n"
+            )
+            assert rep == Rep.SUCCEEDED
+            # EchoLeg sends `initial` back first: the early bytes were handed over, once.
+            assert await reader.readexactly(18) == b"GET / HTTP/1.0\r\n\r\n"
+            writer.close()
+            await opener.wait_finished()
+        assert opener.legs[0].initial == b"GET / HTTP/1.0\r\n\r\n"
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("result", "rep"),
+    [
+        (FlowResult.NOT_PERMITTED, 0x02),
+        (FlowResult.NET_UNREACHABLE, 0x03),
+        (FlowResult.HOST_UNREACHABLE, 0x04),
+        (FlowResult.REFUSED, 0x05),
+        (FlowResult.TIMEOUT, 0x04),
+        (FlowResult.ERROR, 0x01),
+    ],
+)
+def test_socks5_flow_errors_map_to_rep(result: FlowResult, rep: int) -> None:
+    async def main() -> None:
+        opener = FakeOpener(fail=result)
+        async with serving(Socks5Server, opener) as server:
+            reader, writer, got = await socks_open(server.port, "198.51.100.5", 443)
+            assert got == rep
+            assert await read_eof(reader) == b""  # and the connection closes
+            writer.close()
+            await opener.wait_finished()
+        (flow,) = opener.finished
+        assert flow.result is result
+        assert flow.reason == f"test says {result.value}"
+
+    run(main)
+
+
+def test_socks5_auth_accepted_sets_identity() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener, users={"alice": "s3cret"}) as server:
+            _, writer, rep = await socks_open(
+                server.port, "192.0.2.1", 22, auth=(b"alice", b"s3cret")
+            )
+            assert rep == Rep.SUCCEEDED
+            writer.close()
+            await opener.wait_finished()
+        assert opener.finished[0].identity == "alice"
+
+    run(main)
+
+
+@pytest.mark.parametrize("creds", [(b"alice", b"wrong"), (b"mallory", b"s3cret")])
+def test_socks5_auth_rejected(creds: tuple[bytes, bytes]) -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener, users={"alice": "s3cret"}) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(socks5.build_greeting([Method.USERNAME_PASSWORD]))
+            assert await reader.readexactly(2) == b"\x05\x02"
+            writer.write(socks5.build_auth_request(*creds))
+            assert await reader.readexactly(2) == b"\x01\x01"
+            assert await read_eof(reader) == b""
+            writer.close()
+            await opener.wait_bad()
+        assert opener.bad == [("socks5", "auth_failed")]
+        assert opener.opened == []
+
+    run(main)
+
+
+def test_socks5_auth_required_but_not_offered() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener, users={"alice": "s3cret"}) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(socks5.build_greeting([Method.NO_AUTH]))
+            assert await reader.readexactly(2) == b"\x05\xff"
+            assert await read_eof(reader) == b""
+            writer.close()
+            await opener.wait_bad()
+        assert opener.bad == [("socks5", "no_acceptable_method")]
+
+    run(main)
+
+
+@pytest.mark.parametrize("command", [Command.UDP_ASSOCIATE, Command.BIND])
+def test_socks5_udp_associate_and_bind_not_supported(command: Command) -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener) as server:
+            reader, writer, rep = await socks_open(server.port, "0.0.0.0", 0, command=command)
+            assert rep == Rep.COMMAND_NOT_SUPPORTED
+            assert await read_eof(reader) == b""
+            writer.close()
+            await opener.wait_bad()
+        assert opener.bad == [("socks5", "command_not_supported")]
+        assert opener.opened == []
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("garbage", "answer", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"", "bad_version"),
+        (b"\x05\x01\x00\x05\x01\x00\x07" + b"\x00" * 10, b"\x05\x00" + socks5.build_reply(8), None),
+        (b"\x05\x01\x00\x05\x01\x00\x03\x00\x00\x50", b"\x05\x00" + socks5.build_reply(1), None),
+    ],
+    ids=["http-to-socks", "bad-atyp", "empty-domain"],
+)
+def test_socks5_garbage_closed_counted_and_others_still_served(
+    garbage: bytes, answer: bytes, reason: str | None
+) -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener) as server:
+            r1, w1 = await asyncio.open_connection("127.0.0.1", server.port)
+            w1.write(garbage)
+            assert await read_eof(r1) == answer
+            w1.close()
+            await opener.wait_bad()
+            reader, writer, rep = await socks_open(server.port, "192.0.2.1", 80)
+            assert rep == Rep.SUCCEEDED
+            writer.write(b"still here")
+            assert await reader.readexactly(10) == b"still here"
+            writer.close()
+            await opener.wait_finished()
+        assert len(opener.bad) == 1
+        assert opener.bad[0][0] == "socks5"
+        if reason:
+            assert opener.bad[0][1] == reason
+
+    run(main)
+
+
+def test_socks5_handshake_timeout() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener, handshake_timeout=0.2) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"\x05\x02\x00")  # one method short
+            assert await read_eof(reader) == b""
+            writer.close()
+            await opener.wait_bad()
+        assert opener.bad == [("socks5", "handshake_timeout")]
+
+    run(main)
+
+
+def test_socks5_connect_and_close_without_bytes_is_not_bad_input() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener) as server:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.close()
+            r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)
+            w2.write(b"\x05")
+            w2.write_eof()
+            assert await read_eof(r2) == b""
+            w2.close()
+            await opener.wait_bad()
+        assert opener.bad == [("socks5", "incomplete_handshake")]
+
+    run(main)
+
+
+def test_socks5_max_flows() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener, max_flows=1) as server:
+            _, w1, rep1 = await socks_open(server.port, "192.0.2.1", 80)
+            assert rep1 == Rep.SUCCEEDED
+            r2, w2, rep2 = await socks_open(server.port, "192.0.2.2", 80)
+            assert rep2 == Rep.GENERAL_FAILURE
+            assert await read_eof(r2) == b""
+            w2.close()
+            assert opener.bad == [("socks5", "too_many_flows")]
+            w1.close()  # the first flow ends; a new one gets through again
+            await opener.wait_finished()
+            _, w3, rep3 = await socks_open(server.port, "192.0.2.3", 80)
+            assert rep3 == Rep.SUCCEEDED
+            w3.close()
+            await opener.wait_finished(2)
+
+    run(main)
+
+
+def test_close_ends_open_flows_once() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        server = Socks5Server(EdgeConfig(), opener)
+        await server.start("127.0.0.1", 0)
+        port = server.port
+        reader, writer, rep = await socks_open(port, "192.0.2.1", 80)
+        assert rep == Rep.SUCCEEDED
+        await server.close()
+        assert await read_eof(reader) == b""
+        writer.close()
+        assert len(opener.finished) == 1
+        assert opener.finished[0].result is FlowResult.ERROR
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    run(main)
+
+
+def test_listen_on_ipv6_loopback() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        server = Socks5Server(EdgeConfig(), opener)
+        await server.start("::1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("::1", server.port)
+            writer.write(socks5.build_greeting() + socks5.build_request(1, "192.0.2.1", 80))
+            assert await reader.readexactly(2) == b"\x05\x00"
+            assert await read_reply(reader) == Rep.SUCCEEDED
+            writer.close()
+            await opener.wait_finished()
+        finally:
+            await server.close()
+        assert opener.finished[0].source[0] == "::1"
+
+    run(main)
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+async def http_exchange(port: int, request: bytes) -> tuple[bytes, asyncio.StreamReader, Any]:
+    """Send a request; returns the response head and the stream."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return head, reader, writer
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("target", "host", "port"),
+    [
+        (b"192.0.2.9:443", "192.0.2.9", 443),
+        (b"[2001:db8::9]:8443", "2001:db8::9", 8443),
+        (b"svc.internal:22", "svc.internal", 22),
+    ],
+)
+def test_http_connect_relays_with_leftover(loop: str, target: bytes, host: str, port: int) -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(HttpConnectServer, opener) as server:
+            head, reader, writer = await http_exchange(
+                server.port,
+                b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\nEARLY",
+            )
+            assert head == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+            assert await reader.readexactly(5) == b"EARLY"
+            writer.write(b"more")
+            assert await reader.readexactly(4) == b"more"
+            writer.write_eof()
+            assert await read_eof(reader) == b""
+            writer.close()
+            await opener.wait_finished()
+        (flow,) = opener.finished
+        assert flow.onramp == "http"
+        assert (flow.destination.host, flow.destination.port) == (host, port)
+        assert flow.result is FlowResult.OK
+        assert opener.legs[0].initial == b"EARLY"
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize(
+    ("result", "status"),
+    [
+        (FlowResult.NOT_PERMITTED, 403),
+        (FlowResult.NET_UNREACHABLE, 502),
+        (FlowResult.HOST_UNREACHABLE, 502),
+        (FlowResult.REFUSED, 502),
+        (FlowResult.TIMEOUT, 504),
+        (FlowResult.ERROR, 502),
+    ],
+)
+@pytest.mark.parametrize("form", ["connect", "absolute"])
+def test_http_flow_errors_map_to_status(result: FlowResult, status: int, form: str) -> None:
+    request = (
+        b"CONNECT 198.51.100.5:443 HTTP/1.1\r\nHost: 198.51.100.5:443\r\n\r\n"
+        if form == "connect"
+        else b"GET http://198.51.100.5/ HTTP/1.1\r\nHost: 198.51.100.5\r\n\r\n"
+    )
+
+    async def main() -> None:
+        opener = FakeOpener(fail=result)
+        async with serving(HttpConnectServer, opener) as server:
+            head, reader, writer = await http_exchange(server.port, request)
+            assert status_of(head) == status
+            assert b"Connection: close" in head
+            body = await read_eof(reader)
+            assert b"198.51.100.5" in body
+            writer.close()
+            await opener.wait_finished()
+        assert opener.finished[0].result is result
+
+    run(main)
+
+
+def test_http_auth_missing_wrong_and_right() -> None:
+    users = {"alice": "s3cret"}
+    req = b"CONNECT 192.0.2.1:443 HTTP/1.1\r\nHost: 192.0.2.1:443\r\n"
+
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(HttpConnectServer, opener, users=users) as server:
+            head, reader, writer = await http_exchange(server.port, req + b"\r\n")
+            assert status_of(head) == 407
+            assert b'Proxy-Authenticate: Basic realm="ramp"' in head
+            assert b"authentication required" in await read_eof(reader)
+            writer.close()
+            assert opener.bad == []  # the challenge is normal, not bad input
+
+            wrong = req + b"Proxy-Authorization: " + basic("alice", "nope") + b"\r\n\r\n"
+            head, _, writer = await http_exchange(server.port, wrong)
+            assert status_of(head) == 407
+            writer.close()
+            await opener.wait_bad()
+            assert opener.bad == [("http", "auth_failed")]
+
+            right = req + b"Proxy-Authorization: " + basic("alice", "s3cret") + b"\r\n\r\n"
+            head, _, writer = await http_exchange(server.port, right)
+            assert status_of(head) == 200
+            writer.close()
+            await opener.wait_finished()
+        assert [f.identity for f in opener.finished] == ["alice"]
+
+    run(main)
+
+
+def test_http_absolute_form_is_forwarded_rewritten() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(HttpConnectServer, opener, users={"bob": "pw"}) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                b"POST http://192.0.2.44:8081/submit?x=1#frag HTTP/1.1\r\n"
+                b"Host: wrong.example\r\n"
+                b"Proxy-Authorization: " + basic("bob", "pw") + b"\r\n"
+                b"Proxy-Connection: Keep-Alive\r\n"
+                b"Connection: keep-alive, X-Secret\r\n"
+                b"X-Secret: dropped\r\n"
+                b"Content-Length: 10\r\n"
+                b"User-Agent: t\r\n\r\n"
+                b"0123"
+            )
+            # EchoLeg plays the origin and sends back what it received.
+            expected_head = (
+                b"POST /submit?x=1 HTTP/1.1\r\n"
+                b"Host: 192.0.2.44:8081\r\n"
+                b"Content-Length: 10\r\n"
+                b"User-Agent: t\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            assert await reader.readexactly(len(expected_head) + 4) == expected_head + b"0123"
+            writer.write(b"456789")
+            assert await reader.readexactly(6) == b"456789"
+            writer.close()
+            await opener.wait_finished()
+        (flow,) = opener.finished
+        assert (flow.destination.host, flow.destination.port) == ("192.0.2.44", 8081)
+        assert flow.identity == "bob"
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "reason"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", 400, "bad_request"),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 17000 + b"\r\n\r\n",
+            431,
+            "header_too_large",
+        ),
+        (b"CONNECT a:1 HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"a" * 40000, 431, "header_too_large"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "not_a_proxy_request"),
+        (b"CONNECT 192.0.2.1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+        (b"CONNECT 192.0.2.1:0 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+        (b"CONNECT bad_host!:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+        (b"CONNECT [::1:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+        (b"GET https://192.0.2.1/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+        (b"GET http://u:p@192.0.2.1/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+    ],
+    ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else str(v),
+)
+def test_http_bad_requests_answered_counted_and_others_served(
+    request_bytes: bytes, status: int, reason: str | None
+) -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(HttpConnectServer, opener) as server:
+            head, reader, writer = await http_exchange(server.port, request_bytes)
+            assert status_of(head) == status
+            await read_eof(reader)
+            writer.close()
+            await opener.wait_bad()
+            head, reader, writer = await http_exchange(
+                server.port, b"CONNECT 192.0.2.1:443 HTTP/1.1\r\nHost: 192.0.2.1:443\r\n\r\n"
+            )
+            assert status_of(head) == 200
+            writer.close()
+            await opener.wait_finished()
+        assert len(opener.bad) == 1 and opener.bad[0][0] == "http"
+        if reason:
+            assert opener.bad[0][1] == reason
+        assert len(opener.opened) == 1
+
+    run(main)
+
+
+def test_http_handshake_timeout() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(HttpConnectServer, opener, handshake_timeout=0.2) as server:
+            head, reader, writer = await http_exchange(server.port, b"CONNECT 192.0.2.1:443 HTTP")
+            assert status_of(head) == 408
+            await read_eof(reader)
+            writer.close()
+            await opener.wait_bad()
+        assert opener.bad == [("http", "handshake_timeout")]
+
+    run(main)
+
+
+def test_http_max_flows_gets_503() -> None:
+    req = b"CONNECT 192.0.2.1:443 HTTP/1.1\r\nHost: 192.0.2.1:443\r\n\r\n"
+
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(HttpConnectServer, opener, max_flows=1) as server:
+            head, _, w1 = await http_exchange(server.port, req)
+            assert status_of(head) == 200
+            head, _, w2 = await http_exchange(server.port, req)
+            assert status_of(head) == 503
+            w1.close()
+            w2.close()
+            await opener.wait_finished()
+        assert opener.bad == [("http", "too_many_flows")]
+
+    run(main)
+
+
+# -- HTTP target parsing --------------------------------------------------------------------
+
+names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", fullmatch=True)
+http_hosts = st.one_of(names, st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str))
+
+
+def authority(host: str, port: int) -> bytes:
+    return str(Destination(host, port)).encode()
+
+
+@given(
+    host=http_hosts,
+    port=st.integers(1, 65535),
+    path=st.from_regex(r"(/[a-z0-9?=&]*)?", fullmatch=True),
+)
+def test_targets_round_trip(host: str, port: int, path: str) -> None:
+    dest = parse_authority(authority(host, port))
+    assert dest == Destination(host, port)
+    url = b"http://" + authority(host, port) + path.encode()
+    dest, auth, origin_form = parse_absolute_url(url)
+    assert dest == Destination(host, port)
+    assert auth == authority(host, port)
+    assert origin_form == (path.encode() if path.startswith("/") else b"/" + path.encode())
+
+
+@given(st.binary(max_size=300))
+def test_target_parsers_reject_cleanly(data: bytes) -> None:
+    for parse in (parse_authority, parse_absolute_url):
+        try:
+            parse(data)
+        except BadTarget:
+            pass
+    basic_credentials(data)  # None or a pair, never an exception
+
+
+@given(
+    names=st.lists(
+        st.sampled_from([b"Connection", b"Proxy-Connection", b"X-A", b"Te"]), max_size=6
+    ),
+    value=st.sampled_from([b"close", b"keep-alive, X-A", b"Content-Length", b"te"]),
+)
+def test_rewrite_head_drops_hop_by_hop_keeps_framing(names: list[bytes], value: bytes) -> None:
+    headers = [(b"Host", b"x"), (b"Content-Length", b"3")] + [(n, value) for n in names]
+    req = h11.Request(method=b"POST", target=b"http://x/", headers=headers)
+    head = rewrite_head(req, b"x:80", b"/")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST / HTTP/1.1"
+    assert lines[1] == b"Host: x:80"
+    assert b"Content-Length: 3" in lines
+    assert lines[-3:] == [b"Connection: close", b"", b""]
+    assert not any(n.lower().startswith((b"proxy-", b"te:")) for n in lines)
+    assert sum(line.lower().startswith(b"connection:") for line in lines) == 1
+
+
+# -- real curl through the on-ramps ---------------------------------------------------------
+
+BODY = os.urandom(3 * 1024 * 1024 + 17)
+
+
+async def origin_server() -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"GET /file HTTP/1.1\r\n"), head
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(BODY)
+        )
+        writer.write(BODY)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize(
+    ("kind", "args"),
+    [
+        ("socks5", ["--socks5", "127.0.0.1:{p}"]),
+        ("socks5", ["--socks5-hostname", "127.0.0.1:{p}"]),
+        ("socks5", ["--proxy", "socks5h://alice:s3cret@127.0.0.1:{p}"]),
+        ("http", ["-x", "http://127.0.0.1:{p}"]),
+        ("http", ["-x", "http://127.0.0.1:{p}", "--proxytunnel"]),
+        ("http", ["-x", "http://alice:s3cret@127.0.0.1:{p}"]),
+    ],
+)
+def test_curl_downloads_through_onramp(kind: str, args: list[str]) -> None:
+    auth = any("alice" in a for a in args)
+
+    async def main() -> None:
+        origin = await origin_server()
+        oport = origin.sockets[0].getsockname()[1]
+        opener = FakeOpener(direct=True)
+        cls = Socks5Server if kind == "socks5" else HttpConnectServer
+        users = {"alice": "s3cret"} if auth else {}
+        async with serving(cls, opener, users=users) as server:
+            host = "localhost" if "--socks5-hostname" in args else "127.0.0.1"
+            proc = await asyncio.create_subprocess_exec(
+                "curl",
+                "-sS",
+                "--fail",
+                *[a.format(p=server.port) for a in args],
+                f"http://{host}:{oport}/file",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err
+            assert hashlib.sha256(out).digest() == hashlib.sha256(BODY).digest()
+            await opener.wait_finished()
+        origin.close()
+        (flow,) = opener.finished
+        assert flow.result is FlowResult.OK
+        assert flow.destination.port == oport
+        assert flow.identity == ("alice" if auth else "-")
+        assert flow.bytes_down >= len(BODY)
+        if "--socks5-hostname" in args:
+            assert flow.destination.host == "localhost"  # the name, resolved by the edge
+
+    run(main)
