@@ -103,9 +103,7 @@ class Connector:
         self.client.start()
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait(
-                {stop_wait, self.client.fatal}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({stop_wait, self.client.fatal}, return_when=asyncio.FIRST_COMPLETED)
             if self.client.fatal.done():
                 return self._fatal(self.client.fatal.result())
             log.info(

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -147,7 +148,9 @@ class StatusServer:
         if status >= 400 and status not in (404, 405, 503):
             headers.append(("connection", "close"))
         try:
-            data = conn.send(h11.Response(status_code=status, headers=headers))
+            data = conn.send(
+                h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
+            )
             if with_body and body:
                 data += conn.send(h11.Data(data=body))
             data += conn.send(h11.EndOfMessage())

@@ -213,7 +213,8 @@ class HttpConnectServer(TcpOnRamp):
                 status = e.error_status_hint
                 reason = "header_too_large" if status == 431 else "bad_request"
                 log.debug("http %s: %s", peer, e)
-                return await self._reject(sock, peer, reason, response(status, f"ramp: {e}"))
+                words = "request head too large" if status == 431 else "malformed HTTP request"
+                return await self._reject(sock, peer, reason, response(status, f"ramp: {words}"))
             if ev is h11.NEED_DATA:
                 data = await self.recv(sock, got > 0)
                 conn.receive_data(data)

@@ -18,7 +18,7 @@ from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.asyncio.server import QuicServer
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 try:  # optimised GRO/GSO transport; present in qh3 >= 1.4
@@ -58,6 +58,7 @@ class TunnelConnection(QuicConnectionProtocol):
         self.last_rx = self._loop.time()
         self.closed = False
         self.close_reason = ""
+        self.peer_addr: Any = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._keepalive_interval = 0.0
         self._peer_seen: set[int] = set()
@@ -95,15 +96,19 @@ class TunnelConnection(QuicConnectionProtocol):
         return active[0] < limits[0] if limits else True
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
-        if self.closed:
+        if self.closed or self._quic._close_event is not None:
+            return  # closing: nothing more goes out, the peer learns from CONNECTION_CLOSE
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=fin)
+        except QuicConnectionError as e:
+            log.debug("send on stream %d dropped: %s", stream_id, e)
             return
-        self._quic.send_stream_data(stream_id, data, end_stream=fin)
         self._transmit_soon()
 
     def reset(self, stream_id: int, code: int) -> None:
         """Abort both directions of a stream."""
         self.handlers.pop(stream_id, None)
-        if self.closed:
+        if self.closed or self._quic._close_event is not None:
             return
         try:
             if self._quic._stream_can_send(stream_id):
@@ -145,11 +150,21 @@ class TunnelConnection(QuicConnectionProtocol):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self.last_rx = self._loop_time()
+        self.peer_addr = addr
         super().datagram_received(data, addr)
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
         self.last_rx = self._loop_time()
+        self.peer_addr = addr
         super().datagrams_received(data, addr)
+
+    @property
+    def peer(self) -> str:
+        addr = self.peer_addr
+        if not addr:
+            return "?"
+        host = str(addr[0]).removeprefix("::ffff:")
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):

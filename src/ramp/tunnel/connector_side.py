@@ -122,6 +122,8 @@ class ConnectorConnection(endpoint.TunnelConnection):
         self.control: ControlStream | None = None
         self.bridges: dict[int, StreamBridge] = {}
         self.registered: asyncio.Future[Registered] = self._loop.create_future()
+        # nobody awaits it when a dial is abandoned during shutdown: mark it retrieved
+        self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.flow_tasks: set[asyncio.Task[None]] = set()
 
     def start_registration(self, frame: Register) -> None:

@@ -62,14 +62,6 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.bridges: dict[int, StreamBridge] = {}
         self._reg_timer: asyncio.TimerHandle | None = None
 
-    @property
-    def peer(self) -> str:
-        try:
-            host, port = self._quic._network_paths[0].addr[:2]  # type: ignore[attr-defined]
-            return f"{host}:{port}"
-        except Exception:
-            return "?"
-
     def handshake_done(self, alpn: str | None) -> None:
         if alpn != ALPN:
             self.edge.refused(self, "bad_request", f"ALPN {alpn!r} is not {ALPN}")

@@ -24,6 +24,7 @@ MAX_TOKEN_CHARS = 16384
 MAX_EDGES = 64
 _B64URL_CHARS = frozenset(string.ascii_letters + string.digits + "-_=")
 _FP_RE = re.compile(r"[0-9a-f]{64}")
+_DAMAGED = "damaged token (incomplete or broken data): the token was altered or truncated"
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -87,14 +88,14 @@ class Token:
             raise TokenError("not base64: '=' inside the token")
         if len(body) % 4 == 1:
             if body.startswith("eyJ"):  # base64 of '{"': one of ours, cut short
-                raise TokenError("checksum mismatch: the token was altered or truncated")
+                raise TokenError(_DAMAGED)
             raise TokenError("not base64: the token's length is impossible")
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         try:
             obj = json.loads(raw)
         except (ValueError, RecursionError):
             if raw.startswith(b'{"v":'):
-                raise TokenError("checksum mismatch: the token was altered or truncated") from None
+                raise TokenError(_DAMAGED) from None
             raise TokenError("not a ramp token: it does not decode to JSON") from None
         if not isinstance(obj, dict) or "v" not in obj:
             raise TokenError("not a ramp token: no version field")

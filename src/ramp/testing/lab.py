@@ -1,0 +1,834 @@
+"""The test network of the integration tests and benchmarks, and the ramp processes inside it.
+
+    client (C)                 edge (E)                          private (P)
+    203.0.113.2/24 ──veth── 203.0.113.1/24
+                               192.0.2.1/24 ──────veth────── 192.0.2.2/24
+                                                              lo: origins 198.51.100.10, .11
+                                                                  blackhole 198.51.100.99
+
+(and the same in IPv6: 2001:db8:203::/64, 2001:db8:192::/64, origins in 2001:db8:198::/64).
+
+- C reaches only E's proxy listeners. E has no route to the origins. P accepts no new inbound
+  connections (nftables: established/related and loopback only), so the only way in is the
+  connector in P dialling out to the edge at 192.0.2.1:7844 over QUIC.
+- The origins (see `ramp.testing.origins`) listen in P: HTTP on :80 (files of a `Payload`),
+  echo on :7, hello-echo on :9000, half-close on :9001. Nothing listens on :9 (refused), and
+  P's nftables silently drop what P sends to the blackhole address (connects time out).
+- The edge resolves `origin.ramp.test` (and friends) from its own /etc/hosts.
+
+The ramp CLI runs as `python -m ramp` with this interpreter: store commands on the host, the
+edge in E, connectors in P. Their stdout/stderr go to files under the lab's work directory;
+`Lab.log_tails` is what a failed test prints.
+
+    with Lab(tmp_path, payload=payload) as lab:
+        lab.start_standard()           # tunnel "corp" for the origins, edge, one connector
+        lab.curl(*lab.proxy_args("socks5"), f"http://{ORIGIN}/")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ramp.net.netns import Netns, NetnsGroup, stop_process, veth
+
+# --- addresses and ports ---------------------------------------------------------------------
+
+CLIENT_ADDR = "203.0.113.2"
+EDGE_PUBLIC_ADDR = "203.0.113.1"  # the edge's proxy and metrics listeners
+EDGE_TUNNEL_ADDR = "192.0.2.1"  # where connectors dial the edge
+PRIVATE_ADDR = "192.0.2.2"  # the private network's way out
+ORIGIN_PREFIX = "198.51.100.0/24"
+ORIGIN = "198.51.100.10"
+ORIGIN2 = "198.51.100.11"
+BLACKHOLE = "198.51.100.99"
+OUTSIDE = "192.0.2.200"  # in no route: nothing may ever dial it
+
+CLIENT_ADDR6 = "2001:db8:203::2"
+EDGE_PUBLIC_ADDR6 = "2001:db8:203::1"
+EDGE_TUNNEL_ADDR6 = "2001:db8:192::1"
+PRIVATE_ADDR6 = "2001:db8:192::2"
+ORIGIN6_PREFIX = "2001:db8:198::/64"
+ORIGIN6 = "2001:db8:198::10"
+BLACKHOLE6 = "2001:db8:198::99"
+
+ORIGIN_NAME = "origin.ramp.test"
+ORIGIN6_NAME = "origin6.ramp.test"
+BLACKHOLE_NAME = "blackhole.ramp.test"
+
+TUNNEL_PORT = 7844
+SOCKS_PORT = 1080
+HTTP_PROXY_PORT = 8080
+EDGE_METRICS_PORT = 20241
+CONNECTOR_METRICS_BASE_PORT = 20300
+
+HTTP_PORT = 80
+ECHO_PORT = 7
+HELLO_PORT = 9000
+HALF_CLOSE_PORT = 9001
+CLOSED_PORT = 9
+
+EDGE_TUNNEL = f"{EDGE_TUNNEL_ADDR}:{TUNNEL_PORT}"
+SOCKS_PROXY = f"{EDGE_PUBLIC_ADDR}:{SOCKS_PORT}"
+HTTP_PROXY = f"{EDGE_PUBLIC_ADDR}:{HTTP_PROXY_PORT}"
+
+RAMP = [sys.executable, "-m", "ramp"]
+
+T = TypeVar("T")
+
+
+class LabError(RuntimeError):
+    """Setting up or driving the lab failed; the message says what and shows the output."""
+
+
+class ProcessExited(LabError):
+    """A ramp process ended while the lab waited for it."""
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    what: str | Callable[[], str] = "condition",
+) -> T:
+    """Poll `predicate` until it returns something truthy and return that.
+
+    An exception from the predicate counts as "not yet" (the last one is chained to the
+    TimeoutError), except `ProcessExited`, which ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+        except ProcessExited:
+            raise
+        except Exception as e:
+            last_error = e
+        else:
+            if value:
+                return value
+            last_error = None
+        if time.monotonic() >= deadline:
+            text = what() if callable(what) else what
+            detail = f"; last error: {last_error!r}" if last_error else ""
+            raise TimeoutError(f"gave up after {timeout} s waiting for {text}{detail}") from (
+                last_error
+            )
+        time.sleep(interval)
+
+
+# --- payload ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Files the HTTP origin serves; random content, sha256 taken while writing."""
+
+    directory: Path
+    big: FileInfo
+    small: FileInfo
+
+
+def _write_random(path: Path, size: int) -> FileInfo:
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            digest.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return FileInfo(path.name, size, digest.hexdigest())
+
+
+def make_payload(directory: Path, big_size: int = 100 * 2**20) -> Payload:
+    directory.mkdir(parents=True, exist_ok=True)
+    big = _write_random(directory / "big.bin", big_size)
+    small = _write_random(directory / "small.bin", 64 * 1024)
+    return Payload(directory, big, small)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class Metrics:
+    """A parsed /metrics scrape."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: list[tuple[str, dict[str, str], float]] = [
+            (s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
+        return sum(
+            v
+            for n, sample_labels, v in self.samples
+            if n == name and all(sample_labels.get(k) == x for k, x in labels.items())
+        )
+
+    def has(self, name: str) -> bool:
+        return any(n == name for n, _, _ in self.samples)
+
+    def labels(self, name: str) -> list[dict[str, str]]:
+        return [sample_labels for n, sample_labels, _ in self.samples if n == name]
+
+
+def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+class LabProcess:
+    """One program the lab started in a namespace (edge, connector, origins)."""
+
+    def __init__(
+        self,
+        role: str,
+        ns: Netns,
+        args: list[str],
+        proc: subprocess.Popen[bytes],
+        stdout_path: Path,
+        stderr_path: Path,
+        metrics_addr: tuple[str, int] | None,
+    ) -> None:
+        self.role = role
+        self.ns = ns
+        self.args = args
+        self.proc = proc
+        self.stdout_path = stdout_path
+        self.stderr_path = stderr_path
+        self.metrics_addr = metrics_addr
+        self.started = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<{self.role} pid={self.pid} in {self.ns.name}>"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise ProcessExited(
+                f"{self.role} exited with code {self.proc.returncode}\n{self.tail()}"
+            )
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process and everything it started (its process group)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """`kill -9`: no chance to say goodbye to anyone."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        return stop_process(self.proc, timeout)
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.role} still runs after {timeout} s\n{self.tail()}") from None
+
+    def group_pids(self) -> set[int]:
+        """The process and whatever it forked (they share its process group)."""
+        pids = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == self.proc.pid:  # pgrp
+                pids.add(int(entry.name))
+        return pids
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def output(self) -> str:
+        return self.stdout() + self.stderr()
+
+    def tail(self, lines: int = 40) -> str:
+        parts = []
+        for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                if text:
+                    parts.append(f"--- {self.role} {label} ({path.name}, last {len(text)}) ---")
+                    parts.extend(text)
+        state = "running" if self.alive() else f"exited {self.proc.returncode}"
+        return "\n".join([f"=== {self.role} pid {self.pid}: {state}", *parts])
+
+    # status listener
+
+    def http_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        if self.metrics_addr is None:
+            raise LabError(f"{self.role} has no metrics listener")
+        host, port = self.metrics_addr
+        return self.ns.call(_http_get, host, port, path, timeout)
+
+    def ready(self) -> bool:
+        """GET /ready answered 200 (raises ProcessExited if the process is gone)."""
+        self.check_alive()
+        status, _ = self.http_get("/ready")
+        return status == 200
+
+    def metrics(self) -> Metrics:
+        status, body = self.http_get("/metrics")
+        if status != 200:
+            raise LabError(f"{self.role} /metrics answered {status}: {body[:200]!r}")
+        return Metrics(body.decode())
+
+
+# --- the lab ---------------------------------------------------------------------------------
+
+
+_NFT_PRIVATE = f"""
+table inet ramp_lab {{
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iif "lo" accept
+        icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
+    }}
+    chain output {{
+        type filter hook output priority filter; policy accept;
+        ip daddr {BLACKHOLE} drop
+        ip6 daddr {BLACKHOLE6} drop
+    }}
+}}
+"""
+
+_HOSTS = f"""127.0.0.1 localhost
+::1 localhost
+{ORIGIN} {ORIGIN_NAME}
+{ORIGIN6} {ORIGIN6_NAME}
+{BLACKHOLE} {BLACKHOLE_NAME}
+"""
+
+# No nameserver: lookups of other names fail at once against 127.0.0.1 inside the namespace
+# instead of leaving it.
+_RESOLV = "options timeout:1 attempts:1\n"
+
+_PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What `Lab.curl_digest` saw: curl's exit code and stderr, and the body's size and hash."""
+
+    returncode: int
+    size: int
+    sha256: str
+    stderr: str
+
+
+class Lab:
+    """The three namespaces, the origins, and any edge and connectors started in them."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        payload: Payload | None = None,
+        mtu: int | None = None,
+        ipv6: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.payload = payload
+        self.mtu = mtu
+        self.ipv6 = ipv6
+        self.data_dir = self.workdir / "edge-data"
+        self.log_dir = self.workdir / "logs"
+        self.env = self._make_env()
+        self.processes: list[LabProcess] = []
+        self.edge: LabProcess | None = None
+        self.connectors: list[LabProcess] = []
+        self.origins: LabProcess | None = None
+        self._group: NetnsGroup | None = None
+        self._role_counts: dict[str, int] = {}
+        self._edge_args: list[str] = []
+
+    # --- building ------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.build()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _make_env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k.lower() not in _PROXY_ENV and not k.startswith("RAMP_")
+        }
+        env["PYTHONUNBUFFERED"] = "1"
+        env["RAMP_HOME"] = str(self.workdir / "home")
+        return env
+
+    @property
+    def client(self) -> Netns:
+        return self._ns(0)
+
+    @property
+    def edge_ns(self) -> Netns:
+        return self._ns(1)
+
+    @property
+    def private(self) -> Netns:
+        return self._ns(2)
+
+    def _ns(self, i: int) -> Netns:
+        if self._group is None or len(self._group.namespaces) < 3:
+            raise LabError("the lab is not built (use `with Lab(...)` or call build())")
+        return self._group.namespaces[i]
+
+    def build(self) -> None:
+        """Make the namespaces, wire them up, start the origins. Undone by `close`."""
+        for d in (self.workdir, self.data_dir, self.log_dir, self.workdir / "home"):
+            d.mkdir(parents=True, exist_ok=True)
+        self._group = NetnsGroup()
+        try:
+            self._build_network()
+            self.start_origins()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_network(self) -> None:
+        assert self._group is not None
+        c = self._group.new("client")
+        e = self._group.new("edge")
+        p = self._group.new("private")
+        v6 = self.ipv6
+        veth(
+            c,
+            "to-edge",
+            e,
+            "to-client",
+            a_addresses=[f"{CLIENT_ADDR}/24"] + ([f"{CLIENT_ADDR6}/64"] if v6 else []),
+            b_addresses=[f"{EDGE_PUBLIC_ADDR}/24"] + ([f"{EDGE_PUBLIC_ADDR6}/64"] if v6 else []),
+            mtu=self.mtu,
+        )
+        veth(
+            e,
+            "to-private",
+            p,
+            "to-edge",
+            a_addresses=[f"{EDGE_TUNNEL_ADDR}/24"] + ([f"{EDGE_TUNNEL_ADDR6}/64"] if v6 else []),
+            b_addresses=[f"{PRIVATE_ADDR}/24"] + ([f"{PRIVATE_ADDR6}/64"] if v6 else []),
+            mtu=self.mtu,
+        )
+        # The origins are local addresses of P; E and C get no route to them.
+        for addr in (ORIGIN, ORIGIN2, BLACKHOLE):
+            p.add_address("lo", f"{addr}/32")
+        if v6:
+            for addr in (ORIGIN6, BLACKHOLE6):
+                p.add_address("lo", f"{addr}/128")
+        for ns in (c, e, p):
+            ns.sysctl("net.ipv4.ip_forward", 0)
+            if v6:
+                ns.sysctl("net.ipv6.conf.all.forwarding", 0)
+        p.nft(_NFT_PRIVATE)
+        for ns in (c, e, p):
+            ns.set_etc_file("resolv.conf", _RESOLV)
+        e.set_etc_file("hosts", _HOSTS)
+        for ns in (c, p):
+            ns.set_etc_file("hosts", "127.0.0.1 localhost\n::1 localhost\n")
+
+    def close(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL) and delete the namespaces."""
+        for p in reversed(self.processes):
+            with contextlib.suppress(Exception):
+                p.stop(timeout=5.0)
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    # --- processes -----------------------------------------------------------------------
+
+    def _role_name(self, role: str) -> str:
+        n = self._role_counts.get(role, 0) + 1
+        self._role_counts[role] = n
+        return role if n == 1 else f"{role}-{n}"
+
+    def start_process(
+        self,
+        role: str,
+        ns: Netns,
+        args: Sequence[str],
+        *,
+        metrics_addr: tuple[str, int] | None = None,
+    ) -> LabProcess:
+        """Start `args` in `ns` with output to log files; stopped when the lab closes."""
+        name = self._role_name(role)
+        out_path = self.log_dir / f"{name}.stdout.log"
+        err_path = self.log_dir / f"{name}.stderr.log"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            proc = ns.popen(list(args), stdout=out, stderr=err, env=self.env, cwd=self.workdir)
+        lp = LabProcess(name, ns, list(args), proc, out_path, err_path, metrics_addr)
+        self.processes.append(lp)
+        return lp
+
+    def start_origins(self) -> LabProcess:
+        root = self.payload.directory if self.payload else self._small_www()
+        args = [sys.executable, "-m", "ramp.testing.origins", "--root", str(root)]
+        hosts = [ORIGIN, ORIGIN2] + ([f"[{ORIGIN6}]"] if self.ipv6 else [])
+        for host in hosts:
+            args += ["--http", f"{host}:{HTTP_PORT}", "--echo", f"{host}:{ECHO_PORT}"]
+            args += ["--hello-echo", f"{host}:{HELLO_PORT}"]
+            args += ["--half-close", f"{host}:{HALF_CLOSE_PORT}"]
+        origins = self.start_process("origins", self.private, args)
+        wait_until(
+            lambda: origins.check_alive() or "ready" in origins.stdout(),
+            30,
+            what="the origin servers to listen",
+        )
+        self.origins = origins
+        return origins
+
+    def _small_www(self) -> Path:
+        www = self.workdir / "www"
+        if not (www / "small.bin").exists():
+            www.mkdir(parents=True, exist_ok=True)
+            _write_random(www / "small.bin", 64 * 1024)
+        return www
+
+    # --- the ramp CLI (store commands run on the host) -----------------------------------
+
+    def ramp(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`ramp ARGS --data-dir <the edge's data dir>` on the host."""
+        cmd = [*RAMP, *args, "--data-dir", str(self.data_dir)]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=self.env, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise LabError(
+                f"`ramp {' '.join(args)}` exited {proc.returncode}\n"
+                f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def create_tunnel(self, name: str, routes: Iterable[str] = ()) -> str:
+        """Create tunnel `name`, route `routes` to it, return its token."""
+        self.ramp("tunnel", "create", name)
+        for cidr in routes:
+            self.add_route(cidr, name)
+        return self.token(name)
+
+    def token(self, name: str, edge: str = EDGE_TUNNEL) -> str:
+        token = self.ramp("tunnel", "token", name, "--edge", edge).stdout.strip()
+        if not token or len(token.split()) != 1:
+            raise LabError(f"`ramp tunnel token {name}` printed {token!r}, not one token")
+        return token
+
+    def add_route(self, cidr: str, tunnel: str) -> None:
+        self.ramp("tunnel", "route", "ip", "add", cidr, tunnel)
+
+    def delete_route(self, cidr: str) -> None:
+        self.ramp("tunnel", "route", "ip", "delete", cidr)
+
+    def delete_tunnel(self, name: str) -> None:
+        self.ramp("tunnel", "delete", name)
+
+    # --- edge ----------------------------------------------------------------------------
+
+    def edge_command(self, *extra: str) -> list[str]:
+        return [
+            *RAMP,
+            "edge",
+            "--data-dir",
+            str(self.data_dir),
+            "--tunnel-listen",
+            EDGE_TUNNEL,
+            "--socks5-listen",
+            SOCKS_PROXY,
+            "--http-listen",
+            HTTP_PROXY,
+            "--metrics-listen",
+            f"{EDGE_PUBLIC_ADDR}:{EDGE_METRICS_PORT}",
+            *extra,
+        ]
+
+    def start_edge(self, *extra: str, wait: bool = True, timeout: float = 30.0) -> LabProcess:
+        """Start `ramp edge` in E; with `wait`, return once all its listeners are bound."""
+        if self.edge is not None and self.edge.alive():
+            raise LabError("an edge is already running; stop it first")
+        args = self.edge_command(*extra)
+        self._edge_args = list(extra)
+        edge = self.start_process(
+            "edge", self.edge_ns, args, metrics_addr=(EDGE_PUBLIC_ADDR, EDGE_METRICS_PORT)
+        )
+        self.edge = edge
+        if wait:
+            self.wait_edge_listening(timeout)
+        return edge
+
+    def restart_edge(self, sig: int = signal.SIGTERM, *extra: str) -> LabProcess:
+        """Stop the edge with `sig` (SIGKILL: no goodbye) and start it again, same data dir."""
+        edge = self._need_edge()
+        edge.signal(sig)
+        edge.wait_exit(30)
+        return self.start_edge(*(extra or self._edge_args))
+
+    def _need_edge(self) -> LabProcess:
+        if self.edge is None:
+            raise LabError("no edge started")
+        return self.edge
+
+    def listening(self, ns: Netns) -> set[tuple[str, str]]:
+        """(proto, "addr:port") of every listening socket in `ns`."""
+        out = ns.run(["ss", "-Htuln"]).stdout.decode()
+        found = set()
+        for line in out.splitlines():
+            cols = line.split()
+            if len(cols) >= 5:
+                found.add((cols[0], cols[4].replace("[", "").replace("]", "")))
+        return found
+
+    def wait_edge_listening(self, timeout: float = 30.0) -> None:
+        edge = self._need_edge()
+        tunnel = _last_flag(edge.args, "--tunnel-listen", EDGE_TUNNEL)
+        want = {("udp", tunnel.replace("[", "").replace("]", ""))}
+        for flag, default in (
+            ("--socks5-listen", SOCKS_PROXY),
+            ("--http-listen", HTTP_PROXY),
+            ("--metrics-listen", f"{EDGE_PUBLIC_ADDR}:{EDGE_METRICS_PORT}"),
+        ):
+            value = _last_flag(edge.args, flag, default)
+            if value not in ("off", ""):
+                want.add(("tcp", value.replace("[", "").replace("]", "")))
+
+        def bound() -> bool:
+            edge.check_alive()
+            return want <= self.listening(self.edge_ns)
+
+        wait_until(
+            bound,
+            timeout,
+            interval=0.1,
+            what=lambda: f"the edge to listen on {sorted(want)}\n{edge.tail()}",
+        )
+
+    def edge_metrics(self) -> Metrics:
+        return self._need_edge().metrics()
+
+    def wait_tunnel_connections(self, tunnel: str, count: int, timeout: float = 30.0) -> None:
+        """Until the edge counts at least `count` registered connections of `tunnel`."""
+        edge = self._need_edge()
+        wait_until(
+            lambda: edge.metrics().value("ramp_tunnel_connections", tunnel=tunnel) >= count,
+            timeout,
+            interval=0.1,
+            what=lambda: f"{count} connections of tunnel {tunnel!r} at the edge\n{edge.tail()}",
+        )
+
+    # --- connectors ----------------------------------------------------------------------
+
+    def connector_command(self, token: str, index: int, *extra: str) -> list[str]:
+        return [
+            *RAMP,
+            "tunnel",
+            "run",
+            "--token",
+            token,
+            "--data-dir",
+            str(self.workdir / f"connector-{index}-data"),
+            "--metrics-listen",
+            f"127.0.0.1:{CONNECTOR_METRICS_BASE_PORT + index}",
+            *extra,
+        ]
+
+    def start_connector(
+        self, token: str, *extra: str, wait: bool = True, timeout: float = 30.0
+    ) -> LabProcess:
+        """Start `ramp tunnel run --token TOKEN` in P; with `wait`, return once /ready is 200."""
+        index = len(self.connectors) + 1
+        args = self.connector_command(token, index, *extra)
+        conn = self.start_process(
+            "connector",
+            self.private,
+            args,
+            metrics_addr=("127.0.0.1", CONNECTOR_METRICS_BASE_PORT + index),
+        )
+        self.connectors.append(conn)
+        if wait:
+            self.wait_ready(conn, timeout)
+        return conn
+
+    def wait_ready(self, proc: LabProcess, timeout: float = 30.0) -> None:
+        wait_until(
+            proc.ready,
+            timeout,
+            interval=0.1,
+            what=lambda: f"{proc.role} /ready to answer 200\n{proc.tail()}",
+        )
+
+    def start_standard(
+        self,
+        tunnel: str = "corp",
+        *,
+        routes: Sequence[str] = (ORIGIN_PREFIX,),
+        edge_args: Sequence[str] = (),
+        connector_args: Sequence[str] = ("--connect-timeout", "2"),
+        ha_connections: int | None = None,
+    ) -> str:
+        """Tunnel `tunnel` routed for the origins, an edge, one ready connector; the token."""
+        token = self.create_tunnel(tunnel, routes)
+        self.start_edge(*edge_args)
+        extra = list(connector_args)
+        if ha_connections is not None:
+            extra += ["--ha-connections", str(ha_connections)]
+        self.start_connector(token, *extra)
+        self.wait_tunnel_connections(tunnel, 1)
+        return token
+
+    # --- clients -------------------------------------------------------------------------
+
+    @staticmethod
+    def proxy_args(kind: str) -> list[str]:
+        """curl flags for one way through the edge: socks5, socks5-hostname, connect, forward."""
+        return {
+            "socks5": ["--socks5", SOCKS_PROXY],
+            "socks5-hostname": ["--socks5-hostname", SOCKS_PROXY],
+            "connect": ["--proxytunnel", "--proxy", f"http://{HTTP_PROXY}"],
+            "forward": ["--proxy", f"http://{HTTP_PROXY}"],
+        }[kind]
+
+    def curl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
+        """curl in C (`-sS`); check the return code yourself."""
+        return self.client.run(
+            ["curl", "-sS", "--max-time", str(timeout), *args],
+            check=False,
+            timeout=timeout + 10,
+            env=self.env,
+        )
+
+    def curl_digest(self, *args: str, timeout: float = 300.0) -> Digest:
+        """curl in C, hashing the body as it streams in (nothing is written to disk)."""
+        err_path = self.log_dir / f"curl-{time.monotonic_ns()}.stderr.log"
+        digest = hashlib.sha256()
+        size = 0
+        with err_path.open("wb") as err:
+            proc = self.client.popen(
+                ["curl", "-sS", "--fail", "--max-time", str(timeout), *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self.env,
+            )
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            returncode = proc.wait(timeout + 10)
+        finally:
+            stop_process(proc, 1.0)
+            with contextlib.suppress(ValueError):
+                self.client.procs.remove(proc)
+        return Digest(returncode, size, digest.hexdigest(), err_path.read_text(errors="replace"))
+
+    def client_socket(self, family: int = socket.AF_INET, timeout: float = 10.0) -> socket.socket:
+        sock = self.client.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        return sock
+
+    def connect_socks(self, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection from C to the edge's SOCKS5 listener."""
+        sock = self.client_socket(timeout=timeout)
+        sock.connect((EDGE_PUBLIC_ADDR, SOCKS_PORT))
+        return sock
+
+    def connect_http_proxy(self, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection from C to the edge's HTTP proxy listener."""
+        sock = self.client_socket(timeout=timeout)
+        sock.connect((EDGE_PUBLIC_ADDR, HTTP_PROXY_PORT))
+        return sock
+
+    def tcp_owners(self, dport: int) -> dict[int, int]:
+        """Established TCP connections in P towards port `dport`: local port -> owning pid."""
+        out = self.private.run(
+            ["ss", "-Htnp", "state", "established", "dport", "=", f":{dport}"]
+        ).stdout.decode()
+        owners: dict[int, int] = {}
+        for line in out.splitlines():
+            cols = line.split()
+            pid = re.search(r"pid=(\d+)", line)
+            if len(cols) >= 3 and pid:
+                owners[int(cols[2].rsplit(":", 1)[1])] = int(pid.group(1))
+        return owners
+
+    # --- diagnostics ---------------------------------------------------------------------
+
+    def log_tails(self, lines: int = 40) -> str:
+        return "\n\n".join(p.tail(lines) for p in self.processes)
+
+
+def _last_flag(args: Sequence[str], flag: str, default: str) -> str:
+    value = default
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value

@@ -1,0 +1,139 @@
+"""The tunnel protocol codec: round trips, strictness, and no crash on any input."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ramp.wire.tunnel import (
+    MAX_FRAME_PAYLOAD,
+    ConnectCode,
+    ConnectResult,
+    ConnectTcp,
+    FrameDecoder,
+    ProtocolError,
+    Register,
+    Registered,
+    RegisterError,
+    RegisterRefused,
+    Unregister,
+    Window,
+    encode_frame,
+    parse_frame,
+)
+from ramp.wire.varint import MAX_VARINT, VarintError, decode_varint, encode_varint
+
+text = st.text(max_size=40)
+uuids = st.uuids()
+windows = st.integers(min_value=0, max_value=1 << 32)
+
+frames = st.one_of(
+    st.builds(
+        Register,
+        tunnel_id=uuids,
+        connector_id=uuids,
+        conn_index=st.integers(0, 255),
+        secret=st.binary(max_size=256),
+        version=st.integers(0, 1 << 20),
+        client_info=text,
+    ),
+    st.builds(Registered, tunnel_name=text, edge_id=text),
+    st.builds(RegisterRefused, code=st.sampled_from(RegisterError), message=text),
+    st.just(Unregister()),
+    st.builds(Window, stream_id=st.integers(0, MAX_VARINT), increment=st.integers(1, 1 << 32)),
+    st.builds(
+        ConnectTcp,
+        flow_id=st.integers(0, MAX_VARINT),
+        host=st.text(min_size=1, max_size=60),
+        port=st.integers(1, 65535),
+        window=windows,
+        metadata=st.dictionaries(st.text(max_size=16), text, max_size=16),
+    ),
+    st.builds(ConnectResult, code=st.sampled_from(ConnectCode), window=windows, message=text),
+)
+
+
+@given(st.integers(0, MAX_VARINT))
+def test_varint_round_trip(n: int) -> None:
+    raw = encode_varint(n)
+    assert decode_varint(raw) == (n, len(raw))
+    assert decode_varint(raw[:-1]) is None
+
+
+def test_varint_range() -> None:
+    with pytest.raises(VarintError):
+        encode_varint(MAX_VARINT + 1)
+    with pytest.raises(VarintError):
+        encode_varint(-1)
+    # RFC 9000 appendix A.1 examples
+    assert decode_varint(bytes.fromhex("c2197c5eff14e88c")) == (151288809941952652, 8)
+    assert decode_varint(bytes.fromhex("9d7f3e7d")) == (494878333, 4)
+    assert decode_varint(bytes.fromhex("7bbd")) == (15293, 2)
+
+
+@given(frames)
+def test_frame_round_trip(frame) -> None:  # type: ignore[no-untyped-def]
+    raw = encode_frame(frame)
+    assert parse_frame(raw) == (frame, len(raw))
+    # every strict prefix is "need more", never a wrong frame
+    for cut in range(len(raw)):
+        got = parse_frame(raw[:cut])
+        assert got is None
+
+
+@given(st.lists(frames, max_size=8), st.data())
+def test_decoder_any_chunking(fs, data) -> None:  # type: ignore[no-untyped-def]
+    raw = b"".join(encode_frame(f) for f in fs)
+    dec = FrameDecoder()
+    out = []
+    pos = 0
+    while pos < len(raw):
+        n = data.draw(st.integers(1, max(1, len(raw) - pos)))
+        out += dec.feed(raw[pos : pos + n])
+        pos += n
+    assert out == fs
+    assert dec.pending == 0
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_decoder_never_crashes(raw: bytes) -> None:
+    dec = FrameDecoder()
+    try:
+        dec.feed(raw)
+    except ProtocolError:
+        pass
+
+
+def test_strictness() -> None:
+    reg = Register(uuid.uuid4(), uuid.uuid4(), 0, b"s")
+    raw = bytearray(encode_frame(reg))
+    # a payload with a trailing byte inside its declared length
+    raw[1] += 1
+    raw.append(0)
+    with pytest.raises(ProtocolError, match="trailing"):
+        parse_frame(bytes(raw))
+    with pytest.raises(ProtocolError, match="unknown frame type"):
+        parse_frame(encode_varint(0x3F) + b"\x00")
+    with pytest.raises(ProtocolError, match="too large"):
+        parse_frame(encode_varint(0x10) + encode_varint(MAX_FRAME_PAYLOAD + 1))
+    with pytest.raises(ProtocolError, match="window increment of zero"):
+        parse_frame(bytes.fromhex("05020100"))
+    bad_port = (
+        ConnectTcp(1, "h", 80, 0)
+        .payload()
+        .replace(b"\x01h" + encode_varint(80), b"\x01h" + encode_varint(70000))
+    )
+    with pytest.raises(ProtocolError, match="port too large"):
+        parse_frame(encode_varint(0x10) + encode_varint(len(bad_port)) + bad_port)
+
+
+def test_decoder_bounds_partial_frames() -> None:
+    dec = FrameDecoder(limit=100)
+    header = encode_varint(0x10) + encode_varint(MAX_FRAME_PAYLOAD)
+    dec.feed(header)
+    with pytest.raises(ProtocolError, match="buffer limit"):
+        dec.feed(b"x" * 200)

@@ -1,0 +1,308 @@
+"""Edge and connector in one process on loopback: the tunnel protocol end to end, including
+its flow control, half-close, reset propagation, registration errors and connection loss."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ramp.config import ConnectorConfig, EdgeConfig
+from ramp.connector import Connector
+from ramp.edge import Edge
+from ramp.store.db import Store
+from ramp.tunnel.token import Token
+
+
+@dataclass
+class Tunnel:
+    edge: Edge
+    connector: Connector
+    socks_port: int
+    stop: asyncio.Event
+    task: asyncio.Task[int]
+    data_dir: Path
+
+
+def make_token(data_dir: Path, name: str, edge_port: int) -> str:
+    with Store(data_dir) as store:
+        t = store.get_tunnel(name) or store.create_tunnel(name)
+        fp = store.edge_identity().ca_fingerprint
+        return Token(t.id, store.tunnel_secret(t.id), [f"127.0.0.1:{edge_port}"], fp).encode()
+
+
+@asynccontextmanager
+async def tunnel(tmp_path: Path, ha: int = 2, **edge_kw: object) -> AsyncIterator[Tunnel]:
+    with Store(tmp_path) as store:
+        store.create_tunnel("corp")
+        store.add_route("127.0.0.0/8", "corp")
+    edge = Edge(
+        EdgeConfig(
+            data_dir=tmp_path,
+            tunnel_listen="127.0.0.1:0",
+            socks5_listen="127.0.0.1:0",
+            http_listen="off",
+            metrics_listen="off",
+            audit_log=str(tmp_path / "audit.log"),
+            **edge_kw,  # type: ignore[arg-type]
+        )
+    )
+    await edge.start()
+    assert edge.tunnels is not None
+    token = make_token(tmp_path, "corp", edge.tunnels.port)
+    connector = Connector(
+        ConnectorConfig(data_dir=tmp_path, token=token, ha_connections=ha, metrics_listen="off"),
+        Token.decode(token),
+    )
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(connector.run(stop))
+    for _ in range(200):
+        if edge.ready()[0] and len(connector.client.live) == ha:
+            break
+        await asyncio.sleep(0.02)
+    assert edge.ready()[0], "connector did not register"
+    try:
+        yield Tunnel(edge, connector, edge.onramps[0].port, stop, task, tmp_path)
+    finally:
+        stop.set()
+        connector.config.grace_period = 0
+        await asyncio.wait_for(task, 10)
+        await edge.close()
+
+
+async def socks_connect(
+    port: int, host: str, dport: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"\x05\x01\x00")
+    assert await r.readexactly(2) == b"\x05\x00"
+    w.write(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", dport))
+    rep = await r.readexactly(10)
+    return r, w, rep[1]
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_bulk_transfer_and_echo(tmp_path: Path) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def main() -> None:
+        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            data = await r.read()  # until the client half-closes
+            w.write(hashlib.sha256(data).digest())
+            w.write(payload)
+            await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(origin, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path) as t:
+            r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
+            assert rep == 0
+            up = os.urandom(3 * 1024 * 1024)
+            w.write(up)
+            await w.drain()
+            w.write_eof()  # half-close: the answer must still come back whole
+            digest = await r.readexactly(32)
+            rest = await r.read()
+            assert digest == hashlib.sha256(up).digest()
+            assert rest == payload
+            w.close()
+        srv.close()
+
+    run(main())
+
+
+def test_slow_reader_is_bounded_by_flow_control(tmp_path: Path) -> None:
+    """A client that does not read stalls the origin instead of filling the edge's memory."""
+    total = 64 * 1024 * 1024
+    sent = 0
+
+    async def main() -> None:
+        nonlocal sent
+
+        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            chunk = b"x" * 65536
+            try:
+                while sent < total:
+                    w.write(chunk)
+                    sent += len(chunk)
+                    await w.drain()
+                w.close()
+            except ConnectionError:
+                pass
+
+        srv = await asyncio.start_server(origin, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path) as t:
+            # a tiny receive buffer so the kernel cannot hide the stall
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", t.socks_port))
+            r, w = await asyncio.open_connection(sock=sock)
+            w.write(b"\x05\x01\x00")
+            await r.readexactly(2)
+            w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", oport))
+            assert (await r.readexactly(10))[1] == 0
+            await asyncio.sleep(1.5)  # not reading
+            buffered = 0
+            assert t.edge.tunnels is not None
+            for entry in t.edge.tunnels.tunnels.values():
+                for conn in entry.conns:
+                    for b in conn.bridges.values():
+                        tr = b._transport
+                        buffered += (tr.get_write_buffer_size() if tr else 0) + sum(
+                            len(c) for c in b._pending_in
+                        )
+            # user space holds at most one window plus the write high-water mark
+            assert buffered <= 1024 * 1024 + 512 * 1024, buffered
+            # and the origin was held back (kernel buffers take a few MB at most)
+            assert sent < 24 * 1024 * 1024, sent
+            got = 0
+            while True:
+                data = await r.read(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+            assert got == total
+            w.close()
+        srv.close()
+
+    run(main())
+
+
+def test_origin_reset_reaches_client(tmp_path: Path) -> None:
+    async def main() -> None:
+        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.readexactly(5)
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+
+        srv = await asyncio.start_server(origin, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path) as t:
+            r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
+            assert rep == 0
+            w.write(b"hello")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(r.read(), 5)
+        srv.close()
+        log = (tmp_path / "audit.log").read_text()
+        assert '"result":"reset"' in log
+
+    run(main())
+
+
+def test_refused_and_unrouted(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+        s.close()
+        async with tunnel(tmp_path) as t:
+            _, w, rep = await socks_connect(t.socks_port, "127.0.0.1", closed_port)
+            assert rep == 0x05
+            w.close()
+            _, w, rep = await socks_connect(t.socks_port, "192.0.2.1", 80)
+            assert rep == 0x02  # outside every route, direct egress off
+            w.close()
+
+    run(main())
+
+
+def test_flows_spread_over_connections_and_survive_loss(tmp_path: Path) -> None:
+    """Killing one tunnel connection breaks only its flows; new flows use the others."""
+
+    async def main() -> None:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path, ha=2) as t:
+            clients = [await socks_connect(t.socks_port, "127.0.0.1", oport) for _ in range(6)]
+            assert t.edge.tunnels is not None
+            conns = next(iter(t.edge.tunnels.tunnels.values())).conns
+            assert all(c.bridges for c in conns), "flows should use every connection"
+            victim = conns[0]
+            victim_streams = set(victim.bridges)
+            victim._quic.close(error_code=0, reason_phrase="test kill")
+            victim.transmit()
+            await asyncio.sleep(0.3)
+            broken = 0
+            for r, w, _ in clients:
+                try:
+                    w.write(b"ping")
+                    await w.drain()
+                    got = await asyncio.wait_for(r.readexactly(4), 2)
+                    assert got == b"ping"
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    broken += 1
+            assert broken == len(victim_streams)
+            # the connector redials; meanwhile new flows go to the survivor
+            r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
+            assert rep == 0
+            w.write(b"again")
+            assert await asyncio.wait_for(r.readexactly(5), 2) == b"again"
+            w.close()
+        srv.close()
+
+    run(main())
+
+
+def test_deleted_tunnel_and_bad_secret_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with tunnel(tmp_path) as t:
+            assert t.edge.tunnels is not None
+            port = t.edge.tunnels.port
+            good = Token.decode(make_token(tmp_path, "corp", port))
+            bad = Token(good.tunnel_id, b"x" * 32, good.edges, good.ca_fingerprint)
+            c = Connector(
+                ConnectorConfig(
+                    data_dir=tmp_path, token=bad.encode(), metrics_listen="off", ha_connections=1
+                ),
+                bad,
+            )
+            code = await asyncio.wait_for(c.run(asyncio.Event()), 10)
+            assert code == 3
+            with Store(tmp_path) as store:
+                store.delete_tunnel("corp")
+            # the edge notices within its poll interval and drops the live connections
+            for _ in range(50):
+                if not t.edge.ready()[0]:
+                    break
+                await asyncio.sleep(0.1)
+            assert not t.edge.ready()[0]
+            c = Connector(
+                ConnectorConfig(
+                    data_dir=tmp_path, token=good.encode(), metrics_listen="off", ha_connections=1
+                ),
+                good,
+            )
+            assert await asyncio.wait_for(c.run(asyncio.Event()), 10) == 3
+            reasons = {
+                s.labels["reason"]: s.value
+                for m in t.edge.metrics.registry.collect()
+                if m.name == "ramp_tunnel_registration_failures"
+                for s in m.samples
+                if s.name.endswith("_total")
+            }
+            assert reasons.get("bad_proof", 0) >= 1
+            assert reasons.get("tunnel_deleted", 0) >= 1
+
+    run(main())
