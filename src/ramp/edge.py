@@ -207,21 +207,31 @@ class Edge:
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.connect_timeout
-        for conn in candidates:
-            if not conn.can_open_stream():
+        while loop.time() < deadline:
+            usable = [c for c in candidates if c.can_open_stream()]
+            if not usable:
+                if all(c.closed for c in candidates):
+                    break
+                # every connection is at the connector's stream limit: slots come back as
+                # flows end (MAX_STREAMS), so wait for one instead of failing at once
+                await asyncio.sleep(0.005)
                 continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            for conn in usable:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    return await open_tunnel_flow(conn, flow, remaining)
+                except ConnectionGone:
+                    continue  # that connection died under us: the next one may be alive
+            candidates = self.tunnels.candidates(route.tunnel_id)
+            if not candidates:
                 break
-            try:
-                return await open_tunnel_flow(conn, flow, remaining)
-            except ConnectionGone:
-                continue  # that connection died under us: the next one may be alive
         if loop.time() >= deadline:
             raise FlowError(FlowResult.TIMEOUT, "no tunnel connection answered in time")
         raise FlowError(
             FlowResult.NET_UNREACHABLE,
-            f"no usable connection for tunnel {route.tunnel_name} (all busy or closing)",
+            f"tunnel {route.tunnel_name} lost its connections while opening the flow",
         )
 
     def flow_finished(self, flow: Flow) -> None:

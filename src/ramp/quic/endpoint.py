@@ -84,16 +84,13 @@ class TunnelConnection(QuicConnectionProtocol):
         return stream_id
 
     def can_open_stream(self) -> bool:
-        """Whether the peer's stream limit leaves room for another bidirectional stream."""
+        """Whether the peer's MAX_STREAMS leaves room for another bidirectional stream."""
         core = self._quic._core
-        if core is None:
+        if core is None or self.closed:
             return False
-        try:
-            limits = core.stream_limits
-            active = core.active_local_streams
-        except AttributeError:  # older qh3 without the counters
-            return True
-        return active[0] < limits[0] if limits else True
+        # (peer's cumulative bidi limit, uni limit, bidi streams we opened, uni opened)
+        limit, _, opened, _ = core.stream_limits
+        return opened < limit
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
         if self.closed or self._quic._close_event is not None:

@@ -112,11 +112,13 @@ async def socks5_connect_async(
     port: int,
 ) -> int:
     """`socks5_connect` for asyncio streams (no authentication)."""
-    writer.write(socks5_greeting(None) + socks5_request(host, port))
+    writer.write(socks5_greeting(None))
     await writer.drain()
     ver, method = await _aread_exact(reader, 2)
     if ver != SOCKS_VERSION or method != 0x00:
         raise ProxyError(f"unexpected method reply {ver}/{method:#x}")
+    writer.write(socks5_request(host, port))
+    await writer.drain()
     ver, rep, _rsv, atyp = await _aread_exact(reader, 4)
     if ver != SOCKS_VERSION:
         raise ProxyError(f"bad SOCKS version {ver} in reply")

@@ -45,6 +45,7 @@ from typing import TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from ramp.net.netns import Netns, NetnsGroup, stop_process, veth
+from ramp.testing.clients import http_connect, http_forward_get, socks5_connect
 
 # --- addresses and ports ---------------------------------------------------------------------
 
@@ -404,6 +405,7 @@ class Lab:
         self._group: NetnsGroup | None = None
         self._role_counts: dict[str, int] = {}
         self._edge_args: list[str] = []
+        self.tokens: dict[str, str] = {}  # tunnel name -> token, as created here
 
     # --- building ------------------------------------------------------------------------
 
@@ -574,7 +576,8 @@ class Lab:
         self.ramp("tunnel", "create", name)
         for cidr in routes:
             self.add_route(cidr, name)
-        return self.token(name)
+        self.tokens[name] = self.token(name)
+        return self.tokens[name]
 
     def token(self, name: str, edge: str = EDGE_TUNNEL) -> str:
         token = self.ramp("tunnel", "token", name, "--edge", edge).stdout.strip()
@@ -804,6 +807,31 @@ class Lab:
         sock = self.client_socket(timeout=timeout)
         sock.connect((EDGE_PUBLIC_ADDR, HTTP_PROXY_PORT))
         return sock
+
+    def socks5(self, host: str, port: int, timeout: float = 10.0) -> tuple[int, socket.socket]:
+        """SOCKS5 CONNECT from C via the edge: (REP byte, the socket; close it)."""
+        sock = self.connect_socks(timeout)
+        try:
+            return socks5_connect(sock, host, port), sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def http_connect(
+        self, host: str, port: int, timeout: float = 10.0
+    ) -> tuple[int, socket.socket]:
+        """HTTP CONNECT from C via the edge: (status, the socket; close it)."""
+        sock = self.connect_http_proxy(timeout)
+        try:
+            return http_connect(sock, host, port)[0], sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def http_forward(self, host: str, port: int, path: str = "/", timeout: float = 10.0) -> int:
+        """Absolute-form GET from C via the edge's HTTP proxy: the status."""
+        with self.connect_http_proxy(timeout) as sock:
+            return http_forward_get(sock, host, port, path)[0]
 
     def tcp_owners(self, dport: int) -> dict[int, int]:
         """Established TCP connections in P towards port `dport`: local port -> owning pid."""
