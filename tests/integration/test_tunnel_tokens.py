@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -45,7 +46,7 @@ def truncated(lab: Lab) -> str:
 
 def unknown_tunnel(lab: Lab) -> str:
     token = Token.decode(lab.tokens["corp"])
-    return dataclasses.replace(token, tunnel_id="no-such-tunnel").encode()
+    return dataclasses.replace(token, tunnel_id=str(uuid.uuid4())).encode()
 
 
 def wrong_secret(lab: Lab) -> str:
@@ -67,7 +68,7 @@ def deleted_tunnel(lab: Lab) -> str:
     [
         (garbage, 2, ["token", "not"], None),
         (tampered, 2, ["checksum"], None),
-        (truncated, 2, ["checksum"], None),
+        (truncated, 2, ["truncated"], None),
         (unknown_tunnel, 3, ["unknown"], "unknown_tunnel"),
         (deleted_tunnel, 3, ["deleted"], "tunnel_deleted"),
         (wrong_secret, 3, ["secret"], "bad_proof"),

@@ -1,0 +1,234 @@
+"""TCP through the tunnel vs. a plain veth, measured in one run on the namespace lab.
+
+    python -m bench.tcp_tunnel [--bytes N] [--seconds S] [--idle-flows K]
+
+Prints, for the tunnel path (client -> SOCKS5 -> edge -> QUIC tunnel -> connector -> origin)
+and for the baseline (the same transfer over the plain edge<->private veth, no proxy):
+
+- bulk throughput of one TCP transfer (MB/s) and the ratio tunnel/baseline;
+- flow setups per second (connect, one byte each way, close; 32 at a time) and the ratio;
+- resident memory per idle open flow in the edge and the connector.
+
+Needs root (network namespaces). Traffic stays inside the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ramp.testing.lab import (
+    EDGE_PUBLIC_ADDR,
+    EDGE_TUNNEL_ADDR,
+    ORIGIN,
+    SOCKS_PORT,
+    Lab,
+)
+
+BASE_PORT = 5000
+CONCURRENCY = 32
+MB = 1_000_000
+
+
+def socks5_handshake(sock: socket.socket, host: str, port: int) -> None:
+    sock.sendall(b"\x05\x01\x00")
+    if sock.recv(2) != b"\x05\x00":
+        raise RuntimeError("SOCKS5 greeting refused")
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
+    rep = b""
+    while len(rep) < 10:
+        chunk = sock.recv(10 - len(rep))
+        if not chunk:
+            raise RuntimeError("SOCKS5 proxy closed")
+        rep += chunk
+    if rep[1] != 0:
+        raise RuntimeError(f"SOCKS5 reply {rep[1]:#x}")
+
+
+def bulk(make_sock: Callable[[], socket.socket], nbytes: int) -> float:
+    """Seconds to receive `nbytes` from the source origin."""
+    sock = make_sock()
+    try:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        t0 = time.perf_counter()
+        sock.sendall(struct.pack("!Q", nbytes))
+        got = 0
+        while got < nbytes:
+            n = sock.recv_into(view)
+            if n == 0:
+                raise RuntimeError(f"transfer ended early at {got} bytes")
+            got += n
+        return time.perf_counter() - t0
+    finally:
+        sock.close()
+
+
+async def setups(
+    new_socket: Callable[[int], list[socket.socket]],
+    addr: tuple[str, int],
+    via_socks: bool,
+    seconds: float,
+) -> tuple[int, int]:
+    """Completed and failed flow setups in `seconds`, CONCURRENCY at a time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    done = failed = 0
+    pool: list[socket.socket] = []
+
+    async def one(sock: socket.socket) -> None:
+        sock.setblocking(False)
+        try:
+            if via_socks:
+                await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, SOCKS_PORT))
+                await loop.sock_sendall(sock, b"\x05\x01\x00")
+                await loop.sock_recv(sock, 2)
+                await loop.sock_sendall(
+                    sock,
+                    b"\x05\x01\x00\x01" + socket.inet_aton(addr[0]) + struct.pack("!H", addr[1]),
+                )
+                rep = b""
+                while len(rep) < 10:
+                    chunk = await loop.sock_recv(sock, 10 - len(rep))
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    rep += chunk
+                if rep[1] != 0:
+                    raise ConnectionError(f"rep {rep[1]}")
+            else:
+                await loop.sock_connect(sock, addr)
+            await loop.sock_sendall(sock, b"x")
+            if await loop.sock_recv(sock, 1) != b"x":
+                raise ConnectionError("no echo")
+        finally:
+            sock.close()
+
+    async def worker() -> None:
+        nonlocal done, failed
+        while loop.time() < deadline:
+            if not pool:
+                pool.extend(new_socket(64))
+            try:
+                await one(pool.pop())
+                done += 1
+            except (OSError, ConnectionError):
+                failed += 1
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return done, failed
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bytes", type=int, default=1 << 30, help="bulk transfer size")
+    ap.add_argument("--seconds", type=float, default=5.0, help="duration of the setup test")
+    ap.add_argument("--idle-flows", type=int, default=300, help="idle flows for the RSS test")
+    args = ap.parse_args()
+
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp, Lab(Path(tmp)) as lab:
+        repo = Path(__file__).resolve().parent.parent
+        for ns, host in ((lab.private, ORIGIN), (lab.edge_ns, EDGE_TUNNEL_ADDR)):
+            proc = ns.popen(
+                [sys.executable, "-m", "bench.servers", host, str(BASE_PORT)],
+                cwd=repo,
+                stdout=subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError("bench origin did not start")
+        lab.start_standard(
+            connector_args=("--log-level", "warning"),
+            edge_args=("--log-level", "warning", "--audit-log", "/dev/null"),
+        )
+        edge_pid = lab.edge.pid if lab.edge else 0
+        conn_pid = lab.connectors[0].pid
+
+        def tunnel_sock() -> socket.socket:
+            s = lab.client.socket()
+            s.connect((EDGE_PUBLIC_ADDR, SOCKS_PORT))
+            socks5_handshake(s, ORIGIN, BASE_PORT)
+            return s
+
+        def veth_sock() -> socket.socket:
+            s = lab.private.socket()
+            s.connect((EDGE_TUNNEL_ADDR, BASE_PORT))
+            return s
+
+        # warm up both paths (QUIC congestion window, page cache of the code)
+        bulk(tunnel_sock, 32 * MB)
+        bulk(veth_sock, 32 * MB)
+        t_tunnel = bulk(tunnel_sock, args.bytes)
+        t_veth = bulk(veth_sock, args.bytes)
+        results["bulk_tunnel_MBps"] = args.bytes / t_tunnel / MB
+        results["bulk_veth_MBps"] = args.bytes / t_veth / MB
+        results["bulk_ratio"] = results["bulk_tunnel_MBps"] / results["bulk_veth_MBps"]
+
+        ok, bad = asyncio.run(
+            setups(lab.client.sockets, (ORIGIN, BASE_PORT + 1), True, args.seconds)
+        )
+        results["setups_tunnel_per_s"] = ok / args.seconds
+        results["setups_tunnel_failed"] = bad
+        ok, bad = asyncio.run(
+            setups(lab.private.sockets, (EDGE_TUNNEL_ADDR, BASE_PORT + 1), False, args.seconds)
+        )
+        results["setups_veth_per_s"] = ok / args.seconds
+        results["setups_veth_failed"] = bad
+        results["setups_ratio"] = results["setups_tunnel_per_s"] / results["setups_veth_per_s"]
+
+        time.sleep(1.0)
+        before = rss_kib(edge_pid), rss_kib(conn_pid)
+        held = []
+        for _ in range(args.idle_flows):
+            s = lab.client.socket()
+            s.connect((EDGE_PUBLIC_ADDR, SOCKS_PORT))
+            socks5_handshake(s, ORIGIN, BASE_PORT + 2)
+            held.append(s)
+        time.sleep(1.0)
+        after = rss_kib(edge_pid), rss_kib(conn_pid)
+        for s in held:
+            s.close()
+        results["idle_flows"] = args.idle_flows
+        results["rss_per_flow_edge_KiB"] = (after[0] - before[0]) / args.idle_flows
+        results["rss_per_flow_connector_KiB"] = (after[1] - before[1]) / args.idle_flows
+        results["rss_per_flow_total_KiB"] = (
+            results["rss_per_flow_edge_KiB"] + results["rss_per_flow_connector_KiB"]
+        )
+
+    print(f"bulk transfer ({args.bytes / MB:.0f} MB, one TCP flow)")
+    print(f"  tunnel   {results['bulk_tunnel_MBps']:9.1f} MB/s")
+    print(f"  veth     {results['bulk_veth_MBps']:9.1f} MB/s   (baseline)")
+    print(f"  ratio    {results['bulk_ratio']:9.3f}")
+    print(f"flow setups ({CONCURRENCY} concurrent, {args.seconds:g} s)")
+    print(
+        f"  tunnel   {results['setups_tunnel_per_s']:9.0f} /s  "
+        f"({results['setups_tunnel_failed']:.0f} failed)"
+    )
+    print(f"  veth     {results['setups_veth_per_s']:9.0f} /s   (baseline)")
+    print(f"  ratio    {results['setups_ratio']:9.3f}")
+    print(f"memory per idle flow ({args.idle_flows} flows)")
+    print(f"  edge      {results['rss_per_flow_edge_KiB']:8.1f} KiB")
+    print(f"  connector {results['rss_per_flow_connector_KiB']:8.1f} KiB")
+    print(f"  total     {results['rss_per_flow_total_KiB']:8.1f} KiB")
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh Debian machine (as root), then run it:
+# lint, unit tests, and the integration tests that build network namespaces.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+if command -v apt-get >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends \
+    curl iproute2 nftables socat iperf3 procps ca-certificates >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+ruff check src tests bench
+ruff format --check src tests bench
+python3 -m pytest "$@"
