@@ -306,3 +306,44 @@ def test_deleted_tunnel_and_bad_secret_are_refused(tmp_path: Path) -> None:
             assert reasons.get("tunnel_deleted", 0) >= 1
 
     run(main())
+
+
+def test_graceful_shutdown_lets_open_flows_finish(tmp_path: Path) -> None:
+    """SIGTERM path: the connector unregisters, gets no new flows, and exits once open flows
+    are done (well within the grace period)."""
+
+    async def main() -> None:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path) as t:
+            t.connector.config.grace_period = 30
+            r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
+            assert rep == 0
+            t.stop.set()  # what the first SIGTERM does
+            for _ in range(100):
+                if t.edge.tunnels and all(
+                    c.draining for e in t.edge.tunnels.tunnels.values() for c in e.conns
+                ):
+                    break
+                await asyncio.sleep(0.02)
+            # no new flows go to a draining connector
+            _, w2, rep2 = await socks_connect(t.socks_port, "127.0.0.1", oport)
+            assert rep2 == 0x03
+            w2.close()
+            # the open flow still works
+            w.write(b"still here")
+            assert await asyncio.wait_for(r.readexactly(10), 5) == b"still here"
+            assert not t.task.done()
+            w.close()
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(t.task, 10) == 0
+            assert asyncio.get_running_loop().time() - started < 5
+        srv.close()
+
+    run(main())

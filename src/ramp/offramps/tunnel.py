@@ -8,7 +8,7 @@ import socket
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import CODE_TO_RESULT
-from ramp.tunnel.edge_side import EdgeConnection
+from ramp.tunnel.edge_side import STALE_AFTER, EdgeConnection
 from ramp.wire.tunnel import (
     ConnectCode,
     ConnectResult,
@@ -18,6 +18,8 @@ from ramp.wire.tunnel import (
     StreamError,
     encode_frame,
 )
+
+STALE_CHECK = 0.25
 
 
 class ConnectionGone(Exception):
@@ -90,8 +92,7 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
     header = ConnectTcp(flow.id, host, flow.destination.port, FLOW_WINDOW, meta)
     conn.send(stream_id, encode_frame(header))
     try:
-        async with asyncio.timeout(timeout):
-            answer = await pending.result
+        answer = await _await_answer(conn, pending.result, timeout)
     except TimeoutError:
         conn.reset(stream_id, StreamError.FLOW_ABORT)
         raise FlowError(
@@ -115,6 +116,28 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
     if pending.fin:
         bridge.stream_data(b"", True)
     return TunnelLeg(flow, bridge)
+
+
+async def _await_answer(
+    conn: EdgeConnection, result: asyncio.Future[ConnectResult], timeout: float
+) -> ConnectResult:
+    """Wait for CONNECT_RESULT, giving up on the connection early if it went silent.
+
+    A live connector acknowledges the request at once and pings every second while it dials,
+    so a connection that stays silent was probably killed (kill -9, lost host) and has not hit
+    its idle timeout yet: the flow moves on to another connection instead of waiting it out.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError
+        try:
+            return await asyncio.wait_for(asyncio.shield(result), min(remaining, STALE_CHECK))
+        except TimeoutError:
+            if loop.time() - conn.last_rx > STALE_AFTER:
+                raise ConnectionGone() from None
 
 
 class TunnelLeg:
