@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import uuid
 from typing import Any
 
 from ramp.config import ConnectorConfig, parse_hostport
@@ -139,6 +140,10 @@ def load_token(config: ConnectorConfig) -> Token:
     if not config.token:
         raise TokenError("no token: pass --token TOKEN or set RAMP_TUNNEL_TOKEN")
     token = Token.decode(config.token)
+    try:
+        uuid.UUID(token.tunnel_id)
+    except ValueError:
+        raise TokenError(f"tunnel id {token.tunnel_id!r} is not a UUID: not a ramp token") from None
     if not (config.edge or token.edges):
         raise TokenError("the token names no edge address: pass --edge HOST:PORT")
     return token

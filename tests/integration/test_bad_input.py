@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,7 +22,7 @@ from ramp.testing.lab import (
 
 
 @pytest.fixture
-def bystander(shared_lab: Lab) -> socket.socket:
+def bystander(shared_lab: Lab) -> Iterator[socket.socket]:
     """An echo flow that is open while the garbage arrives; it must not notice."""
     code, sock = shared_lab.socks5(ORIGIN, ECHO_PORT)
     assert code == REP_SUCCEEDED

@@ -5,6 +5,7 @@ Each test gets a fresh lab: they kill things.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,15 @@ import time
 import pytest
 
 from ramp.testing.clients import REP_SUCCEEDED
-from ramp.testing.lab import HELLO_PORT, ORIGIN, Lab, LabProcess, Payload, wait_until
+from ramp.testing.lab import (
+    HELLO_PORT,
+    ORIGIN,
+    ORIGIN_PREFIX,
+    Lab,
+    LabProcess,
+    Payload,
+    wait_until,
+)
 
 CONNECTOR_ARGS = ("--connect-timeout", "2")
 
@@ -167,3 +176,25 @@ def test_connector_sigterm_lets_open_flows_finish(lab: Lab) -> None:
         assert connector.wait_exit(15) == 0
     finally:
         session.close()
+
+
+@pytest.mark.timeout(90)
+def test_ready_follows_registration_and_a_connector_may_start_before_the_edge(
+    bare_lab: Lab, payload: Payload
+) -> None:
+    lab = bare_lab
+    token = lab.create_tunnel("corp", [ORIGIN_PREFIX])
+    connector = lab.start_connector(token, *CONNECTOR_ARGS, wait=False)
+    # No edge yet: the connector keeps trying and says it is not ready.
+    wait_until(
+        lambda: connector.check_alive() or connector.http_get("/ready")[0] == 503,
+        20,
+        what="the connector's /ready to answer 503",
+    )
+    edge = lab.start_edge()
+    lab.wait_ready(edge)  # 200 once the connector has registered
+    lab.wait_ready(connector)
+    status, body = edge.http_get("/ready")
+    assert status == 200
+    assert json.loads(body)["ready"] is True
+    assert _small_download_ok(lab, payload, timeout=5)

@@ -7,6 +7,7 @@ with `--connect-timeout 2`) and leave it as they found it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ from ramp.testing.lab import (
     ECHO_PORT,
     EDGE_PUBLIC_ADDR,
     HALF_CLOSE_PORT,
+    HELLO_PORT,
     HTTP_PORT,
     ORIGIN,
     ORIGIN_NAME,
@@ -272,3 +274,69 @@ def test_socks5_ipv4_domain_and_http_connect_reach_the_same_origin(shared_lab: L
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert answer.endswith(b"ramp lab origin\n")
+
+
+@pytest.mark.timeout(60)
+def test_origin_that_speaks_first_is_heard_on_every_flow(shared_lab: Lab) -> None:
+    """Like SSH or SMTP: the origin writes before the client has sent anything."""
+
+    def one() -> bytes:
+        code, sock = shared_lab.socks5(ORIGIN, HELLO_PORT)
+        with sock:
+            assert code == REP_SUCCEEDED
+            greeting = b""
+            while not greeting.endswith(b"\n"):
+                chunk = sock.recv(100)
+                assert chunk, f"closed after {greeting!r}"
+                greeting += chunk
+            return greeting
+
+    greetings = [one() for _ in range(100)]
+    assert all(g.startswith(ORIGIN.encode() + b" ") for g in greetings)
+
+
+def test_every_finished_flow_gets_one_audit_line(shared_lab: Lab) -> None:
+    assert shared_lab.edge is not None
+    body = os.urandom(12_345)
+    code, sock = shared_lab.socks5(ORIGIN, HALF_CLOSE_PORT)
+    assert code == REP_SUCCEEDED
+    with sock:
+        source_port = sock.getsockname()[1]
+        sock.sendall(body)
+        sock.shutdown(socket.SHUT_WR)
+        reply = recv_until_eof(sock)
+
+    def audit_lines() -> list[dict[str, object]]:
+        found = []
+        for line in shared_lab.edge.stderr().splitlines():  # type: ignore[union-attr]
+            if line.startswith("{") and f":{source_port}" in line:
+                record = json.loads(line)
+                if str(record.get("source", "")).endswith(f":{source_port}"):
+                    found.append(record)
+        return found
+
+    (record,) = wait_until(audit_lines, 5, what="the flow's audit line")
+    assert record["destination"] == f"{ORIGIN}:{HALF_CLOSE_PORT}"
+    assert record["tunnel"] == "corp"
+    assert record["result"] == "ok"
+    assert record["bytes_up"] == len(body)
+    assert record["bytes_down"] == len(reply)
+    assert {"time", "identity", "duration"} <= set(record)
+
+
+def test_a_refused_flow_gets_an_audit_line_too(shared_lab: Lab) -> None:
+    assert shared_lab.edge is not None
+    code, sock = shared_lab.socks5(ORIGIN, CLOSED_PORT)
+    with sock:
+        source_port = sock.getsockname()[1]
+    assert code == REP_REFUSED
+
+    def audit_line() -> dict[str, object] | None:
+        for line in shared_lab.edge.stderr().splitlines():  # type: ignore[union-attr]
+            if line.startswith("{") and f':{source_port}"' in line:
+                return json.loads(line)
+        return None
+
+    record = wait_until(audit_line, 5, what="the refused flow's audit line")
+    assert record["destination"] == f"{ORIGIN}:{CLOSED_PORT}"
+    assert record["result"] == "refused"

@@ -137,3 +137,18 @@ def test_decoder_bounds_partial_frames() -> None:
     dec.feed(header)
     with pytest.raises(ProtocolError, match="buffer limit"):
         dec.feed(b"x" * 200)
+
+
+@given(frames, st.binary(max_size=64), st.data())
+def test_feed_one_leaves_payload_alone(frame, payload: bytes, data) -> None:  # type: ignore[no-untyped-def]
+    """A header frame followed by raw payload in any chunking: the payload is never parsed."""
+    raw = encode_frame(frame) + payload
+    dec = FrameDecoder()
+    got = None
+    pos = 0
+    while got is None:
+        n = data.draw(st.integers(1, len(raw) - pos))
+        got = dec.feed_one(raw[pos : pos + n])
+        pos += n
+    assert got == frame
+    assert dec.take_rest() + raw[pos:] == payload

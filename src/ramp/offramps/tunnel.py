@@ -45,13 +45,12 @@ class _PendingFlow:
             self.fin = self.fin or fin
             return
         try:
-            frames = self.decoder.feed(data)
+            frame = self.decoder.feed_one(data)
         except ProtocolError as e:
             self.result.set_exception(FlowError(FlowResult.ERROR, f"tunnel protocol: {e}"))
             return
-        if frames:
-            frame = frames[0]
-            if not isinstance(frame, ConnectResult) or len(frames) > 1:
+        if frame is not None:
+            if not isinstance(frame, ConnectResult):
                 self.result.set_exception(
                     FlowError(FlowResult.ERROR, "tunnel protocol: expected CONNECT_RESULT")
                 )

@@ -190,17 +190,16 @@ class _IncomingFlow:
                 self._protocol_error("payload before CONNECT_RESULT exceeds the window")
             return
         try:
-            frames = self.decoder.feed(data)
+            frame = self.decoder.feed_one(data)
         except ProtocolError as e:
             self._protocol_error(str(e))
             return
-        if not frames:
+        if frame is None:
             if fin:
                 self.conn.forget(self.stream_id)
             return
-        frame = frames[0]
-        if not isinstance(frame, ConnectTcp) or len(frames) > 1:
-            self._protocol_error("expected one CONNECT_TCP frame")
+        if not isinstance(frame, ConnectTcp):
+            self._protocol_error("expected a CONNECT_TCP frame")
             return
         self.header = frame
         rest = self.decoder.take_rest()

@@ -374,6 +374,19 @@ class FrameDecoder:
             raise ProtocolError("incomplete frame exceeds buffer limit")
         return frames
 
+    def feed_one(self, data: bytes) -> Frame | None:
+        """For a stream that carries one header frame and then raw payload: return the first
+        frame once it is complete and leave every byte after it for `take_rest`."""
+        self._buf += data
+        got = parse_frame(self._buf)
+        if got is None:
+            if len(self._buf) > self._limit:
+                raise ProtocolError("incomplete frame exceeds buffer limit")
+            return None
+        frame, used = got
+        del self._buf[:used]
+        return frame
+
     @property
     def pending(self) -> int:
         return len(self._buf)
