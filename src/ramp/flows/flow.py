@@ -70,6 +70,10 @@ class Flow:
     reason: str = ""
     bytes_up: int = 0  # client -> origin
     bytes_down: int = 0  # origin -> client
+    protocol: str = "tcp"  # "tcp" or "udp"
+    packets_up: int = 0  # datagrams client -> origin (udp)
+    packets_down: int = 0  # datagrams origin -> client (udp)
+    drops: int = 0  # datagrams dropped (udp): queue full, no session, too large
     ended: float | None = None
 
     @property

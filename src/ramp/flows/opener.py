@@ -8,6 +8,7 @@ leg, which relays until both directions are closed.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from ramp.flows.flow import Flow
@@ -30,9 +31,42 @@ class TcpLeg(Protocol):
         ...
 
 
+class UdpSession(Protocol):
+    """An open UDP session towards one destination (through a tunnel or direct)."""
+
+    def send(self, payload: bytes) -> None:
+        """Queue one datagram for the origin. Never blocks; drops are counted, not raised."""
+        ...
+
+    def close(self) -> None:
+        """End the session (idempotent); the opener then reports the flow as finished."""
+        ...
+
+
 class FlowOpener(Protocol):
     async def open_tcp(self, flow: Flow) -> TcpLeg:
         """Route `flow` and open its outbound leg; raises `FlowError` with the reason."""
+        ...
+
+    async def open_udp(
+        self,
+        flow: Flow,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> UdpSession:
+        """Open a UDP session for `flow` (flow.protocol == "udp").
+
+        `receive(payload)` is called for each datagram from the origin; `closed(reason)` once
+        when the session ends for any reason other than the caller's close() (idle timeout,
+        the connector closed it, tunnel gone). The opener calls `flow_finished(flow)` itself
+        when the session ends, with packet and byte counts filled in. Raises `FlowError`.
+        """
+        ...
+
+    async def dns_query(self, query: bytes) -> bytes | None:
+        """Answer a DNS query (wire format) whose name falls under a zone routed to a tunnel,
+        through that tunnel's connector; None when no DNS route matches (the caller then uses
+        its upstream or answers REFUSED). Raises `FlowError` when the tunnel cannot answer."""
         ...
 
     def flow_finished(self, flow: Flow) -> None:
