@@ -113,9 +113,23 @@ class EdgeConfig(_Base):
         5.0, gt=0, description="Seconds without packets before a tunnel connection is dead."
     )
 
-    _v_listen = field_validator("tunnel_listen", "socks5_listen", "http_listen", "metrics_listen")(
-        classmethod(lambda cls, v: _check_listen(v))
+    dns_listen: str = Field("off", description="DNS listener HOST:PORT (UDP and TCP), or 'off'.")
+    dns_upstream: str = Field(
+        "",
+        description=(
+            "Resolver HOST:PORT for names outside every routed DNS zone; empty = answer REFUSED."
+        ),
     )
+    dns_timeout: float = Field(
+        5.0, gt=0, description="Seconds to wait for an answer from a tunnel or the upstream."
+    )
+    udp_idle_timeout: float = Field(
+        210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
+    )
+
+    _v_listen = field_validator(
+        "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"
+    )(classmethod(lambda cls, v: _check_listen(v)))
 
 
 class ConnectorConfig(_Base):
@@ -143,6 +157,19 @@ class ConnectorConfig(_Base):
     )
     keepalive_interval: float = Field(
         1.0, gt=0, description="Seconds between QUIC PINGs on an idle tunnel connection."
+    )
+    max_udp_sessions: int = Field(
+        4096, gt=0, description="Concurrent UDP sessions; past it new ones are refused."
+    )
+    udp_idle_timeout: float = Field(
+        210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
+    )
+    dns_resolver: str = Field(
+        "",
+        description=(
+            "Resolver HOST:PORT for names the edge sends through the tunnel; empty = the "
+            "first nameserver in /etc/resolv.conf."
+        ),
     )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))

@@ -12,6 +12,8 @@ from ramp.config import ConnectorConfig, parse_hostport
 from ramp.observe.metrics import ConnectorMetrics
 from ramp.observe.status import start_status_server
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
+from ramp.tunnel.resolver import Resolver
+from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
 from ramp.tunnel.token import Token, TokenError
 from ramp.wire.tunnel import RegisterError
 
@@ -56,6 +58,8 @@ class Connector:
                 where, reason
             ).inc(),
         )
+        self.resolver = Resolver(config.dns_resolver)
+        self.client.resolver = self.resolver
         self.status: Any = None
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -89,6 +93,25 @@ class Connector:
             f" reason={end.reason!r}" if end.reason else "",
         )
 
+    def _bad_datagram(self, reason: str) -> None:
+        self.metrics.bad_input.labels("tunnel", "malformed_datagram").inc()
+        log.warning("bad tunnel datagram: %s", reason)
+
+    def _session_end(self, end: SessionEnd) -> None:
+        self.metrics.udp_sessions.labels(end.result.value).inc()
+        audit.info(
+            "udp session src=%s dst=%s result=%s up=%d/%dB down=%d/%dB duration=%.3f reason=%r",
+            end.source,
+            end.destination,
+            end.result.value,
+            end.packets_up,
+            end.bytes_up,
+            end.packets_down,
+            end.bytes_down,
+            end.duration,
+            end.reason,
+        )
+
     async def run(self, stop: asyncio.Event) -> int:
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
@@ -101,6 +124,22 @@ class Connector:
             self.config.ha_connections,
             edges,
         )
+        m = self.metrics
+        self.client.sessions = ConnectorSessions(
+            resolver=self.resolver,
+            limit=self.config.max_udp_sessions,
+            idle_timeout=self.config.udp_idle_timeout,
+            on_end=self._session_end,
+            metrics_datagram=lambda d, n: (
+                m.udp_datagrams.labels(d).inc(),
+                m.udp_bytes.labels(d).inc(n),
+            ),
+            metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
+            metrics_active=m.udp_sessions_active.set,
+            bad_input=self._bad_datagram,
+        )
+        if self.resolver.address is None:
+            log.warning("no DNS resolver (no --dns-resolver, none in /etc/resolv.conf)")
         self.client.start()
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
@@ -116,6 +155,8 @@ class Connector:
             return 0
         finally:
             stop_wait.cancel()
+            if self.client.sessions is not None:
+                self.client.sessions.close()
             await self.client.close()
             if self.status is not None:
                 await self.status.close()

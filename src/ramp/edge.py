@@ -6,21 +6,28 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
+
+import dns.exception
+import dns.message
 
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import Flow, FlowError, FlowResult
-from ramp.flows.opener import TcpLeg
+from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
-from ramp.offramps.tcp import DirectLeg, dial_tcp, resolve
+from ramp.offramps.tcp import DirectLeg, dial_tcp, is_ip_literal, resolve
 from ramp.offramps.tunnel import ConnectionGone, open_tunnel_flow
 from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.socks5 import Socks5Server
 from ramp.policy.router import RouteEntry, RouteTable
 from ramp.store.db import Store
+from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
+from ramp.tunnel.resolver import RESOLVER_HOST
+from ramp.tunnel.sessions_edge import EdgeSessions
 from ramp.wire.tunnel import PROTOCOL_VERSION, CloseCode, Register, RegisterError
 
 log = logging.getLogger("ramp.edge")
@@ -35,6 +42,9 @@ class Edge:
         self.store = Store(config.data_dir)
         self.audit = AuditLog(config.audit_log)
         self.routes = RouteTable()
+        self.dns_zones = DnsZones([])
+        self._dns_clients: dict[str, TunnelDnsClient] = {}
+        self.sessions: EdgeSessions | None = None
         self.active: set[int] = set()
         self._store_version = -1
         self._tunnel_names: dict[str, str] = {}
@@ -61,6 +71,19 @@ class Edge:
         )
         host, port = parse_hostport(self.config.tunnel_listen)
         await self.tunnels.start(host, port)
+        m = self.metrics
+        self.sessions = EdgeSessions(
+            self.tunnels,
+            idle_timeout=self.config.udp_idle_timeout,
+            on_finished=self.flow_finished,
+            metrics_datagram=lambda d, n: (
+                m.udp_datagrams.labels(d).inc(),
+                m.udp_bytes.labels(d).inc(n),
+            ),
+            metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
+            on_bad_input=lambda reason: self.bad_input("tunnel", "malformed_datagram"),
+        )
+        self.tunnels.sessions = self.sessions
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
         for listen, cls in (
             (self.config.socks5_listen, Socks5Server),
@@ -82,6 +105,10 @@ class Edge:
             self._poller.cancel()
         for server in self.onramps:
             await server.close()
+        for client in self._dns_clients.values():
+            client.close()
+        if self.sessions is not None:
+            self.sessions.close()
         if self.tunnels is not None:
             self.tunnels.close()
         if self.status is not None:
@@ -114,6 +141,11 @@ class Edge:
             RouteEntry(r.network, r.tunnel_id, r.tunnel_name) for r in self.store.list_routes()
         )
         self.metrics.routes.set(len(self.routes))
+        self.dns_zones = DnsZones(
+            [DnsZoneRoute(r.zone, r.tunnel_id, r.tunnel_name) for r in self.store.list_dns_routes()]
+        )
+        for tid in [t for t in self._dns_clients if t not in tunnels]:
+            self._dns_clients.pop(tid).close()
         gone = set(self._tunnel_names) - set(tunnels)
         self._tunnel_names = tunnels
         if self.tunnels is not None:
@@ -177,25 +209,109 @@ class Edge:
         started = time.monotonic()
         if len(self.active) > self.config.max_flows:
             raise FlowError(FlowResult.ERROR, f"edge at its limit of {self.config.max_flows} flows")
-        dest = flow.destination
-        addrs = await resolve(dest.host, dest.port)
-        ip = addrs[0][1][0]
-        flow.resolved = ip
-        route = self.routes.lookup(ip)
+        route = await self._route(flow)
         if route is not None:
-            flow.route = route.tunnel_name
             leg: TcpLeg = await self._open_via_tunnel(flow, route)
         elif self.config.allow_direct_egress:
             flow.route = "direct"
-            sock = await dial_tcp(ip, dest.port, self.config.connect_timeout)
+            assert flow.resolved is not None
+            sock = await dial_tcp(flow.resolved, flow.destination.port, self.config.connect_timeout)
             leg = DirectLeg(flow, sock)
         else:
             raise FlowError(
                 FlowResult.NOT_PERMITTED,
-                f"no route to {ip} and direct egress is off",
+                f"no route to {flow.resolved} and direct egress is off",
             )
         self.metrics.flow_setup.observe(time.monotonic() - started)
         return leg
+
+    async def _route(self, flow: Flow) -> RouteEntry | None:
+        """The tunnel route for a flow, or None. A hostname under a routed DNS zone goes to
+        that zone's tunnel unresolved (its connector resolves it privately); other names are
+        resolved here and routed by address."""
+        dest = flow.destination
+        if not is_ip_literal(dest.host):
+            zone = self.dns_zones.lookup(dest.host)
+            if zone is not None:
+                flow.route = zone.tunnel_name
+                return RouteEntry(None, zone.tunnel_id, zone.tunnel_name)  # type: ignore[arg-type]
+        addrs = await resolve(dest.host, dest.port)
+        flow.resolved = addrs[0][1][0]
+        route = self.routes.lookup(flow.resolved)
+        if route is not None:
+            flow.route = route.tunnel_name
+        return route
+
+    async def open_udp(
+        self, flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
+    ) -> UdpSession:
+        flow.protocol = "udp"
+        try:
+            route = await self._route(flow)
+        except FlowError as e:
+            flow.result, flow.reason = e.result, e.reason
+            self.flow_finished(flow)
+            raise
+        if route is None:
+            flow.result = FlowResult.NOT_PERMITTED
+            flow.reason = f"no route to {flow.resolved}" + (
+                " (direct egress is TCP only)" if self.config.allow_direct_egress else ""
+            )
+            self.flow_finished(flow)
+            raise FlowError(flow.result, flow.reason)
+        host = flow.resolved or flow.destination.host
+        return await self._open_session(flow, route, host, receive, closed)
+
+    async def _open_session(
+        self,
+        flow: Flow,
+        route: RouteEntry,
+        host: str,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> UdpSession:
+        assert self.sessions is not None
+        flow.protocol = "udp"
+        flow.route = route.tunnel_name
+        try:
+            session = await self.sessions.open(
+                flow, route.tunnel_id, host, receive, closed, self.config.connect_timeout
+            )
+        except FlowError as e:
+            flow.result, flow.reason = e.result, e.reason
+            self.flow_finished(flow)
+            raise
+        self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
+        return session
+
+    async def dns_query(self, query: bytes) -> bytes | None:
+        try:
+            msg = dns.message.from_wire(query)
+        except dns.exception.DNSException as e:
+            raise FlowError(FlowResult.ERROR, f"malformed DNS query: {e}") from e
+        if not msg.question:
+            return None
+        zone = self.dns_zones.lookup(msg.question[0].name.to_text(omit_final_dot=True))
+        if zone is None:
+            return None
+        client = self._dns_clients.get(zone.tunnel_id)
+        if client is None:
+            route = RouteEntry(None, zone.tunnel_id, zone.tunnel_name)  # type: ignore[arg-type]
+
+            async def open_tcp(flow: Flow) -> TcpLeg:
+                flow.route = zone.tunnel_name
+                return await self._open_via_tunnel(flow, route)
+
+            async def open_udp(
+                flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
+            ) -> UdpSession:
+                return await self._open_session(flow, route, RESOLVER_HOST, receive, closed)
+
+            client = TunnelDnsClient(
+                zone, open_udp, open_tcp, self.flow_finished, self.config.dns_timeout
+            )
+            self._dns_clients[zone.tunnel_id] = client
+        return await client.query(query)
 
     async def _open_via_tunnel(self, flow: Flow, route: RouteEntry) -> TcpLeg:
         assert self.tunnels is not None
@@ -241,6 +357,12 @@ class Edge:
         if flow.result is None:
             flow.result = FlowResult.OK
         m = self.metrics
+        if flow.protocol == "udp":
+            m.udp_sessions.labels(flow.result.value).inc()
+            if self.sessions is not None:
+                m.udp_sessions_active.set(len(self.sessions.sessions))
+            self.audit.write(flow)
+            return
         m.flows_active.set(len(self.active))
         m.flows.labels(flow.onramp, flow.result.value).inc()
         if flow.bytes_up:

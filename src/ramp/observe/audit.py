@@ -26,7 +26,7 @@ def _addr(host: str, port: int) -> str:
 def flow_record(flow: Flow) -> dict[str, Any]:
     """The audit fields of a finished flow, in a stable order."""
     start = dt.datetime.fromtimestamp(flow.started_wall, dt.UTC)
-    return {
+    record: dict[str, Any] = {
         "time": start.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "identity": flow.identity,
         "onramp": flow.onramp,
@@ -40,6 +40,12 @@ def flow_record(flow: Flow) -> dict[str, Any]:
         "result": flow.result.value if flow.result is not None else None,
         "reason": flow.reason,
     }
+    if flow.protocol != "tcp":
+        record["protocol"] = flow.protocol
+        record["packets_up"] = flow.packets_up
+        record["packets_down"] = flow.packets_down
+        record["drops"] = flow.drops
+    return record
 
 
 class AuditLog:

@@ -36,6 +36,24 @@ class FlowMetrics:
             ["onramp", "reason"],
             registry=registry,
         )
+        self.udp_sessions_active = Gauge(
+            "ramp_udp_sessions_active", "UDP sessions open now.", registry=registry
+        )
+        self.udp_sessions = Counter(
+            "ramp_udp_sessions", "Finished UDP sessions by result.", ["result"], registry=registry
+        )
+        self.udp_datagrams = Counter(
+            "ramp_udp_datagrams",
+            "UDP datagrams relayed; up = client to origin, down = origin to client.",
+            ["direction"],
+            registry=registry,
+        )
+        self.udp_bytes = Counter(
+            "ramp_udp_bytes", "UDP payload bytes relayed.", ["direction"], registry=registry
+        )
+        self.udp_drops = Counter(
+            "ramp_udp_drops", "UDP datagrams dropped, by reason.", ["reason"], registry=registry
+        )
         self.tunnel_bad_packets = Counter(
             "ramp_tunnel_bad_packets",
             "UDP packets dropped on the tunnel port before reaching a QUIC connection.",

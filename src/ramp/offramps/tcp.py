@@ -6,6 +6,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.net.splice import splice_relay
@@ -43,11 +44,25 @@ async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
     return [(fam, addr) for fam, _, _, _, addr in infos]
 
 
-async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """Connect to host:port trying each address in turn within `timeout` seconds in total."""
+NameResolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def dial_tcp(
+    host: str, port: int, timeout: float, resolver: NameResolver | None = None
+) -> socket.socket:
+    """Connect to host:port trying each address in turn within `timeout` seconds in total.
+
+    Names go to `resolver` when given (the connector's private resolver), else to the system.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    addrs = await resolve(host, port)
+    if resolver is not None and not is_ip_literal(host):
+        addrs = [
+            (socket.AF_INET6 if ":" in ip else socket.AF_INET, (ip, port))
+            for ip in await resolver(host)
+        ]
+    else:
+        addrs = await resolve(host, port)
     last: FlowError | None = None
     for fam, addr in addrs:
         sock = socket.socket(fam, socket.SOCK_STREAM)

@@ -21,6 +21,15 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
+from ramp.net.sockopts import set_buffers
+from ramp.wire.tunnel import (
+    MAX_STREAM_DATAGRAM,
+    FrameDecoder,
+    ProtocolError,
+    StreamDatagram,
+    encode_frame,
+)
+
 try:  # optimised GRO/GSO transport; present in qh3 >= 1.4
     from qh3.asyncio._transport import create_optimized_datagram_transport
 except ImportError:  # pragma: no cover - older qh3
@@ -35,6 +44,40 @@ logging.getLogger("qh3").setLevel(logging.ERROR)
 logging.getLogger("quic").setLevel(logging.ERROR)
 
 QUIC_MIN_INITIAL_SIZE = 1200
+DATAGRAM_QUEUE_LIMIT = 4096  # tunnel datagrams waiting for congestion window, per connection
+_DATAGRAM_OVERHEAD = 48  # QUIC short header, DATAGRAM frame header, AEAD tag (upper bound)
+
+
+class _DatagramStream:
+    """Receives tunnel datagrams the peer sent on a unidirectional stream (too big for a
+    QUIC DATAGRAM frame on the current path)."""
+
+    def __init__(self, conn: TunnelConnection) -> None:
+        self.conn = conn
+        self.decoder = FrameDecoder(limit=2 * MAX_STREAM_DATAGRAM)
+
+    def stream_data(self, data: bytes, fin: bool) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as e:
+            log.warning("datagram stream from %s: %s", self.conn.peer, e)
+            self.conn.datagram_dropped("malformed")
+            self.conn.close_with(0x1, "bad datagram stream")
+            return
+        for frame in frames:
+            if isinstance(frame, StreamDatagram):
+                self.conn.tunnel_datagram(frame.data)
+            else:
+                self.conn.datagram_dropped("malformed")
+
+    def stream_reset(self, code: int) -> None:
+        pass
+
+    def stop_sending(self, code: int) -> None:
+        pass
+
+    def connection_lost(self) -> None:
+        pass
 
 
 class StreamHandler(Protocol):
@@ -61,6 +104,8 @@ class TunnelConnection(QuicConnectionProtocol):
         self.peer_addr: Any = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._keepalive_interval = 0.0
+        self._dgram_queue: deque[bytes] = deque()
+        self._dgram_stream: int | None = None
         self._peer_seen: set[int] = set()
         self._peer_seen_order: deque[int] = deque()
 
@@ -75,6 +120,12 @@ class TunnelConnection(QuicConnectionProtocol):
 
     def terminated(self, error_code: int, reason: str) -> None:
         pass
+
+    def tunnel_datagram(self, data: bytes) -> None:
+        """One tunnel datagram from the peer (from a DATAGRAM frame or the datagram stream)."""
+
+    def datagram_dropped(self, reason: str) -> None:
+        """A datagram was dropped on this connection (for counters)."""
 
     # -- API --------------------------------------------------------------------------------
 
@@ -101,6 +152,57 @@ class TunnelConnection(QuicConnectionProtocol):
             log.debug("send on stream %d dropped: %s", stream_id, e)
             return
         self._transmit_soon()
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue one tunnel datagram. Drop-tail when the queue is full (returns False)."""
+        if self.closed:
+            self.datagram_dropped("connection_closed")
+            return False
+        if len(self._dgram_queue) >= DATAGRAM_QUEUE_LIMIT:
+            self.datagram_dropped("queue_full")
+            return False
+        self._dgram_queue.append(data)
+        self._transmit_soon()
+        return True
+
+    def _flush_datagrams(self) -> None:
+        core = self._quic._core
+        if core is None or self._quic._close_event is not None:
+            return
+        # hand qh3 only what the congestion window can take now, so the bounded queue above
+        # is the only place datagrams wait (qh3's own queue has no limit)
+        budget = core.congestion_window - core.bytes_in_flight
+        # what fits in one QUIC packet on the current path (qh3 only notices at packing time)
+        limit = core.active_path[5] - _DATAGRAM_OVERHEAD
+        remote = self._quic._remote_max_datagram_frame_size
+        if remote is not None:
+            limit = min(limit, remote - 4)
+        queue = self._dgram_queue
+        while queue and budget > 0:
+            data = queue.popleft()
+            if len(data) > limit:
+                self._send_on_datagram_stream(data)
+                continue
+            budget -= len(data) + _DATAGRAM_OVERHEAD
+            try:
+                self._quic.send_datagram_frame(data)
+            except (QuicConnectionError, ValueError) as e:
+                log.debug("datagram dropped: %s", e)
+                self.datagram_dropped("send_error")
+
+    def _send_on_datagram_stream(self, data: bytes) -> None:
+        if self._dgram_stream is None:
+            self._dgram_stream = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        try:
+            self._quic.send_stream_data(self._dgram_stream, encode_frame(StreamDatagram(data)))
+        except (QuicConnectionError, ValueError) as e:
+            log.debug("datagram stream send failed: %s", e)
+            self.datagram_dropped("send_error")
+
+    def transmit(self) -> None:
+        if self._dgram_queue:
+            self._flush_datagrams()
+        super().transmit()
 
     def reset(self, stream_id: int, code: int) -> None:
         """Abort both directions of a stream."""
@@ -164,12 +266,17 @@ class TunnelConnection(QuicConnectionProtocol):
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.StreamDataReceived):
+        if isinstance(event, events.DatagramFrameReceived):
+            self.tunnel_datagram(event.data)
+        elif isinstance(event, events.StreamDataReceived):
             handler = self.handlers.get(event.stream_id)
             if handler is None:
                 if not self._is_peer_stream(event.stream_id):
                     return  # late data for a stream we already finished with
-                handler = self.peer_stream_opened(event.stream_id)
+                if event.stream_id & 2:  # unidirectional: the peer's datagram stream
+                    handler = _DatagramStream(self)
+                else:
+                    handler = self.peer_stream_opened(event.stream_id)
                 if handler is None:
                     self.reset(event.stream_id, 0x102)
                     return
@@ -310,8 +417,7 @@ def _udp_socket(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # bursts of a fast tunnel outrun the default 208 KiB socket buffers
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        set_buffers(sock, 4 * 1024 * 1024)
         sock.bind((host, port))
     except BaseException:
         sock.close()

@@ -24,6 +24,8 @@ from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
+from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
+from ramp.tunnel.sessions_connector import ConnectorSessions
 from ramp.wire.tunnel import (
     ALPN,
     CloseCode,
@@ -125,6 +127,7 @@ class ConnectorConnection(endpoint.TunnelConnection):
         # nobody awaits it when a dial is abandoned during shutdown: mark it retrieved
         self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.flow_tasks: set[asyncio.Task[None]] = set()
+        self.edge_id = ""
 
     def start_registration(self, frame: Register) -> None:
         sid = self.open_stream(None)  # type: ignore[arg-type]
@@ -139,6 +142,7 @@ class ConnectorConnection(endpoint.TunnelConnection):
         if isinstance(frame, Window):
             route_window(self.bridges, frame)
         elif isinstance(frame, Registered) and not self.registered.done():
+            self.edge_id = frame.edge_id
             self.registered.set_result(frame)
         elif isinstance(frame, RegisterRefused) and not self.registered.done():
             self.registered.set_exception(RegistrationRefused(frame.code, frame.message))
@@ -159,6 +163,14 @@ class ConnectorConnection(endpoint.TunnelConnection):
     def send_window(self, stream_id: int, increment: int) -> None:
         if self.control is not None and not self.closed:
             self.control.send_window(stream_id, increment)
+
+    def tunnel_datagram(self, data: bytes) -> None:
+        if self.owner.sessions is not None and self.edge_id:
+            self.owner.sessions.datagram(self, data)
+
+    def datagram_dropped(self, reason: str) -> None:
+        if self.owner.sessions is not None:
+            self.owner.sessions.metrics_drop(reason)
 
     def unregister(self) -> None:
         if self.control is not None and not self.closed:
@@ -271,6 +283,8 @@ class TunnelClient:
         self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._supervisors: list[asyncio.Task[None]] = []
         self.active_flows = 0
+        self.sessions: ConnectorSessions | None = None  # UDP sessions, set by the connector
+        self.resolver: Resolver | None = None
 
     def start(self) -> None:
         index = 0
@@ -394,7 +408,7 @@ class TunnelClient:
         try:
             if self.draining:
                 raise FlowError(FlowResult.ERROR, "connector is shutting down")
-            sock = await dial_tcp(header.host, header.port, self.connect_timeout)
+            sock = await self._dial(header.host, header.port)
             if flow.gone or conn.closed:
                 sock.close()
                 result, reason = FlowResult.ERROR, "edge gave up before the origin answered"
@@ -443,6 +457,16 @@ class TunnelClient:
                     loop.time() - started,
                 )
             )
+
+    async def _dial(self, host: str, port: int) -> socket.socket:
+        resolver = self.resolver
+        if host == RESOLVER_HOST:  # DNS over TCP to the connector's resolver
+            if resolver is None or resolver.address is None:
+                raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
+            host = resolver.address[0]
+        return await dial_tcp(
+            host, port, self.connect_timeout, resolver.resolve if resolver else None
+        )
 
     async def drain(self, grace: float) -> None:
         """Stop taking flows, tell the edges, and let open flows finish for `grace` seconds."""

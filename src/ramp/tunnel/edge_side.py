@@ -60,6 +60,7 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.connector_id = ""
         self.conn_index = 0
         self.bridges: dict[int, StreamBridge] = {}
+        self.sessions: dict[int, Any] = {}  # UDP sessions riding this connection, by id
         self._reg_timer: asyncio.TimerHandle | None = None
 
     def handshake_done(self, alpn: str | None) -> None:
@@ -145,6 +146,18 @@ class EdgeConnection(endpoint.TunnelConnection):
             )
         self.edge.remove(self)
         self.bridges.clear()  # their streams were told through their handlers
+        if self.edge.sessions is not None:
+            self.edge.sessions.connection_lost(self)
+
+    def tunnel_datagram(self, data: bytes) -> None:
+        if self.registered and self.edge.sessions is not None:
+            self.edge.sessions.connection_datagram(self, data)
+        else:
+            self.edge.on_drop("datagram_before_registration")
+
+    def datagram_dropped(self, reason: str) -> None:
+        if self.edge.sessions is not None:
+            self.edge.sessions.metrics_drop(reason)
 
     def send_window(self, stream_id: int, increment: int) -> None:
         if self.control is not None and not self.closed:
@@ -178,6 +191,7 @@ class TunnelEdge:
         self.tunnels: dict[str, _TunnelConns] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.server: endpoint.TunnelServer | None = None
+        self.sessions: Any = None  # EdgeSessions, set by the edge once started
 
     async def start(self, host: str, port: int) -> None:
         self.transport, self.server = await endpoint.serve(

@@ -29,6 +29,8 @@ MAX_METADATA_ITEMS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 1024
 MAX_WINDOW = 1 << 32
+MAX_UDP_PAYLOAD = 65535
+MAX_STREAM_DATAGRAM = MAX_UDP_PAYLOAD + 32  # payload plus the datagram header
 
 
 class ProtocolError(ValueError):
@@ -43,6 +45,7 @@ class FrameType(enum.IntEnum):
     WINDOW = 0x05
     CONNECT_TCP = 0x10
     CONNECT_RESULT = 0x11
+    DATAGRAM = 0x20  # a tunnel datagram too large for a QUIC DATAGRAM frame, on a uni stream
 
 
 class RegisterError(enum.IntEnum):
@@ -305,7 +308,35 @@ class ConnectResult:
         return cls(code, r.varint("window", MAX_WINDOW), r.text("message", MAX_MESSAGE_LEN))
 
 
-Frame = Register | Registered | RegisterRefused | Unregister | Window | ConnectTcp | ConnectResult
+@dataclass(frozen=True, slots=True)
+class StreamDatagram:
+    """A tunnel datagram (see `encode_session_payload` and friends) sent on a stream because it
+    does not fit in a QUIC DATAGRAM frame on the current path."""
+
+    data: bytes
+
+    def payload(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def parse(cls, r: _Reader) -> StreamDatagram:
+        data = r.buf[r.pos :]
+        r.pos = len(r.buf)
+        if not data:
+            raise ProtocolError("empty stream datagram")
+        return cls(data)
+
+
+Frame = (
+    Register
+    | Registered
+    | RegisterRefused
+    | Unregister
+    | Window
+    | ConnectTcp
+    | ConnectResult
+    | StreamDatagram
+)
 
 _TYPES: dict[type, FrameType] = {
     Register: FrameType.REGISTER,
@@ -315,13 +346,18 @@ _TYPES: dict[type, FrameType] = {
     Window: FrameType.WINDOW,
     ConnectTcp: FrameType.CONNECT_TCP,
     ConnectResult: FrameType.CONNECT_RESULT,
+    StreamDatagram: FrameType.DATAGRAM,
 }
 _PARSERS = {t: cls for cls, t in _TYPES.items()}
 
 
+def _max_payload(ftype: int) -> int:
+    return MAX_STREAM_DATAGRAM if ftype == FrameType.DATAGRAM else MAX_FRAME_PAYLOAD
+
+
 def encode_frame(frame: Frame) -> bytes:
     payload = frame.payload()
-    if len(payload) > MAX_FRAME_PAYLOAD:
+    if len(payload) > _max_payload(_TYPES[type(frame)]):
         raise ProtocolError(f"frame payload too large: {len(payload)}")
     return encode_varint(_TYPES[type(frame)]) + encode_varint(len(payload)) + payload
 
@@ -342,7 +378,7 @@ def parse_frame(buf: bytes | bytearray) -> tuple[Frame, int] | None:
     if got is None:
         return None
     length, pos = got
-    if length > MAX_FRAME_PAYLOAD:
+    if length > _max_payload(ftype):
         raise ProtocolError(f"frame payload too large: {length}")
     end = pos + length
     if end > len(buf):
@@ -396,3 +432,158 @@ class FrameDecoder:
         rest = bytes(self._buf)
         self._buf.clear()
         return rest
+
+
+# --- datagrams: UDP sessions -----------------------------------------------------------------
+#
+# Every QUIC DATAGRAM frame (and every StreamDatagram) holds one tunnel datagram:
+#
+#     kind (varint) | session id (varint) | rest
+#
+# PAYLOAD carries one UDP payload; the others manage sessions. Session ids are chosen by the
+# edge and are unique per edge process; session management datagrams may be lost, so the edge
+# repeats SESSION_REGISTER until answered and the connector answers a repeat again.
+
+
+class DatagramKind(enum.IntEnum):
+    PAYLOAD = 0x00
+    SESSION_REGISTER = 0x01
+    SESSION_REGISTERED = 0x02
+    SESSION_REFUSED = 0x03
+    SESSION_CLOSE = 0x04
+
+
+class SessionError(enum.IntEnum):
+    UNREACHABLE = 0x01
+    CANNOT_BIND = 0x02
+    TOO_MANY_SESSIONS = 0x03
+    NOT_PERMITTED = 0x04
+    ERROR = 0x05
+
+
+class SessionCloseReason(enum.IntEnum):
+    CLOSED = 0x00  # the client side ended it
+    IDLE = 0x01  # idle timeout
+    ERROR = 0x02  # the origin socket failed
+    SHUTDOWN = 0x03  # the connector or edge is going away
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRegister:
+    session_id: int
+    flow_id: int
+    host: str
+    port: int
+    idle_timeout_ms: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRegistered:
+    session_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRefused:
+    session_id: int
+    code: SessionError
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClose:
+    session_id: int
+    reason: SessionCloseReason
+
+
+SessionControl = SessionRegister | SessionRegistered | SessionRefused | SessionClose
+
+
+def payload_prefix(session_id: int) -> bytes:
+    """Header of a PAYLOAD datagram; sessions keep it and prepend it to each payload."""
+    return b"\x00" + encode_varint(session_id)
+
+
+def encode_session_control(msg: SessionControl) -> bytes:
+    if isinstance(msg, SessionRegister):
+        parts = [
+            encode_varint(DatagramKind.SESSION_REGISTER),
+            encode_varint(msg.session_id),
+            encode_varint(msg.flow_id),
+            _text(msg.host),
+            encode_varint(msg.port),
+            encode_varint(msg.idle_timeout_ms),
+            encode_varint(len(msg.metadata)),
+        ]
+        for k, v in msg.metadata.items():
+            parts += (_text(k), _text(v))
+        return b"".join(parts)
+    if isinstance(msg, SessionRegistered):
+        return encode_varint(DatagramKind.SESSION_REGISTERED) + encode_varint(msg.session_id)
+    if isinstance(msg, SessionRefused):
+        return (
+            encode_varint(DatagramKind.SESSION_REFUSED)
+            + encode_varint(msg.session_id)
+            + encode_varint(msg.code)
+            + _text(msg.message)
+        )
+    return (
+        encode_varint(DatagramKind.SESSION_CLOSE)
+        + encode_varint(msg.session_id)
+        + encode_varint(msg.reason)
+    )
+
+
+def parse_datagram(buf: bytes) -> tuple[int, bytes] | SessionControl:
+    """A tunnel datagram: (session id, payload) for PAYLOAD, else the control message.
+
+    Raises ProtocolError for anything malformed."""
+    got = decode_varint(buf, 0)
+    if got is None:
+        raise ProtocolError("empty datagram")
+    kind, pos = got
+    got = decode_varint(buf, pos)
+    if got is None:
+        raise ProtocolError("truncated session id")
+    session_id, pos = got
+    if kind == DatagramKind.PAYLOAD:
+        if len(buf) - pos > MAX_UDP_PAYLOAD:
+            raise ProtocolError("datagram payload too large")
+        return session_id, buf[pos:]
+    r = _Reader(bytes(buf[pos:]))
+    msg: SessionControl
+    if kind == DatagramKind.SESSION_REGISTER:
+        flow_id = r.varint("flow id")
+        host = r.text("host", MAX_HOST_LEN)
+        if not host:
+            raise ProtocolError("empty host")
+        port = r.varint("port", 65535)
+        if port == 0:
+            raise ProtocolError("port 0")
+        idle = r.varint("idle timeout", 24 * 3600 * 1000)
+        n = r.varint("metadata count", MAX_METADATA_ITEMS)
+        metadata = {}
+        for _ in range(n):
+            key = r.text("metadata key", MAX_METADATA_KEY)
+            metadata[key] = r.text("metadata value", MAX_METADATA_VALUE)
+        msg = SessionRegister(session_id, flow_id, host, port, idle, metadata)
+    elif kind == DatagramKind.SESSION_REGISTERED:
+        msg = SessionRegistered(session_id)
+    elif kind == DatagramKind.SESSION_REFUSED:
+        raw = r.varint("session error")
+        try:
+            code = SessionError(raw)
+        except ValueError as e:
+            raise ProtocolError(f"unknown session error {raw}") from e
+        msg = SessionRefused(session_id, code, r.text("message", MAX_MESSAGE_LEN))
+    elif kind == DatagramKind.SESSION_CLOSE:
+        raw = r.varint("close reason")
+        try:
+            reason = SessionCloseReason(raw)
+        except ValueError as e:
+            raise ProtocolError(f"unknown close reason {raw}") from e
+        msg = SessionClose(session_id, reason)
+    else:
+        raise ProtocolError(f"unknown datagram kind 0x{kind:x}")
+    r.end(type(msg).__name__)
+    return msg

@@ -1,0 +1,72 @@
+"""UDP off-ramp: one connected UDP socket per session, so the kernel matches replies to the
+session and drops stray traffic from anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+
+from ramp.flows.flow import FlowError, FlowResult
+from ramp.net.sockopts import set_buffers
+
+MAX_UDP_READ = 65535
+
+
+class UdpOrigin(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes], None], on_error: Callable[[str], None]):
+        self._on_datagram = on_datagram
+        self._on_error = on_error
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self._on_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable, ...) on a connected socket: the session stays, as
+        # the origin may come back; the caller counts them
+        self._on_error(type(exc).__name__)
+
+    def send(self, data: bytes) -> bool:
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        try:
+            t.sendto(data)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_udp_origin(
+    ip: str, port: int, on_datagram: Callable[[bytes], None], on_error: Callable[[str], None]
+) -> UdpOrigin:
+    """A UDP socket connected to ip:port; raises FlowError when that is impossible."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        # large datagrams (up to 64 KiB) may arrive in bursts
+        set_buffers(sock, 2 * 1024 * 1024)
+        sock.connect((ip, port))
+    except OSError as e:
+        sock.close()
+        if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            raise FlowError(FlowResult.NET_UNREACHABLE, f"udp {ip}:{port}: {e.strerror}") from e
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise FlowError(FlowResult.NOT_PERMITTED, f"udp {ip}:{port}: {e.strerror}") from e
+        raise FlowError(FlowResult.ERROR, f"udp {ip}:{port}: {e.strerror}") from e
+    _, proto = await loop.create_datagram_endpoint(
+        lambda: UdpOrigin(on_datagram, on_error), sock=sock
+    )
+    assert isinstance(proto, UdpOrigin)
+    return proto

@@ -1,0 +1,258 @@
+"""UDP sessions at the connector: the edge registers a session, the connector opens one
+connected UDP socket to the origin for it, and relays datagrams until idle or closed."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ramp.flows.flow import FlowError, FlowResult
+from ramp.offramps.udp import UdpOrigin, open_udp_origin
+from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
+from ramp.wire.tunnel import (
+    ProtocolError,
+    SessionClose,
+    SessionCloseReason,
+    SessionError,
+    SessionRefused,
+    SessionRegister,
+    SessionRegistered,
+    encode_session_control,
+    parse_datagram,
+    payload_prefix,
+)
+
+if TYPE_CHECKING:
+    from ramp.tunnel.connector_side import ConnectorConnection
+
+log = logging.getLogger("ramp.connector.udp")
+
+_ERRORS = {
+    FlowResult.NOT_PERMITTED: SessionError.NOT_PERMITTED,
+    FlowResult.NET_UNREACHABLE: SessionError.UNREACHABLE,
+    FlowResult.HOST_UNREACHABLE: SessionError.UNREACHABLE,
+}
+
+
+@dataclass(slots=True)
+class SessionEnd:
+    destination: str
+    source: str
+    reason: str
+    result: FlowResult
+    packets_up: int
+    packets_down: int
+    bytes_up: int
+    bytes_down: int
+    duration: float
+
+
+class ConnectorSession:
+    def __init__(
+        self,
+        manager: ConnectorSessions,
+        key: tuple[str, int],
+        conn: ConnectorConnection,
+        register: SessionRegister,
+        idle_timeout: float,
+    ) -> None:
+        self.manager = manager
+        self.key = key
+        self.conn = conn
+        self.register = register
+        self.prefix = payload_prefix(register.session_id)
+        self.idle_timeout = idle_timeout
+        self.origin: UdpOrigin | None = None
+        self.started = manager.now()
+        self.last_active = self.started
+        self.packets_up = self.packets_down = self.bytes_up = self.bytes_down = 0
+
+    def to_origin(self, payload: bytes) -> None:
+        self.last_active = self.manager.now()
+        self.packets_up += 1
+        self.bytes_up += len(payload)
+        self.manager.metrics_datagram("up", len(payload))
+        if self.origin is None or not self.origin.send(payload):
+            self.manager.metrics_drop("origin_send_failed")
+
+    def to_edge(self, payload: bytes) -> None:
+        self.last_active = self.manager.now()
+        self.packets_down += 1
+        self.bytes_down += len(payload)
+        self.manager.metrics_datagram("down", len(payload))
+        if self.conn.closed:
+            # the edge moves the session to another connection; until then replies are lost
+            self.manager.metrics_drop("no_connection")
+            return
+        self.conn.send_datagram(self.prefix + payload)
+
+    def origin_error(self, what: str) -> None:
+        self.manager.metrics_drop(f"origin_{what}")
+
+
+class ConnectorSessions:
+    def __init__(
+        self,
+        *,
+        resolver: Resolver,
+        limit: int,
+        idle_timeout: float,
+        on_end: Callable[[SessionEnd], None],
+        metrics_datagram: Callable[[str, int], None],
+        metrics_drop: Callable[[str], None],
+        metrics_active: Callable[[int], None],
+        bad_input: Callable[[str], None],
+    ) -> None:
+        self.resolver = resolver
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self._on_end = on_end
+        self.metrics_datagram = metrics_datagram
+        self.metrics_drop = metrics_drop
+        self._metrics_active = metrics_active
+        self._bad_input = bad_input
+        self.sessions: dict[tuple[str, int], ConnectorSession] = {}
+        self.opening: dict[tuple[str, int], ConnectorConnection] = {}
+        self.draining = False
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def datagram(self, conn: ConnectorConnection, data: bytes) -> None:
+        try:
+            msg = parse_datagram(data)
+        except ProtocolError as e:
+            self._bad_input(str(e))
+            return
+        if isinstance(msg, tuple):
+            session = self.sessions.get((conn.edge_id, msg[0]))
+            if session is None:
+                self.metrics_drop("unknown_session")
+                return
+            session.to_origin(msg[1])
+            return
+        key = (conn.edge_id, msg.session_id)
+        if isinstance(msg, SessionRegister):
+            self._on_register(conn, key, msg)
+        elif isinstance(msg, SessionClose):
+            session = self.sessions.get(key)
+            if session is not None:
+                self._end(session, f"closed by edge ({msg.reason.name.lower()})")
+        else:
+            self._bad_input(f"unexpected {type(msg).__name__} from the edge")
+
+    def _on_register(
+        self, conn: ConnectorConnection, key: tuple[str, int], msg: SessionRegister
+    ) -> None:
+        session = self.sessions.get(key)
+        if session is not None:
+            # a repeat (our answer was lost) or a move to another connection: answer again
+            session.conn = conn
+            conn.send_datagram(encode_session_control(SessionRegistered(msg.session_id)))
+            return
+        if key in self.opening:
+            self.opening[key] = conn  # answer on the newest connection once open
+            return
+        if self.draining:
+            self._refuse(conn, msg, SessionError.NOT_PERMITTED, "connector is shutting down")
+            return
+        if len(self.sessions) + len(self.opening) >= self.limit:
+            self.metrics_drop("too_many_sessions")
+            self._refuse(
+                conn, msg, SessionError.TOO_MANY_SESSIONS, f"limit of {self.limit} sessions"
+            )
+            return
+        self.opening[key] = conn
+        task = asyncio.ensure_future(self._open(key, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(
+        self, conn: ConnectorConnection, msg: SessionRegister, code: SessionError, why: str
+    ) -> None:
+        conn.send_datagram(encode_session_control(SessionRefused(msg.session_id, code, why)))
+
+    async def _open(self, key: tuple[str, int], msg: SessionRegister) -> None:
+        session: ConnectorSession | None = None
+        try:
+            ip = await self._destination(msg.host)
+            idle = self.idle_timeout
+            if msg.idle_timeout_ms:
+                idle = min(idle, msg.idle_timeout_ms / 1000)
+            conn = self.opening[key]
+            session = ConnectorSession(self, key, conn, msg, idle)
+            s = session
+            session.origin = await open_udp_origin(
+                ip, msg.port, lambda d: s.to_edge(d), lambda what: s.origin_error(what)
+            )
+        except FlowError as e:
+            conn = self.opening.pop(key)
+            log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
+            self._refuse(conn, msg, _ERRORS.get(e.result, SessionError.CANNOT_BIND), e.reason)
+            return
+        conn = self.opening.pop(key)
+        session.conn = conn
+        self.sessions[key] = session
+        self._metrics_active(len(self.sessions))
+        conn.send_datagram(encode_session_control(SessionRegistered(msg.session_id)))
+
+    async def _destination(self, host: str) -> str:
+        if host == RESOLVER_HOST:
+            addr = self.resolver.address
+            if addr is None:
+                raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
+            return addr[0]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return (await self.resolver.resolve(host))[0]
+        return host
+
+    def _end(self, session: ConnectorSession, reason: str, notify: bool = False) -> None:
+        if self.sessions.pop(session.key, None) is None:
+            return
+        if session.origin is not None:
+            session.origin.close()
+        if notify and not session.conn.closed:
+            session.conn.send_datagram(
+                encode_session_control(
+                    SessionClose(session.register.session_id, SessionCloseReason.IDLE)
+                )
+            )
+        self._metrics_active(len(self.sessions))
+        reg = session.register
+        self._on_end(
+            SessionEnd(
+                destination=f"{reg.host}:{reg.port}",
+                source=reg.metadata.get("src", "-"),
+                reason=reason,
+                result=FlowResult.OK,
+                packets_up=session.packets_up,
+                packets_down=session.packets_down,
+                bytes_up=session.bytes_up,
+                bytes_down=session.bytes_down,
+                duration=self.now() - session.started,
+            )
+        )
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            now = self.now()
+            for s in [s for s in self.sessions.values() if now - s.last_active > s.idle_timeout]:
+                self._end(s, "idle timeout", notify=True)
+
+    def close(self) -> None:
+        self.draining = True
+        self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for s in list(self.sessions.values()):
+            self._end(s, "connector shutting down")

@@ -1,0 +1,312 @@
+"""UDP sessions at the edge: each session rides one registered tunnel connection as QUIC
+datagrams, is registered with retries, closes on idle or when either side says so, and moves
+to another live connection (or connector replica) when its connection dies."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.wire.tunnel import (
+    ProtocolError,
+    SessionClose,
+    SessionCloseReason,
+    SessionError,
+    SessionRefused,
+    SessionRegister,
+    SessionRegistered,
+    encode_session_control,
+    parse_datagram,
+    payload_prefix,
+)
+
+if TYPE_CHECKING:
+    from ramp.tunnel.edge_side import EdgeConnection, TunnelEdge
+
+log = logging.getLogger("ramp.edge.udp")
+
+REGISTER_RETRY = 0.25  # seconds between SESSION_REGISTER repeats while unanswered
+PENDING_LIMIT = 64  # datagrams held per session while it (re)registers
+MIGRATE_TIMEOUT = 5.0
+
+_SESSION_RESULTS = {
+    SessionError.UNREACHABLE: FlowResult.HOST_UNREACHABLE,
+    SessionError.CANNOT_BIND: FlowResult.ERROR,
+    SessionError.TOO_MANY_SESSIONS: FlowResult.ERROR,
+    SessionError.NOT_PERMITTED: FlowResult.NOT_PERMITTED,
+    SessionError.ERROR: FlowResult.ERROR,
+}
+
+
+class EdgeSession:
+    """One UDP session (implements `UdpSession` for on-ramps)."""
+
+    def __init__(
+        self,
+        manager: EdgeSessions,
+        session_id: int,
+        flow: Flow,
+        tunnel_id: str,
+        host: str,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> None:
+        self.manager = manager
+        self.id = session_id
+        self.flow = flow
+        self.tunnel_id = tunnel_id
+        self.host = host
+        self.prefix = payload_prefix(session_id)
+        self._receive = receive
+        self._closed_cb = closed
+        self.conn: EdgeConnection | None = None
+        self.registered = False
+        self.finished = False
+        self.pending: deque[bytes] = deque()
+        self.answer: asyncio.Future[SessionRegistered | SessionRefused] | None = None
+        self.last_active = asyncio.get_running_loop().time()
+        self._migrating: asyncio.Task[None] | None = None
+
+    # -- UdpSession ---------------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        if self.finished:
+            return
+        self.last_active = self.manager.now()
+        flow = self.flow
+        flow.packets_up += 1
+        flow.bytes_up += len(payload)
+        conn = self.conn
+        if self.registered and conn is not None and not conn.closed:
+            if not conn.send_datagram(self.prefix + payload):
+                self._drop("queue_full")
+            return
+        if len(self.pending) >= PENDING_LIMIT:
+            self._drop("pending_full")
+            return
+        self.pending.append(payload)
+
+    def close(self) -> None:
+        self._finish(FlowResult.OK, "closed by client", notify_peer=SessionCloseReason.CLOSED)
+
+    # -- from the tunnel ----------------------------------------------------------------------
+
+    def deliver(self, payload: bytes) -> None:
+        if self.finished:
+            return
+        self.last_active = self.manager.now()
+        self.flow.packets_down += 1
+        self.flow.bytes_down += len(payload)
+        self.manager.metrics_datagram("down", len(payload))
+        self._receive(payload)
+
+    def peer_closed(self, reason: SessionCloseReason) -> None:
+        result = FlowResult.OK if reason != SessionCloseReason.ERROR else FlowResult.ERROR
+        self._finish(result, f"closed by connector ({reason.name.lower()})", notify_peer=None)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _drop(self, reason: str) -> None:
+        self.flow.drops += 1
+        self.manager.metrics_drop(reason)
+
+    def attach(self, conn: EdgeConnection) -> None:
+        self.conn = conn
+        self.registered = True
+        pending, self.pending = self.pending, deque()
+        for payload in pending:
+            if not conn.send_datagram(self.prefix + payload):
+                self._drop("queue_full")
+
+    def register_message(self) -> bytes:
+        flow = self.flow
+        meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
+        if flow.identity != "-":
+            meta["identity"] = flow.identity
+        return encode_session_control(
+            SessionRegister(
+                self.id,
+                flow.id,
+                self.host,
+                flow.destination.port,
+                int(self.manager.idle_timeout * 1000),
+                meta,
+            )
+        )
+
+    def connection_lost(self) -> None:
+        """Its connection died: re-register on another one, holding datagrams meanwhile."""
+        if self.finished or self._migrating is not None:
+            return
+        self.registered = False
+        self.conn = None
+        self._migrating = asyncio.ensure_future(self._migrate())
+
+    async def _migrate(self) -> None:
+        try:
+            await self.manager.register(self, MIGRATE_TIMEOUT)
+            log.info("udp session %d moved to another tunnel connection", self.id)
+        except FlowError as e:
+            self._finish(e.result, f"tunnel connection lost: {e.reason}", notify_peer=None)
+        finally:
+            self._migrating = None
+
+    def _finish(
+        self, result: FlowResult, reason: str, notify_peer: SessionCloseReason | None
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._migrating is not None:
+            self._migrating.cancel()
+        if notify_peer is not None and self.conn is not None and self.registered:
+            self.conn.send_datagram(encode_session_control(SessionClose(self.id, notify_peer)))
+        self.pending.clear()
+        if self.flow.result is None:
+            self.flow.result = result
+            self.flow.reason = reason
+        self.manager.forget(self)
+        if notify_peer != SessionCloseReason.CLOSED:
+            try:
+                self._closed_cb(reason)
+            except Exception:
+                log.exception("udp session close callback failed")
+
+
+class EdgeSessions:
+    """All UDP sessions of one edge, keyed by session id."""
+
+    def __init__(
+        self,
+        tunnels: TunnelEdge,
+        *,
+        idle_timeout: float,
+        on_finished: Callable[[Flow], None],
+        metrics_datagram: Callable[[str, int], None],
+        metrics_drop: Callable[[str], None],
+        on_bad_input: Callable[[str], None],
+    ) -> None:
+        self.tunnels = tunnels
+        self.idle_timeout = idle_timeout
+        self._on_finished = on_finished
+        self.metrics_datagram = metrics_datagram
+        self.metrics_drop = metrics_drop
+        self._bad_input = on_bad_input
+        self.sessions: dict[int, EdgeSession] = {}
+        self._ids = itertools.count(1)
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    async def open(
+        self,
+        flow: Flow,
+        tunnel_id: str,
+        host: str,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+        timeout: float,
+    ) -> EdgeSession:
+        session = EdgeSession(self, next(self._ids), flow, tunnel_id, host, receive, closed)
+        self.sessions[session.id] = session
+        try:
+            await self.register(session, timeout)
+        except BaseException:
+            session.finished = True
+            self.sessions.pop(session.id, None)
+            raise
+        return session
+
+    async def register(self, session: EdgeSession, timeout: float) -> None:
+        """Register `session` on a live connection of its tunnel, repeating until answered."""
+        loop = self._loop
+        deadline = loop.time() + timeout
+        message = session.register_message()
+        while loop.time() < deadline:
+            candidates = [c for c in self.tunnels.candidates(session.tunnel_id) if not c.closed]
+            if not candidates:
+                await asyncio.sleep(0.1)
+                continue
+            conn = candidates[0]
+            session.answer = loop.create_future()
+            conn.sessions[session.id] = session
+            while not conn.closed and loop.time() < deadline:
+                conn.send_datagram(message)
+                try:
+                    answer = await asyncio.wait_for(
+                        asyncio.shield(session.answer),
+                        min(REGISTER_RETRY, max(0.0, deadline - loop.time())),
+                    )
+                except TimeoutError:
+                    continue
+                if isinstance(answer, SessionRegistered):
+                    session.attach(conn)
+                    return
+                conn.sessions.pop(session.id, None)
+                raise FlowError(
+                    _SESSION_RESULTS.get(answer.code, FlowResult.ERROR),
+                    answer.message or answer.code.name.lower(),
+                )
+            conn.sessions.pop(session.id, None)
+        raise FlowError(FlowResult.TIMEOUT, "the connector did not answer the UDP session")
+
+    def connection_datagram(self, conn: EdgeConnection, data: bytes) -> None:
+        """A tunnel datagram arrived on `conn`."""
+        try:
+            msg = parse_datagram(data)
+        except ProtocolError as e:
+            self._bad_input(f"malformed datagram: {e}")
+            return
+        if isinstance(msg, tuple):
+            session = conn.sessions.get(msg[0])
+            if session is None:
+                self.metrics_drop("unknown_session")
+                return
+            session.deliver(msg[1])
+            return
+        session = conn.sessions.get(msg.session_id)
+        if session is None:
+            if not isinstance(msg, SessionClose):
+                self.metrics_drop("unknown_session")
+            return
+        if isinstance(msg, SessionRegistered | SessionRefused):
+            if session.answer is not None and not session.answer.done():
+                session.answer.set_result(msg)
+        elif isinstance(msg, SessionClose):
+            session.peer_closed(msg.reason)
+        else:
+            self._bad_input("unexpected SESSION_REGISTER from a connector")
+
+    def connection_lost(self, conn: EdgeConnection) -> None:
+        sessions = list(conn.sessions.values())
+        conn.sessions.clear()
+        for s in sessions:
+            if s.answer is not None and not s.answer.done():
+                continue  # its register loop notices the closed connection and moves on
+            s.connection_lost()
+
+    def forget(self, session: EdgeSession) -> None:
+        self.sessions.pop(session.id, None)
+        if session.conn is not None:
+            session.conn.sessions.pop(session.id, None)
+        self._on_finished(session.flow)
+
+    async def _sweep(self) -> None:
+        """Close sessions idle for longer than the idle timeout."""
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            cutoff = self.now() - self.idle_timeout
+            for s in [s for s in self.sessions.values() if s.last_active < cutoff]:
+                s._finish(FlowResult.OK, "idle timeout", notify_peer=SessionCloseReason.IDLE)
+
+    def close(self) -> None:
+        self._sweeper.cancel()
+        for s in list(self.sessions.values()):
+            s._finish(FlowResult.OK, "edge shutting down", notify_peer=SessionCloseReason.SHUTDOWN)

@@ -1,0 +1,203 @@
+"""UDP sessions through the tunnel, edge and connector in one process on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from test_tunnel_loopback import run, tunnel
+
+from ramp.flows.flow import Destination, Flow, FlowError
+from ramp.net.sockopts import set_buffers
+from ramp.tunnel.resolver import Resolver
+from ramp.tunnel.sessions_connector import ConnectorSessions
+from ramp.wire.tunnel import (
+    SessionRefused,
+    SessionRegister,
+    SessionRegistered,
+    encode_session_control,
+    parse_datagram,
+    payload_prefix,
+)
+
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
+
+
+async def echo_server() -> tuple[asyncio.DatagramTransport, int]:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    set_buffers(sock, 4 * 1024 * 1024)  # the burst below must not overflow the origin
+    transport, _ = await loop.create_datagram_endpoint(Echo, sock=sock)
+    return transport, transport.get_extra_info("sockname")[1]
+
+
+def udp_flow(port: int) -> Flow:
+    return Flow(
+        onramp="test",
+        source=("127.0.0.1", 1),
+        destination=Destination("127.0.0.1", port),
+        protocol="udp",
+    )
+
+
+async def open_session(edge, port: int):  # type: ignore[no-untyped-def]
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    closed: list[str] = []
+    session = await edge.open_udp(udp_flow(port), got.put_nowait, closed.append)
+    return session, got, closed
+
+
+def test_echo_small_and_large_datagrams(tmp_path: Path) -> None:
+    """Sizes up to 65,507 bytes arrive intact: big ones take the stream fallback."""
+
+    async def main() -> None:
+        transport, port = await echo_server()
+        async with tunnel(tmp_path) as t:
+            session, got, _ = await open_session(t.edge, port)
+            sizes = [1, 2, 100, 1000, 1150, 1200, 1400, 1472, 1500, 4000, 9000, 30000, 65507]
+            for size in sizes:
+                payload = os.urandom(size)
+                session.send(payload)
+                assert await asyncio.wait_for(got.get(), 5) == payload, size
+            # a burst, in order of arrival not guaranteed: compare as sets
+            burst = {os.urandom(64) for _ in range(500)}
+            for p in burst:
+                session.send(p)
+            back = {await asyncio.wait_for(got.get(), 5) for _ in range(len(burst))}
+            assert back == burst
+            session.close()
+        transport.close()
+
+    run(main())
+
+
+def test_idle_timeout_closes_both_sides_and_reopens(tmp_path: Path) -> None:
+    async def main() -> None:
+        transport, port = await echo_server()
+        async with tunnel(tmp_path, udp_idle_timeout=1.0) as t:
+            t.connector.client.sessions.idle_timeout = 1.0  # type: ignore[union-attr]
+            session, got, closed = await open_session(t.edge, port)
+            session.send(b"x")
+            assert await asyncio.wait_for(got.get(), 5) == b"x"
+            await asyncio.sleep(2.5)
+            assert closed and "idle" in closed[0]
+            assert not t.edge.sessions.sessions  # type: ignore[union-attr]
+            assert not t.connector.client.sessions.sessions  # type: ignore[union-attr]
+            session2, got2, _ = await open_session(t.edge, port)
+            session2.send(b"again")
+            assert await asyncio.wait_for(got2.get(), 5) == b"again"
+        transport.close()
+
+    run(main())
+
+
+def test_session_moves_when_its_connection_dies(tmp_path: Path) -> None:
+    async def main() -> None:
+        transport, port = await echo_server()
+        async with tunnel(tmp_path, ha=2) as t:
+            session, got, closed = await open_session(t.edge, port)
+            session.send(b"one")
+            assert await asyncio.wait_for(got.get(), 5) == b"one"
+            conn = session.conn
+            conn._quic.close(error_code=0, reason_phrase="test kill")
+            conn.transmit()
+            await asyncio.sleep(0.2)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while True:
+                session.send(b"two")
+                try:
+                    assert await asyncio.wait_for(got.get(), 0.5) == b"two"
+                    break
+                except TimeoutError:
+                    assert loop.time() - start < 5, "session did not move"
+            assert session.conn is not conn
+            assert not closed
+        transport.close()
+
+    run(main())
+
+
+def test_unrouted_udp_is_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with tunnel(tmp_path) as t:
+            flow = Flow(
+                onramp="test",
+                source=("127.0.0.1", 1),
+                destination=Destination("192.0.2.1", 53),
+                protocol="udp",
+            )
+            with pytest.raises(FlowError) as e:
+                await t.edge.open_udp(flow, lambda d: None, lambda r: None)
+            assert e.value.result.value == "not_permitted"
+
+    run(main())
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.edge_id = "edge-a"
+        self.closed = False
+        self.sent: list[bytes] = []
+
+    def send_datagram(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
+def test_connector_answers_repeats_once_and_enforces_its_limit() -> None:
+    async def main() -> None:
+        transport, port = await echo_server()
+        ends = []
+        drops: list[str] = []
+        bad: list[str] = []
+        sessions = ConnectorSessions(
+            resolver=Resolver("127.0.0.1:1"),
+            limit=1,
+            idle_timeout=30,
+            on_end=ends.append,
+            metrics_datagram=lambda d, n: None,
+            metrics_drop=drops.append,
+            metrics_active=lambda n: None,
+            bad_input=bad.append,
+        )
+        conn = FakeConn()
+        reg = encode_session_control(SessionRegister(7, 1, "127.0.0.1", port, 0))
+        sessions.datagram(conn, reg)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        sessions.datagram(conn, reg)  # a repeat: answered again, not doubled
+        assert len(sessions.sessions) == 1
+        answers = [parse_datagram(d) for d in conn.sent]
+        assert answers == [SessionRegistered(7), SessionRegistered(7)]
+        # over the limit
+        sessions.datagram(conn, encode_session_control(SessionRegister(8, 2, "127.0.0.1", port, 0)))  # type: ignore[arg-type]
+        refused = parse_datagram(conn.sent[-1])
+        assert isinstance(refused, SessionRefused) and refused.code.name == "TOO_MANY_SESSIONS"
+        assert "too_many_sessions" in drops
+        # payload round trip through the origin socket
+        conn.sent.clear()
+        sessions.datagram(conn, payload_prefix(7) + b"ping")  # type: ignore[arg-type]
+        for _ in range(50):
+            if conn.sent:
+                break
+            await asyncio.sleep(0.02)
+        assert parse_datagram(conn.sent[0]) == (7, b"ping")
+        # garbage and unknown sessions are counted, not fatal
+        sessions.datagram(conn, b"\x07\x01")  # type: ignore[arg-type]
+        sessions.datagram(conn, payload_prefix(99) + b"x")  # type: ignore[arg-type]
+        assert bad and "unknown_session" in drops
+        sessions.close()
+        assert len(ends) == 1
+        transport.close()
+
+    run(main())
