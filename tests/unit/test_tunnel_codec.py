@@ -19,10 +19,20 @@ from ramp.wire.tunnel import (
     Registered,
     RegisterError,
     RegisterRefused,
+    SessionClose,
+    SessionCloseReason,
+    SessionError,
+    SessionRefused,
+    SessionRegister,
+    SessionRegistered,
+    StreamDatagram,
     Unregister,
     Window,
     encode_frame,
+    encode_session_control,
+    parse_datagram,
     parse_frame,
+    payload_prefix,
 )
 from ramp.wire.varint import MAX_VARINT, VarintError, decode_varint, encode_varint
 
@@ -152,3 +162,58 @@ def test_feed_one_leaves_payload_alone(frame, payload: bytes, data) -> None:  # 
         pos += n
     assert got == frame
     assert dec.take_rest() + raw[pos:] == payload
+
+
+session_controls = st.one_of(
+    st.builds(
+        SessionRegister,
+        session_id=st.integers(0, MAX_VARINT),
+        flow_id=st.integers(0, MAX_VARINT),
+        host=st.text(min_size=1, max_size=60),
+        port=st.integers(1, 65535),
+        idle_timeout_ms=st.integers(0, 24 * 3600 * 1000),
+        metadata=st.dictionaries(st.text(max_size=16), text, max_size=16),
+    ),
+    st.builds(SessionRegistered, session_id=st.integers(0, MAX_VARINT)),
+    st.builds(
+        SessionRefused,
+        session_id=st.integers(0, MAX_VARINT),
+        code=st.sampled_from(SessionError),
+        message=text,
+    ),
+    st.builds(
+        SessionClose,
+        session_id=st.integers(0, MAX_VARINT),
+        reason=st.sampled_from(SessionCloseReason),
+    ),
+)
+
+
+@given(session_controls)
+def test_session_control_round_trip(msg) -> None:  # type: ignore[no-untyped-def]
+    assert parse_datagram(encode_session_control(msg)) == msg
+
+
+@given(st.integers(0, MAX_VARINT), st.binary(max_size=2000))
+def test_payload_datagram_round_trip(sid: int, payload: bytes) -> None:
+    assert parse_datagram(payload_prefix(sid) + payload) == (sid, payload)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_datagram_parser_never_crashes(raw: bytes) -> None:
+    try:
+        parse_datagram(raw)
+    except ProtocolError:
+        pass
+
+
+@given(st.binary(min_size=1, max_size=70000))
+def test_stream_datagram_frames(data: bytes) -> None:
+    raw = encode_frame(StreamDatagram(data))
+    assert parse_frame(raw) == (StreamDatagram(data), len(raw))
+
+
+def test_payload_too_large_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="too large"):
+        parse_datagram(payload_prefix(1) + b"x" * 65536)
