@@ -253,14 +253,32 @@ class Edge:
             self.flow_finished(flow)
             raise
         if route is None:
+            if self.config.allow_direct_egress and flow.resolved is not None:
+                return await self._open_direct_udp(flow, flow.resolved, receive, closed)
             flow.result = FlowResult.NOT_PERMITTED
-            flow.reason = f"no route to {flow.resolved}" + (
-                " (direct egress is TCP only)" if self.config.allow_direct_egress else ""
-            )
+            flow.reason = f"no route to {flow.resolved} and direct egress is off"
             self.flow_finished(flow)
             raise FlowError(flow.result, flow.reason)
         host = flow.resolved or flow.destination.host
         return await self._open_session(flow, route, host, receive, closed)
+
+    async def _open_direct_udp(
+        self,
+        flow: Flow,
+        ip: str,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> UdpSession:
+        assert self.sessions is not None
+        flow.route = "direct"
+        try:
+            session = await self.sessions.open_direct(flow, ip, receive, closed)
+        except FlowError as e:
+            flow.result, flow.reason = e.result, e.reason
+            self.flow_finished(flow)
+            raise
+        self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
+        return session
 
     async def _open_session(
         self,

@@ -12,6 +12,7 @@ from test_tunnel_loopback import run, tunnel
 
 from ramp.flows.flow import Destination, Flow, FlowError
 from ramp.net.sockopts import set_buffers
+from ramp.store.db import Store
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions
 from ramp.wire.tunnel import (
@@ -198,6 +199,26 @@ def test_connector_answers_repeats_once_and_enforces_its_limit() -> None:
         assert bad and "unknown_session" in drops
         sessions.close()
         assert len(ends) == 1
+        transport.close()
+
+    run(main())
+
+
+def test_direct_udp_egress(tmp_path: Path) -> None:
+    """With direct egress on, a destination outside every route is reached by the edge."""
+
+    async def main() -> None:
+        transport, port = await echo_server()
+        async with tunnel(tmp_path, allow_direct_egress=True) as t:
+            with Store(tmp_path) as store:
+                store.delete_route("127.0.0.0/8")
+            t.edge.reload_store()
+            session, got, _ = await open_session(t.edge, port)
+            assert session.flow.route == "direct"
+            session.send(b"direct")
+            assert await asyncio.wait_for(got.get(), 5) == b"direct"
+            session.close()
+            assert '"tunnel":"direct"' in (tmp_path / "audit.log").read_text()
         transport.close()
 
     run(main())

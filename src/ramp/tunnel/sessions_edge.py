@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
@@ -178,6 +179,68 @@ class EdgeSession:
                 log.exception("udp session close callback failed")
 
 
+class DirectSession:
+    """A UDP session the edge sends out itself (direct egress): one connected socket."""
+
+    def __init__(
+        self,
+        manager: EdgeSessions,
+        session_id: int,
+        flow: Flow,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> None:
+        self.manager = manager
+        self.id = session_id
+        self.flow = flow
+        self._receive = receive
+        self._closed_cb = closed
+        self.conn = None
+        self.finished = False
+        self.origin: UdpOrigin | None = None
+        self.last_active = manager.now()
+
+    def send(self, payload: bytes) -> None:
+        if self.finished:
+            return
+        self.last_active = self.manager.now()
+        self.flow.packets_up += 1
+        self.flow.bytes_up += len(payload)
+        self.manager.metrics_datagram("up", len(payload))
+        if self.origin is None or not self.origin.send(payload):
+            self.flow.drops += 1
+            self.manager.metrics_drop("origin_send_failed")
+
+    def deliver(self, payload: bytes) -> None:
+        if self.finished:
+            return
+        self.last_active = self.manager.now()
+        self.flow.packets_down += 1
+        self.flow.bytes_down += len(payload)
+        self.manager.metrics_datagram("down", len(payload))
+        self._receive(payload)
+
+    def close(self) -> None:
+        self._finish(FlowResult.OK, "closed by client", notify_peer=SessionCloseReason.CLOSED)
+
+    def _finish(
+        self, result: FlowResult, reason: str, notify_peer: SessionCloseReason | None
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.origin is not None:
+            self.origin.close()
+        if self.flow.result is None:
+            self.flow.result, self.flow.reason = result, reason
+        self.manager.forget(self)  # type: ignore[arg-type]
+        if notify_peer != SessionCloseReason.CLOSED:
+            try:
+                self._closed_cb(reason)
+            except Exception:
+                log.exception("udp session close callback failed")
+
+
 class EdgeSessions:
     """All UDP sessions of one edge, keyed by session id."""
 
@@ -222,6 +285,20 @@ class EdgeSessions:
             session.finished = True
             self.sessions.pop(session.id, None)
             raise
+        return session
+
+    async def open_direct(
+        self,
+        flow: Flow,
+        ip: str,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> DirectSession:
+        session = DirectSession(self, next(self._ids), flow, receive, closed)
+        session.origin = await open_udp_origin(
+            ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
+        )
+        self.sessions[session.id] = session  # type: ignore[assignment]
         return session
 
     async def register(self, session: EdgeSession, timeout: float) -> None:
