@@ -16,6 +16,7 @@ from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.observe.audit import AuditLog
+from ramp.observe.loglimit import LogLimiter
 from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
 from ramp.offramps.tcp import DirectLeg, dial_tcp, is_ip_literal, resolve
@@ -45,6 +46,7 @@ class Edge:
         self.dns_zones = DnsZones([])
         self._dns_clients: dict[str, TunnelDnsClient] = {}
         self.sessions: EdgeSessions | None = None
+        self._bad_input_log = LogLimiter()
         self.active: set[int] = set()
         self._store_version = -1
         self._tunnel_names: dict[str, str] = {}
@@ -299,6 +301,10 @@ class Edge:
             flow.result, flow.reason = e.result, e.reason
             self.flow_finished(flow)
             raise
+        except asyncio.CancelledError:
+            flow.result, flow.reason = FlowResult.ERROR, "cancelled while opening"
+            self.flow_finished(flow)
+            raise
         self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
         return session
 
@@ -391,9 +397,13 @@ class Edge:
 
     def bad_input(self, onramp: str, reason: str, peer: tuple[str, int] | None = None) -> None:
         self.metrics.bad_input.labels(onramp, reason).inc()
-        log.info(
-            "bad input on %s from %s: %s", onramp, f"{peer[0]}:{peer[1]}" if peer else "-", reason
-        )
+        if self._bad_input_log.allow((onramp, reason)):
+            log.info(
+                "bad input on %s from %s: %s",
+                onramp,
+                f"{peer[0]}:{peer[1]}" if peer else "-",
+                reason,
+            )
 
 
 async def serve_edge(config: EdgeConfig, stop: asyncio.Event) -> int:

@@ -145,3 +145,12 @@ def test_longest_prefix_match(ip: str, expected: str | None) -> None:
     )
     hit = table.lookup(ip)
     assert (hit.tunnel_name if hit else None) == expected
+
+
+def test_log_limiter_caps_lines_per_key() -> None:
+    from ramp.observe.loglimit import LogLimiter
+
+    lim = LogLimiter(burst=3, period=60)
+    assert [lim.allow("a") for _ in range(5)] == [True, True, True, False, False]
+    assert lim.allow("b")
+    assert lim.suppressed == 2

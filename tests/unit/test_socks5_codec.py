@@ -232,7 +232,7 @@ def test_strict_rejections(data: bytes, require_auth: bool, reason: str, reply: 
     assert err.reply == reply
 
 
-def test_udp_associate_and_bind_parse_so_they_can_be_refused() -> None:
+def test_udp_associate_and_bind_parse() -> None:
     for cmd in (Command.UDP_ASSOCIATE, Command.BIND):
         hs = ServerHandshake(require_auth=False)
         # Port 0 is legal for UDP ASSOCIATE (the client may not know its port yet).
@@ -306,3 +306,111 @@ def test_parse_reply_never_crashes(data: bytes) -> None:
         socks5.parse_reply(data)
     except Socks5Error:
         pass
+
+
+# -- UDP relay datagrams ----------------------------------------------------------------------
+
+UDP_REASONS = {
+    "truncated_header",
+    "bad_reserved",
+    "bad_address_type",
+    "empty_domain",
+    "bad_domain",
+    "bad_port",
+}
+
+
+@given(host=hosts, port=ports, frag=st.integers(0, 255), data=st.binary(max_size=2000))
+def test_udp_datagram_round_trip(host: str, port: int, frag: int, data: bytes) -> None:
+    wire = socks5.build_udp_datagram(host, port, data, frag=frag)
+    dg = socks5.parse_udp_datagram(wire)
+    assert (dg.frag, dg.port, dg.data) == (frag, port, data)
+    if _is_ip(host):
+        assert ipaddress.ip_address(dg.host) == ipaddress.ip_address(host)
+    else:
+        assert dg.host == host and dg.address_type is AddressType.DOMAIN
+    # What the relay sends back for a destination is byte for byte what the client wrote.
+    assert socks5.build_udp_datagram(dg.host, dg.port, data, dg.address_type, frag) == wire
+    # Every proper prefix of the header is a truncated header, not something else.
+    header_len = len(wire) - len(data)
+    for i in range(header_len):
+        with pytest.raises(Socks5Error) as info:
+            socks5.parse_udp_datagram(wire[:i])
+        assert info.value.reason == "truncated_header"
+        assert info.value.reply == b""
+
+
+@given(
+    ip=st.one_of(ipv4s, ipv6s),
+    port=ports,
+    data=st.binary(max_size=64),
+)
+def test_udp_domain_that_looks_like_an_ip_stays_a_domain(ip: str, port: int, data: bytes) -> None:
+    wire = socks5.build_udp_datagram(ip, port, data, AddressType.DOMAIN)
+    assert wire[3] == AddressType.DOMAIN
+    dg = socks5.parse_udp_datagram(wire)
+    assert (dg.address_type, dg.host) == (AddressType.DOMAIN, ip)
+    assert socks5.build_udp_header(dg.host, dg.port, dg.address_type) + data == wire
+
+
+@pytest.mark.parametrize(
+    ("packet", "reason"),
+    [
+        (b"", "truncated_header"),
+        (b"\x00\x00\x00", "truncated_header"),
+        (b"\x00\x00\x00\x01\x7f\x00\x00", "truncated_header"),
+        (b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00", "truncated_header"),
+        (b"\x00\x00\x00\x04" + bytes(15), "truncated_header"),
+        (b"\x00\x00\x00\x03", "truncated_header"),
+        (b"\x00\x00\x00\x03\x05abc", "truncated_header"),
+        (b"\x00\x00\x00\x03\x03abc\x00", "truncated_header"),
+        (b"\x00\x01\x00\x01\x7f\x00\x00\x01\x00\x35", "bad_reserved"),
+        (b"\x01\x00\x00\x01\x7f\x00\x00\x01\x00\x35", "bad_reserved"),
+        (b"\x00\x00\x00\x02\x7f\x00\x00\x01\x00\x35", "bad_address_type"),
+        (b"\x00\x00\x00\x00\x7f\x00\x00\x01\x00\x35", "bad_address_type"),
+        (b"\x00\x00\x00\x03\x00\x00\x35", "empty_domain"),
+        (b"\x00\x00\x00\x03\x03a b\x00\x35", "bad_domain"),
+        (b"\x00\x00\x00\x03\x03a\x00b\x00\x35", "bad_domain"),
+        (b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x00data", "bad_port"),
+    ],
+)
+def test_udp_datagram_strict_rejections(packet: bytes, reason: str) -> None:
+    with pytest.raises(Socks5Error) as info:
+        socks5.parse_udp_datagram(packet)
+    assert info.value.reason == reason
+    assert info.value.reply == b""  # UDP has no way to answer
+
+
+def test_udp_datagram_empty_payload_and_fragment_number() -> None:
+    dg = socks5.parse_udp_datagram(b"\x00\x00\x81\x01\xc0\x00\x02\x01\x00\x35")
+    assert dg == socks5.UdpDatagram(0x81, AddressType.IPV4, "192.0.2.1", 53, b"")
+
+
+def test_udp_header_builder_checks_its_arguments() -> None:
+    with pytest.raises(ValueError):
+        socks5.build_udp_header("app.example", 53, AddressType.IPV4)
+    with pytest.raises(ValueError):
+        socks5.build_udp_header("192.0.2.1", 53, AddressType.IPV6)
+    with pytest.raises(ValueError):
+        socks5.build_udp_header("192.0.2.1", 53, frag=256)
+    with pytest.raises(ValueError):
+        socks5.build_udp_header("bad host", 53)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=600),
+        st.tuples(
+            st.sampled_from([b"\x00\x00\x00\x01", b"\x00\x00\x00\x03", b"\x00\x00\x00\x04"]),
+            st.binary(max_size=300),
+        ).map(lambda t: t[0] + t[1]),
+    )
+)
+def test_parse_udp_datagram_never_crashes(data: bytes) -> None:
+    try:
+        dg = socks5.parse_udp_datagram(data)
+    except Socks5Error as e:
+        assert e.reason in UDP_REASONS
+    else:
+        assert 1 <= dg.port <= 65535
+        assert data.endswith(dg.data)

@@ -1,11 +1,15 @@
-"""The SOCKS5 on-ramp (RFC 1928 CONNECT, RFC 1929 username/password when users are configured)."""
+"""The SOCKS5 on-ramp: RFC 1928 CONNECT and UDP ASSOCIATE, RFC 1929 username/password when
+users are configured."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from functools import partial
 
 from ramp.flows.flow import Destination, FlowResult
+from ramp.onramps.socks5_udp import UdpAssociation, run_association
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
 from ramp.wire import socks5
 from ramp.wire.socks5 import NEED_DATA, Command, Rep, Socks5Error
@@ -64,6 +68,15 @@ class Socks5Server(TcpOnRamp):
             self.opener.bad_input(self.onramp, e.reason, peer)
             await self.send_final(sock, e.reply)
             return None
+        if request.command is Command.UDP_ASSOCIATE:
+            return FlowPlan(
+                destination=Destination(request.host, request.port),
+                identity=identity,
+                ok_reply=b"",
+                error_reply=reply_for,
+                busy_reply=socks5.build_reply(Rep.GENERAL_FAILURE),
+                serve=partial(self._serve_udp, peer=peer, identity=identity, request=request),
+            )
         if request.command is not Command.CONNECT:
             self.opener.bad_input(self.onramp, "command_not_supported", peer)
             await self.send_final(sock, socks5.build_reply(Rep.COMMAND_NOT_SUPPORTED))
@@ -76,3 +89,29 @@ class Socks5Server(TcpOnRamp):
             busy_reply=socks5.build_reply(Rep.GENERAL_FAILURE),
             initial=hs.trailing_data,
         )
+
+    async def _serve_udp(
+        self,
+        sock: socket.socket,
+        *,
+        peer: tuple[str, int],
+        identity: str,
+        request: socks5.Request,
+    ) -> None:
+        """One UDP association, for as long as its control connection `sock` lives."""
+        try:
+            assoc = UdpAssociation(self.opener, sock, identity, (request.host, request.port))
+        except OSError as e:
+            log.warning("socks5 %s: cannot open a UDP relay socket: %s", peer, e)
+            await self.send_final(sock, socks5.build_reply(Rep.GENERAL_FAILURE))
+            return
+        try:
+            host, port = assoc.address
+            log.debug("socks5 %s: UDP association on %s:%d", peer, host, port)
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await self.send(sock, socks5.build_reply(Rep.SUCCEEDED, host, port))
+            await run_association(assoc, sock)
+        except (OSError, TimeoutError) as e:
+            log.debug("socks5 %s: UDP association ended: %s", peer, e)
+        finally:
+            assoc.close()

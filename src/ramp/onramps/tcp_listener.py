@@ -15,7 +15,7 @@ import hmac
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ramp.config import EdgeConfig
@@ -50,6 +50,9 @@ class FlowPlan:
     error_reply: Callable[[FlowResult], bytes]  # sent when opening fails
     busy_reply: bytes  # sent when max_flows is reached
     initial: bytes = b""  # bytes for the origin before the client's stream
+    # Set when the connection is not one TCP flow (a SOCKS5 UDP association): it counts
+    # against max_flows like one, and the on-ramp serves it itself until it ends.
+    serve: Callable[[socket.socket], Awaitable[None]] | None = None
 
 
 def peer_of(addr: object) -> tuple[str, int]:
@@ -190,6 +193,13 @@ class TcpOnRamp:
             if self.flows >= self.config.max_flows:
                 self.opener.bad_input(self.onramp, "too_many_flows", peer)
                 await self.send_final(sock, plan.busy_reply)
+                return
+            if plan.serve is not None:
+                self.flows += 1
+                try:
+                    await plan.serve(sock)
+                finally:
+                    self.flows -= 1
                 return
             flow = Flow(
                 onramp=self.onramp,

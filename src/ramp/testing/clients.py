@@ -1,4 +1,5 @@
-"""Minimal proxy clients for tests: SOCKS5 CONNECT and HTTP CONNECT / absolute-form GET.
+"""Minimal proxy clients for tests: SOCKS5 CONNECT and UDP ASSOCIATE, HTTP CONNECT and
+absolute-form GET.
 
 Written from the RFCs independently of ramp's own codecs, so tests check the edge against a
 second reading of the protocol. They return the exact reply code a user's client would see.
@@ -96,6 +97,89 @@ def socks5_connect(
     first = _recv_exact(sock, 1)[0] if atyp == 0x03 else 0
     _recv_exact(sock, _bound_len(atyp, first))
     return rep
+
+
+def _socks5_address(host: str, port: int) -> bytes:
+    """ATYP, DST.ADDR, DST.PORT: IP literals as addresses, anything else as a domain name."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode("idna")
+        return bytes([0x03, len(name)]) + name + struct.pack("!H", port)
+    return bytes([0x01 if addr.version == 4 else 0x04]) + addr.packed + struct.pack("!H", port)
+
+
+def socks5_udp_associate(
+    sock: socket.socket,
+    host: str = "0.0.0.0",
+    port: int = 0,
+    *,
+    user: str | None = None,
+    password: str = "",
+) -> tuple[str, int]:
+    """UDP ASSOCIATE on a connected socket; returns the relay's (host, port).
+
+    `host`/`port` is where our datagrams will come from (RFC 1928: zeros when not known yet).
+    Keep `sock` open: the association ends when it closes. A refusal raises ProxyError.
+    """
+    sock.sendall(socks5_greeting(user))
+    ver, method = _recv_exact(sock, 2)
+    if ver != SOCKS_VERSION or method == 0xFF:
+        raise ProxyError(f"method selection failed ({ver}/{method:#x})")
+    if method == 0x02:
+        if user is None:
+            raise ProxyError("proxy wants a password")
+        sock.sendall(socks5_auth(user, password))
+        if _recv_exact(sock, 2)[1] != 0:
+            raise ProxyError("proxy rejected the credentials")
+    sock.sendall(bytes([SOCKS_VERSION, 0x03, 0x00]) + _socks5_address(host, port))
+    ver, rep, _rsv, atyp = _recv_exact(sock, 4)
+    if ver != SOCKS_VERSION:
+        raise ProxyError(f"bad SOCKS version {ver} in reply")
+    if rep != REP_SUCCEEDED:
+        raise ProxyError(f"UDP ASSOCIATE refused with REP {rep:#x}")
+    if atyp == 0x01:
+        relay_host = str(ipaddress.IPv4Address(_recv_exact(sock, 4)))
+    elif atyp == 0x04:
+        relay_host = str(ipaddress.IPv6Address(_recv_exact(sock, 16)))
+    elif atyp == 0x03:
+        relay_host = _recv_exact(sock, _recv_exact(sock, 1)[0]).decode("ascii")
+    else:
+        raise ProxyError(f"bad ATYP {atyp:#x} in SOCKS5 reply")
+    (relay_port,) = struct.unpack("!H", _recv_exact(sock, 2))
+    if relay_host in ("0.0.0.0", "::"):
+        # Servers may answer "the address you are talking to"
+        relay_host = sock.getpeername()[0]
+    return relay_host, relay_port
+
+
+def udp_wrap(host: str, port: int, data: bytes, *, frag: int = 0) -> bytes:
+    """A SOCKS5 UDP request datagram: RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA."""
+    return bytes([0, 0, frag]) + _socks5_address(host, port) + data
+
+
+def udp_unwrap(packet: bytes) -> tuple[str, int, bytes]:
+    """(host, port, data) of a datagram from the relay; a domain name comes back as the name."""
+    if len(packet) < 4 or packet[:2] != b"\0\0":
+        raise ProxyError(f"bad SOCKS5 UDP header: {packet[:8]!r}")
+    if packet[2] != 0:
+        raise ProxyError(f"fragment from the relay (FRAG {packet[2]})")
+    atyp = packet[3]
+    if atyp == 0x01:
+        end = 8
+        host = str(ipaddress.IPv4Address(packet[4:end])) if len(packet) >= end else ""
+    elif atyp == 0x04:
+        end = 20
+        host = str(ipaddress.IPv6Address(packet[4:end])) if len(packet) >= end else ""
+    elif atyp == 0x03 and len(packet) > 4:
+        end = 5 + packet[4]
+        host = packet[5:end].decode("ascii", "replace")
+    else:
+        raise ProxyError(f"bad ATYP in SOCKS5 UDP header: {packet[:8]!r}")
+    if len(packet) < end + 2:
+        raise ProxyError(f"truncated SOCKS5 UDP header: {packet!r}")
+    (port,) = struct.unpack_from("!H", packet, end)
+    return host, port, packet[end + 2 :]
 
 
 async def _aread_exact(reader: asyncio.StreamReader, n: int) -> bytes:

@@ -286,19 +286,29 @@ def parse_address(buf: bytes | bytearray, offset: int) -> tuple[AddressType, str
     return kind, host, port, end + 2
 
 
-def encode_address(host: str, port: int) -> bytes:
-    """ATYP + ADDR + PORT for an IP literal or a domain name."""
+def encode_address(host: str, port: int, address_type: AddressType | None = None) -> bytes:
+    """ATYP + ADDR + PORT for an IP literal or a domain name.
+
+    `address_type` forces the encoding: DOMAIN keeps a name that happens to look like an IP
+    literal a name (answers must repeat an address exactly as the client wrote it).
+    """
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port out of range: {port}")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raw = host.encode("ascii")
-        if not 1 <= len(raw) <= 255 or not all(_valid_domain_byte(b) for b in raw):
-            raise ValueError(f"not a SOCKS5 domain name: {host!r}") from None
-        return bytes([AddressType.DOMAIN, len(raw)]) + raw + struct.pack("!H", port)
-    atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
-    return bytes([atyp]) + ip.packed + struct.pack("!H", port)
+    if address_type is not AddressType.DOMAIN:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            if address_type is not None:
+                raise ValueError(f"not an IP address: {host!r}") from None
+        else:
+            atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
+            if address_type is not None and address_type is not atyp:
+                raise ValueError(f"{host!r} is not of address type {address_type.name}")
+            return bytes([atyp]) + ip.packed + struct.pack("!H", port)
+    raw = host.encode("ascii")  # UnicodeEncodeError is a ValueError
+    if not 1 <= len(raw) <= 255 or not all(_valid_domain_byte(b) for b in raw):
+        raise ValueError(f"not a SOCKS5 domain name: {host!r}")
+    return bytes([AddressType.DOMAIN, len(raw)]) + raw + struct.pack("!H", port)
 
 
 # -- server-side builders ---------------------------------------------------------------------
@@ -362,3 +372,64 @@ def parse_reply(data: bytes | bytearray) -> tuple[Reply, int] | None:
         return None
     _, host, port, end = parsed
     return Reply(data[1], host, port), end
+
+
+# -- UDP relay datagrams (RFC 1928 section 7) -------------------------------------------------
+#
+#   +----+------+------+----------+----------+----------+
+#   |RSV | FRAG | ATYP | DST.ADDR | DST.PORT |   DATA   |
+#   +----+------+------+----------+----------+----------+
+#   | 2  |  1   |  1   | Variable |    2     | Variable |
+#
+# The same header goes both ways: client -> relay names the destination, relay -> client names
+# the origin the reply came from.
+
+
+@dataclass(frozen=True, slots=True)
+class UdpDatagram:
+    frag: int  # 0 = a whole datagram; anything else is a fragment (the relay drops those)
+    address_type: AddressType
+    host: str
+    port: int
+    data: bytes
+
+
+def parse_udp_datagram(packet: bytes | bytearray | memoryview) -> UdpDatagram:
+    """Parse one relay datagram; raises `Socks5Error` (no reply: UDP has no error channel).
+
+    Reasons: truncated_header, bad_reserved, bad_address_type, empty_domain, bad_domain,
+    bad_port.
+    """
+    if len(packet) < 4:
+        raise Socks5Error("truncated_header", b"", f"{len(packet)} bytes")
+    if packet[0] != 0 or packet[1] != 0:
+        raise Socks5Error("bad_reserved", b"", f"RSV {bytes(packet[:2]).hex()}")
+    try:
+        parsed = parse_address(packet, 3)
+    except Socks5Error as e:
+        raise Socks5Error(e.reason, b"", str(e)) from None
+    if parsed is None:
+        raise Socks5Error("truncated_header", b"", f"{len(packet)} bytes")
+    atyp, host, port, end = parsed
+    if port == 0:
+        raise Socks5Error("bad_port", b"", "destination port 0")
+    return UdpDatagram(packet[2], atyp, host, port, bytes(packet[end:]))
+
+
+def build_udp_header(
+    host: str, port: int, address_type: AddressType | None = None, frag: int = 0
+) -> bytes:
+    """The header to put in front of a payload (see `encode_address` for `address_type`)."""
+    if not 0 <= frag <= 0xFF:
+        raise ValueError(f"FRAG out of range: {frag}")
+    return bytes([0, 0, frag]) + encode_address(host, port, address_type)
+
+
+def build_udp_datagram(
+    host: str,
+    port: int,
+    data: bytes,
+    address_type: AddressType | None = None,
+    frag: int = 0,
+) -> bytes:
+    return build_udp_header(host, port, address_type, frag) + data

@@ -1,0 +1,297 @@
+"""SOCKS5 UDP ASSOCIATE (RFC 1928 section 7): the UDP relay behind one control connection.
+
+The relay socket is bound to the local address of the control connection, so the client talks
+to (and hears from) the address it already reached, and replies never leave from another
+address of a multi-homed edge. Only the client's IP may use the relay: the control connection's
+peer, and a single source port (the one the client announced, else the first one it uses).
+
+Each destination, kept exactly as the client wrote it, is one UDP session from the flow opener;
+replies carry that same address back, so a client that asked for a name sees the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from ramp.flows.flow import Destination, Flow, FlowError
+from ramp.flows.opener import FlowOpener, UdpSession
+from ramp.wire import socks5
+from ramp.wire.socks5 import AddressType, Socks5Error
+
+log = logging.getLogger(__name__)
+
+ONRAMP = "socks5-udp"
+MAX_DATAGRAM = 65535
+READ_BATCH = 64  # datagrams read per wake-up before other work gets a turn
+SOCKET_BUFFER = 1 << 20  # a few 64 KiB datagrams must fit; the kernel caps it at rmem_max
+
+# A client that vanishes without FIN or RST would otherwise hold its association forever.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 5
+
+Key = tuple[AddressType, str, int]
+
+
+@dataclass(eq=False, slots=True)
+class _Destination:
+    key: Key
+    header: bytes  # the SOCKS UDP header that goes in front of every reply
+    queue: deque[bytes] | None = field(default_factory=deque)  # while the session opens
+    session: UdpSession | None = None
+    flow: Flow | None = None
+
+
+def enable_keepalive(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def announced_port(client_ip: str, host: str, port: int) -> int | None:
+    """The source port to insist on, from the DST.ADDR/DST.PORT of the request.
+
+    Only when the client named its own address (or none): a client behind NAT announces an
+    address we never see, and its port is most likely rewritten as well, so then the relay
+    locks onto the first port that datagrams really come from. The IP is never taken from the
+    request: a client must not open the relay for another host.
+    """
+    if port == 0:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+        same = ip.is_unspecified or ip == ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None
+    return port if same else None
+
+
+class UdpAssociation:
+    """The relay socket and the sessions of one association. `start()`, then `close()`."""
+
+    # Limits (class attributes so that tests can lower them).
+    max_sessions = 256  # destinations per association
+    open_queue = 64  # datagrams held per destination while its session opens
+    retry_interval = 1.0  # seconds before a destination whose open failed is tried again
+    holdoff_limit = 1024  # failed destinations remembered for `retry_interval`
+
+    def __init__(
+        self,
+        opener: FlowOpener,
+        control: socket.socket,
+        identity: str,
+        announced: tuple[str, int] = ("0.0.0.0", 0),
+    ) -> None:
+        self.opener = opener
+        self.identity = identity
+        peer = control.getpeername()
+        self.client_ip: str = peer[0]
+        self.client_port = announced_port(self.client_ip, *announced)
+        self.client_addr: Any = None  # the client's full sockaddr, once it has sent
+        local = control.getsockname()
+        sock = socket.socket(control.family, socket.SOCK_DGRAM)
+        try:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            # Same IP (and IPv6 scope) as the control connection, any port.
+            sock.bind((local[0], 0, *local[2:]))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.dests: dict[Key, _Destination] = {}
+        self._holdoff: dict[Key, float] = {}
+        self._opening: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self.closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """BND.ADDR and BND.PORT for the reply."""
+        host, port = self.sock.getsockname()[:2]
+        return str(host).split("%", 1)[0], int(port)
+
+    def start(self) -> None:
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+        self._reading = True
+
+    def close(self) -> None:
+        """End the association: the relay socket and every session (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        dests, self.dests = list(self.dests.values()), {}
+        for dest in dests:
+            dest.queue = None
+            if dest.session is not None:
+                try:
+                    dest.session.close()
+                except Exception:
+                    log.exception("%s: closing a session failed", ONRAMP)
+        # Sessions still opening are closed by `_open` when they arrive: cancelling the open
+        # could leave a half-registered session behind in the opener.
+
+    # -- client -> origin -----------------------------------------------------------------
+
+    def _readable(self) -> None:
+        for _ in range(READ_BATCH):
+            if self.closed:
+                return
+            try:
+                data, addr = self.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("%s: relay socket error: %s", ONRAMP, e)
+                continue
+            try:
+                self._datagram(data, addr)
+            except Exception:
+                log.exception("%s: unexpected error on a datagram from %s", ONRAMP, addr)
+
+    def _datagram(self, data: bytes, addr: Any) -> None:
+        src = (str(addr[0]), int(addr[1]))
+        if src[0] != self.client_ip or (
+            self.client_port is not None and src[1] != self.client_port
+        ):
+            self._bad("foreign_source", src)
+            return
+        try:
+            dg = socks5.parse_udp_datagram(data)
+        except Socks5Error as e:
+            self._bad(e.reason, src)
+            return
+        if dg.frag != 0:
+            # Reassembly is optional in RFC 1928 and nobody sends fragments in practice.
+            self._bad("fragment", src)
+            return
+        if self.client_addr is None:
+            self.client_port = src[1]
+            self.client_addr = addr
+        key: Key = (dg.address_type, dg.host, dg.port)
+        dest = self.dests.get(key)
+        if dest is not None:
+            if dest.session is not None:
+                dest.session.send(dg.data)
+            elif dest.queue is not None and len(dest.queue) < self.open_queue:
+                dest.queue.append(dg.data)
+            else:
+                self._bad("queue_full", src)
+            return
+        until = self._holdoff.get(key)
+        if until is not None:
+            if self._loop.time() < until:
+                self._bad("open_failed", src)
+                return
+            del self._holdoff[key]
+        if len(self.dests) >= self.max_sessions:
+            self._bad("too_many_sessions", src)
+            return
+        header = socks5.build_udp_header(dg.host, dg.port, dg.address_type)
+        dest = _Destination(key, header)
+        assert dest.queue is not None
+        dest.queue.append(dg.data)
+        self.dests[key] = dest
+        task = self._loop.create_task(self._open(dest))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open(self, dest: _Destination) -> None:
+        _, host, port = dest.key
+        assert self.client_port is not None
+        flow = Flow(
+            onramp=ONRAMP,
+            protocol="udp",
+            source=(self.client_ip, self.client_port),
+            destination=Destination(host, port),
+            identity=self.identity,
+        )
+        dest.flow = flow
+        try:
+            session = await self.opener.open_udp(
+                flow, partial(self._reply, dest), partial(self._session_closed, dest)
+            )
+        except Exception as e:
+            if isinstance(e, FlowError):
+                log.debug("%s flow %d to %s: %s", ONRAMP, flow.id, flow.destination, e.reason)
+            else:
+                log.exception("%s flow %d: opening failed", ONRAMP, flow.id)
+            self._open_failed(dest)
+            return
+        if self.closed or self.dests.get(dest.key) is not dest:
+            session.close()
+            return
+        dest.session = session
+        queued, dest.queue = dest.queue, None
+        for payload in queued or ():
+            session.send(payload)
+
+    def _open_failed(self, dest: _Destination) -> None:
+        queued, dest.queue = dest.queue, None
+        if self.closed or self.dests.get(dest.key) is not dest:
+            return
+        del self.dests[dest.key]
+        holdoff = self._holdoff
+        holdoff[dest.key] = self._loop.time() + self.retry_interval
+        if len(holdoff) > self.holdoff_limit:
+            now = self._loop.time()
+            for key in [k for k, t in holdoff.items() if t <= now]:
+                del holdoff[key]
+            while len(holdoff) > self.holdoff_limit:
+                del holdoff[next(iter(holdoff))]
+        src = (self.client_ip, self.client_port or 0)
+        for _ in queued or ():
+            self._bad("open_failed", src)
+
+    # -- origin -> client -----------------------------------------------------------------
+
+    def _reply(self, dest: _Destination, payload: bytes) -> None:
+        addr = self.client_addr
+        if self.closed or addr is None:
+            return
+        try:
+            self.sock.sendto(dest.header + payload, addr)
+        except OSError as e:
+            # Full send buffer (drop-tail, as UDP does) or too large with our header.
+            if dest.flow is not None:
+                dest.flow.drops += 1
+            log.debug("%s: reply of %d bytes dropped: %s", ONRAMP, len(payload), e)
+
+    def _session_closed(self, dest: _Destination, reason: str) -> None:
+        if self.dests.get(dest.key) is dest:
+            del self.dests[dest.key]
+        log.debug("%s session to %s closed: %s", ONRAMP, dest.key[1:], reason)
+
+    def _bad(self, reason: str, src: tuple[str, int]) -> None:
+        self.opener.bad_input(ONRAMP, reason, src)
+
+
+async def run_association(assoc: UdpAssociation, control: socket.socket) -> None:
+    """Relay until the control connection ends (EOF, error, or cancellation), then close."""
+    loop = asyncio.get_running_loop()
+    enable_keepalive(control)
+    try:
+        assoc.start()
+        # RFC 1928 gives the control connection no further use: read and ignore until it ends.
+        while await loop.sock_recv(control, 4096):
+            pass
+    except OSError as e:
+        log.debug("%s: control connection ended: %s", ONRAMP, e)
+    finally:
+        assoc.close()
