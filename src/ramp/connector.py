@@ -130,10 +130,7 @@ class Connector:
             limit=self.config.max_udp_sessions,
             idle_timeout=self.config.udp_idle_timeout,
             on_end=self._session_end,
-            metrics_datagram=lambda d, n: (
-                m.udp_datagrams.labels(d).inc(),
-                m.udp_bytes.labels(d).inc(n),
-            ),
+            metrics_datagram=m.count_datagram,
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
             metrics_active=m.udp_sessions_active.set,
             bad_input=self._bad_datagram,

@@ -21,6 +21,7 @@ from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
 from ramp.offramps.tcp import DirectLeg, dial_tcp, is_ip_literal, resolve
 from ramp.offramps.tunnel import ConnectionGone, open_tunnel_flow
+from ramp.onramps.dns import DnsServer
 from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.socks5 import Socks5Server
 from ramp.policy.router import RouteEntry, RouteTable
@@ -78,10 +79,7 @@ class Edge:
             self.tunnels,
             idle_timeout=self.config.udp_idle_timeout,
             on_finished=self.flow_finished,
-            metrics_datagram=lambda d, n: (
-                m.udp_datagrams.labels(d).inc(),
-                m.udp_bytes.labels(d).inc(n),
-            ),
+            metrics_datagram=m.count_datagram,
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
             on_bad_input=lambda reason: self.bad_input("tunnel", "malformed_datagram"),
         )
@@ -90,6 +88,7 @@ class Edge:
         for listen, cls in (
             (self.config.socks5_listen, Socks5Server),
             (self.config.http_listen, HttpConnectServer),
+            (self.config.dns_listen, DnsServer),
         ):
             if listen == "off":
                 continue

@@ -54,12 +54,21 @@ class FlowMetrics:
         self.udp_drops = Counter(
             "ramp_udp_drops", "UDP datagrams dropped, by reason.", ["reason"], registry=registry
         )
+        # per-datagram hot path: bind the labelled children once
+        self._dgram_children = {
+            d: (self.udp_datagrams.labels(d), self.udp_bytes.labels(d)) for d in ("up", "down")
+        }
         self.tunnel_bad_packets = Counter(
             "ramp_tunnel_bad_packets",
             "UDP packets dropped on the tunnel port before reaching a QUIC connection.",
             ["reason"],
             registry=registry,
         )
+
+    def count_datagram(self, direction: str, size: int) -> None:
+        datagrams, nbytes = self._dgram_children[direction]
+        datagrams.inc()
+        nbytes.inc(size)
 
 
 class EdgeMetrics(FlowMetrics):
