@@ -246,6 +246,7 @@ def main() -> None:
     On a public machine:      ramp edge
     Create a tunnel:          ramp tunnel create NAME
     Route a network to it:    ramp tunnel route ip add 10.0.0.0/8 NAME
+    Route a DNS zone to it:   ramp tunnel route dns add corp.example NAME
     Get its connector token:  ramp tunnel token NAME --edge EDGE_HOST:7844
     In the private network:   ramp tunnel run --token TOKEN
     Everything on one host:   ramp up
@@ -294,19 +295,24 @@ def tunnel_list(data_dir: Path | None, log_level: str) -> None:
     with Store(_data_dir(data_dir)) as store:
         tunnels = store.list_tunnels()
         routes = store.list_routes()
+        dns_routes = store.list_dns_routes()
     by_tunnel: dict[str, list[str]] = {}
     for r in routes:
         by_tunnel.setdefault(r.tunnel_id, []).append(r.cidr)
+    zones: dict[str, list[str]] = {}
+    for d in dns_routes:
+        zones.setdefault(d.tunnel_id, []).append(d.zone)
     rows = [
         [
             t.name,
             t.id,
             t.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             ",".join(by_tunnel.get(t.id, [])) or "-",
+            ",".join(zones.get(t.id, [])) or "-",
         ]
         for t in tunnels
     ]
-    click.echo(_table(["NAME", "ID", "CREATED", "ROUTES"], rows))
+    click.echo(_table(["NAME", "ID", "CREATED", "ROUTES", "ZONES"], rows))
 
 
 @tunnel.command("delete")
@@ -314,7 +320,7 @@ def tunnel_list(data_dir: Path | None, log_level: str) -> None:
 @_common
 @_user_errors
 def tunnel_delete(name: str, data_dir: Path | None, log_level: str) -> None:
-    """Delete the tunnel NAME (a name or an id) and its routes."""
+    """Delete the tunnel NAME (a name or an id) and its IP and DNS routes."""
     setup_logging(log_level)
     with Store(_data_dir(data_dir)) as store:
         t = store.delete_tunnel(name)
@@ -365,6 +371,49 @@ def route_ip_delete(cidr: str, data_dir: Path | None, log_level: str) -> None:
     with Store(_data_dir(data_dir)) as store:
         net = store.delete_route(cidr)
     click.echo(f"Deleted route {net}")
+
+
+@tunnel_route.group("dns")
+def route_dns() -> None:
+    """Route DNS zones to tunnels: queries to the edge's DNS listener for names under a zone,
+    and proxy requests for such names, are resolved by that tunnel's connector. The longest
+    matching zone wins."""
+
+
+@route_dns.command("add")
+@click.argument("zone")
+@click.argument("name")
+@_common
+@_user_errors
+def route_dns_add(zone: str, name: str, data_dir: Path | None, log_level: str) -> None:
+    """Resolve names under ZONE through the tunnel NAME."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        r = store.add_dns_route(zone, name)
+    click.echo(f"Added DNS route {r.zone} -> tunnel {r.tunnel_name}")
+
+
+@route_dns.command("list")
+@_common
+@_user_errors
+def route_dns_list(data_dir: Path | None, log_level: str) -> None:
+    """List DNS routes."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        routes = store.list_dns_routes()
+    click.echo(_table(["ZONE", "TUNNEL"], [[r.zone, r.tunnel_name] for r in routes]))
+
+
+@route_dns.command("delete")
+@click.argument("zone")
+@_common
+@_user_errors
+def route_dns_delete(zone: str, data_dir: Path | None, log_level: str) -> None:
+    """Delete the DNS route for ZONE."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        name = store.delete_dns_route(zone)
+    click.echo(f"Deleted DNS route {name}")
 
 
 def _check_edges(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:

@@ -6,6 +6,7 @@ the CLI builds one flag per key, and the roles receive a validated instance.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -53,6 +54,20 @@ def _check_listen(value: str) -> str:
     if value in ("", "off"):
         return "off"
     parse_hostport(value)
+    return value
+
+
+def _check_resolver(value: str) -> str:
+    """Empty, or `IP[:PORT]` (port 53 by default): a resolver is asked by address, since
+    resolving the resolver's own name would need a resolver."""
+    value = value.strip()
+    if not value:
+        return ""
+    host, _ = parse_hostport(value, default_port=53)
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        raise ValueError(f"bad resolver {value!r}: expected an IP address, not a name") from None
     return value
 
 
@@ -117,7 +132,8 @@ class EdgeConfig(_Base):
     dns_upstream: str = Field(
         "",
         description=(
-            "Resolver HOST:PORT for names outside every routed DNS zone; empty = answer REFUSED."
+            "Resolver IP:PORT (port 53 if omitted) for names outside every routed DNS zone; "
+            "empty = answer REFUSED."
         ),
     )
     dns_timeout: float = Field(
@@ -130,6 +146,7 @@ class EdgeConfig(_Base):
     _v_listen = field_validator(
         "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"
     )(classmethod(lambda cls, v: _check_listen(v)))
+    _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
 
 
 class ConnectorConfig(_Base):
@@ -167,12 +184,13 @@ class ConnectorConfig(_Base):
     dns_resolver: str = Field(
         "",
         description=(
-            "Resolver HOST:PORT for names the edge sends through the tunnel; empty = the "
-            "first nameserver in /etc/resolv.conf."
+            "Resolver IP:PORT (port 53 if omitted) for names the edge sends through the "
+            "tunnel; empty = the first nameserver in /etc/resolv.conf."
         ),
     )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))
+    _v_resolver = field_validator("dns_resolver")(classmethod(lambda cls, v: _check_resolver(v)))
 
 
 T = TypeVar("T", bound=_Base)

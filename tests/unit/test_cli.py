@@ -53,7 +53,7 @@ def test_tunnel_lifecycle(home: Path) -> None:
     r = ramp("tunnel", "list")
     assert r.exit_code == 0
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "ID", "CREATED", "ROUTES"]
+    assert lines[0].split() == ["NAME", "ID", "CREATED", "ROUTES", "ZONES"]
     rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
     assert rows["office"][1] == tunnel_id
     assert rows["office"][3] == "10.1.0.0/16,2001:db8::/32"
@@ -283,6 +283,9 @@ def test_every_command_takes_data_dir_and_log_level() -> None:
         ["tunnel", "route", "ip", "add"],
         ["tunnel", "route", "ip", "list"],
         ["tunnel", "route", "ip", "delete"],
+        ["tunnel", "route", "dns", "add"],
+        ["tunnel", "route", "dns", "list"],
+        ["tunnel", "route", "dns", "delete"],
         ["config", "default"],
     ]
     for cmd in commands:
@@ -304,3 +307,95 @@ def test_contract_flags_exist() -> None:
     run_help = ramp("tunnel", "run", "--help").stdout
     for flag in ("--token", "--ha-connections", "--metrics-listen", "--grace-period", "--config"):
         assert flag in run_help
+
+
+def test_dns_route_lifecycle(home: Path) -> None:
+    assert ramp("tunnel", "create", "office").exit_code == 0
+    assert ramp("tunnel", "create", "lab").exit_code == 0
+    r = ramp("tunnel", "route", "dns", "add", "Corp.Example.", "office")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == "Added DNS route corp.example -> tunnel office"
+    assert ramp("tunnel", "route", "dns", "add", "lab.example", "lab").exit_code == 0
+    assert ramp("tunnel", "route", "dns", "add", "bücher.example", "office").exit_code == 0
+
+    r = ramp("tunnel", "route", "dns", "list")
+    assert [ln.split() for ln in r.stdout.splitlines()] == [
+        ["ZONE", "TUNNEL"],
+        ["corp.example", "office"],
+        ["lab.example", "lab"],
+        ["xn--bcher-kva.example", "office"],
+    ]
+    rows = {ln.split()[0]: ln.split() for ln in ramp("tunnel", "list").stdout.splitlines()[1:]}
+    assert rows["office"][3:] == ["-", "corp.example,xn--bcher-kva.example"]
+    assert rows["lab"][3:] == ["-", "lab.example"]
+
+    r = ramp("tunnel", "route", "dns", "delete", "CORP.example")
+    assert r.exit_code == 0 and r.stdout.strip() == "Deleted DNS route corp.example"
+    assert ramp("tunnel", "delete", "lab").exit_code == 0
+    r = ramp("tunnel", "route", "dns", "list")
+    assert [ln.split() for ln in r.stdout.splitlines()] == [
+        ["ZONE", "TUNNEL"],
+        ["xn--bcher-kva.example", "office"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tunnel", "route", "dns", "add", "a..b", "office"], "bad DNS zone 'a..b'"),
+        (["tunnel", "route", "dns", "add", "lab.example", "ghost"], "unknown tunnel 'ghost'"),
+        (["tunnel", "route", "dns", "add", "corp.example.", "office"], "already exists"),
+        (["tunnel", "route", "dns", "delete", "lab.example"], "no DNS route lab.example"),
+    ],
+)
+def test_dns_route_errors_exit_2_with_a_message(home: Path, args: list[str], message: str) -> None:
+    ramp("tunnel", "create", "office")
+    ramp("tunnel", "route", "dns", "add", "corp.example", "office")
+    r = ramp(*args)
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    assert r.stderr.startswith("ramp: error: ") and message in r.stderr
+
+
+def test_dns_flags_exist() -> None:
+    edge_help = ramp("edge", "--help").stdout
+    for flag in ("--dns-listen", "--dns-upstream", "--dns-timeout", "--udp-idle-timeout"):
+        assert flag in edge_help
+    run_help = ramp("tunnel", "run", "--help").stdout
+    for flag in ("--dns-resolver", "--udp-idle-timeout"):
+        assert flag in run_help
+
+
+def test_dns_settings_from_flags_and_their_errors(
+    home: Path, fake_roles: dict[str, Recorder]
+) -> None:
+    r = ramp(
+        "edge",
+        "--dns-listen",
+        "0.0.0.0:5353",
+        "--dns-upstream",
+        "[2001:db8::53]:5300",
+        "--dns-timeout",
+        "2.5",
+        "--udp-idle-timeout",
+        "1",
+    )
+    assert r.exit_code == 0, r.output
+    (cfg,) = fake_roles["edge"].calls[0]
+    assert (cfg.dns_listen, cfg.dns_upstream) == ("0.0.0.0:5353", "[2001:db8::53]:5300")
+    assert (cfg.dns_timeout, cfg.udp_idle_timeout) == (2.5, 1.0)
+    assert EdgeConfig().dns_listen == "off" and EdgeConfig().dns_upstream == ""
+
+    for args, key in (
+        (["--dns-listen", "nonsense"], "dns_listen"),
+        (["--dns-upstream", "ns.example:53"], "dns_upstream"),
+        (["--dns-timeout", "0"], "dns_timeout"),
+    ):
+        r = ramp("edge", *args)
+        assert r.exit_code == 2 and key in r.stderr, args
+    assert "expected an IP address" in ramp("edge", "--dns-upstream", "ns.example").stderr
+
+    assert ConnectorConfig(dns_resolver="192.0.2.53").dns_resolver == "192.0.2.53"
+    assert ConnectorConfig().dns_resolver == "" and ConnectorConfig().udp_idle_timeout == 210.0
+    with pytest.raises(ValueError, match="expected an IP address"):
+        ConnectorConfig(dns_resolver="resolver.internal")

@@ -237,3 +237,79 @@ def test_unusable_data_dir_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open store"):
         Store(blocker / "data")
+
+
+# -- DNS routes -----------------------------------------------------------------------------------
+
+
+def test_dns_routes_normalized_sorted_and_unique(store: Store) -> None:
+    store.create_tunnel("a")
+    b = store.create_tunnel("b")
+    r = store.add_dns_route("Corp.Example.", "a")
+    assert (r.zone, r.tunnel_name, r.tunnel_id) == ("corp.example", "a", store.get_tunnel("a").id)
+    store.add_dns_route("lab.corp.example", b.id)
+    store.add_dns_route("bücher.example", "b")
+    store.add_dns_route("_sip._udp.other", "a")
+    assert [(d.zone, d.tunnel_name) for d in store.list_dns_routes()] == [
+        ("corp.example", "a"),
+        ("lab.corp.example", "b"),
+        ("xn--bcher-kva.example", "b"),
+        ("_sip._udp.other", "a"),
+    ]
+    with pytest.raises(StoreError, match=r"DNS route corp\.example already exists \(tunnel 'a'\)"):
+        store.add_dns_route("CORP.example", "b")
+    assert store.delete_dns_route("LAB.corp.example.") == "lab.corp.example"
+    with pytest.raises(StoreError, match=r"no DNS route lab\.corp\.example"):
+        store.delete_dns_route("lab.corp.example")
+    assert [d.zone for d in store.list_dns_routes()] == [
+        "corp.example",
+        "xn--bcher-kva.example",
+        "_sip._udp.other",
+    ]
+
+
+@pytest.mark.parametrize(
+    "zone",
+    ["", ".", "a..b", "corp.example..", "a b.example", "-a.example", "a-.example", "*.corp",
+     "x" * 64 + ".example", ".".join(["a" * 63] * 4), "xn--zz.example", "a\\.b.example", "@"],
+)  # fmt: skip
+def test_bad_dns_zones(store: Store, zone: str) -> None:
+    store.create_tunnel("a")
+    v = store.data_version()
+    with pytest.raises(StoreError, match="bad DNS zone"):
+        store.add_dns_route(zone, "a")
+    assert store.list_dns_routes() == []
+    assert store.data_version() == v
+
+
+def test_dns_route_to_unknown_tunnel(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown tunnel 'ghost'"):
+        store.add_dns_route("corp.example", "ghost")
+
+
+def test_deleting_a_tunnel_deletes_its_dns_routes(store: Store) -> None:
+    store.create_tunnel("a")
+    store.create_tunnel("b")
+    store.add_dns_route("corp.example", "a")
+    store.add_dns_route("lab.example", "b")
+    store.delete_tunnel("a")
+    assert [(d.zone, d.tunnel_name) for d in store.list_dns_routes()] == [("lab.example", "b")]
+    # The zone is free again, for a new tunnel that reuses the old name too.
+    store.create_tunnel("a")
+    assert store.add_dns_route("corp.example", "a").tunnel_name == "a"
+
+
+def test_dns_route_writes_bump_the_generation(store: Store, data_dir: Path) -> None:
+    store.create_tunnel("a")
+    seen = {store.data_version()}
+    with Store(data_dir) as cli:
+        cli.add_dns_route("corp.example", "a")
+    assert store.data_version() not in seen
+    seen.add(store.data_version())
+    with Store(data_dir) as cli:
+        cli.delete_dns_route("corp.example")
+    assert store.data_version() not in seen
+    v = store.data_version()
+    with pytest.raises(StoreError):
+        store.delete_dns_route("corp.example")
+    assert store.data_version() == v

@@ -1,4 +1,5 @@
-"""Control-plane state in SQLite: tunnels, routes, the master key and the edge's certificates.
+"""Control-plane state in SQLite: tunnels, IP and DNS routes, the master key and the edge's
+certificates.
 
 The CLI writes while an edge reads, possibly in another process: WAL mode lets readers run
 during a write, and a busy timeout makes the rare lock wait a pause instead of an error. Every
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import dns.exception
+import dns.name
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,6 +41,8 @@ BUSY_TIMEOUT_S = 30.0
 SECRET_LABEL = b"ramp tunnel secret v1"
 EDGE_SERVER_NAME = "ramp-edge"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A hostname label; underscores are allowed for service zones such as _tcp.corp.example.
+_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}", re.IGNORECASE)
 _CA_DAYS = 3650
 _LEAF_DAYS = 365
@@ -61,6 +66,14 @@ _SCHEMA = (
         created_at TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS routes_tunnel ON routes(tunnel_id)",
+    # Queries for names under `zone` (normalized: lowercase ASCII, no trailing dot) go to the
+    # tunnel's connector; the longest matching zone wins.
+    """CREATE TABLE IF NOT EXISTS dns_routes (
+        zone       TEXT PRIMARY KEY,
+        tunnel_id  TEXT NOT NULL REFERENCES tunnels(id),
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS dns_routes_tunnel ON dns_routes(tunnel_id)",
     "INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)",
     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', 1)",
 )
@@ -91,6 +104,13 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsRoute:
+    zone: str  # normalized, e.g. "corp.example", "xn--bcher-kva.example"
+    tunnel_id: str
+    tunnel_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeIdentity:
     ca_cert_pem: bytes
     leaf_cert_pem: bytes
@@ -104,6 +124,28 @@ def normalize_cidr(cidr: str) -> str:
         return str(ipaddress.ip_network(cidr.strip(), strict=False))
     except ValueError as e:
         raise StoreError(f"bad CIDR {cidr!r}: {e}") from None
+
+
+def normalize_zone(zone: str) -> str:
+    """`Corp.Example.` -> `corp.example`. Unicode names become their IDNA (xn--) form, so a
+    zone compares equal to the names resolvers put on the wire."""
+    text = zone.strip()
+    text = text[:-1] if text.endswith(".") else text
+    if not text or "" in text.split("."):
+        raise StoreError(f"bad DNS zone {zone!r}: empty name or empty label")
+    try:
+        name = dns.name.from_unicode(text)
+        name.to_unicode()  # rejects xn-- labels that are not valid punycode
+    except (dns.exception.DNSException, UnicodeError, ValueError) as e:
+        raise StoreError(f"bad DNS zone {zone!r}: {e}") from None
+    labels = name.to_text(omit_final_dot=True).lower().split(".")
+    for label in labels:
+        if not _LABEL_RE.fullmatch(label):
+            raise StoreError(
+                f"bad DNS zone {zone!r}: label {label!r} is not a hostname label "
+                "(letters, digits, '-' and '_', not starting or ending with '-')"
+            )
+    return ".".join(labels)
 
 
 def check_tunnel_name(name: str) -> None:
@@ -297,12 +339,13 @@ class Store:
                 raise StoreError(f"store {self.path}: {e}") from e
 
     def delete_tunnel(self, name: str) -> Tunnel:
-        """Delete a live tunnel (by name or id) and its routes; keeps a tombstone."""
+        """Delete a live tunnel (by name or id) and its IP and DNS routes; keeps a tombstone."""
         with self._write() as db:
             tunnel = self._find_tunnel(db, name)
             if tunnel is None:
                 raise StoreError(f"unknown tunnel {name!r}")
             db.execute("DELETE FROM routes WHERE tunnel_id = ?", (tunnel.id,))
+            db.execute("DELETE FROM dns_routes WHERE tunnel_id = ?", (tunnel.id,))
             db.execute("UPDATE tunnels SET deleted_at = ? WHERE id = ?", (_ts(_now()), tunnel.id))
         return tunnel
 
@@ -347,6 +390,45 @@ class Store:
             if db.execute("DELETE FROM routes WHERE cidr = ?", (net,)).rowcount == 0:
                 raise StoreError(f"no route {net}")
         return net
+
+    # -- DNS routes ---------------------------------------------------------------------------
+
+    def add_dns_route(self, zone: str, tunnel_name: str) -> DnsRoute:
+        """Send DNS queries for names under `zone` to the tunnel `tunnel_name` (name or id)."""
+        name = normalize_zone(zone)
+        with self._write() as db:
+            tunnel = self._find_tunnel(db, tunnel_name)
+            if tunnel is None:
+                raise StoreError(f"unknown tunnel {tunnel_name!r}")
+            row = db.execute(
+                "SELECT t.name FROM dns_routes r JOIN tunnels t ON t.id = r.tunnel_id"
+                " WHERE r.zone = ?",
+                (name,),
+            ).fetchone()
+            if row is not None:
+                raise StoreError(f"DNS route {name} already exists (tunnel {row[0]!r})")
+            db.execute(
+                "INSERT INTO dns_routes(zone, tunnel_id, created_at) VALUES (?, ?, ?)",
+                (name, tunnel.id, _ts(_now())),
+            )
+        return DnsRoute(name, tunnel.id, tunnel.name)
+
+    def list_dns_routes(self) -> list[DnsRoute]:
+        """All DNS routes, sorted by zone read from the top label down (siblings together)."""
+        rows = self._query(
+            "SELECT r.zone, r.tunnel_id, t.name FROM dns_routes r"
+            " JOIN tunnels t ON t.id = r.tunnel_id"
+        )
+        routes = [DnsRoute(z, i, n) for z, i, n in rows]
+        return sorted(routes, key=lambda r: list(reversed(r.zone.split("."))))
+
+    def delete_dns_route(self, zone: str) -> str:
+        """Delete the DNS route for `zone`; returns it normalized."""
+        name = normalize_zone(zone)
+        with self._write() as db:
+            if db.execute("DELETE FROM dns_routes WHERE zone = ?", (name,)).rowcount == 0:
+                raise StoreError(f"no DNS route {name}")
+        return name
 
     # -- edge certificates --------------------------------------------------------------------
 

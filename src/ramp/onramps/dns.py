@@ -1,0 +1,438 @@
+"""The edge's DNS listener (UDP and TCP on the same port).
+
+Names under a zone routed to a tunnel are answered by that tunnel's connector (the opener's
+`dns_query`); other names go to the configured upstream resolver, or get REFUSED when there is
+none, so the edge is never an open resolver by accident. The client's query id is kept on
+every answer.
+
+UDP runs on a `PktinfoEndpoint`, so a listener on a wildcard address answers from the address
+each client asked (clients drop answers from any other). Answers larger than the client can
+take over UDP (its EDNS payload size, else 512 bytes) are truncated with TC set, and the
+client retries over TCP. TCP follows RFC 7766: two-byte length framing, several queries per
+connection answered as they complete, an idle timeout.
+
+Everything is bounded: queries in flight (past the limit: REFUSED), TCP connections, queries
+in flight per connection (reading pauses), and every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+import struct
+from typing import Any
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+
+from ramp.config import EdgeConfig, parse_hostport
+from ramp.flows.flow import FlowError
+from ramp.flows.opener import FlowOpener
+from ramp.net.pktinfo import Address, PktinfoEndpoint
+
+log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 1024  # queries being answered at once, UDP and TCP together
+MAX_TCP_CONNECTIONS = 512
+MAX_PIPELINE = 32  # queries in flight on one TCP connection before reading pauses
+TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 6.2.3: seconds, not minutes
+UDP_BUFFER = 1 << 20
+PORT_RETRIES = 8  # port 0: tries to find a port free for both UDP and TCP
+
+HEADER = struct.Struct("!HHHHHH")
+_QR = 0x8000
+_OPCODE_MASK = 0x7800
+_RD = 0x0100
+_TC = 0x0200
+
+
+def header_reply(wire: bytes, rcode: int) -> bytes:
+    """An answer with no sections to a query whose header is all we could read."""
+    qid, flags = struct.unpack_from("!HH", wire)
+    flags = _QR | (flags & (_OPCODE_MASK | _RD)) | (rcode & 0xF)
+    return HEADER.pack(qid, flags, 0, 0, 0, 0)
+
+
+def rcode_reply(query: dns.message.Message, rcode: int) -> bytes:
+    """An answer to `query` carrying only its question (and EDNS if the query had it)."""
+    try:
+        r = dns.message.make_response(query)
+        r.set_rcode(rcode)
+        return r.to_wire(max_size=65535)
+    except Exception:  # a query dnspython parses but cannot answer: the header will do
+        flags = _QR | (query.flags & (_OPCODE_MASK | _RD)) | (rcode & 0xF)
+        return HEADER.pack(query.id, flags, 0, 0, 0, 0)
+
+
+def udp_limit(query: dns.message.Message) -> int:
+    """The largest UDP answer the client accepts (RFC 6891 6.2.3-6.2.5)."""
+    if query.edns < 0:
+        return 512
+    return min(max(query.payload, 512), 65535)
+
+
+def truncate(answer: bytes, query: dns.message.Message, limit: int) -> bytes:
+    """Fit `answer` into `limit` bytes for UDP.
+
+    Dropping additional records is fine without TC; when the answer or authority section does
+    not fit, the client gets the header and question with TC set and must retry over TCP.
+    """
+    try:
+        msg = dns.message.from_wire(answer)
+        wire = msg.to_wire(max_size=limit, prefer_truncation=True)
+        if not wire[2] & (_TC >> 8) and len(wire) <= limit:
+            return wire
+        msg.answer, msg.authority, msg.additional = [], [], []
+        msg.flags |= dns.flags.TC
+        wire = msg.to_wire(max_size=limit, prefer_truncation=True)
+        if len(wire) <= limit:
+            return wire
+    except Exception:
+        pass  # an answer we cannot re-render (e.g. TSIG): answer from the query instead
+    (flags,) = struct.unpack_from("!H", answer, 2)
+    try:
+        r = dns.message.make_response(query)
+        r.flags |= dns.flags.TC | (flags & (dns.flags.AA | dns.flags.RA))
+        r.set_rcode(flags & 0xF)
+        return r.to_wire(max_size=limit, prefer_truncation=True)
+    except Exception:
+        return answer[:2] + struct.pack("!H", flags | _TC) + bytes(8)
+
+
+def _peer(addr: Any) -> tuple[str, int]:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return str(addr), 0
+
+
+def _describe(query: dns.message.Message) -> str:
+    q = query.question[0]
+    return f"{q.name.to_text()} {dns.rdatatype.to_text(q.rdtype)}"
+
+
+class DnsServer:
+    """`DnsServer(config, opener)`, `await start(host, port)`, `port`, `await close()`."""
+
+    onramp = "dns"
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        opener: FlowOpener,
+        *,
+        max_inflight: int = MAX_INFLIGHT,
+        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+        tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.opener = opener
+        self.max_inflight = max_inflight
+        self.max_tcp_connections = max_tcp_connections
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.upstream: tuple[str, int] | None = (
+            parse_hostport(config.dns_upstream, default_port=53) if config.dns_upstream else None
+        )
+        # Outcomes by name: tunnel, upstream, refused, servfail, formerr, notimp, truncated ...
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.inflight = 0
+        self.tcp_connections = 0
+        self._udp: PktinfoEndpoint | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port over UDP and TCP (port 0 picks one free for both: see `port`)."""
+        for attempt in range(PORT_RETRIES if port == 0 else 1):
+            udp = PktinfoEndpoint(name="dns", buffer_size=UDP_BUFFER, on_error=self._endpoint_error)
+            await udp.open(host, port, self._on_datagram)
+            try:
+                self._tcp = await self._listen_tcp(host, udp.port)
+            except OSError as e:
+                udp.close()
+                if port == 0 and e.errno == errno.EADDRINUSE and attempt < PORT_RETRIES - 1:
+                    continue
+                raise
+            self._udp = udp
+            break
+        log.info("dns on-ramp listening on %s:%d (udp, tcp)", *self.address)
+
+    async def _listen_tcp(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.setblocking(False)
+            return await asyncio.start_server(self._serve_tcp, sock=sock, backlog=1024)
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._udp is None:
+            raise RuntimeError("not listening")
+        return self._udp.address
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    async def close(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _endpoint_error(self, reason: str) -> None:
+        self.stats[f"udp_{reason}"] += 1
+
+    def _start_answer(self, coro: Any) -> asyncio.Task[None]:
+        """Run the answer to an admitted query. Its in-flight slot is released when the task
+        ends, also when it is cancelled before it ever ran."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._answer_done)
+        return task
+
+    def _answer_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.inflight -= 1
+
+    # -- one query ----------------------------------------------------------------------------
+
+    def _admit(
+        self, wire: bytes, peer: tuple[str, int]
+    ) -> tuple[dns.message.Message | None, bytes | None]:
+        """Parse a query. Returns (query, None) to answer it, counting it as in flight (the
+        caller must then `_start_answer`); or (None, reply) to send `reply` at once; or
+        (None, None) to drop it."""
+        if len(wire) < HEADER.size:
+            self.opener.bad_input(self.onramp, "short_message", peer)
+            return None, None
+        if wire[2] & (_QR >> 8):
+            # Answering a response invites loops between two servers: drop it.
+            self.opener.bad_input(self.onramp, "not_a_query", peer)
+            return None, None
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.message.UnknownTSIGKey:
+            self.stats["refused"] += 1
+            self.opener.bad_input(self.onramp, "tsig_unsupported", peer)
+            return None, header_reply(wire, dns.rcode.REFUSED)
+        except Exception as e:
+            self.stats["formerr"] += 1
+            self.opener.bad_input(self.onramp, "malformed", peer)
+            log.debug("dns %s:%d: malformed query: %s", *peer, e)
+            return None, header_reply(wire, dns.rcode.FORMERR)
+        if query.opcode() != dns.opcode.QUERY:
+            self.stats["notimp"] += 1
+            return None, rcode_reply(query, dns.rcode.NOTIMP)
+        if len(query.question) != 1:
+            self.stats["formerr"] += 1
+            self.opener.bad_input(self.onramp, "question_count", peer)
+            return None, rcode_reply(query, dns.rcode.FORMERR)
+        if self.inflight >= self.max_inflight:
+            self.stats["refused"] += 1
+            self.opener.bad_input(self.onramp, "too_many_queries", peer)
+            return None, rcode_reply(query, dns.rcode.REFUSED)
+        self.inflight += 1
+        return query, None
+
+    async def _answer(
+        self, query: dns.message.Message, wire: bytes, transport: str, peer: tuple[str, int]
+    ) -> bytes:
+        """The answer to an admitted query: from the tunnel, the upstream, or an error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.dns_timeout
+        source = "tunnel"
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await self.opener.dns_query(wire)
+            if answer is None:
+                if self.upstream is None:
+                    source, answer = "refused", rcode_reply(query, dns.rcode.REFUSED)
+                else:
+                    source = "upstream"
+                    answer = await self._forward(query, deadline)
+        except (FlowError, TimeoutError, OSError, dns.exception.DNSException) as e:
+            log.debug("dns %s:%d: %s via %s failed: %s", *peer, _describe(query), source, e)
+            source, answer = "servfail", rcode_reply(query, dns.rcode.SERVFAIL)
+        except Exception:
+            log.exception("dns %s:%d: answering %s failed", *peer, _describe(query))
+            source, answer = "servfail", rcode_reply(query, dns.rcode.SERVFAIL)
+        if len(answer) < HEADER.size:
+            source, answer = "servfail", rcode_reply(query, dns.rcode.SERVFAIL)
+        answer = wire[:2] + answer[2:]
+        if transport == "udp":
+            limit = udp_limit(query)
+            if len(answer) > limit:
+                self.stats["truncated"] += 1
+                answer = truncate(answer, query, limit)
+        self.stats[source] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "dns %s %s:%d %s -> %s via %s (%d bytes)",
+                transport,
+                *peer,
+                _describe(query),
+                dns.rcode.to_text(answer[3] & 0xF),
+                source,
+                len(answer),
+            )
+        return answer
+
+    async def _forward(self, query: dns.message.Message, deadline: float) -> bytes:
+        """Ask the upstream resolver: UDP, then TCP when the answer comes back truncated."""
+        assert self.upstream is not None
+        host, port = self.upstream
+        loop = asyncio.get_running_loop()
+        r = await dns.asyncquery.udp(
+            query,
+            host,
+            timeout=max(0.01, deadline - loop.time()),
+            port=port,
+            ignore_unexpected=True,
+        )
+        if r.flags & dns.flags.TC:
+            r = await dns.asyncquery.tcp(
+                query, host, timeout=max(0.01, deadline - loop.time()), port=port
+            )
+        return r.to_wire(max_size=65535)
+
+    # -- UDP ----------------------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: Address, local_ip: str) -> None:
+        peer = _peer(addr)
+        query, reply = self._admit(data, peer)
+        if reply is not None and self._udp is not None:
+            self._udp.sendto(reply, addr, local_ip)
+        if query is not None:
+            self._start_answer(self._answer_udp(query, data, addr, local_ip))
+
+    async def _answer_udp(
+        self, query: dns.message.Message, wire: bytes, addr: Address, local_ip: str
+    ) -> None:
+        answer = await self._answer(query, wire, "udp", _peer(addr))
+        if self._udp is not None:
+            self._udp.sendto(answer, addr, local_ip)
+
+    # -- TCP ----------------------------------------------------------------------------------
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer(writer.get_extra_info("peername"))
+        if self._tcp is None or self.tcp_connections >= self.max_tcp_connections:
+            self.opener.bad_input(self.onramp, "too_many_connections", peer)
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.tcp_connections += 1
+        slots = asyncio.Semaphore(MAX_PIPELINE)
+        lock = asyncio.Lock()
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while await self._read_tcp_query(reader, writer, peer, slots, lock, pending):
+                pass
+            # The client may half-close after its last query: answer what is in flight first.
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.dns_timeout + 1)
+        except (ConnectionError, OSError) as e:
+            log.debug("dns tcp %s:%d: %s", *peer, e)
+        finally:
+            for t in pending:
+                t.cancel()
+            self.tcp_connections -= 1
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _read_tcp_query(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: tuple[str, int],
+        slots: asyncio.Semaphore,
+        lock: asyncio.Lock,
+        pending: set[asyncio.Task[None]],
+    ) -> bool:
+        """Read one framed query and start answering it; False when the connection is done."""
+        try:
+            async with asyncio.timeout(self.tcp_idle_timeout):
+                head = await reader.readexactly(2)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                self.opener.bad_input(self.onramp, "truncated_length", peer)
+            return False
+        except TimeoutError:
+            log.debug("dns tcp %s:%d: idle, closing", *peer)
+            return False
+        (size,) = struct.unpack("!H", head)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                wire = await reader.readexactly(size)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            self.opener.bad_input(self.onramp, "truncated_message", peer)
+            return False
+        await slots.acquire()  # before admitting, so a cancel here leaks no in-flight slot
+        query, reply = self._admit(wire, peer)
+        if query is None:
+            slots.release()
+            if reply is not None:
+                await self._write_tcp(writer, lock, reply)
+            return True
+        t = self._start_answer(self._answer_tcp(query, wire, peer, writer, lock))
+        pending.add(t)
+        t.add_done_callback(lambda t: (pending.discard(t), slots.release()))
+        return True
+
+    async def _answer_tcp(
+        self,
+        query: dns.message.Message,
+        wire: bytes,
+        peer: tuple[str, int],
+        writer: asyncio.StreamWriter,
+        lock: asyncio.Lock,
+    ) -> None:
+        answer = await self._answer(query, wire, "tcp", peer)
+        try:
+            await self._write_tcp(writer, lock, answer)
+        except (ConnectionError, OSError) as e:
+            log.debug("dns tcp %s:%d: %s", *peer, e)
+
+    async def _write_tcp(
+        self, writer: asyncio.StreamWriter, lock: asyncio.Lock, msg: bytes
+    ) -> None:
+        async with lock:
+            writer.write(struct.pack("!H", len(msg)) + msg)
+            try:
+                async with asyncio.timeout(self.tcp_idle_timeout):
+                    await writer.drain()
+            except TimeoutError:
+                # The client does not read its answers: stop buffering for it.
+                writer.transport.abort()
+                raise ConnectionError("client not reading") from None
+
+
+__all__ = ["DnsServer", "header_reply", "truncate", "udp_limit"]
