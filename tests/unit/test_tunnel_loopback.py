@@ -40,9 +40,15 @@ def make_token(data_dir: Path, name: str, edge_port: int) -> str:
 
 
 @asynccontextmanager
-async def tunnel(tmp_path: Path, ha: int = 2, **edge_kw: object) -> AsyncIterator[Tunnel]:
+async def tunnel(
+    tmp_path: Path,
+    ha: int = 2,
+    connector_kw: dict[str, object] | None = None,
+    **edge_kw: object,
+) -> AsyncIterator[Tunnel]:
     with Store(tmp_path) as store:
-        store.create_tunnel("corp")
+        if store.get_tunnel("corp") is None:
+            store.create_tunnel("corp")
         store.add_route("127.0.0.0/8", "corp")
     edge = Edge(
         EdgeConfig(
@@ -59,7 +65,13 @@ async def tunnel(tmp_path: Path, ha: int = 2, **edge_kw: object) -> AsyncIterato
     assert edge.tunnels is not None
     token = make_token(tmp_path, "corp", edge.tunnels.port)
     connector = Connector(
-        ConnectorConfig(data_dir=tmp_path, token=token, ha_connections=ha, metrics_listen="off"),
+        ConnectorConfig(
+            data_dir=tmp_path,
+            token=token,
+            ha_connections=ha,
+            metrics_listen="off",
+            **(connector_kw or {}),  # type: ignore[arg-type]
+        ),
         Token.decode(token),
     )
     stop = asyncio.Event()

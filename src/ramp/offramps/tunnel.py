@@ -148,7 +148,8 @@ class TunnelLeg:
         loop = asyncio.get_running_loop()
         bridge = self.bridge
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if client.family != socket.AF_UNIX:  # in-process legs use a socketpair
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(lambda: bridge, sock=client)
             bridge.feed_initial(initial)
             await asyncio.shield(bridge.done)

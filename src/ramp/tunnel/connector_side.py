@@ -463,7 +463,7 @@ class TunnelClient:
         if host == RESOLVER_HOST:  # DNS over TCP to the connector's resolver
             if resolver is None or resolver.address is None:
                 raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
-            host = resolver.address[0]
+            host, port = resolver.address
         return await dial_tcp(
             host, port, self.connect_timeout, resolver.resolve if resolver else None
         )

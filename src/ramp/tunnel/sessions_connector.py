@@ -182,7 +182,7 @@ class ConnectorSessions:
     async def _open(self, key: tuple[str, int], msg: SessionRegister) -> None:
         session: ConnectorSession | None = None
         try:
-            ip = await self._destination(msg.host)
+            ip, port = await self._destination(msg.host, msg.port)
             idle = self.idle_timeout
             if msg.idle_timeout_ms:
                 idle = min(idle, msg.idle_timeout_ms / 1000)
@@ -190,7 +190,7 @@ class ConnectorSessions:
             session = ConnectorSession(self, key, conn, msg, idle)
             s = session
             session.origin = await open_udp_origin(
-                ip, msg.port, lambda d: s.to_edge(d), lambda what: s.origin_error(what)
+                ip, port, lambda d: s.to_edge(d), lambda what: s.origin_error(what)
             )
         except FlowError as e:
             conn = self.opening.pop(key)
@@ -203,17 +203,17 @@ class ConnectorSessions:
         self._metrics_active(len(self.sessions))
         conn.send_datagram(encode_session_control(SessionRegistered(msg.session_id)))
 
-    async def _destination(self, host: str) -> str:
-        if host == RESOLVER_HOST:
+    async def _destination(self, host: str, port: int) -> tuple[str, int]:
+        if host == RESOLVER_HOST:  # the edge means "your resolver", wherever it listens
             addr = self.resolver.address
             if addr is None:
                 raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
-            return addr[0]
+            return addr
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            return (await self.resolver.resolve(host))[0]
-        return host
+            return (await self.resolver.resolve(host))[0], port
+        return host, port
 
     def _end(self, session: ConnectorSession, reason: str, notify: bool = False) -> None:
         if self.sessions.pop(session.key, None) is None:
