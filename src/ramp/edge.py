@@ -92,7 +92,11 @@ class Edge:
         ):
             if listen == "off":
                 continue
-            server = cls(self.config, self)
+            if cls is DnsServer:
+                outcomes = self.metrics.dns_queries
+                server = DnsServer(self.config, self, on_outcome=lambda o: outcomes.labels(o).inc())
+            else:
+                server = cls(self.config, self)
             h, p = parse_hostport(listen)
             await server.start(h, p)
             self.onramps.append(server)

@@ -123,6 +123,11 @@ class DnsServer:
 
     onramp = "dns"
 
+    def _count(self, outcome: str) -> None:
+        self.stats[outcome] += 1
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
     def __init__(
         self,
         config: EdgeConfig,
@@ -131,8 +136,10 @@ class DnsServer:
         max_inflight: int = MAX_INFLIGHT,
         max_tcp_connections: int = MAX_TCP_CONNECTIONS,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_outcome = on_outcome
         self.opener = opener
         self.max_inflight = max_inflight
         self.max_tcp_connections = max_tcp_connections
@@ -206,7 +213,7 @@ class DnsServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _endpoint_error(self, reason: str) -> None:
-        self.stats[f"udp_{reason}"] += 1
+        self._count(f"udp_{reason}")
 
     def _start_answer(self, coro: Any) -> asyncio.Task[None]:
         """Run the answer to an admitted query. Its in-flight slot is released when the task
@@ -238,23 +245,23 @@ class DnsServer:
         try:
             query = dns.message.from_wire(wire)
         except dns.message.UnknownTSIGKey:
-            self.stats["refused"] += 1
+            self._count("refused")
             self.opener.bad_input(self.onramp, "tsig_unsupported", peer)
             return None, header_reply(wire, dns.rcode.REFUSED)
         except Exception as e:
-            self.stats["formerr"] += 1
+            self._count("formerr")
             self.opener.bad_input(self.onramp, "malformed", peer)
             log.debug("dns %s:%d: malformed query: %s", *peer, e)
             return None, header_reply(wire, dns.rcode.FORMERR)
         if query.opcode() != dns.opcode.QUERY:
-            self.stats["notimp"] += 1
+            self._count("notimp")
             return None, rcode_reply(query, dns.rcode.NOTIMP)
         if len(query.question) != 1:
-            self.stats["formerr"] += 1
+            self._count("formerr")
             self.opener.bad_input(self.onramp, "question_count", peer)
             return None, rcode_reply(query, dns.rcode.FORMERR)
         if self.inflight >= self.max_inflight:
-            self.stats["refused"] += 1
+            self._count("refused")
             self.opener.bad_input(self.onramp, "too_many_queries", peer)
             return None, rcode_reply(query, dns.rcode.REFUSED)
         self.inflight += 1
@@ -288,9 +295,9 @@ class DnsServer:
         if transport == "udp":
             limit = udp_limit(query)
             if len(answer) > limit:
-                self.stats["truncated"] += 1
+                self._count("truncated")
                 answer = truncate(answer, query, limit)
-        self.stats[source] += 1
+        self._count(source)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "dns %s %s:%d %s -> %s via %s (%d bytes)",

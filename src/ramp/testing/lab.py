@@ -15,6 +15,13 @@
   echo on :7, hello-echo on :9000, half-close on :9001. Nothing listens on :9 (refused), and
   P's nftables silently drop what P sends to the blackhole address (connects time out).
 - The edge resolves `origin.ramp.test` (and friends) from its own /etc/hosts.
+- UDP: an echo on :7/udp of each origin address. DNS: dnsmasq in P on 198.51.100.53:53 serves
+  the private zone corp.example (`app.corp.example` -> 198.51.100.10, a TXT record too big for
+  one 1232-byte UDP answer, ...) and refuses everything else; E has no route to it. On demand
+  (`start_upstream_dns`), a second dnsmasq in E on 127.0.0.53:53 plays the edge's public
+  upstream resolver (`www.example.net`).
+- Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
+  client-facing address of the edge (203.0.113.3, source-address tests).
 
 The ramp CLI runs as `python -m ramp` with this interpreter: store commands on the host, the
 edge in E, connectors in P. Their stdout/stderr go to files under the lab's work directory;
@@ -67,6 +74,23 @@ ORIGIN6_PREFIX = "2001:db8:198::/64"
 ORIGIN6 = "2001:db8:198::10"
 BLACKHOLE6 = "2001:db8:198::99"
 
+EDGE_PUBLIC_ADDR2 = "203.0.113.3"  # see `Lab.add_edge_address`
+EDGE_PUBLIC_ADDR6_2 = "2001:db8:203::3"
+
+# DNS: the private zone (dnsmasq in P) and the edge's public upstream (dnsmasq in E).
+PRIVATE_DNS_ADDR = "198.51.100.53"
+PRIVATE_DNS = f"{PRIVATE_DNS_ADDR}:53"
+DNS_ZONE = "corp.example"
+APP_NAME = f"app.{DNS_ZONE}"  # -> ORIGIN
+DB_NAME = f"db.{DNS_ZONE}"  # -> ORIGIN2
+BIG_NAME = f"big.{DNS_ZONE}"  # TXT BIG_TXT: more than one 1232-byte UDP answer holds
+BIG_TXT = tuple(f"{i:02d}" + chr(ord("a") + i) * 198 for i in range(8))
+PRIVATE_DNS_RECORDS = {APP_NAME: ORIGIN, DB_NAME: ORIGIN2}
+UPSTREAM_DNS_ADDR = "127.0.0.53"
+UPSTREAM_DNS = f"{UPSTREAM_DNS_ADDR}:53"
+PUBLIC_NAME = "www.example.net"  # known only to the upstream resolver
+PUBLIC_NAME_ADDR = "192.0.2.80"
+
 ORIGIN_NAME = "origin.ramp.test"
 ORIGIN6_NAME = "origin6.ramp.test"
 BLACKHOLE_NAME = "blackhole.ramp.test"
@@ -81,10 +105,14 @@ HTTP_PORT = 80
 ECHO_PORT = 7
 HELLO_PORT = 9000
 HALF_CLOSE_PORT = 9001
+HTTP_ALT_PORT = 8000  # the same HTTP origin again
+UDP_ECHO_PORT = 7  # UDP echo on each origin address
 CLOSED_PORT = 9
+DNS_PORT = 53
 
 EDGE_TUNNEL = f"{EDGE_TUNNEL_ADDR}:{TUNNEL_PORT}"
 SOCKS_PROXY = f"{EDGE_PUBLIC_ADDR}:{SOCKS_PORT}"
+EDGE_DNS = f"{EDGE_PUBLIC_ADDR}:{DNS_PORT}"  # the usual --dns-listen in tests
 HTTP_PROXY = f"{EDGE_PUBLIC_ADDR}:{HTTP_PROXY_PORT}"
 
 RAMP = [sys.executable, "-m", "ramp"]
@@ -380,6 +408,46 @@ class Digest:
     stderr: str
 
 
+@dataclass(frozen=True)
+class Dig:
+    """One `dig` run: its exit code (9 = no answer from the server it asked) and output."""
+
+    returncode: int
+    output: str
+
+    @property
+    def status(self) -> str | None:
+        """The answer's RCODE name (NOERROR, REFUSED, ...), None when there was no answer."""
+        m = re.search(r"->>HEADER<<- opcode: \w+, status: (\w+)", self.output)
+        return m.group(1) if m else None
+
+    @property
+    def flags(self) -> set[str]:
+        m = re.search(r";; flags:([^;]*);", self.output)
+        return set(m.group(1).split()) if m else set()
+
+    def answers(self, rtype: str = "A") -> list[str]:
+        """RDATA of the answer section's records of type `rtype`, as dig prints them."""
+        found = []
+        section = False
+        for line in self.output.splitlines():
+            if line.startswith(";; ANSWER SECTION:"):
+                section = True
+                continue
+            if section:
+                if not line.strip():
+                    break
+                cols = line.split(None, 4)
+                if len(cols) == 5 and cols[3] == rtype:
+                    found.append(cols[4])
+        return found
+
+    def server(self) -> str | None:
+        """`;; SERVER:` line: the address the answer came from."""
+        m = re.search(r";; SERVER: (\S+)", self.output)
+        return m.group(1) if m else None
+
+
 class Lab:
     """The three namespaces, the origins, and any edge and connectors started in them."""
 
@@ -389,12 +457,18 @@ class Lab:
         *,
         payload: Payload | None = None,
         mtu: int | None = None,
+        tunnel_mtu: int | None = None,
         ipv6: bool = True,
+        private_dns: bool = True,
     ) -> None:
+        """`mtu` applies to both veth pairs, `tunnel_mtu` (if set) to the E<->P pair instead;
+        `private_dns` starts the dnsmasq of the corp.example zone in P."""
         self.workdir = Path(workdir)
         self.payload = payload
         self.mtu = mtu
+        self.tunnel_mtu = tunnel_mtu or mtu
         self.ipv6 = ipv6
+        self.private_dns = private_dns
         self.data_dir = self.workdir / "edge-data"
         self.log_dir = self.workdir / "logs"
         self.env = self._make_env()
@@ -402,6 +476,8 @@ class Lab:
         self.edge: LabProcess | None = None
         self.connectors: list[LabProcess] = []
         self.origins: LabProcess | None = None
+        self.dns_server: LabProcess | None = None  # dnsmasq in P
+        self.upstream_dns: LabProcess | None = None  # dnsmasq in E
         self._group: NetnsGroup | None = None
         self._role_counts: dict[str, int] = {}
         self._edge_args: list[str] = []
@@ -451,6 +527,8 @@ class Lab:
         try:
             self._build_network()
             self.start_origins()
+            if self.private_dns:
+                self.start_private_dns()
         except BaseException:
             self.close()
             raise
@@ -477,10 +555,10 @@ class Lab:
             "to-edge",
             a_addresses=[f"{EDGE_TUNNEL_ADDR}/24"] + ([f"{EDGE_TUNNEL_ADDR6}/64"] if v6 else []),
             b_addresses=[f"{PRIVATE_ADDR}/24"] + ([f"{PRIVATE_ADDR6}/64"] if v6 else []),
-            mtu=self.mtu,
+            mtu=self.tunnel_mtu,
         )
         # The origins are local addresses of P; E and C get no route to them.
-        for addr in (ORIGIN, ORIGIN2, BLACKHOLE):
+        for addr in (ORIGIN, ORIGIN2, BLACKHOLE, PRIVATE_DNS_ADDR):
             p.add_address("lo", f"{addr}/32")
         if v6:
             for addr in (ORIGIN6, BLACKHOLE6):
@@ -538,6 +616,8 @@ class Lab:
             args += ["--http", f"{host}:{HTTP_PORT}", "--echo", f"{host}:{ECHO_PORT}"]
             args += ["--hello-echo", f"{host}:{HELLO_PORT}"]
             args += ["--half-close", f"{host}:{HALF_CLOSE_PORT}"]
+            args += ["--udp-echo", f"{host}:{UDP_ECHO_PORT}"]
+        args += ["--http", f"{ORIGIN}:{HTTP_ALT_PORT}"]
         origins = self.start_process("origins", self.private, args)
         wait_until(
             lambda: origins.check_alive() or "ready" in origins.stdout(),
@@ -546,6 +626,51 @@ class Lab:
         )
         self.origins = origins
         return origins
+
+    def _dnsmasq(self, role: str, ns: Netns, addr: str, records: Sequence[str]) -> LabProcess:
+        """dnsmasq answering only `records` on addr:53 (UDP and TCP), REFUSED for the rest."""
+        args = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--port=53",
+            f"--listen-address={addr}",
+            "--bind-interfaces",
+            f"--pid-file={self.workdir / f'{role}.pid'}",
+            "--log-facility=-",
+            "--log-queries",
+            *records,
+        ]
+        proc = self.start_process(role, ns, args)
+        want = {("udp", f"{addr}:53"), ("tcp", f"{addr}:53")}
+        wait_until(
+            lambda: proc.check_alive() or want <= self.listening(ns),
+            15,
+            interval=0.05,
+            what=lambda: f"{role} to listen on {addr}:53\n{proc.tail()}",
+        )
+        return proc
+
+    def start_private_dns(self) -> LabProcess:
+        """dnsmasq in P for the zone corp.example on 198.51.100.53:53 (started by `build`)."""
+        records = [f"--address=/{name}/{ip}" for name, ip in PRIVATE_DNS_RECORDS.items()]
+        records.append(f"--txt-record={BIG_NAME}," + ",".join(f'"{t}"' for t in BIG_TXT))
+        self.dns_server = self._dnsmasq("dnsmasq-private", self.private, PRIVATE_DNS_ADDR, records)
+        return self.dns_server
+
+    def start_upstream_dns(self) -> LabProcess:
+        """dnsmasq in E on 127.0.0.53:53, the edge's public upstream: knows www.example.net."""
+        records = [f"--address=/{PUBLIC_NAME}/{PUBLIC_NAME_ADDR}"]
+        self.upstream_dns = self._dnsmasq(
+            "dnsmasq-upstream", self.edge_ns, UPSTREAM_DNS_ADDR, records
+        )
+        return self.upstream_dns
+
+    def add_edge_address(self, address: str = EDGE_PUBLIC_ADDR2) -> None:
+        """Another address on the edge's client-facing veth, in the prefix of the first."""
+        self.edge_ns.add_address("to-client", f"{address}/{64 if ':' in address else 24}")
 
     def _small_www(self) -> Path:
         www = self.workdir / "www"
@@ -593,6 +718,16 @@ class Lab:
 
     def delete_tunnel(self, name: str) -> None:
         self.ramp("tunnel", "delete", name)
+
+    def add_dns_route(self, zone: str, tunnel: str) -> None:
+        self.ramp("tunnel", "route", "dns", "add", zone, tunnel)
+
+    def delete_dns_route(self, zone: str) -> None:
+        self.ramp("tunnel", "route", "dns", "delete", zone)
+
+    def dns_routes(self) -> str:
+        """What `ramp tunnel route dns list` prints."""
+        return self.ramp("tunnel", "route", "dns", "list").stdout
 
     # --- edge ----------------------------------------------------------------------------
 
@@ -657,14 +792,20 @@ class Lab:
             ("--socks5-listen", SOCKS_PROXY),
             ("--http-listen", HTTP_PROXY),
             ("--metrics-listen", f"{EDGE_PUBLIC_ADDR}:{EDGE_METRICS_PORT}"),
+            ("--dns-listen", "off"),
         ):
             value = _last_flag(edge.args, flag, default)
             if value not in ("off", ""):
                 want.add(("tcp", value.replace("[", "").replace("]", "")))
+                if flag == "--dns-listen":
+                    want.add(("udp", value.replace("[", "").replace("]", "")))
 
         def bound() -> bool:
             edge.check_alive()
-            return want <= self.listening(self.edge_ns)
+            have = self.listening(self.edge_ns)
+            # ss prints a dual-stack [::] socket as *:PORT
+            have |= {(p, ":::" + a[2:]) for p, a in have if a.startswith("*:")}
+            return want <= have
 
         wait_until(
             bound,
@@ -833,23 +974,47 @@ class Lab:
         with self.connect_http_proxy(timeout) as sock:
             return http_forward_get(sock, host, port, path)[0]
 
+    def dig(self, *args: str, server: str = EDGE_PUBLIC_ADDR, timeout: float = 2.0) -> Dig:
+        """`dig @SERVER ARGS` in C, one try of `timeout` seconds; see `Dig`."""
+        proc = self.client.run(
+            ["dig", f"@{server}", f"+time={max(1, round(timeout))}", "+tries=1", *args],
+            check=False,
+            timeout=timeout * 4 + 10,
+            env=self.env,
+        )
+        return Dig(proc.returncode, proc.stdout.decode(errors="replace"))
+
+    def udp_owners(self, dport: int) -> dict[int, int]:
+        """Connected UDP sockets in P towards port `dport`: local port -> owning pid."""
+        out = self.private.run(["ss", "-Hunp", "dport", "=", f":{dport}"]).stdout.decode()
+        return _owners(out)
+
     def tcp_owners(self, dport: int) -> dict[int, int]:
         """Established TCP connections in P towards port `dport`: local port -> owning pid."""
         out = self.private.run(
             ["ss", "-Htnp", "state", "established", "dport", "=", f":{dport}"]
         ).stdout.decode()
-        owners: dict[int, int] = {}
-        for line in out.splitlines():
-            cols = line.split()
-            pid = re.search(r"pid=(\d+)", line)
-            if len(cols) >= 3 and pid:
-                owners[int(cols[2].rsplit(":", 1)[1])] = int(pid.group(1))
-        return owners
+        return _owners(out)
 
     # --- diagnostics ---------------------------------------------------------------------
 
     def log_tails(self, lines: int = 40) -> str:
         return "\n\n".join(p.tail(lines) for p in self.processes)
+
+
+def _owners(ss_output: str) -> dict[int, int]:
+    """Local port -> pid from the lines of `ss -H...p`.
+
+    ss shows a State column only sometimes (not with a state filter, not for connected UDP),
+    so the local address is the first column that looks like ADDR:PORT.
+    """
+    owners: dict[int, int] = {}
+    for line in ss_output.splitlines():
+        pid = re.search(r"pid=(\d+)", line)
+        local = next((c for c in line.split() if re.fullmatch(r".+:\d+", c)), None)
+        if pid and local:
+            owners[int(local.rsplit(":", 1)[1])] = int(pid.group(1))
+    return owners
 
 
 def _last_flag(args: Sequence[str], flag: str, default: str) -> str:

@@ -1,6 +1,7 @@
 """Origin servers for the test network, run as one process inside the private namespace.
 
-    python -m ramp.testing.origins --root DIR --http 198.51.100.10:80 --echo 198.51.100.10:7 ...
+    python -m ramp.testing.origins --root DIR --http 198.51.100.10:80 --echo 198.51.100.10:7 \\
+        --udp-echo 198.51.100.10:7 ...
 
 - `--http`: HTTP/1.1 static files from `--root` (GET and HEAD, keep-alive, origin-form and
   absolute-form request targets; files go out with sendfile). `/` answers a short text.
@@ -8,6 +9,7 @@
 - `--hello-echo`: first writes "HOST PORT\\n" (the peer as the origin sees it), then echoes, so a
   test can tell which process on the other side opened the connection.
 - `--half-close`: reads until end of input, then answers `half_close_reply(data)` and closes.
+- `--udp-echo`: UDP; sends every datagram (up to 65,535 bytes) back to where it came from.
 
 Each flag may be repeated. "ready" is printed on stdout once every listener is bound.
 """
@@ -19,8 +21,10 @@ import asyncio
 import contextlib
 import hashlib
 import signal
+import socket
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -31,6 +35,10 @@ HALF_CLOSE_TAIL = bytes(range(256)) * 1024  # 256 KiB after the summary line
 MAX_HALF_CLOSE_INPUT = 256 * 2**20
 MAX_HEAD = 64 * 1024
 BACKLOG = 4096  # hundreds of flows may dial at once; a full backlog would delay SYNs by 1 s
+UDP_MAX = 65535
+UDP_BUFFER = 8 * 2**20  # bursts of a benchmark must not overflow the echo's socket
+SO_SNDBUFFORCE = 32  # Linux; not exported by the socket module
+SO_RCVBUFFORCE = 33
 
 
 def half_close_reply(data: bytes) -> bytes:
@@ -159,7 +167,39 @@ async def _respond(
     await writer.drain()
 
 
-async def _serve(specs: list[tuple[Handler, str]]) -> None:
+def udp_echo_socket(listen: str) -> socket.socket:
+    """A bound UDP socket with large buffers (forced past rmem_max: the lab runs as root)."""
+    host, port = parse_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    for forced, plain in (
+        (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, UDP_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
+    sock.bind((host, port))
+    return sock
+
+
+def udp_echo_forever(sock: socket.socket) -> None:
+    """Blocking loop, one thread per socket: no event loop between a datagram and its echo."""
+    buf = bytearray(UDP_MAX)
+    view = memoryview(buf)
+    while True:
+        try:
+            n, peer = sock.recvfrom_into(buf)
+            sock.sendto(view[:n], peer)
+        except OSError:
+            continue
+
+
+async def _serve(specs: list[tuple[Handler, str]], udp_echo: Sequence[str] = ()) -> None:
+    for listen in udp_echo:
+        sock = udp_echo_socket(listen)
+        threading.Thread(target=udp_echo_forever, args=(sock,), daemon=True).start()
     servers = []
     for handler, listen in specs:
         host, port = parse_hostport(listen)
@@ -181,7 +221,7 @@ async def _serve(specs: list[tuple[Handler, str]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ramp.testing.origins", description=__doc__)
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="directory --http serves")
-    for flag in ("http", "echo", "hello-echo", "half-close"):
+    for flag in ("http", "echo", "hello-echo", "half-close", "udp-echo"):
         parser.add_argument(f"--{flag}", action="append", default=[], metavar="HOST:PORT")
     args = parser.parse_args(argv)
     specs: list[tuple[Handler, str]] = []
@@ -189,10 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     specs += [(_echo, a) for a in args.echo]
     specs += [(_hello_echo, a) for a in args.hello_echo]
     specs += [(_half_close, a) for a in args.half_close]
-    if not specs:
+    if not specs and not args.udp_echo:
         parser.error("nothing to serve")
     try:
-        asyncio.run(_serve(specs))
+        asyncio.run(_serve(specs, args.udp_echo))
     except OSError as e:
         print(f"origins: {e}", file=sys.stderr)
         sys.exit(1)
