@@ -398,6 +398,9 @@ class Edge:
             m.flow_bytes.labels("down").inc(flow.bytes_down)
         self.audit.write(flow)
 
+    def _dns_outcome(self, outcome: str) -> None:
+        self.metrics.dns_queries.labels(outcome).inc()
+
     def bad_input(self, onramp: str, reason: str, peer: tuple[str, int] | None = None) -> None:
         self.metrics.bad_input.labels(onramp, reason).inc()
         if self._bad_input_log.allow((onramp, reason)):

@@ -23,6 +23,7 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import dns.asyncquery
