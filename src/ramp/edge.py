@@ -93,8 +93,7 @@ class Edge:
             if listen == "off":
                 continue
             if cls is DnsServer:
-                outcomes = self.metrics.dns_queries
-                server = DnsServer(self.config, self, on_outcome=lambda o: outcomes.labels(o).inc())
+                server = DnsServer(self.config, self, on_outcome=self._dns_outcome)
             else:
                 server = cls(self.config, self)
             h, p = parse_hostport(listen)

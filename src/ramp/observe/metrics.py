@@ -91,6 +91,13 @@ class EdgeMetrics(FlowMetrics):
             ["reason"],
             registry=self.registry,
         )
+        self.dns_queries = Counter(
+            "ramp_dns_queries",
+            "DNS queries answered by the edge's DNS listener, by outcome "
+            "(tunnel, upstream, refused, servfail, formerr, truncated, ...).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.routes = Gauge(
             "ramp_routes", "IP routes loaded from the store.", registry=self.registry
         )
