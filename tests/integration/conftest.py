@@ -67,11 +67,16 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> Payload:
 
 @contextlib.contextmanager
 def open_lab(
-    workdir: Path, payload: Payload, *, standard: bool, **start_kwargs: Any
+    workdir: Path,
+    payload: Payload,
+    *,
+    standard: bool,
+    lab_kwargs: dict[str, Any] | None = None,
+    **start_kwargs: Any,
 ) -> Iterator[Lab]:
     """A lab whose logs are shown when a test fails; `standard` also starts edge + connector
-    (`start_kwargs` go to `Lab.start_standard`)."""
-    lab = Lab(workdir, payload=payload)
+    (`lab_kwargs` go to `Lab`, `start_kwargs` to `Lab.start_standard`)."""
+    lab = Lab(workdir, payload=payload, **(lab_kwargs or {}))
     _active_labs.append(lab)
     try:
         with lab:

@@ -128,7 +128,10 @@ def test_bulk_transfer_and_echo(tmp_path: Path) -> None:
             digest = await r.readexactly(32)
             rest = await r.read()
             assert digest == hashlib.sha256(up).digest()
-            assert rest == payload
+            assert len(rest) == len(payload), (len(rest), len(payload))
+            if rest != payload:
+                first = next(i for i in range(len(rest)) if rest[i] != payload[i])
+                raise AssertionError(f"first difference at byte {first} of {len(rest)}")
             w.close()
         srv.close()
 

@@ -20,6 +20,7 @@ from ramp.wire.tunnel import (
 )
 
 STALE_CHECK = 0.25
+DRAIN_TIMEOUT = 60.0  # a client that stops reading after the end of a flow is cut after this
 
 
 class ConnectionGone(Exception):
@@ -153,6 +154,10 @@ class TunnelLeg:
             await loop.connect_accepted_socket(lambda: bridge, sock=client)
             bridge.feed_initial(initial)
             await asyncio.shield(bridge.done)
+            try:  # let the last bytes reach the client before the caller closes the socket
+                await asyncio.wait_for(asyncio.shield(bridge.tcp_closed), DRAIN_TIMEOUT)
+            except TimeoutError:
+                bridge.abort()
         except asyncio.CancelledError:
             bridge.abort()
             raise

@@ -54,7 +54,11 @@ class StreamBridge(asyncio.Protocol):
         self.bytes_tcp_to_quic = 0
         self.bytes_quic_to_tcp = 0
         self.reset_by: str | None = None  # "tcp" or "tunnel" if the flow ended by a reset
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = loop.create_future()
+        # set once the TCP socket is really closed: after `done`, buffered bytes may still be
+        # on their way to the client, and closing the socket earlier would drop them
+        self.tcp_closed: asyncio.Future[None] = loop.create_future()
 
     # -- TCP side (asyncio.Protocol) -------------------------------------------------------
 
@@ -89,6 +93,8 @@ class StreamBridge(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if not self.tcp_closed.done():
+            self.tcp_closed.set_result(None)
         if self._finished:
             return
         if exc is not None or not (self._fin_sent and self._fin_received):

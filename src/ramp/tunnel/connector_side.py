@@ -417,14 +417,15 @@ class TunnelClient:
                 conn, flow.stream_id, send_credit=header.window, grant=conn.send_window
             )
             flow.bridge = bridge
-            conn.handlers[flow.stream_id] = TunnelSide(bridge)
-            conn.bridges[flow.stream_id] = bridge
-            conn.send(flow.stream_id, encode_frame(ConnectResult(ConnectCode.OK, FLOW_WINDOW)))
-            await loop.connect_accepted_socket(lambda: bridge, sock=sock)
+            # bytes that came before the bridge go first, then the bridge takes the stream
             for chunk in flow.early:
                 bridge.stream_data(chunk, False)
             if flow.fin:
                 bridge.stream_data(b"", True)
+            conn.handlers[flow.stream_id] = TunnelSide(bridge)
+            conn.bridges[flow.stream_id] = bridge
+            conn.send(flow.stream_id, encode_frame(ConnectResult(ConnectCode.OK, FLOW_WINDOW)))
+            await loop.connect_accepted_socket(lambda: bridge, sock=sock)
             await asyncio.shield(bridge.done)
             if bridge.reset_by is not None:
                 result = FlowResult.RESET

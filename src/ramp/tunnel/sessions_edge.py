@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
+from ramp.tunnel.edge_side import STALE_AFTER
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
@@ -82,6 +83,7 @@ class EdgeSession:
         flow = self.flow
         flow.packets_up += 1
         flow.bytes_up += len(payload)
+        self.manager.metrics_datagram("up", len(payload))
         conn = self.conn
         if self.registered and conn is not None and not conn.closed:
             if not conn.send_datagram(self.prefix + payload):
@@ -376,12 +378,27 @@ class EdgeSessions:
         self._on_finished(session.flow)
 
     async def _sweep(self) -> None:
-        """Close sessions idle for longer than the idle timeout."""
+        """Close sessions idle for longer than the idle timeout, and move sessions off
+        connections that went silent (a killed connector is noticed here in about 2.5 s,
+        long before the QUIC idle timeout)."""
         while True:
-            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
-            cutoff = self.now() - self.idle_timeout
-            for s in [s for s in self.sessions.values() if s.last_active < cutoff]:
-                s._finish(FlowResult.OK, "idle timeout", notify_peer=SessionCloseReason.IDLE)
+            await asyncio.sleep(min(0.5, self.idle_timeout / 4))
+            now = self.now()
+            cutoff = now - self.idle_timeout
+            for s in list(self.sessions.values()):
+                if s.last_active < cutoff:
+                    s._finish(FlowResult.OK, "idle timeout", notify_peer=SessionCloseReason.IDLE)
+                    continue
+                conn = s.conn
+                if (
+                    isinstance(s, EdgeSession)
+                    and conn is not None
+                    and s.registered
+                    and now - conn.last_rx > STALE_AFTER
+                ):
+                    log.info("udp session %d: its connection went silent; moving it", s.id)
+                    conn.sessions.pop(s.id, None)
+                    s.connection_lost()
 
     def close(self) -> None:
         self._sweeper.cancel()
