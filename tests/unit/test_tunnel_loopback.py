@@ -362,3 +362,38 @@ def test_graceful_shutdown_lets_open_flows_finish(tmp_path: Path) -> None:
         srv.close()
 
     run(main())
+
+
+def test_slow_reader_gets_the_whole_tail_after_the_origin_closes(tmp_path: Path) -> None:
+    """The origin finishes and closes while the edge still holds bytes for a slow client:
+    those bytes must all arrive before the client sees EOF."""
+    payload = os.urandom(3 * 1024 * 1024)
+
+    async def main() -> None:
+        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(payload)
+            await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(origin, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path) as t:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", t.socks_port))
+            r, w = await asyncio.open_connection(sock=sock, limit=65536)
+            w.write(b"\x05\x01\x00")
+            await r.readexactly(2)
+            w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", oport))
+            assert (await r.readexactly(10))[1] == 0
+            w.write_eof()  # the client is done sending: the flow ends when the origin is
+            got = bytearray()
+            while chunk := await r.read(32768):
+                got += chunk
+                await asyncio.sleep(0.002)  # slower than the tunnel
+            assert len(got) == len(payload)
+            assert got == payload
+            w.close()
+        srv.close()
+
+    run(main())
