@@ -222,3 +222,31 @@ def test_direct_udp_egress(tmp_path: Path) -> None:
         transport.close()
 
     run(main())
+
+
+def test_malformed_and_unknown_datagrams_at_the_edge_are_counted(tmp_path: Path) -> None:
+    async def main() -> None:
+        transport, port = await echo_server()
+        async with tunnel(tmp_path, ha=1) as t:
+            session, got, _ = await open_session(t.edge, port)
+            conn = next(iter(t.connector.client.live))
+            conn.send_datagram(b"\x3f")  # a kind with no session id
+            conn.send_datagram(b"\x09\x01junk")  # unknown kind
+            conn.send_datagram(payload_prefix(424242) + b"nobody")  # unknown session
+            await asyncio.sleep(0.3)
+            samples = {
+                (m.name, tuple(sorted(s.labels.items()))): s.value
+                for m in t.edge.metrics.registry.collect()
+                for s in m.samples
+                if s.name.endswith("_total")
+            }
+            bad = samples.get(
+                ("ramp_bad_input", (("onramp", "tunnel"), ("reason", "malformed_datagram")))
+            )
+            assert bad == 2
+            assert samples.get(("ramp_udp_drops", (("reason", "unknown_session"),))) == 1
+            session.send(b"still fine")
+            assert await asyncio.wait_for(got.get(), 5) == b"still fine"
+        transport.close()
+
+    run(main())
