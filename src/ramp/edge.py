@@ -349,14 +349,18 @@ class Edge:
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.connect_timeout
+        wait = 0.005
         while loop.time() < deadline:
             usable = [c for c in candidates if c.can_open_stream()]
             if not usable:
                 if all(c.closed for c in candidates):
                     break
                 # every connection is at the connector's stream limit: slots come back as
-                # flows end (MAX_STREAMS), so wait for one instead of failing at once
-                await asyncio.sleep(0.005)
+                # flows end (MAX_STREAMS), so wait for one instead of failing at once, backing
+                # off so that many waiting flows do not starve the relays that free slots
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 0.1)
+                candidates = self.tunnels.candidates(route.tunnel_id)
                 continue
             for conn in usable:
                 remaining = deadline - loop.time()

@@ -52,15 +52,19 @@ class _Direction:
 
     async def run(self) -> None:
         src, dst = self.src.fileno(), self.dst.fileno()
+        # A pipe holds 16 buffers (or what F_SETPIPE_SZ gave), one per socket segment, so it
+        # can be full long before it holds PIPE_SIZE bytes. An EAGAIN from splicing in while
+        # the pipe holds data therefore means "wait for the sink", not "wait for the source"
+        # (the source is readable, and waiting on it would spin).
+        pipe_full = False
         try:
             while True:
-                if not self.eof and self.in_pipe < PIPE_SIZE:
+                if not self.eof and not pipe_full:
                     try:
-                        n = os.splice(
-                            src, self.wpipe, PIPE_SIZE - self.in_pipe, flags=_SPLICE_FLAGS
-                        )
+                        n = os.splice(src, self.wpipe, PIPE_SIZE, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
                         n = -1
+                        pipe_full = self.in_pipe > 0
                     if n == 0:
                         self.eof = True
                     elif n > 0:
@@ -70,23 +74,25 @@ class _Direction:
                         n = os.splice(self.rpipe, dst, self.in_pipe, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
                         n = 0
-                    self.in_pipe -= n
-                    self.moved += n
+                    if n > 0:
+                        self.in_pipe -= n
+                        self.moved += n
+                        pipe_full = False
                 if self.eof and not self.in_pipe:
                     try:
                         self.dst.shutdown(socket.SHUT_WR)
                     except OSError:
                         pass
                     return
-                await self._wait()
+                await self._wait(want_read=not self.eof and not pipe_full)
         except OSError as e:
             if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                 self.reset = True
                 return
             raise
 
-    async def _wait(self) -> None:
-        """Sleep until the source is readable (room in the pipe) or the sink writable."""
+    async def _wait(self, want_read: bool) -> None:
+        """Sleep until the source is readable or the sink writable, as needed."""
         fut = self.loop.create_future()
         src, dst = self.src.fileno(), self.dst.fileno()
 
@@ -94,7 +100,6 @@ class _Direction:
             if not fut.done():
                 fut.set_result(None)
 
-        want_read = not self.eof and self.in_pipe < PIPE_SIZE
         want_write = self.in_pipe > 0
         if want_read:
             self.loop.add_reader(src, wake)
@@ -119,13 +124,14 @@ async def splice_relay(a: socket.socket, b: socket.socket, initial: bytes = b"")
     a.setblocking(False)
     b.setblocking(False)
     result = SpliceResult()
-    if initial:
-        await loop.sock_sendall(b, initial)
-        result.a_to_b += len(initial)
     ab = _Direction(loop, a, b)
     ba = _Direction(loop, b, a)
-    tasks = [asyncio.ensure_future(ab.run()), asyncio.ensure_future(ba.run())]
+    tasks: list[asyncio.Future[None]] = []
     try:
+        if initial:
+            await loop.sock_sendall(b, initial)
+            result.a_to_b += len(initial)
+        tasks = [asyncio.ensure_future(ab.run()), asyncio.ensure_future(ba.run())]
         pending = set(tasks)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -134,6 +140,8 @@ async def splice_relay(a: socket.socket, b: socket.socket, initial: bytes = b"")
             if ab.reset or ba.reset:
                 result.reset = True
                 break
+    except OSError:  # ETIMEDOUT, EHOSTUNREACH, ... mid-flow: the flow broke like a reset
+        result.reset = True
     finally:
         for t in tasks:
             t.cancel()

@@ -41,6 +41,8 @@ async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FlowError(FlowResult.HOST_UNREACHABLE, f"cannot resolve {host}: {e.strerror}") from e
+    except (UnicodeError, ValueError) as e:  # e.g. "a..b": not a valid name at all
+        raise FlowError(FlowResult.HOST_UNREACHABLE, f"invalid host name {host!r}") from e
     return [(fam, addr) for fam, _, _, _, addr in infos]
 
 
@@ -65,7 +67,10 @@ async def dial_tcp(
         addrs = await resolve(host, port)
     last: FlowError | None = None
     for fam, addr in addrs:
-        sock = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+        except OSError as e:  # EMFILE and friends
+            raise FlowError(FlowResult.ERROR, f"cannot create a socket: {e.strerror}") from e
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:

@@ -37,6 +37,8 @@ class _PendingFlow:
         self.extra_len = 0
         self.window = window
         self.fin = False
+        self.reset_code: int | None = None
+        self.lost = False
 
     def stream_data(self, data: bytes, fin: bool) -> None:
         if self.result.done():
@@ -66,6 +68,7 @@ class _PendingFlow:
             self.result.set_exception(FlowError(FlowResult.ERROR, "connector closed the stream"))
 
     def stream_reset(self, code: int) -> None:
+        self.reset_code = code  # also after the answer: the bridge must learn of it
         if not self.result.done():
             self.result.set_exception(FlowError(FlowResult.ERROR, f"connector reset ({code})"))
 
@@ -73,14 +76,15 @@ class _PendingFlow:
         self.stream_reset(code)
 
     def connection_lost(self) -> None:
+        self.lost = True
         if not self.result.done():
             self.result.set_exception(ConnectionGone())
 
 
 async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> TunnelLeg:
     """Ask the connector behind `conn` to dial `flow.destination`; raises FlowError."""
-    if conn.closed:
-        raise ConnectionGone()
+    if conn.closed or not conn.can_open_stream():
+        raise ConnectionGone()  # checked right before opening: a refused open burns a slot
     pending = _PendingFlow(FLOW_WINDOW)
     stream_id = conn.open_stream(pending)
     host = flow.resolved or flow.destination.host
@@ -115,6 +119,11 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
         bridge.stream_data(chunk, False)
     if pending.fin:
         bridge.stream_data(b"", True)
+    # a reset or connection loss that came in the same batch as the answer
+    if pending.lost or conn.closed:
+        bridge.connection_lost_tunnel()
+    elif pending.reset_code is not None:
+        bridge.stream_reset(pending.reset_code)
     return TunnelLeg(flow, bridge)
 
 

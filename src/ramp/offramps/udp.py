@@ -54,6 +54,9 @@ async def open_udp_origin(
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as e:
+        raise FlowError(FlowResult.ERROR, f"cannot create a UDP socket: {e.strerror}") from e
+    try:
         sock.setblocking(False)
         # large datagrams (up to 64 KiB) may arrive in bursts
         set_buffers(sock, 2 * 1024 * 1024)

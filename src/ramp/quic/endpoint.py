@@ -44,6 +44,8 @@ logging.getLogger("qh3").setLevel(logging.ERROR)
 logging.getLogger("quic").setLevel(logging.ERROR)
 
 QUIC_MIN_INITIAL_SIZE = 1200
+MAX_HANDSHAKING = 256  # connections still in their TLS handshake, per server
+MAX_DATAGRAM_STREAM_BUFFER = 4 * 1024 * 1024  # bytes of large datagrams waiting on their stream
 DATAGRAM_QUEUE_LIMIT = 4096  # tunnel datagrams waiting for congestion window, per connection
 _DATAGRAM_OVERHEAD = 48  # QUIC short header, DATAGRAM frame header, AEAD tag (upper bound)
 
@@ -102,6 +104,8 @@ class TunnelConnection(QuicConnectionProtocol):
         self.closed = False
         self.close_reason = ""
         self.peer_addr: Any = None
+        self.on_established: Callable[[TunnelConnection], None] | None = None
+        self._peer_uni_stream: int | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._keepalive_interval = 0.0
         self._dgram_queue: deque[bytes] = deque()
@@ -148,7 +152,9 @@ class TunnelConnection(QuicConnectionProtocol):
             return  # closing: nothing more goes out, the peer learns from CONNECTION_CLOSE
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=fin)
-        except QuicConnectionError as e:
+        except (QuicConnectionError, ValueError) as e:
+            # a stream qh3 refuses (reset, finished, over the peer's limit): the stream's
+            # owner learns from the reset or from its own checks; nothing else to do here
             log.debug("send on stream %d dropped: %s", stream_id, e)
             return
         self._transmit_soon()
@@ -181,6 +187,7 @@ class TunnelConnection(QuicConnectionProtocol):
         while queue and budget > 0:
             data = queue.popleft()
             if len(data) > limit:
+                budget -= len(data)
                 self._send_on_datagram_stream(data)
                 continue
             budget -= len(data) + _DATAGRAM_OVERHEAD
@@ -193,6 +200,9 @@ class TunnelConnection(QuicConnectionProtocol):
     def _send_on_datagram_stream(self, data: bytes) -> None:
         if self._dgram_stream is None:
             self._dgram_stream = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        elif self._quic.get_send_buffer_size(self._dgram_stream) > MAX_DATAGRAM_STREAM_BUFFER:
+            self.datagram_dropped("queue_full")  # the stream drains slower than they come
+            return
         try:
             self._quic.send_stream_data(self._dgram_stream, encode_frame(StreamDatagram(data)))
         except (QuicConnectionError, ValueError) as e:
@@ -274,6 +284,15 @@ class TunnelConnection(QuicConnectionProtocol):
                 if not self._is_peer_stream(event.stream_id):
                     return  # late data for a stream we already finished with
                 if event.stream_id & 2:  # unidirectional: the peer's datagram stream
+                    if self._peer_uni_stream is not None:
+                        # protocol v1 has one per direction; more would only cost memory
+                        self.datagram_dropped("extra_datagram_stream")
+                        try:
+                            self._quic.stop_stream(event.stream_id, 0x102)
+                        except Exception as e:
+                            log.debug("stop_sending on stream %d: %s", event.stream_id, e)
+                        return
+                    self._peer_uni_stream = event.stream_id
                     handler = _DatagramStream(self)
                 else:
                     handler = self.peer_stream_opened(event.stream_id)
@@ -291,6 +310,8 @@ class TunnelConnection(QuicConnectionProtocol):
             if handler is not None:
                 handler.stop_sending(event.error_code)
         elif isinstance(event, events.HandshakeCompleted):
+            if self.on_established is not None:
+                self.on_established(self)
             self.handshake_done(event.alpn_protocol)
         elif isinstance(event, events.ConnectionTerminated):
             self._on_terminated(event.error_code, event.reason_phrase)
@@ -334,6 +355,7 @@ class TunnelServer(QuicServer):
     def __init__(self, *, on_drop: Callable[[str], None], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._on_drop = on_drop
+        self._handshaking: set[QuicConnectionProtocol] = set()
 
     def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
         # group consecutive datagrams for the same known connection: one qh3 call per batch
@@ -368,6 +390,10 @@ class TunnelServer(QuicServer):
         version, ptype, _plen, dcid, scid = hdr[:5]
         if version is not None and version not in self._configuration.supported_versions:
             self._on_drop("unsupported_version")
+            if version == 0 or len(data) < QUIC_MIN_INITIAL_SIZE:
+                # never answer a Version Negotiation (two servers would bounce them forever)
+                # nor a short packet (the answer would amplify traffic to a forged source)
+                return
             self._transport.sendto(
                 encode_quic_version_negotiation(
                     source_cid=dcid,
@@ -381,6 +407,9 @@ class TunnelServer(QuicServer):
         if protocol is None:
             if len(data) < QUIC_MIN_INITIAL_SIZE or ptype != QuicPacketType.INITIAL:
                 self._on_drop("unknown_connection")
+                return
+            if len(self._handshaking) >= MAX_HANDSHAKING:
+                self._on_drop("handshake_limit")
                 return
             protocol = self._new_connection(dcid)
         protocol.datagram_received(data, addr)
@@ -400,6 +429,9 @@ class TunnelServer(QuicServer):
         protocol._connection_terminated_handler = partial(
             self._connection_terminated, protocol=protocol
         )
+        self._handshaking.add(protocol)
+        if isinstance(protocol, TunnelConnection):
+            protocol.on_established = self._handshaking.discard
         self._protocols[dcid] = protocol
         self._protocols[connection.host_cid] = protocol
         return protocol
@@ -407,6 +439,10 @@ class TunnelServer(QuicServer):
     def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
         if self._protocols.get(cid) is protocol:
             del self._protocols[cid]
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        self._handshaking.discard(protocol)
+        super()._connection_terminated(protocol)
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:

@@ -117,6 +117,8 @@ class StreamBridge(asyncio.Protocol):
             self.data_received(data)
 
     def add_credit(self, increment: int) -> None:
+        if self._finished:
+            return  # a WINDOW that crossed our reset: nothing may be sent any more
         self._credit += increment
         self._flush_out()
 
@@ -164,6 +166,8 @@ class StreamBridge(asyncio.Protocol):
     # -- internals -----------------------------------------------------------------------
 
     def _flush_out(self) -> None:
+        if self._finished:
+            return
         if self._pending_out and self._credit > 0:
             n = min(self._credit, len(self._pending_out))
             chunk = bytes(self._pending_out[:n])

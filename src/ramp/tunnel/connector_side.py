@@ -87,7 +87,10 @@ def check_pin(conn: QuicConnection, ca_fingerprint: str) -> None:
     leaf_der = leaf_h.public_bytes()
     if hashlib.sha256(leaf_der).hexdigest() == want:
         return
-    leaf = x509.load_der_x509_certificate(leaf_der)
+    try:
+        leaf = x509.load_der_x509_certificate(leaf_der)
+    except ValueError as e:
+        raise PinError(f"the edge sent an unreadable certificate: {e}") from e
     for cert_h in conn.get_issuercerts():
         der = cert_h.public_bytes()
         if hashlib.sha256(der).hexdigest() != want:
@@ -336,6 +339,9 @@ class TunnelClient:
                     port,
                     str(e) or type(e).__name__,
                 )
+            except Exception:  # never let one slot die silently: log, back off, redial
+                self._on_dial_failure("internal")
+                log.exception("connection %d to %s:%d failed unexpectedly", index, host, port)
             finally:
                 if conn is not None:
                     self._drop(conn)
@@ -443,6 +449,15 @@ class TunnelClient:
             else:
                 conn.reset(flow.stream_id, StreamError.FLOW_ABORT)
             raise
+        except Exception as e:  # a bug or an OS error outside the dial: answer, never hang
+            log.exception("flow to %s failed", dest)
+            result, reason = FlowResult.ERROR, f"internal error: {e!r}"
+            if bridge is not None:
+                bridge.abort()
+            elif not flow.gone and not conn.closed:
+                answer = ConnectResult(ConnectCode.ERROR, 0, "connector internal error")
+                conn.send(flow.stream_id, encode_frame(answer), fin=True)
+                conn.forget(flow.stream_id)
         finally:
             self.active_flows -= 1
             conn.bridges.pop(flow.stream_id, None)

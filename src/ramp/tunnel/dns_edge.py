@@ -145,19 +145,22 @@ class TunnelDnsClient:
             raise
         ours, theirs = socket.socketpair()
         relay = asyncio.ensure_future(leg.relay(theirs))
+        writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_connection(sock=ours)
             writer.write(struct.pack("!H", len(wire)) + wire)
             await writer.drain()
             async with asyncio.timeout(self.timeout):
                 (n,) = struct.unpack("!H", await reader.readexactly(2))
-                answer = await reader.readexactly(n)
-            writer.close()
-            return answer
+                return await reader.readexactly(n)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
             raise FlowError(FlowResult.ERROR, f"DNS over TCP through the tunnel: {e}") from e
         finally:
-            ours.close()
+            # the transport owns the socket once it exists: close through it
+            if writer is not None:
+                writer.close()
+            else:
+                ours.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(relay, 1)
             self._finished(flow)

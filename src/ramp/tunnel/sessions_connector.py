@@ -197,6 +197,16 @@ class ConnectorSessions:
             log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
             self._refuse(conn, msg, _ERRORS.get(e.result, SessionError.CANNOT_BIND), e.reason)
             return
+        except asyncio.CancelledError:
+            self.opening.pop(key, None)
+            raise
+        except Exception as e:  # e.g. EMFILE: refuse, and free the slot it held
+            conn = self.opening.pop(key)
+            log.warning("udp session to %s:%d failed: %r", msg.host, msg.port, e)
+            if session is not None and session.origin is not None:
+                session.origin.close()
+            self._refuse(conn, msg, SessionError.CANNOT_BIND, f"cannot open: {e}")
+            return
         conn = self.opening.pop(key)
         session.conn = conn
         self.sessions[key] = session

@@ -87,7 +87,7 @@ class EdgeSession:
         conn = self.conn
         if self.registered and conn is not None and not conn.closed:
             if not conn.send_datagram(self.prefix + payload):
-                self._drop("queue_full")
+                flow.drops += 1  # the connection counted the drop by its reason
             return
         if len(self.pending) >= PENDING_LIMIT:
             self._drop("pending_full")
@@ -124,7 +124,7 @@ class EdgeSession:
         pending, self.pending = self.pending, deque()
         for payload in pending:
             if not conn.send_datagram(self.prefix + payload):
-                self._drop("queue_full")
+                self.flow.drops += 1
 
     def register_message(self) -> bytes:
         flow = self.flow
@@ -316,24 +316,28 @@ class EdgeSessions:
             conn = candidates[0]
             session.answer = loop.create_future()
             conn.sessions[session.id] = session
-            while not conn.closed and loop.time() < deadline:
-                conn.send_datagram(message)
-                try:
-                    answer = await asyncio.wait_for(
-                        asyncio.shield(session.answer),
-                        min(REGISTER_RETRY, max(0.0, deadline - loop.time())),
+            attached = False
+            try:
+                while not conn.closed and loop.time() < deadline:
+                    conn.send_datagram(message)
+                    try:
+                        answer = await asyncio.wait_for(
+                            asyncio.shield(session.answer),
+                            min(REGISTER_RETRY, max(0.0, deadline - loop.time())),
+                        )
+                    except TimeoutError:
+                        continue
+                    if isinstance(answer, SessionRegistered):
+                        session.attach(conn)
+                        attached = True
+                        return
+                    raise FlowError(
+                        _SESSION_RESULTS.get(answer.code, FlowResult.ERROR),
+                        answer.message or answer.code.name.lower(),
                     )
-                except TimeoutError:
-                    continue
-                if isinstance(answer, SessionRegistered):
-                    session.attach(conn)
-                    return
-                conn.sessions.pop(session.id, None)
-                raise FlowError(
-                    _SESSION_RESULTS.get(answer.code, FlowResult.ERROR),
-                    answer.message or answer.code.name.lower(),
-                )
-            conn.sessions.pop(session.id, None)
+            finally:
+                if not attached:  # refused, timed out, cancelled: leave nothing behind
+                    conn.sessions.pop(session.id, None)
         raise FlowError(FlowResult.TIMEOUT, "the connector did not answer the UDP session")
 
     def connection_datagram(self, conn: EdgeConnection, data: bytes) -> None:
