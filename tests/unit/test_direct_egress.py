@@ -154,3 +154,43 @@ def test_log_limiter_caps_lines_per_key() -> None:
     assert [lim.allow("a") for _ in range(5)] == [True, True, True, False, False]
     assert lim.allow("b")
     assert lim.suppressed == 2
+
+
+def test_splice_relay_sleeps_under_backpressure() -> None:
+    """A sink that stops reading must not make the relay spin on a readable source."""
+    from ramp.net import splice
+
+    wakeups = 0
+    original = splice._Direction._wait
+
+    async def counted(self, **kw):  # type: ignore[no-untyped-def]
+        nonlocal wakeups
+        wakeups += 1
+        await original(self, **kw)
+
+    async def main() -> None:
+        client, a = tcp_pair()
+        b, origin = tcp_pair()
+        origin.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # origin never reads
+        client.setblocking(False)
+        task = asyncio.ensure_future(splice_relay(a, b))
+        # fill everything with small segments: the pipe fills by segment count, not bytes
+        for _ in range(20000):
+            try:
+                client.send(b"x" * 100)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+        before = wakeups
+        await asyncio.sleep(1.0)
+        assert wakeups - before < 50, f"{wakeups - before} wakeups while stalled"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        client.close()
+        origin.close()
+
+    splice._Direction._wait = counted  # type: ignore[method-assign]
+    try:
+        run(main())
+    finally:
+        splice._Direction._wait = original  # type: ignore[method-assign]

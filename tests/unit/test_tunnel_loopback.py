@@ -397,3 +397,35 @@ def test_slow_reader_gets_the_whole_tail_after_the_origin_closes(tmp_path: Path)
         srv.close()
 
     run(main())
+
+
+def test_version_negotiation_is_never_answered_to_vn_or_short_packets(tmp_path: Path) -> None:
+    """A spoofed Version Negotiation or a tiny unknown-version packet gets no answer (no VN
+    ping-pong between servers, no amplification), only a counter."""
+
+    async def main() -> None:
+        async with tunnel(tmp_path, ha=1) as t:
+            assert t.edge.tunnels is not None
+            port = t.edge.tunnels.port
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind(("127.0.0.1", 0))
+            vn = b"\xc0" + b"\x00\x00\x00\x00" + b"\x08" + b"a" * 8 + b"\x08" + b"b" * 8
+            sock.sendto(vn + b"\x00\x00\x00\x01", ("127.0.0.1", port))
+            sock.sendto(
+                b"\xc0\x1a\x2a\x3a\x4a\x08" + b"c" * 8 + b"\x08" + b"d" * 8, ("127.0.0.1", port)
+            )
+            await asyncio.sleep(0.3)
+            with pytest.raises(BlockingIOError):
+                sock.recv(2048)
+            dropped = sum(
+                s.value
+                for m in t.edge.metrics.registry.collect()
+                if m.name == "ramp_tunnel_bad_packets"
+                for s in m.samples
+                if s.name.endswith("_total")
+            )
+            assert dropped >= 2
+            sock.close()
+
+    run(main())
