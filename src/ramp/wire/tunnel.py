@@ -131,6 +131,23 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise ProtocolError(f"{what} is not UTF-8") from e
 
+    def destination(self) -> tuple[str, int]:
+        host = self.text("host", MAX_HOST_LEN)
+        if not host:
+            raise ProtocolError("empty host")
+        port = self.varint("port", 65535)
+        if port == 0:
+            raise ProtocolError("port 0")
+        return host, port
+
+    def metadata(self) -> dict[str, str]:
+        n = self.varint("metadata count", MAX_METADATA_ITEMS)
+        metadata = {}
+        for _ in range(n):
+            key = self.text("metadata key", MAX_METADATA_KEY)
+            metadata[key] = self.text("metadata value", MAX_METADATA_VALUE)
+        return metadata
+
     def end(self, what: str) -> None:
         if self.pos != len(self.buf):
             raise ProtocolError(f"{len(self.buf) - self.pos} trailing bytes in {what}")
@@ -142,6 +159,13 @@ def _blob(data: bytes) -> bytes:
 
 def _text(value: str) -> bytes:
     return _blob(value.encode("utf-8"))
+
+
+def _metadata(metadata: dict[str, str]) -> bytes:
+    parts = [encode_varint(len(metadata))]
+    for k, v in metadata.items():
+        parts += (_text(k), _text(v))
+    return b"".join(parts)
 
 
 # --- frames ----------------------------------------------------------------------------------
@@ -258,32 +282,22 @@ class ConnectTcp:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def payload(self) -> bytes:
-        parts = [
-            encode_varint(self.flow_id),
-            _text(self.host),
-            encode_varint(self.port),
-            encode_varint(self.window),
-            encode_varint(len(self.metadata)),
-        ]
-        for k, v in self.metadata.items():
-            parts += (_text(k), _text(v))
-        return b"".join(parts)
+        return b"".join(
+            (
+                encode_varint(self.flow_id),
+                _text(self.host),
+                encode_varint(self.port),
+                encode_varint(self.window),
+                _metadata(self.metadata),
+            )
+        )
 
     @classmethod
     def parse(cls, r: _Reader) -> ConnectTcp:
         flow_id = r.varint("flow id")
-        host = r.text("host", MAX_HOST_LEN)
-        if not host:
-            raise ProtocolError("empty host")
-        port = r.varint("port", 65535)
-        if port == 0:
-            raise ProtocolError("port 0")
+        host, port = r.destination()
         window = r.varint("window", MAX_WINDOW)
-        n = r.varint("metadata count", MAX_METADATA_ITEMS)
-        metadata = {}
-        for _ in range(n):
-            key = r.text("metadata key", MAX_METADATA_KEY)
-            metadata[key] = r.text("metadata value", MAX_METADATA_VALUE)
+        metadata = r.metadata()
         return cls(flow_id, host, port, window, metadata)
 
 
@@ -506,18 +520,17 @@ def payload_prefix(session_id: int) -> bytes:
 
 def encode_session_control(msg: SessionControl) -> bytes:
     if isinstance(msg, SessionRegister):
-        parts = [
-            encode_varint(DatagramKind.SESSION_REGISTER),
-            encode_varint(msg.session_id),
-            encode_varint(msg.flow_id),
-            _text(msg.host),
-            encode_varint(msg.port),
-            encode_varint(msg.idle_timeout_ms),
-            encode_varint(len(msg.metadata)),
-        ]
-        for k, v in msg.metadata.items():
-            parts += (_text(k), _text(v))
-        return b"".join(parts)
+        return b"".join(
+            (
+                encode_varint(DatagramKind.SESSION_REGISTER),
+                encode_varint(msg.session_id),
+                encode_varint(msg.flow_id),
+                _text(msg.host),
+                encode_varint(msg.port),
+                encode_varint(msg.idle_timeout_ms),
+                _metadata(msg.metadata),
+            )
+        )
     if isinstance(msg, SessionRegistered):
         return encode_varint(DatagramKind.SESSION_REGISTERED) + encode_varint(msg.session_id)
     if isinstance(msg, SessionRefused):
@@ -554,18 +567,9 @@ def parse_datagram(buf: bytes) -> tuple[int, bytes] | SessionControl:
     msg: SessionControl
     if kind == DatagramKind.SESSION_REGISTER:
         flow_id = r.varint("flow id")
-        host = r.text("host", MAX_HOST_LEN)
-        if not host:
-            raise ProtocolError("empty host")
-        port = r.varint("port", 65535)
-        if port == 0:
-            raise ProtocolError("port 0")
+        host, port = r.destination()
         idle = r.varint("idle timeout", 24 * 3600 * 1000)
-        n = r.varint("metadata count", MAX_METADATA_ITEMS)
-        metadata = {}
-        for _ in range(n):
-            key = r.text("metadata key", MAX_METADATA_KEY)
-            metadata[key] = r.text("metadata value", MAX_METADATA_VALUE)
+        metadata = r.metadata()
         msg = SessionRegister(session_id, flow_id, host, port, idle, metadata)
     elif kind == DatagramKind.SESSION_REGISTERED:
         msg = SessionRegistered(session_id)
