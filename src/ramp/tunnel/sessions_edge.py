@@ -45,8 +45,73 @@ _SESSION_RESULTS = {
 }
 
 
-class EdgeSession:
-    """One UDP session (implements `UdpSession` for on-ramps)."""
+class _Session:
+    """What every edge UDP session shares: counting, delivery to the on-ramp, and ending
+    exactly once with the flow reported."""
+
+    conn: EdgeConnection | None = None
+
+    def __init__(
+        self,
+        manager: EdgeSessions,
+        session_id: int,
+        flow: Flow,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> None:
+        self.manager = manager
+        self.id = session_id
+        self.flow = flow
+        self._receive = receive
+        self._closed_cb = closed
+        self.finished = False
+        self.last_active = manager.now()
+
+    def _count_up(self, payload: bytes) -> None:
+        self.last_active = self.manager.now()
+        self.flow.packets_up += 1
+        self.flow.bytes_up += len(payload)
+        self.manager.metrics_datagram("up", len(payload))
+
+    def deliver(self, payload: bytes) -> None:
+        """A datagram from the origin."""
+        if self.finished:
+            return
+        self.last_active = self.manager.now()
+        self.flow.packets_down += 1
+        self.flow.bytes_down += len(payload)
+        self.manager.metrics_datagram("down", len(payload))
+        self._receive(payload)
+
+    def close(self) -> None:
+        self._finish(FlowResult.OK, "closed by client", notify_peer=SessionCloseReason.CLOSED)
+
+    def _drop(self, reason: str) -> None:
+        self.flow.drops += 1
+        self.manager.metrics_drop(reason)
+
+    def _release(self, notify_peer: SessionCloseReason | None) -> None:
+        """Free what the session holds (subclasses)."""
+
+    def _finish(
+        self, result: FlowResult, reason: str, notify_peer: SessionCloseReason | None
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._release(notify_peer)
+        if self.flow.result is None:
+            self.flow.result, self.flow.reason = result, reason
+        self.manager.forget(self)
+        if notify_peer != SessionCloseReason.CLOSED:  # the client closed: it knows
+            try:
+                self._closed_cb(reason)
+            except Exception:
+                log.exception("udp session close callback failed")
+
+
+class EdgeSession(_Session):
+    """One UDP session through a tunnel (implements `UdpSession` for on-ramps)."""
 
     def __init__(
         self,
@@ -58,65 +123,32 @@ class EdgeSession:
         receive: Callable[[bytes], None],
         closed: Callable[[str], None],
     ) -> None:
-        self.manager = manager
-        self.id = session_id
-        self.flow = flow
+        super().__init__(manager, session_id, flow, receive, closed)
         self.tunnel_id = tunnel_id
         self.host = host
         self.prefix = payload_prefix(session_id)
-        self._receive = receive
-        self._closed_cb = closed
-        self.conn: EdgeConnection | None = None
         self.registered = False
-        self.finished = False
         self.pending: deque[bytes] = deque()
         self.answer: asyncio.Future[SessionRegistered | SessionRefused] | None = None
-        self.last_active = asyncio.get_running_loop().time()
         self._migrating: asyncio.Task[None] | None = None
-
-    # -- UdpSession ---------------------------------------------------------------------------
 
     def send(self, payload: bytes) -> None:
         if self.finished:
             return
-        self.last_active = self.manager.now()
-        flow = self.flow
-        flow.packets_up += 1
-        flow.bytes_up += len(payload)
-        self.manager.metrics_datagram("up", len(payload))
+        self._count_up(payload)
         conn = self.conn
         if self.registered and conn is not None and not conn.closed:
             if not conn.send_datagram(self.prefix + payload):
-                flow.drops += 1  # the connection counted the drop by its reason
+                self.flow.drops += 1  # the connection counted the drop by its reason
             return
         if len(self.pending) >= PENDING_LIMIT:
             self._drop("pending_full")
             return
         self.pending.append(payload)
 
-    def close(self) -> None:
-        self._finish(FlowResult.OK, "closed by client", notify_peer=SessionCloseReason.CLOSED)
-
-    # -- from the tunnel ----------------------------------------------------------------------
-
-    def deliver(self, payload: bytes) -> None:
-        if self.finished:
-            return
-        self.last_active = self.manager.now()
-        self.flow.packets_down += 1
-        self.flow.bytes_down += len(payload)
-        self.manager.metrics_datagram("down", len(payload))
-        self._receive(payload)
-
     def peer_closed(self, reason: SessionCloseReason) -> None:
         result = FlowResult.OK if reason != SessionCloseReason.ERROR else FlowResult.ERROR
         self._finish(result, f"closed by connector ({reason.name.lower()})", notify_peer=None)
-
-    # -- lifecycle ----------------------------------------------------------------------------
-
-    def _drop(self, reason: str) -> None:
-        self.flow.drops += 1
-        self.manager.metrics_drop(reason)
 
     def attach(self, conn: EdgeConnection) -> None:
         self.conn = conn
@@ -159,88 +191,29 @@ class EdgeSession:
         finally:
             self._migrating = None
 
-    def _finish(
-        self, result: FlowResult, reason: str, notify_peer: SessionCloseReason | None
-    ) -> None:
-        if self.finished:
-            return
-        self.finished = True
+    def _release(self, notify_peer: SessionCloseReason | None) -> None:
         if self._migrating is not None:
             self._migrating.cancel()
         if notify_peer is not None and self.conn is not None and self.registered:
             self.conn.send_datagram(encode_session_control(SessionClose(self.id, notify_peer)))
         self.pending.clear()
-        if self.flow.result is None:
-            self.flow.result = result
-            self.flow.reason = reason
-        self.manager.forget(self)
-        if notify_peer != SessionCloseReason.CLOSED:
-            try:
-                self._closed_cb(reason)
-            except Exception:
-                log.exception("udp session close callback failed")
 
 
-class DirectSession:
+class DirectSession(_Session):
     """A UDP session the edge sends out itself (direct egress): one connected socket."""
 
-    def __init__(
-        self,
-        manager: EdgeSessions,
-        session_id: int,
-        flow: Flow,
-        receive: Callable[[bytes], None],
-        closed: Callable[[str], None],
-    ) -> None:
-        self.manager = manager
-        self.id = session_id
-        self.flow = flow
-        self._receive = receive
-        self._closed_cb = closed
-        self.conn = None
-        self.finished = False
-        self.origin: UdpOrigin | None = None
-        self.last_active = manager.now()
+    origin: UdpOrigin | None = None
 
     def send(self, payload: bytes) -> None:
         if self.finished:
             return
-        self.last_active = self.manager.now()
-        self.flow.packets_up += 1
-        self.flow.bytes_up += len(payload)
-        self.manager.metrics_datagram("up", len(payload))
+        self._count_up(payload)
         if self.origin is None or not self.origin.send(payload):
-            self.flow.drops += 1
-            self.manager.metrics_drop("origin_send_failed")
+            self._drop("origin_send_failed")
 
-    def deliver(self, payload: bytes) -> None:
-        if self.finished:
-            return
-        self.last_active = self.manager.now()
-        self.flow.packets_down += 1
-        self.flow.bytes_down += len(payload)
-        self.manager.metrics_datagram("down", len(payload))
-        self._receive(payload)
-
-    def close(self) -> None:
-        self._finish(FlowResult.OK, "closed by client", notify_peer=SessionCloseReason.CLOSED)
-
-    def _finish(
-        self, result: FlowResult, reason: str, notify_peer: SessionCloseReason | None
-    ) -> None:
-        if self.finished:
-            return
-        self.finished = True
+    def _release(self, notify_peer: SessionCloseReason | None) -> None:
         if self.origin is not None:
             self.origin.close()
-        if self.flow.result is None:
-            self.flow.result, self.flow.reason = result, reason
-        self.manager.forget(self)  # type: ignore[arg-type]
-        if notify_peer != SessionCloseReason.CLOSED:
-            try:
-                self._closed_cb(reason)
-            except Exception:
-                log.exception("udp session close callback failed")
 
 
 class EdgeSessions:
@@ -262,7 +235,7 @@ class EdgeSessions:
         self.metrics_datagram = metrics_datagram
         self.metrics_drop = metrics_drop
         self._bad_input = on_bad_input
-        self.sessions: dict[int, EdgeSession] = {}
+        self.sessions: dict[int, _Session] = {}
         self._ids = itertools.count(1)
         self._loop = asyncio.get_running_loop()
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -300,7 +273,7 @@ class EdgeSessions:
         session.origin = await open_udp_origin(
             ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
         )
-        self.sessions[session.id] = session  # type: ignore[assignment]
+        self.sessions[session.id] = session
         return session
 
     async def register(self, session: EdgeSession, timeout: float) -> None:
@@ -375,7 +348,7 @@ class EdgeSessions:
                 continue  # its register loop notices the closed connection and moves on
             s.connection_lost()
 
-    def forget(self, session: EdgeSession) -> None:
+    def forget(self, session: _Session) -> None:
         self.sessions.pop(session.id, None)
         if session.conn is not None:
             session.conn.sessions.pop(session.id, None)
