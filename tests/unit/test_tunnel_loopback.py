@@ -101,6 +101,19 @@ async def socks_connect(
     return r, w, rep[1]
 
 
+async def echo_server() -> tuple[asyncio.Server, int]:
+    """A TCP echo origin on loopback: (server, port)."""
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -241,14 +254,7 @@ def test_flows_spread_over_connections_and_survive_loss(tmp_path: Path) -> None:
     """Killing one tunnel connection breaks only its flows; new flows use the others."""
 
     async def main() -> None:
-        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-            w.close()
-
-        srv = await asyncio.start_server(echo, "127.0.0.1", 0)
-        oport = srv.sockets[0].getsockname()[1]
+        srv, oport = await echo_server()
         async with tunnel(tmp_path, ha=2) as t:
             clients = [await socks_connect(t.socks_port, "127.0.0.1", oport) for _ in range(6)]
             assert t.edge.tunnels is not None
@@ -328,14 +334,7 @@ def test_graceful_shutdown_lets_open_flows_finish(tmp_path: Path) -> None:
     are done (well within the grace period)."""
 
     async def main() -> None:
-        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-            w.close()
-
-        srv = await asyncio.start_server(echo, "127.0.0.1", 0)
-        oport = srv.sockets[0].getsockname()[1]
+        srv, oport = await echo_server()
         async with tunnel(tmp_path) as t:
             t.connector.config.grace_period = 30
             r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
