@@ -21,7 +21,6 @@ import asyncio
 import collections
 import errno
 import logging
-import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +36,7 @@ import dns.rdatatype
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import FlowError
 from ramp.flows.opener import FlowOpener
+from ramp.net.listen import tcp_listen_socket
 from ramp.net.pktinfo import Address, PktinfoEndpoint
 
 log = logging.getLogger(__name__)
@@ -175,16 +175,8 @@ class DnsServer:
         log.info("dns on-ramp listening on %s:%d (udp, tcp)", *self.address)
 
     async def _listen_tcp(self, host: str, port: int) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, type_, proto, _, addr = infos[0]
-        sock = socket.socket(family, type_, proto)
+        sock = await tcp_listen_socket(host, port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.setblocking(False)
             return await asyncio.start_server(self._serve_tcp, sock=sock, backlog=1024)
         except BaseException:
             sock.close()

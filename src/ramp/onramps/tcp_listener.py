@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ramp.config import EdgeConfig
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
 from ramp.flows.opener import FlowOpener
+from ramp.net.listen import tcp_listen_socket
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,7 @@ class TcpOnRamp:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (port 0 picks one: see `port`) and start accepting."""
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, type_, proto, _, addr = infos[0]
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                # "::" should mean IPv6 only; a dual-stack listener is a separate choice.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(1024)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        sock = await tcp_listen_socket(host, port)
         self._sock = sock
         self._accept_task = asyncio.create_task(self._accept_loop(sock))
         log.info("%s on-ramp listening on %s", self.onramp, self.address)
