@@ -9,16 +9,24 @@ import socket
 from collections.abc import Callable
 
 from ramp.flows.flow import FlowError, FlowResult
+from ramp.net.gso import GsoSender
 from ramp.net.sockopts import set_buffers
 
 MAX_UDP_READ = 65535
 
 
 class UdpOrigin(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes], None], on_error: Callable[[str], None]):
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_datagram: Callable[[bytes], None],
+        on_error: Callable[[str], None],
+    ):
         self._on_datagram = on_datagram
         self._on_error = on_error
         self.transport: asyncio.DatagramTransport | None = None
+        # sends skip the transport: batched with GSO on the raw (connected) socket
+        self._sender = GsoSender(sock, on_error)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -35,10 +43,7 @@ class UdpOrigin(asyncio.DatagramProtocol):
         t = self.transport
         if t is None or t.is_closing():
             return False
-        try:
-            t.sendto(data)
-        except OSError:
-            return False
+        self._sender.send(data)
         return True
 
     def close(self) -> None:
@@ -69,7 +74,7 @@ async def open_udp_origin(
             raise FlowError(FlowResult.NOT_PERMITTED, f"udp {ip}:{port}: {e.strerror}") from e
         raise FlowError(FlowResult.ERROR, f"udp {ip}:{port}: {e.strerror}") from e
     _, proto = await loop.create_datagram_endpoint(
-        lambda: UdpOrigin(on_datagram, on_error), sock=sock
+        lambda: UdpOrigin(sock, on_datagram, on_error), sock=sock
     )
     assert isinstance(proto, UdpOrigin)
     return proto

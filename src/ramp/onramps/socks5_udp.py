@@ -23,6 +23,8 @@ from typing import Any
 
 from ramp.flows.flow import Destination, Flow, FlowError
 from ramp.flows.opener import FlowOpener, UdpSession
+from ramp.net.gso import GsoSender
+from ramp.net.sockopts import set_buffers
 from ramp.wire import socks5
 from ramp.wire.socks5 import AddressType, Socks5Error
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 ONRAMP = "socks5-udp"
 MAX_DATAGRAM = 65535
 READ_BATCH = 64  # datagrams read per wake-up before other work gets a turn
-SOCKET_BUFFER = 1 << 20  # a few 64 KiB datagrams must fit; the kernel caps it at rmem_max
+SOCKET_BUFFER = 4 << 20  # bursts of datagrams, up to 64 KiB each, must fit
 
 # A client that vanishes without FIN or RST would otherwise hold its association forever.
 KEEPALIVE_IDLE = 60
@@ -101,9 +103,7 @@ class UdpAssociation:
         local = control.getsockname()
         sock = socket.socket(control.family, socket.SOCK_DGRAM)
         try:
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            set_buffers(sock, SOCKET_BUFFER)
             # Same IP (and IPv6 scope) as the control connection, any port.
             sock.bind((local[0], 0, *local[2:]))
             sock.setblocking(False)
@@ -111,6 +111,7 @@ class UdpAssociation:
             sock.close()
             raise
         self.sock = sock
+        self._sender = GsoSender(sock, self._reply_dropped)
         self.dests: dict[Key, _Destination] = {}
         self._holdoff: dict[Key, float] = {}
         self._opening: set[asyncio.Task[None]] = set()
@@ -265,13 +266,12 @@ class UdpAssociation:
         addr = self.client_addr
         if self.closed or addr is None:
             return
-        try:
-            self.sock.sendto(dest.header + payload, addr)
-        except OSError as e:
-            # Full send buffer (drop-tail, as UDP does) or too large with our header.
-            if dest.flow is not None:
-                dest.flow.drops += 1
-            log.debug("%s: reply of %d bytes dropped: %s", ONRAMP, len(payload), e)
+        # batched per loop turn with GSO; a full send buffer drops (drop-tail, as UDP does)
+        self._sender.send(dest.header + payload, addr)
+
+    def _reply_dropped(self, reason: str) -> None:
+        # which flow it belonged to is gone by now (the send was batched); count it at the edge
+        self.opener.bad_input(ONRAMP, f"reply_{reason}", (self.client_ip, self.client_port or 0))
 
     def _session_closed(self, dest: _Destination, reason: str) -> None:
         if self.dests.get(dest.key) is dest:
