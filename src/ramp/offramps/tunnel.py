@@ -135,18 +135,28 @@ async def _await_answer(
     A live connector acknowledges the request at once and pings every second while it dials,
     so a connection that stays silent was probably killed (kill -9, lost host) and has not hit
     its idle timeout yet: the flow moves on to another connection instead of waiting it out.
+    One timer per waiting flow does the checks (this is on the path of every flow setup).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise TimeoutError
-        try:
-            return await asyncio.wait_for(asyncio.shield(result), min(remaining, STALE_CHECK))
-        except TimeoutError:
-            if loop.time() - conn.last_rx > STALE_AFTER:
-                raise ConnectionGone() from None
+
+    def check() -> None:
+        nonlocal timer
+        if result.done():
+            return
+        now = loop.time()
+        if now >= deadline:
+            result.set_exception(TimeoutError())
+        elif now - conn.last_rx > STALE_AFTER:
+            result.set_exception(ConnectionGone())
+        else:
+            timer = loop.call_later(min(STALE_CHECK, deadline - now), check)
+
+    timer = loop.call_later(min(STALE_CHECK, timeout), check)
+    try:
+        return await result
+    finally:
+        timer.cancel()
 
 
 class TunnelLeg:
@@ -163,10 +173,13 @@ class TunnelLeg:
             await loop.connect_accepted_socket(lambda: bridge, sock=client)
             bridge.feed_initial(initial)
             await asyncio.shield(bridge.done)
-            try:  # let the last bytes reach the client before the caller closes the socket
-                await asyncio.wait_for(asyncio.shield(bridge.tcp_closed), DRAIN_TIMEOUT)
-            except TimeoutError:
-                bridge.abort()
+            if not bridge.tcp_closed.done():
+                # let the last bytes reach the client before the caller closes the socket
+                timer = loop.call_later(DRAIN_TIMEOUT, bridge.abort_tcp)
+                try:
+                    await asyncio.shield(bridge.tcp_closed)
+                finally:
+                    timer.cancel()
         except asyncio.CancelledError:
             bridge.abort()
             raise

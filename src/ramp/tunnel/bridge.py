@@ -159,6 +159,10 @@ class StreamBridge(asyncio.Protocol):
         self._abort_tcp()
         self._finish()
 
+    def abort_tcp(self) -> None:
+        """Reset the TCP side now (a client that stopped reading after the flow ended)."""
+        self._abort_tcp()
+
     def abort(self, code: int = StreamError.FLOW_ABORT) -> None:
         """Cut the flow from outside (shutdown, grace period over)."""
         self._fail(code)
