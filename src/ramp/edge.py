@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dns.exception
@@ -246,16 +247,27 @@ class Edge:
             flow.route = route.tunnel_name
         return route
 
-    async def open_udp(
-        self, flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
-    ) -> UdpSession:
-        flow.protocol = "udp"
+    @contextlib.contextmanager
+    def _finish_on_failure(self, flow: Flow) -> Iterator[None]:
+        """A UDP flow that fails (or is cancelled) while opening is reported once, here: the
+        on-ramp only sees the exception."""
         try:
-            route = await self._route(flow)
+            yield
         except FlowError as e:
             flow.result, flow.reason = e.result, e.reason
             self.flow_finished(flow)
             raise
+        except asyncio.CancelledError:
+            flow.result, flow.reason = FlowResult.ERROR, "cancelled while opening"
+            self.flow_finished(flow)
+            raise
+
+    async def open_udp(
+        self, flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
+    ) -> UdpSession:
+        flow.protocol = "udp"
+        with self._finish_on_failure(flow):
+            route = await self._route(flow)
         if route is None:
             if self.config.allow_direct_egress and flow.resolved is not None:
                 return await self._open_direct_udp(flow, flow.resolved, receive, closed)
@@ -275,12 +287,8 @@ class Edge:
     ) -> UdpSession:
         assert self.sessions is not None
         flow.route = "direct"
-        try:
+        with self._finish_on_failure(flow):
             session = await self.sessions.open_direct(flow, ip, receive, closed)
-        except FlowError as e:
-            flow.result, flow.reason = e.result, e.reason
-            self.flow_finished(flow)
-            raise
         self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
         return session
 
@@ -295,18 +303,10 @@ class Edge:
         assert self.sessions is not None
         flow.protocol = "udp"
         flow.route = route.tunnel_name
-        try:
+        with self._finish_on_failure(flow):
             session = await self.sessions.open(
                 flow, route.tunnel_id, host, receive, closed, self.config.connect_timeout
             )
-        except FlowError as e:
-            flow.result, flow.reason = e.result, e.reason
-            self.flow_finished(flow)
-            raise
-        except asyncio.CancelledError:
-            flow.result, flow.reason = FlowResult.ERROR, "cancelled while opening"
-            self.flow_finished(flow)
-            raise
         self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
         return session
 

@@ -4,7 +4,6 @@ small dnspython responder standing in for the upstream resolver."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -507,7 +506,6 @@ def test_edge_starts_the_dns_listener(tmp_path: Path) -> None:
     run(main)
 
 
-@pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (bind9-dnsutils)")
 def test_real_dig_over_udp_tcp_and_truncation_from_a_wildcard_listener() -> None:
     async def dig(port: int, *args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
