@@ -156,6 +156,9 @@ def _model_options(
     def decorate(f: F) -> F:
         # click lists options in reverse order of decoration: go backwards to keep model order.
         for name, field in reversed(list(model.model_fields.items())):
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("cli") is False:
+                continue  # structured keys live in the config file only
             f = _option_for(name, field, envvars.get(name))(f)
         return click.option(
             "--config",

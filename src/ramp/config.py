@@ -9,10 +9,19 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from ramp.onramps.registry import OnRampOptions, parse_entry
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -81,6 +90,33 @@ class _Base(BaseModel):
     log_level: LogLevel = Field("info", description="Log verbosity: debug, info, warning, error.")
 
 
+def _onramp_entry(entry: Any) -> OnRampOptions:
+    parsed = parse_entry(entry)
+    _check_listen(parsed.listen)
+    return parsed
+
+
+class HookEntry(BaseModel):
+    """A hook with options for its `setup(options)`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="A Python file defining hook functions.")
+    module: str | None = Field(None, description="An importable module defining them.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to setup().")
+
+    @field_validator("module")
+    @classmethod
+    def _one_source(cls, v: str | None, info: Any) -> str | None:
+        if (v is None) == (info.data.get("path") is None):
+            raise ValueError("give exactly one of path and module")
+        return v
+
+    @property
+    def source(self) -> str:
+        return self.path or self.module or ""
+
+
 class EdgeConfig(_Base):
     """The edge: on-ramps, routing to tunnels, direct egress."""
 
@@ -143,10 +179,53 @@ class EdgeConfig(_Base):
         210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
     )
 
+    onramps: list[Annotated[OnRampOptions, BeforeValidator(_onramp_entry)]] = Field(
+        default_factory=list,
+        description=(
+            "On-ramps, each a mapping with `type` (socks5, http, dns, forward, ...), `listen` "
+            "and the type's own keys. When set, the socks5/http/dns listener keys at their "
+            "defaults are not used; one set explicitly (a flag) adds its listener."
+        ),
+        json_schema_extra={"cli": False},
+    )
+    groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Identity groups for policy rules: group name to its user names.",
+        json_schema_extra={"cli": False},
+    )
+    hooks: list[str | HookEntry] = Field(
+        default_factory=list,
+        description=(
+            "Python hooks, in order: a file path or module name, or a mapping with `path` "
+            "(or `module`) and `options`. The built-in policy runs first. See docs/hooks.md."
+        ),
+    )
+    hook_timeout: float = Field(
+        0.05,
+        gt=0,
+        description="Seconds an async hook may take before it fails closed (hook_error); "
+        "sync hooks slower than this are logged and counted.",
+    )
+
     _v_listen = field_validator(
         "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"
     )(classmethod(lambda cls, v: _check_listen(v)))
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
+
+    def effective_onramps(self) -> list[OnRampOptions]:
+        """`onramps`, plus the shorthand listener keys: all of them that are not `off` when
+        `onramps` is empty, else only those set explicitly."""
+        found = list(self.onramps)
+        for kind, key in (
+            ("socks5", "socks5_listen"),
+            ("http", "http_listen"),
+            ("dns", "dns_listen"),
+        ):
+            value = getattr(self, key)
+            if value == "off" or (self.onramps and key not in self.model_fields_set):
+                continue
+            found.append(parse_entry({"type": kind, "listen": value}))
+        return found
 
 
 class ConnectorConfig(_Base):

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dns.exception
 import dns.message
 
 from ramp.config import EdgeConfig, parse_hostport
-from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
-from ramp.observe.audit import AuditLog
+from ramp.flows.table import FlowTable
+from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.loglimit import LogLimiter
 from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
-from ramp.offramps.tcp import DirectLeg, dial_tcp, is_ip_literal, resolve
-from ramp.offramps.tunnel import ConnectionGone, open_tunnel_flow
-from ramp.onramps.dns import DnsServer
-from ramp.onramps.http_connect import HttpConnectServer
-from ramp.onramps.socks5 import Socks5Server
-from ramp.policy.router import RouteEntry, RouteTable
+from ramp.offramps.base import OffRamp
+from ramp.offramps.direct import DirectOffRamp
+from ramp.offramps.tcp import resolve
+from ramp.offramps.tunnel import TunnelOffRamp
+from ramp.onramps.registry import OnRampContext
+from ramp.onramps.registry import lookup as lookup_onramp
+from ramp.policy.engine import PolicyHook
+from ramp.policy.hooks import Hooks, HookSpec, LoadedHook, load_hooks
+from ramp.policy.pipeline import FlowPipeline
+from ramp.policy.router import RouteEntry, Router, RouteTable
+from ramp.policy.rules import Policy
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
@@ -37,25 +41,67 @@ log = logging.getLogger("ramp.edge")
 
 
 class Edge:
-    """One edge process: implements `FlowOpener` for its on-ramps."""
+    """One edge process: composes the store, on-ramps, the flow path and the off-ramps."""
 
     def __init__(self, config: EdgeConfig, *, metrics: EdgeMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or EdgeMetrics()
         self.store = Store(config.data_dir)
         self.audit = AuditLog(config.audit_log)
-        self.routes = RouteTable()
         self.dns_zones = DnsZones([])
         self._dns_clients: dict[str, TunnelDnsClient] = {}
         self.sessions: EdgeSessions | None = None
         self._bad_input_log = LogLimiter()
-        self.active: set[int] = set()
         self._store_version = -1
         self._tunnel_names: dict[str, str] = {}
+        self._vnet_assignments: dict[str, str] = {}
         self.tunnels: TunnelEdge | None = None
         self.onramps: list[Any] = []
         self.status: Any = None
         self._poller: asyncio.Task[None] | None = None
+        m = self.metrics
+        self.table = FlowTable(
+            config.max_flows,
+            reporters=[self._report],
+            on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+        )
+        self.policy = PolicyHook()
+        self.hooks = self._make_hooks(load_hooks(hook_specs(config)))
+        self.router = Router(
+            _resolve_first,
+            allow_direct=config.allow_direct_egress,
+            zone_lookup=self._zone_lookup,
+            replicas=self._replicas,
+        )
+        self.offramps: dict[str, OffRamp] = {}
+        self.pipeline = FlowPipeline(
+            self.table,
+            self.hooks,
+            self.policy,
+            self.router,
+            self.offramps,
+            groups=self._groups_of,
+            vnet_of=self._vnet_assignments.get,
+            dns=self.dns_query,
+            bad_input=self.bad_input,
+            on_decision=lambda ok: m.policy_decisions.labels("allow" if ok else "deny").inc(),
+            on_setup=m.flow_setup.observe,
+            on_revoked=m.flows_revoked.inc,
+        )
+        self._groups = _invert_groups(config.groups)
+
+    def _make_hooks(self, user: list[LoadedHook]) -> Hooks:
+        m = self.metrics
+        return Hooks(
+            [self.policy.as_hook(), *user],
+            self.config.hook_timeout,
+            on_error=lambda hook, point, kind: m.hook_errors.labels(hook, point, kind).inc(),
+            on_slow=lambda hook, point: m.hook_slow.labels(hook, point).inc(),
+        )
+
+    @property
+    def active(self) -> int:
+        return len(self.table)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -85,19 +131,14 @@ class Edge:
             on_bad_input=lambda reason: self.bad_input("tunnel", "malformed_datagram"),
         )
         self.tunnels.sessions = self.sessions
+        timeout = self.config.connect_timeout
+        self.offramps["tunnel"] = TunnelOffRamp(self.tunnels, self.sessions, timeout)
+        self.offramps["direct"] = DirectOffRamp(self.sessions, timeout)
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
-        for listen, cls in (
-            (self.config.socks5_listen, Socks5Server),
-            (self.config.http_listen, HttpConnectServer),
-            (self.config.dns_listen, DnsServer),
-        ):
-            if listen == "off":
-                continue
-            if cls is DnsServer:
-                server = DnsServer(self.config, self, on_outcome=self._dns_outcome)
-            else:
-                server = cls(self.config, self)
-            h, p = parse_hostport(listen)
+        ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome)
+        for options in self.config.effective_onramps():
+            server = lookup_onramp(options.type).build(ctx, options)
+            h, p = parse_hostport(options.listen)
             await server.start(h, p)
             self.onramps.append(server)
         self.status = await start_status_server(
@@ -131,8 +172,23 @@ class Edge:
         return n > 0, {
             "status": "ready" if n else "waiting for a connector",
             "connections": by_tunnel,
-            "flows": len(self.active),
+            "flows": len(self.table),
         }
+
+    # -- configuration reload (SIGHUP) -----------------------------------------------------------
+
+    def reload_config(self, config: EdgeConfig) -> None:
+        """Take a new config's hooks, groups and policy settings; raises (and keeps the old
+        state) if its hooks do not load. Listeners and limits stay as they are until a
+        restart."""
+        user = load_hooks(hook_specs(config))  # raises HookLoadError: nothing changed yet
+        self.hooks = self._make_hooks(user)
+        self.pipeline.hooks = self.hooks
+        self._groups = _invert_groups(config.groups)
+        self.router.allow_direct = config.allow_direct_egress
+        self.config = config
+        self._store_version = -1
+        self.reload_store()
 
     # -- store -----------------------------------------------------------------------------------
 
@@ -142,13 +198,22 @@ class Edge:
             return
         self._store_version = version
         tunnels = {t.id: t.name for t in self.store.list_tunnels()}
-        self.routes = RouteTable(
-            RouteEntry(r.network, r.tunnel_id, r.tunnel_name) for r in self.store.list_routes()
-        )
-        self.metrics.routes.set(len(self.routes))
+        routes: dict[str, list[RouteEntry]] = {}
+        for r in self.store.list_routes():
+            vnet = getattr(r, "vnet", "default")
+            routes.setdefault(vnet, []).append(RouteEntry(r.network, r.tunnel_id, r.tunnel_name))
+        self.router.tables = {vnet: RouteTable(entries) for vnet, entries in routes.items()}
+        self.metrics.routes.set(sum(len(t) for t in self.router.tables.values()))
+        assignments = getattr(self.store, "vnet_assignments", None)
+        self._vnet_assignments.clear()
+        if assignments is not None:
+            self._vnet_assignments.update(assignments())
         self.dns_zones = DnsZones(
             [DnsZoneRoute(r.zone, r.tunnel_id, r.tunnel_name) for r in self.store.list_dns_routes()]
         )
+        rules = self.store.list_rules()
+        self.policy.replace(Policy(rules))
+        self.metrics.policy_rules.set(len(rules))
         for tid in [t for t in self._dns_clients if t not in tunnels]:
             self._dns_clients.pop(tid).close()
         gone = set(self._tunnel_names) - set(tunnels)
@@ -158,7 +223,13 @@ class Edge:
                 if tid in gone or tid not in tunnels:
                     log.info("tunnel %s was deleted: closing its connections", tid)
                     self.tunnels.drop_tunnel(tid, CloseCode.TUNNEL_DELETED, "tunnel deleted")
-        log.debug("store loaded: %d tunnels, %d routes", len(tunnels), len(self.routes))
+        revoked = self.pipeline.revoke_denied()
+        log.debug(
+            "store loaded: %d tunnels, %d rules, %d flows ended by policy",
+            len(tunnels),
+            len(rules),
+            revoked,
+        )
 
     async def _poll_store(self) -> None:
         while True:
@@ -167,6 +238,18 @@ class Edge:
                 self.reload_store()
             except Exception:
                 log.exception("reloading the store failed; keeping the last good state")
+
+    def _zone_lookup(self, host: str) -> tuple[str, str, str] | None:
+        zone = self.dns_zones.lookup(host)
+        return None if zone is None else (zone.tunnel_id, zone.tunnel_name, zone.zone)
+
+    def _replicas(self, tunnel_id: str) -> list[str]:
+        if self.tunnels is None:
+            return []
+        return sorted({c.connector_id for c in self.tunnels.candidates(tunnel_id)})
+
+    def _groups_of(self, user: str) -> frozenset[str]:
+        return self._groups.get(user, frozenset())
 
     # -- tunnel registrations --------------------------------------------------------------------
 
@@ -206,109 +289,38 @@ class Edge:
                 len(entry.conns)
             )
 
-    # -- FlowOpener ------------------------------------------------------------------------------
+    # -- the flow path (delegated) ---------------------------------------------------------------
 
     async def open_tcp(self, flow: Flow) -> TcpLeg:
-        self.active.add(flow.id)
-        self.metrics.flows_active.set(len(self.active))
-        started = time.monotonic()
-        if len(self.active) > self.config.max_flows:
-            raise FlowError(FlowResult.ERROR, f"edge at its limit of {self.config.max_flows} flows")
-        route = await self._route(flow)
-        if route is not None:
-            leg: TcpLeg = await self._open_via_tunnel(flow, route)
-        elif self.config.allow_direct_egress:
-            flow.route = "direct"
-            assert flow.resolved is not None
-            sock = await dial_tcp(flow.resolved, flow.destination.port, self.config.connect_timeout)
-            leg = DirectLeg(flow, sock)
-        else:
-            raise FlowError(
-                FlowResult.NOT_PERMITTED,
-                f"no route to {flow.resolved} and direct egress is off",
-            )
-        self.metrics.flow_setup.observe(time.monotonic() - started)
-        return leg
-
-    async def _route(self, flow: Flow) -> RouteEntry | None:
-        """The tunnel route for a flow, or None. A hostname under a routed DNS zone goes to
-        that zone's tunnel unresolved (its connector resolves it privately); other names are
-        resolved here and routed by address."""
-        dest = flow.destination
-        if not is_ip_literal(dest.host):
-            zone = self.dns_zones.lookup(dest.host)
-            if zone is not None:
-                flow.route = zone.tunnel_name
-                return RouteEntry(None, zone.tunnel_id, zone.tunnel_name)  # type: ignore[arg-type]
-        addrs = await resolve(dest.host, dest.port)
-        flow.resolved = addrs[0][1][0]
-        route = self.routes.lookup(flow.resolved)
-        if route is not None:
-            flow.route = route.tunnel_name
-        return route
-
-    @contextlib.contextmanager
-    def _finish_on_failure(self, flow: Flow) -> Iterator[None]:
-        """A UDP flow that fails (or is cancelled) while opening is reported once, here: the
-        on-ramp only sees the exception."""
-        try:
-            yield
-        except FlowError as e:
-            flow.result, flow.reason = e.result, e.reason
-            self.flow_finished(flow)
-            raise
-        except asyncio.CancelledError:
-            flow.result, flow.reason = FlowResult.ERROR, "cancelled while opening"
-            self.flow_finished(flow)
-            raise
+        return await self.pipeline.open_tcp(flow)
 
     async def open_udp(
         self, flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
     ) -> UdpSession:
-        flow.protocol = "udp"
-        with self._finish_on_failure(flow):
-            route = await self._route(flow)
-        if route is None:
-            if self.config.allow_direct_egress and flow.resolved is not None:
-                return await self._open_direct_udp(flow, flow.resolved, receive, closed)
-            flow.result = FlowResult.NOT_PERMITTED
-            flow.reason = f"no route to {flow.resolved} and direct egress is off"
-            self.flow_finished(flow)
-            raise FlowError(flow.result, flow.reason)
-        host = flow.resolved or flow.destination.host
-        return await self._open_session(flow, route, host, receive, closed)
+        return await self.pipeline.open_udp(flow, receive, closed)
 
-    async def _open_direct_udp(
-        self,
-        flow: Flow,
-        ip: str,
-        receive: Callable[[bytes], None],
-        closed: Callable[[str], None],
-    ) -> UdpSession:
-        assert self.sessions is not None
-        flow.route = "direct"
-        with self._finish_on_failure(flow):
-            session = await self.sessions.open_direct(flow, ip, receive, closed)
-        self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
-        return session
+    def flow_finished(self, flow: Flow) -> None:
+        self.table.end(flow)
 
-    async def _open_session(
-        self,
-        flow: Flow,
-        route: RouteEntry,
-        host: str,
-        receive: Callable[[bytes], None],
-        closed: Callable[[str], None],
-    ) -> UdpSession:
-        assert self.sessions is not None
-        flow.protocol = "udp"
-        flow.route = route.tunnel_name
-        with self._finish_on_failure(flow):
-            session = await self.sessions.open(
-                flow, route.tunnel_id, host, receive, closed, self.config.connect_timeout
-            )
-        self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
-        return session
+    def _report(self, flow: Flow) -> None:
+        m = self.metrics
+        assert flow.result is not None
+        if flow.kind is FlowKind.DATAGRAM:
+            m.udp_sessions.labels(flow.result.value).inc()
+            if self.sessions is not None:
+                m.udp_sessions_active.set(len(self.sessions.sessions))
+        else:
+            m.flows.labels(flow.onramp, flow.result.value).inc()
+            if flow.bytes_up:
+                m.flow_bytes.labels("up").inc(flow.bytes_up)
+            if flow.bytes_down:
+                m.flow_bytes.labels("down").inc(flow.bytes_down)
+        m.flows_active.set(len(self.table))
+        record = flow_record(flow)
+        self.audit.write_record(record)
+        self.hooks.flow_end(record)
+
+    # -- DNS through tunnels (internal flows of the edge itself) ---------------------------------
 
     async def dns_query(self, query: bytes) -> bytes | None:
         try:
@@ -322,84 +334,34 @@ class Edge:
             return None
         client = self._dns_clients.get(zone.tunnel_id)
         if client is None:
-            route = RouteEntry(None, zone.tunnel_id, zone.tunnel_name)  # type: ignore[arg-type]
+            route = Route("tunnel", "default", zone.tunnel_id, zone.tunnel_name, zone.zone)
+            tunnel = self.offramps["tunnel"]
 
             async def open_tcp(flow: Flow) -> TcpLeg:
-                flow.route = zone.tunnel_name
-                return await self._open_via_tunnel(flow, route)
+                self.table.admit(flow)
+                flow.route = route
+                return await tunnel.open_stream(flow, route)
 
             async def open_udp(
                 flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
             ) -> UdpSession:
-                return await self._open_session(flow, route, RESOLVER_HOST, receive, closed)
+                flow.route = route
+                flow.resolved = RESOLVER_HOST
+                try:
+                    self.table.admit(flow)
+                    return await tunnel.open_datagram(flow, route, receive, closed)
+                except BaseException as e:
+                    if isinstance(e, FlowError):
+                        flow.fail(e.result, e.reason)
+                    flow.fail(FlowResult.ERROR, "cancelled while opening")
+                    self.table.end(flow)
+                    raise
 
             client = TunnelDnsClient(
                 zone, open_udp, open_tcp, self.flow_finished, self.config.dns_timeout
             )
             self._dns_clients[zone.tunnel_id] = client
         return await client.query(query)
-
-    async def _open_via_tunnel(self, flow: Flow, route: RouteEntry) -> TcpLeg:
-        assert self.tunnels is not None
-        candidates = self.tunnels.candidates(route.tunnel_id)
-        if not candidates:
-            raise FlowError(
-                FlowResult.NET_UNREACHABLE,
-                f"tunnel {route.tunnel_name} has no connected connector",
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.connect_timeout
-        wait = 0.005
-        while loop.time() < deadline:
-            usable = [c for c in candidates if c.can_open_stream()]
-            if not usable:
-                if all(c.closed for c in candidates):
-                    break
-                # every connection is at the connector's stream limit: slots come back as
-                # flows end (MAX_STREAMS), so wait for one instead of failing at once, backing
-                # off so that many waiting flows do not starve the relays that free slots
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 0.1)
-                candidates = self.tunnels.candidates(route.tunnel_id)
-                continue
-            for conn in usable:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    return await open_tunnel_flow(conn, flow, remaining)
-                except ConnectionGone:
-                    continue  # that connection died under us: the next one may be alive
-            candidates = self.tunnels.candidates(route.tunnel_id)
-            if not candidates:
-                break
-        if loop.time() >= deadline:
-            raise FlowError(FlowResult.TIMEOUT, "no tunnel connection answered in time")
-        raise FlowError(
-            FlowResult.NET_UNREACHABLE,
-            f"tunnel {route.tunnel_name} lost its connections while opening the flow",
-        )
-
-    def flow_finished(self, flow: Flow) -> None:
-        self.active.discard(flow.id)
-        if flow.ended is None:
-            flow.ended = time.monotonic()
-        if flow.result is None:
-            flow.result = FlowResult.OK
-        m = self.metrics
-        if flow.protocol == "udp":
-            m.udp_sessions.labels(flow.result.value).inc()
-            if self.sessions is not None:
-                m.udp_sessions_active.set(len(self.sessions.sessions))
-            self.audit.write(flow)
-            return
-        m.flows_active.set(len(self.active))
-        m.flows.labels(flow.onramp, flow.result.value).inc()
-        if flow.bytes_up:
-            m.flow_bytes.labels("up").inc(flow.bytes_up)
-        if flow.bytes_down:
-            m.flow_bytes.labels("down").inc(flow.bytes_down)
-        self.audit.write(flow)
 
     def _dns_outcome(self, outcome: str) -> None:
         self.metrics.dns_queries.labels(outcome).inc()
@@ -413,6 +375,26 @@ class Edge:
                 f"{peer[0]}:{peer[1]}" if peer else "-",
                 reason,
             )
+
+
+def hook_specs(config: EdgeConfig) -> list[HookSpec]:
+    return [
+        HookSpec(h, {}) if isinstance(h, str) else HookSpec(h.source, dict(h.options))
+        for h in config.hooks
+    ]
+
+
+def _invert_groups(groups: dict[str, list[str]]) -> dict[str, frozenset[str]]:
+    by_user: dict[str, set[str]] = {}
+    for group, users in groups.items():
+        for user in users:
+            by_user.setdefault(user, set()).add(group)
+    return {user: frozenset(gs) for user, gs in by_user.items()}
+
+
+async def _resolve_first(host: str, port: int) -> str:
+    addrs = await resolve(host, port)
+    return str(addrs[0][1][0])
 
 
 async def serve_edge(config: EdgeConfig, stop: asyncio.Event) -> int:

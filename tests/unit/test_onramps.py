@@ -223,7 +223,7 @@ def test_socks5_connect_relays_both_ways(loop: str, host: str) -> None:
         (flow,) = opener.finished
         assert flow.onramp == "socks5"
         assert (flow.destination.host, flow.destination.port) == (host, 8080)
-        assert flow.identity == "-"
+        assert flow.identity is None
         assert flow.source[0] == "127.0.0.1"
         assert flow.result is FlowResult.OK
         assert flow.bytes_up == 4
@@ -286,7 +286,7 @@ def test_socks5_auth_accepted_sets_identity() -> None:
             assert rep == Rep.SUCCEEDED
             writer.close()
             await opener.wait_finished()
-        assert opener.finished[0].identity == "alice"
+        assert opener.finished[0].user == "alice"
 
     run(main)
 
@@ -577,7 +577,7 @@ def test_http_auth_missing_wrong_and_right() -> None:
             assert status_of(head) == 200
             writer.close()
             await opener.wait_finished()
-        assert [f.identity for f in opener.finished] == ["alice"]
+        assert [f.user for f in opener.finished] == ["alice"]
 
     run(main)
 
@@ -613,7 +613,7 @@ def test_http_absolute_form_is_forwarded_rewritten() -> None:
             await opener.wait_finished()
         (flow,) = opener.finished
         assert (flow.destination.host, flow.destination.port) == ("192.0.2.44", 8081)
-        assert flow.identity == "bob"
+        assert flow.user == "bob"
 
     run(main)
 
@@ -809,7 +809,7 @@ def test_curl_downloads_through_onramp(kind: str, args: list[str]) -> None:
         (flow,) = opener.finished
         assert flow.result is FlowResult.OK
         assert flow.destination.port == oport
-        assert flow.identity == ("alice" if auth else "-")
+        assert flow.user == ("alice" if auth else None)
         assert flow.bytes_down >= len(BODY)
         if "--socks5-hostname" in args:
             assert flow.destination.host == "localhost"  # the name, resolved by the edge

@@ -225,7 +225,7 @@ def test_round_trip_of_many_sizes(loop: str) -> None:
         assert flow.onramp == "socks5-udp" and flow.protocol == "udp"
         assert (flow.destination.host, flow.destination.port) == ("192.0.2.7", 7)
         assert flow.source[0] == "127.0.0.1" and flow.source[1] != 0
-        assert flow.identity == "-"
+        assert flow.identity is None
         assert flow.packets_up == flow.packets_down == len(sizes)
         assert flow.bytes_up == sum(sizes)
         assert opener.bad == []
@@ -660,6 +660,6 @@ def test_authenticated_user_is_the_sessions_identity() -> None:
 
             await asyncio.to_thread(client)
         (flow,) = opener.opened
-        assert flow.identity == "alice"
+        assert flow.user == "alice"
 
     run(main)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from ramp.flows.flow import Destination, Flow, FlowResult
+from ramp.flows.flow import Decision, Destination, Flow, FlowResult, Identity, Route
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.status import StatusServer, start_status_server
 
@@ -204,11 +204,13 @@ def _flow() -> Flow:
         onramp="socks5",
         source=("2001:db8::5", 40000),
         destination=Destination("web.internal", 443),
-        identity="alice",
+        identity=Identity("alice", frozenset({"staff"})),
+        id=42,
     )
     f.started_wall = 1700000000.25
     f.resolved = "198.51.100.7"
-    f.route = "office"
+    f.route = Route("tunnel", "default", "t-1", "office", "198.51.100.0/24")
+    f.decision = Decision(True, "default")
     f.result = FlowResult.REFUSED
     f.reason = "origin refused"
     f.bytes_up, f.bytes_down = 12, 3456
@@ -219,12 +221,18 @@ def _flow() -> Flow:
 def test_audit_line_fields() -> None:
     assert flow_record(_flow()) == {
         "time": "2023-11-14T22:13:20.250Z",
+        "flow": 42,
+        "kind": "stream",
+        "protocol": "tcp",
         "identity": "alice",
         "onramp": "socks5",
         "source": "[2001:db8::5]:40000",
         "destination": "web.internal:443",
         "resolved": "198.51.100.7",
+        "vnet": "default",
+        "offramp": "tunnel",
         "tunnel": "office",
+        "rule": "default",
         "bytes_up": 12,
         "bytes_down": 3456,
         "duration": 1.235,

@@ -24,27 +24,37 @@ def _addr(host: str, port: int) -> str:
 
 
 def flow_record(flow: Flow) -> dict[str, Any]:
-    """The audit fields of a finished flow, in a stable order."""
+    """The audit fields of a finished flow, in a stable order. Absent values are JSON null,
+    never a placeholder string; edge and connector write the same record."""
     start = dt.datetime.fromtimestamp(flow.started_wall, dt.UTC)
+    route = flow.route
+    decision = flow.decision
     record: dict[str, Any] = {
         "time": start.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "identity": flow.identity,
+        "flow": flow.id,
+        "kind": flow.kind.value,
+        "protocol": flow.protocol,
+        "identity": flow.user,
         "onramp": flow.onramp,
         "source": _addr(*flow.source),
         "destination": str(flow.destination),
         "resolved": flow.resolved,
-        "tunnel": flow.route,
+        "vnet": route.vnet if route is not None else flow.vnet,
+        "offramp": route.offramp if route is not None else None,
+        "tunnel": str(route) if route is not None else None,
+        "rule": decision.rule if decision is not None else None,
         "bytes_up": flow.bytes_up,
         "bytes_down": flow.bytes_down,
         "duration": round(flow.duration, 3),
         "result": flow.result.value if flow.result is not None else None,
         "reason": flow.reason,
     }
-    if flow.protocol != "tcp":
-        record["protocol"] = flow.protocol
+    if flow.kind.value != "stream":
         record["packets_up"] = flow.packets_up
         record["packets_down"] = flow.packets_down
         record["drops"] = flow.drops
+    if flow.annotations:
+        record["annotations"] = dict(flow.annotations)
     return record
 
 
@@ -62,9 +72,12 @@ class AuditLog:
             self._file = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def write(self, flow: Flow) -> None:
+        self.write_record(flow_record(flow))
+
+    def write_record(self, record: dict[str, Any]) -> None:
         if self._closed:
             return
-        line = json.dumps(flow_record(flow), ensure_ascii=False, separators=(",", ":"))
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         # stderr is looked up at each write so redirection (and test capture) is honoured.
         out = self._file if self._file is not None else sys.stderr
         try:

@@ -30,6 +30,12 @@ class FlowMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
+        self.flows_rejected = Counter(
+            "ramp_flows_rejected",
+            "Flows refused before they opened, by reason (flow_table_full, not_permitted, ...).",
+            ["reason"],
+            registry=registry,
+        )
         self.bad_input = Counter(
             "ramp_bad_input",
             "Input rejected at the protocol level.",
@@ -100,6 +106,39 @@ class EdgeMetrics(FlowMetrics):
         )
         self.routes = Gauge(
             "ramp_routes", "IP routes loaded from the store.", registry=self.registry
+        )
+        self.policy_rules = Gauge(
+            "ramp_policy_rules", "Policy rules loaded from the store.", registry=self.registry
+        )
+        self.policy_decisions = Counter(
+            "ramp_policy_decisions",
+            "Flow decisions by action (allow, deny).",
+            ["action"],
+            registry=self.registry,
+        )
+        self.flows_revoked = Counter(
+            "ramp_flows_revoked",
+            "Open flows ended because a policy change denies them now.",
+            registry=self.registry,
+        )
+        self.hook_errors = Counter(
+            "ramp_hook_errors",
+            "Hook calls that raised or timed out (the flow is denied: hook_error).",
+            ["hook", "point", "kind"],
+            registry=self.registry,
+        )
+        self.hook_slow = Counter(
+            "ramp_hook_slow",
+            "Synchronous hook calls that took longer than the hook timeout (they block the "
+            "event loop).",
+            ["hook", "point"],
+            registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "ramp_config_reloads",
+            "SIGHUP reloads by result (ok, failed).",
+            ["result"],
+            registry=self.registry,
         )
 
 

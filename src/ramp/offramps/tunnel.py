@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
-from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.flows.flow import Flow, FlowError, FlowResult, Route
+from ramp.flows.opener import UdpSession
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import CODE_TO_RESULT
-from ramp.tunnel.edge_side import STALE_AFTER, EdgeConnection
+from ramp.tunnel.edge_side import STALE_AFTER, EdgeConnection, TunnelEdge
+from ramp.tunnel.sessions_edge import EdgeSessions
 from ramp.wire.tunnel import (
     ConnectCode,
     ConnectResult,
@@ -89,8 +92,8 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
     stream_id = conn.open_stream(pending)
     host = flow.resolved or flow.destination.host
     meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
-    if flow.identity != "-":
-        meta["identity"] = flow.identity
+    if flow.user is not None:
+        meta["identity"] = flow.user
     if flow.resolved and flow.resolved != flow.destination.host:
         meta["host"] = flow.destination.host
     header = ConnectTcp(flow.id, host, flow.destination.port, FLOW_WINDOW, meta)
@@ -195,3 +198,76 @@ class TunnelLeg:
 
     def abort(self) -> None:
         self.bridge.abort()
+
+
+class TunnelOffRamp:
+    """Flows leave through a connector: streams on its QUIC connections, datagrams in its
+    UDP sessions."""
+
+    name = "tunnel"
+
+    def __init__(self, tunnels: TunnelEdge, sessions: EdgeSessions, connect_timeout: float) -> None:
+        self.tunnels = tunnels
+        self.sessions = sessions
+        self.connect_timeout = connect_timeout
+
+    def _candidates(self, route: Route) -> list[EdgeConnection]:
+        assert route.tunnel_id is not None
+        conns = self.tunnels.candidates(route.tunnel_id)
+        if route.replica is not None:
+            conns = [c for c in conns if c.connector_id == route.replica]
+        return conns
+
+    async def open_stream(self, flow: Flow, route: Route) -> TunnelLeg:
+        candidates = self._candidates(route)
+        if not candidates:
+            raise FlowError(
+                FlowResult.NET_UNREACHABLE,
+                f"tunnel {route.tunnel_name} has no connected connector"
+                + (f" {route.replica}" if route.replica else ""),
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        wait = 0.005
+        while loop.time() < deadline:
+            usable = [c for c in candidates if c.can_open_stream()]
+            if not usable:
+                if all(c.closed for c in candidates):
+                    break
+                # every connection is at the connector's stream limit: slots come back as
+                # flows end (MAX_STREAMS), so wait for one instead of failing at once, backing
+                # off so that many waiting flows do not starve the relays that free slots
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 0.1)
+                candidates = self._candidates(route)
+                continue
+            for conn in usable:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    return await open_tunnel_flow(conn, flow, remaining)
+                except ConnectionGone:
+                    continue  # that connection died under us: the next one may be alive
+            candidates = self._candidates(route)
+            if not candidates:
+                break
+        if loop.time() >= deadline:
+            raise FlowError(FlowResult.TIMEOUT, "no tunnel connection answered in time")
+        raise FlowError(
+            FlowResult.NET_UNREACHABLE,
+            f"tunnel {route.tunnel_name} lost its connections while opening the flow",
+        )
+
+    async def open_datagram(
+        self,
+        flow: Flow,
+        route: Route,
+        receive: Callable[[bytes], None],
+        closed: Callable[[str], None],
+    ) -> UdpSession:
+        assert route.tunnel_id is not None
+        host = flow.resolved or flow.destination.host
+        return await self.sessions.open(
+            flow, route.tunnel_id, host, receive, closed, self.connect_timeout
+        )

@@ -38,6 +38,7 @@ from ramp.flows.flow import FlowError
 from ramp.flows.opener import FlowOpener
 from ramp.net.listen import tcp_listen_socket
 from ramp.net.pktinfo import Address, PktinfoEndpoint
+from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 
 log = logging.getLogger(__name__)
 
@@ -436,3 +437,15 @@ class DnsServer:
 
 
 __all__ = ["DnsServer", "header_reply", "truncate", "udp_limit"]
+
+
+def _build(ctx: OnRampContext, options: OnRampOptions) -> DnsServer:
+    return DnsServer(ctx.config, ctx.opener, on_outcome=ctx.dns_outcome)
+
+
+register(
+    "dns",
+    OnRampOptions,
+    _build,
+    "DNS listener (UDP and TCP): routed zones through tunnels, others upstream",
+)

@@ -18,7 +18,9 @@ import socket
 
 import h11
 
+from ramp.flows.answers import ProxyRequest, Reply
 from ramp.flows.flow import Destination, FlowResult
+from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
 
 log = logging.getLogger(__name__)
@@ -229,7 +231,7 @@ class HttpConnectServer(TcpOnRamp):
                 sock, peer, "header_too_large", response(431, "ramp: request head too large")
             )
 
-        identity = "-"
+        identity: str | None = None
         users = self.config.users
         if users:
             value: bytes | None = None
@@ -286,4 +288,26 @@ class HttpConnectServer(TcpOnRamp):
             error_reply=lambda result: failure_response(result, dest),
             busy_reply=response(503, "ramp: too many flows"),
             initial=initial,
+            request=ProxyRequest(
+                ev.method.decode("ascii", "replace"),
+                target.decode("ascii", "replace"),
+                tuple(
+                    (n.decode("latin-1"), v.decode("latin-1"))
+                    for n, v in ev.headers.raw_items()
+                    if n.lower() != b"proxy-authorization"
+                ),
+            ),
+            answer=hook_reply,
         )
+
+
+def hook_reply(reply: Reply) -> bytes:
+    """A `connect_request` hook's own answer, as a complete response."""
+    return response(reply.status, reply.body, reply.headers)
+
+
+def _build(ctx: OnRampContext, options: OnRampOptions) -> HttpConnectServer:
+    return HttpConnectServer(ctx.config, ctx.opener, options)
+
+
+register("http", OnRampOptions, _build, "HTTP/1.1 proxy: CONNECT and absolute-form requests")

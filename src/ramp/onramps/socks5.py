@@ -9,6 +9,7 @@ import socket
 from functools import partial
 
 from ramp.flows.flow import Destination, FlowResult
+from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.socks5_udp import UdpAssociation, run_association
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
 from ramp.wire import socks5
@@ -42,7 +43,7 @@ class Socks5Server(TcpOnRamp):
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
         users = self.config.users
         hs = socks5.ServerHandshake(require_auth=bool(users))
-        identity = "-"
+        identity: str | None = None
         got = False
         request: socks5.Request | None = None
         try:
@@ -95,12 +96,13 @@ class Socks5Server(TcpOnRamp):
         sock: socket.socket,
         *,
         peer: tuple[str, int],
-        identity: str,
+        identity: str | None,
         request: socks5.Request,
     ) -> None:
         """One UDP association, for as long as its control connection `sock` lives."""
         try:
             assoc = UdpAssociation(self.opener, sock, identity, (request.host, request.port))
+            assoc.vnet = self.options.vnet if self.options is not None else None
         except OSError as e:
             log.warning("socks5 %s: cannot open a UDP relay socket: %s", peer, e)
             await self.send_final(sock, socks5.build_reply(Rep.GENERAL_FAILURE))
@@ -115,3 +117,10 @@ class Socks5Server(TcpOnRamp):
             log.debug("socks5 %s: UDP association ended: %s", peer, e)
         finally:
             assoc.close()
+
+
+def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
+    return Socks5Server(ctx.config, ctx.opener, options)
+
+
+register("socks5", OnRampOptions, _build, "SOCKS5 proxy (RFC 1928): CONNECT and UDP ASSOCIATE")

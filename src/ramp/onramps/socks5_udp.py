@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ramp.flows.flow import Destination, Flow, FlowError
+from ramp.flows.flow import Destination, Flow, FlowError, Identity
 from ramp.flows.opener import FlowOpener, UdpSession
 from ramp.net.gso import GsoSender
 from ramp.net.sockopts import set_buffers
@@ -91,11 +91,12 @@ class UdpAssociation:
         self,
         opener: FlowOpener,
         control: socket.socket,
-        identity: str,
+        identity: str | None,
         announced: tuple[str, int] = ("0.0.0.0", 0),
     ) -> None:
         self.opener = opener
         self.identity = identity
+        self.vnet: str | None = None  # the on-ramp's virtual network, set by the on-ramp
         peer = control.getpeername()
         self.client_ip: str = peer[0]
         self.client_port = announced_port(self.client_ip, *announced)
@@ -221,7 +222,8 @@ class UdpAssociation:
             protocol="udp",
             source=(self.client_ip, self.client_port),
             destination=Destination(host, port),
-            identity=self.identity,
+            identity=Identity(self.identity) if self.identity is not None else None,
+            vnet=self.vnet,
         )
         dest.flow = flow
         try:

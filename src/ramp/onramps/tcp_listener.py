@@ -17,11 +17,15 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ramp.config import EdgeConfig
-from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
+from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
 from ramp.flows.opener import FlowOpener
 from ramp.net.listen import tcp_listen_socket
+
+if TYPE_CHECKING:
+    from ramp.config import EdgeConfig
+    from ramp.onramps.registry import OnRampOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class FlowPlan:
     """A parsed request, ready to become a flow."""
 
     destination: Destination
-    identity: str
+    identity: str | None  # the authenticated user name, None without credentials
     ok_reply: bytes  # sent once the leg is open (may be empty)
     error_reply: Callable[[FlowResult], bytes]  # sent when opening fails
     busy_reply: bytes  # sent when max_flows is reached
@@ -54,6 +58,10 @@ class FlowPlan:
     # Set when the connection is not one TCP flow (a SOCKS5 UDP association): it counts
     # against max_flows like one, and the on-ramp serves it itself until it ends.
     serve: Callable[[socket.socket], Awaitable[None]] | None = None
+    # The proxy request for `connect_request` hooks (policy.hooks.ProxyRequest), and how to
+    # send a hook's own answer (policy.hooks.Reply) in this on-ramp's protocol.
+    request: object | None = None
+    answer: Callable[[Any], bytes] | None = None
 
 
 def peer_of(addr: object) -> tuple[str, int]:
@@ -79,9 +87,12 @@ class TcpOnRamp:
 
     onramp = "tcp"
 
-    def __init__(self, config: EdgeConfig, opener: FlowOpener) -> None:
+    def __init__(
+        self, config: EdgeConfig, opener: FlowOpener, options: OnRampOptions | None = None
+    ) -> None:
         self.config = config
         self.opener = opener
+        self.options = options
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -192,7 +203,9 @@ class TcpOnRamp:
                 onramp=self.onramp,
                 source=peer,
                 destination=plan.destination,
-                identity=plan.identity,
+                identity=Identity(plan.identity) if plan.identity is not None else None,
+                vnet=self.options.vnet if self.options is not None else None,
+                request=plan.request,
             )
             await self._run_flow(sock, flow, plan)
         except asyncio.CancelledError:
@@ -211,7 +224,10 @@ class TcpOnRamp:
                 leg = await self.opener.open_tcp(flow)
             except FlowError as e:
                 flow.result, flow.reason = e.result, e.reason
-                await self.send_final(sock, plan.error_reply(e.result))
+                if e.reply is not None and plan.answer is not None:
+                    await self.send_final(sock, plan.answer(e.reply))
+                else:
+                    await self.send_final(sock, plan.error_reply(e.result))
                 return
             except asyncio.CancelledError:
                 raise
@@ -231,6 +247,15 @@ class TcpOnRamp:
             except asyncio.CancelledError:
                 leg.abort()
                 raise
+            task = asyncio.current_task()
+
+            def stop(result: FlowResult, reason: str) -> None:
+                flow.fail(result, reason)
+                if task is not None:
+                    task.cancel()
+
+            flow.stop = stop
+            flow.advance(FlowState.ESTABLISHED)
             try:
                 await leg.relay(sock, initial=plan.initial)
             except asyncio.CancelledError:

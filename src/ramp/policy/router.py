@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+
+from ramp.flows.flow import Flow, Route
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -47,3 +49,63 @@ class RouteTable:
 
     def __len__(self) -> int:
         return len(self.routes)
+
+
+Resolve = Callable[[str, int], Awaitable[str]]
+ZoneLookup = Callable[[str], tuple[str, str, str] | None]  # name -> (tunnel id, name, zone)
+Replicas = Callable[[str], list[str]]  # tunnel id -> connector ids connected now
+
+
+class Router:
+    """Which off-ramps may carry a flow, best first.
+
+    A hostname under a routed DNS zone goes to that zone's tunnel unresolved (its connector
+    resolves it privately); other names are resolved here and routed by address in the flow's
+    virtual network; direct egress comes last, when it is on. With `replicas`, each connected
+    replica of the tunnel is offered too, for `route` hooks that pin flows to one.
+    """
+
+    def __init__(
+        self,
+        resolve: Resolve,
+        *,
+        allow_direct: bool = False,
+        zone_lookup: ZoneLookup | None = None,
+        replicas: Replicas | None = None,
+    ) -> None:
+        self.tables: dict[str, RouteTable] = {}
+        self._resolve = resolve
+        self.allow_direct = allow_direct
+        self._zone_lookup = zone_lookup
+        self._replicas = replicas
+
+    def _tunnel(self, vnet: str, tid: str, name: str, net: str, replicas: bool) -> list[Route]:
+        found = [Route("tunnel", vnet, tid, name, net)]
+        if replicas and self._replicas is not None:
+            found += [Route("tunnel", vnet, tid, name, net, cid) for cid in self._replicas(tid)]
+        return found
+
+    async def candidates(self, flow: Flow, vnet: str, *, replicas: bool = False) -> list[Route]:
+        dest = flow.destination
+        found: list[Route] = []
+        if not _is_ip(dest.host) and self._zone_lookup is not None:
+            zone = self._zone_lookup(dest.host)
+            if zone is not None:
+                tid, name, zname = zone
+                return self._tunnel(vnet, tid, name, zname, replicas)
+        flow.resolved = await self._resolve(dest.host, dest.port)
+        table = self.tables.get(vnet)
+        hit = table.lookup(flow.resolved) if table is not None else None
+        if hit is not None:
+            found += self._tunnel(vnet, hit.tunnel_id, hit.tunnel_name, str(hit.network), replicas)
+        if self.allow_direct and hit is None:
+            found.append(Route("direct", vnet))
+        return found
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -36,6 +36,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ramp.policy.rules import Rule, RuleError
+from ramp.policy.rules import validate as validate_rule
+
 DB_FILE = "ramp.db"
 BUSY_TIMEOUT_S = 30.0
 SECRET_LABEL = b"ramp tunnel secret v1"
@@ -74,6 +77,20 @@ _SCHEMA = (
         created_at TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS dns_routes_tunnel ON dns_routes(tunnel_id)",
+    # Policy rules in evaluation order (`position`, dense from 1); see ramp.policy.rules.
+    """CREATE TABLE IF NOT EXISTS policy_rules (
+        id         TEXT PRIMARY KEY,
+        position   INTEGER NOT NULL,
+        action     TEXT NOT NULL,
+        identity   TEXT,
+        grp        TEXT,
+        onramp     TEXT,
+        source     TEXT,
+        dest       TEXT,
+        ports      TEXT,
+        protocol   TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
     "INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)",
     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', 1)",
 )
@@ -211,6 +228,7 @@ class Store:
             with self._write(bump=False) as db:
                 for stmt in _SCHEMA:
                     db.execute(stmt)
+                self._seed_policy(db)
         except StoreError:
             self._db.close()
             raise
@@ -429,6 +447,80 @@ class Store:
             if db.execute("DELETE FROM dns_routes WHERE zone = ?", (name,)).rowcount == 0:
                 raise StoreError(f"no DNS route {name}")
         return name
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def _seed_policy(self, db: sqlite3.Connection) -> None:
+        """A new store allows everyone to every routed destination (rule `default`); once
+        seeded, deleting that rule sticks."""
+        if self._meta(db, "policy_seeded") is not None:
+            return
+        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('policy_seeded', 1)")
+        if db.execute("SELECT 1 FROM policy_rules WHERE id = 'default'").fetchone() is None:
+            db.execute(
+                "UPDATE policy_rules SET position = position + 1"
+            )  # keep whatever is there after it
+            db.execute(
+                "INSERT INTO policy_rules(id, position, action, protocol, created_at)"
+                " VALUES ('default', 1, 'allow', 'any', ?)",
+                (_ts(_now()),),
+            )
+
+    def list_rules(self) -> list[Rule]:
+        """Policy rules in evaluation order."""
+        rows = self._query(
+            "SELECT id, action, identity, grp, onramp, source, dest, ports, protocol"
+            " FROM policy_rules ORDER BY position"
+        )
+        return [Rule(*row) for row in rows]
+
+    def add_rule(self, rule: Rule, position: int | None = None) -> int:
+        """Insert `rule` at 1-based `position` (default: last); returns its position."""
+        try:
+            rule = validate_rule(rule)
+        except RuleError as e:
+            raise StoreError(f"bad rule: {e}") from None
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM policy_rules WHERE id = ?", (rule.id,)).fetchone():
+                raise StoreError(f"a rule with id {rule.id!r} already exists")
+            count = db.execute("SELECT COUNT(*) FROM policy_rules").fetchone()[0]
+            if position is None:
+                position = count + 1
+            if not 1 <= position <= count + 1:
+                raise StoreError(f"position {position} is out of range 1-{count + 1}")
+            db.execute(
+                "UPDATE policy_rules SET position = position + 1 WHERE position >= ?", (position,)
+            )
+            db.execute(
+                "INSERT INTO policy_rules(id, position, action, identity, grp, onramp, source,"
+                " dest, ports, protocol, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rule.id,
+                    position,
+                    rule.action,
+                    rule.identity,
+                    rule.group,
+                    rule.onramp,
+                    rule.source,
+                    rule.to,
+                    rule.ports,
+                    rule.protocol,
+                    _ts(_now()),
+                ),
+            )
+        return position
+
+    def delete_rule(self, rule_id: str) -> None:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT position FROM policy_rules WHERE id = ?", (rule_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no rule {rule_id!r}")
+            db.execute("DELETE FROM policy_rules WHERE id = ?", (rule_id,))
+            db.execute(
+                "UPDATE policy_rules SET position = position - 1 WHERE position > ?", (row[0],)
+            )
 
     # -- edge certificates --------------------------------------------------------------------
 

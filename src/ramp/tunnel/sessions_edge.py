@@ -161,8 +161,8 @@ class EdgeSession(_Session):
     def register_message(self) -> bytes:
         flow = self.flow
         meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
-        if flow.identity != "-":
-            meta["identity"] = flow.identity
+        if flow.user is not None:
+            meta["identity"] = flow.user
         return encode_session_control(
             SessionRegister(
                 self.id,

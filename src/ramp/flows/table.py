@@ -1,0 +1,81 @@
+"""The flow table: owns every flow of a role from accept to end.
+
+Admission is bounded (past the limit a flow gets a clear error and a counter moves), and the end
+of every flow, whatever kind and however it ends, is reported from here and only here: the
+reporters (metrics, the audit log, `flow_end` hooks) see each flow exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from ramp.flows.flow import Flow, FlowError, FlowResult, FlowState
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[Flow], None]
+
+
+class FlowTable:
+    def __init__(
+        self,
+        limit: int,
+        reporters: list[Reporter] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.limit = limit
+        self.reporters: list[Reporter] = list(reporters or ())
+        self._on_reject = on_reject
+        self._flows: dict[int, Flow] = {}
+        self.ended = 0
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._flows.values()))
+
+    def __contains__(self, flow: Flow) -> bool:
+        return flow.id in self._flows
+
+    def get(self, flow_id: int) -> Flow | None:
+        return self._flows.get(flow_id)
+
+    def admit(self, flow: Flow) -> None:
+        """Take `flow` into the table, or refuse it (FlowError) when the table is full.
+
+        A refused flow is reported like any other: the client sees an error, the audit and
+        metrics see the flow and why it never started."""
+        if flow.id in self._flows:
+            return
+        if len(self._flows) >= self.limit:
+            if self._on_reject is not None:
+                self._on_reject("flow_table_full")
+            error = FlowError(FlowResult.ERROR, f"at the limit of {self.limit} concurrent flows")
+            flow.fail(error.result, error.reason)
+            self._report(flow)
+            raise error
+        self._flows[flow.id] = flow
+
+    def end(self, flow: Flow) -> None:
+        """Report `flow` as finished, once; later calls for the same flow do nothing."""
+        if flow.state is FlowState.ENDED:
+            return
+        self._flows.pop(flow.id, None)
+        self._report(flow)
+
+    def _report(self, flow: Flow) -> None:
+        flow.state = FlowState.ENDED
+        flow.stop = None
+        if flow.ended is None:
+            flow.ended = time.monotonic()
+        if flow.result is None:
+            flow.result = FlowResult.OK
+        self.ended += 1
+        for report in self.reporters:
+            try:
+                report(flow)
+            except Exception:
+                log.exception("reporting the end of flow %d failed", flow.id)

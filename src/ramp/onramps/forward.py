@@ -1,0 +1,63 @@
+"""The TCP forward on-ramp: every connection to the listener goes to one fixed destination.
+
+Like `cloudflared access tcp`, it lets clients that know no proxy (ssh, database clients) reach a
+private service: `{type: forward, listen: 127.0.0.1:2222, to: 198.51.100.10:22}`. Flows are
+anonymous (no handshake to carry credentials); policy can still match them by on-ramp and
+source address.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field, field_validator
+
+from ramp.flows.flow import Destination
+from ramp.onramps.registry import OnRampContext, OnRampOptions, register
+from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp
+
+
+def _split(value: str) -> tuple[str, int]:
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        port_s = rest[1:] if sep and rest.startswith(":") else ""
+    else:
+        host, _, port_s = value.rpartition(":")
+    if not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port 1-65535, got {value!r}")
+    return host, int(port_s)
+
+
+class ForwardOptions(OnRampOptions):
+    to: str = Field(description="The fixed destination HOST:PORT (an address or a name).")
+
+    @field_validator("to")
+    @classmethod
+    def _check_to(cls, v: str) -> str:
+        _split(v)
+        return v
+
+
+class ForwardServer(TcpOnRamp):
+    onramp = "forward"
+
+    def __init__(self, config: object, opener: object, options: ForwardOptions) -> None:
+        super().__init__(config, opener, options)  # type: ignore[arg-type]
+        self.destination = Destination(*_split(options.to))
+
+    async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
+        return FlowPlan(
+            destination=self.destination,
+            identity=None,
+            ok_reply=b"",
+            error_reply=lambda result: b"",
+            busy_reply=b"",
+        )
+
+
+def _build(ctx: OnRampContext, options: ForwardOptions) -> ForwardServer:
+    return ForwardServer(ctx.config, ctx.opener, options)
+
+
+register("forward", ForwardOptions, _build, "every connection goes to one fixed destination")

@@ -1,0 +1,113 @@
+"""The on-ramp registry: each way into the edge is a type name, an options model and a builder.
+
+An on-ramp module registers itself when imported (`register(...)` at its bottom), and every
+module of this package is imported on the first lookup, so adding a new on-ramp is adding one
+module: no core file lists them. Third-party on-ramps can register from any module a hook or
+the config imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OnRampOptions(BaseModel):
+    """What every on-ramp entry of the config has; a type adds its own keys by subclassing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="The on-ramp type (socks5, http, dns, forward, ...).")
+    listen: str = Field(description="HOST:PORT to listen on.")
+    vnet: str | None = Field(
+        None,
+        description="Virtual network of this on-ramp's flows (an identity's own assignment "
+        "wins); default: the 'default' network.",
+    )
+
+
+class OnRampServer(Protocol):
+    async def start(self, host: str, port: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OnRampContext:
+    """What an on-ramp gets from the role: the role's config and the flow path."""
+
+    config: Any  # EdgeConfig
+    opener: Any  # FlowOpener
+    dns_outcome: Callable[[str], None] | None = None
+
+
+Builder = Callable[[OnRampContext, Any], OnRampServer]
+
+
+@dataclass(frozen=True, slots=True)
+class OnRampType:
+    name: str
+    options: type[OnRampOptions]
+    build: Builder
+    summary: str
+
+
+_TYPES: dict[str, OnRampType] = {}
+_discovered = False
+
+
+def register(
+    name: str, options: type[OnRampOptions], build: Builder, summary: str = ""
+) -> OnRampType:
+    spec = OnRampType(name, options, build, summary)
+    _TYPES[name] = spec
+    return spec
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import ramp.onramps as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def lookup(name: str) -> OnRampType:
+    _discover()
+    spec = _TYPES.get(name)
+    if spec is None:
+        raise KeyError(f"unknown on-ramp type {name!r} (known: {', '.join(known())})")
+    return spec
+
+
+def known() -> list[str]:
+    _discover()
+    return sorted(_TYPES)
+
+
+def parse_entry(entry: Any) -> OnRampOptions:
+    """A config entry validated by its type's own options model."""
+    if isinstance(entry, OnRampOptions):
+        return entry
+    if not isinstance(entry, dict):
+        raise ValueError("an on-ramp entry is a mapping with at least 'type' and 'listen'")
+    kind = entry.get("type")
+    if not isinstance(kind, str):
+        raise ValueError("an on-ramp entry needs a 'type'")
+    try:
+        spec = lookup(kind)
+    except KeyError as e:
+        raise ValueError(str(e.args[0])) from None
+    return spec.options.model_validate(entry)

@@ -1,0 +1,193 @@
+"""The edge's flow path: every on-ramp hands its flows here, and they go down the layers once.
+
+    on-ramp -> admit (flow table) -> identity -> connect_request hooks -> resolve and find
+    route candidates -> decide (policy and flow_start hooks) -> route hooks -> off-ramp
+
+This is the `FlowOpener` the on-ramps see. The role builds it from parts (table, hooks, router,
+off-ramps) and never sits on the path itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ramp.flows.flow import Decision, Flow, FlowError, FlowKind, FlowResult, FlowState, Identity
+from ramp.flows.opener import TcpLeg, UdpSession
+from ramp.flows.table import FlowTable
+from ramp.offramps.base import OffRamp
+from ramp.policy.engine import PolicyHook
+from ramp.policy.hooks import Deny, Hooks, ProxyRequest, Reply
+from ramp.policy.router import Router
+
+log = logging.getLogger(__name__)
+
+DnsAnswer = Callable[[bytes], Awaitable[bytes | None]]
+
+
+class FlowPipeline:
+    def __init__(
+        self,
+        table: FlowTable,
+        hooks: Hooks,
+        policy: PolicyHook,
+        router: Router,
+        offramps: dict[str, OffRamp],
+        *,
+        groups: Callable[[str], frozenset[str]] = lambda name: frozenset(),
+        vnet_of: Callable[[str], str | None] = lambda name: None,
+        dns: DnsAnswer | None = None,
+        bad_input: Callable[[str, str, tuple[str, int] | None], None] | None = None,
+        on_decision: Callable[[bool], None] | None = None,
+        on_setup: Callable[[float], None] | None = None,
+        on_revoked: Callable[[], None] | None = None,
+    ) -> None:
+        self.table = table
+        self.hooks = hooks
+        self.policy = policy
+        self.router = router
+        self.offramps = offramps
+        self._groups = groups
+        self._vnet_of = vnet_of
+        self._dns = dns
+        self._bad_input = bad_input
+        self._on_decision = on_decision
+        self._on_setup = on_setup
+        self._on_revoked = on_revoked
+
+    # -- the path ---------------------------------------------------------------------------
+
+    def _admit(self, flow: Flow) -> None:
+        self.table.admit(flow)
+        ident = flow.identity
+        if ident is not None and not ident.groups:
+            groups = self._groups(ident.name)
+            if groups:
+                flow.identity = Identity(ident.name, groups)
+        flow.advance(FlowState.AUTHENTICATED)
+
+    def _vnet(self, flow: Flow) -> str:
+        assigned = self._vnet_of(flow.identity.name) if flow.identity is not None else None
+        return assigned or flow.vnet or "default"
+
+    async def _decide_and_route(self, flow: Flow) -> Any:
+        if flow.request is not None and self.hooks.has("connect_request"):
+            assert isinstance(flow.request, ProxyRequest)
+            answer = await self.hooks.connect_request(flow, flow.request)
+            if isinstance(answer, Deny):
+                self._deny(flow, Decision(False, answer.rule, answer.reason))
+            if isinstance(answer, Reply):
+                flow.reason = f"answered by a connect_request hook ({answer.status})"
+                raise FlowError(FlowResult.OK, flow.reason, reply=answer)
+        vnet = self._vnet(flow)
+        flow.vnet = vnet
+        candidates = await self.router.candidates(flow, vnet, replicas=self.hooks.has("route"))
+        decision = await self.hooks.flow_start(flow)
+        flow.decision = decision
+        if self._on_decision is not None:
+            self._on_decision(decision.allowed)
+        if not decision.allowed:
+            self._deny(flow, decision)
+        flow.advance(FlowState.DECIDED)
+        if not candidates:
+            raise FlowError(
+                FlowResult.NOT_PERMITTED,
+                f"no route to {flow.resolved or flow.destination.host} in virtual network "
+                f"{vnet}, and direct egress is off",
+            )
+        route = await self.hooks.route(flow, candidates) if len(candidates) > 1 else candidates[0]
+        if isinstance(route, Deny):
+            self._deny(flow, Decision(False, route.rule, route.reason))
+        flow.route = route
+        flow.advance(FlowState.ROUTED)
+        offramp = self.offramps.get(route.offramp)
+        if offramp is None:
+            raise FlowError(FlowResult.ERROR, f"no off-ramp {route.offramp!r} on this edge")
+        return route, offramp
+
+    @staticmethod
+    def _deny(flow: Flow, decision: Decision) -> None:
+        flow.decision = decision
+        raise FlowError(
+            FlowResult.NOT_PERMITTED,
+            f"denied by {decision.rule or 'policy'}: {decision.reason}",
+            rule=decision.rule,
+        )
+
+    async def open_tcp(self, flow: Flow) -> TcpLeg:
+        started = time.monotonic()
+        self._admit(flow)
+        route, offramp = await self._decide_and_route(flow)
+        leg: TcpLeg = await offramp.open_stream(flow, route)
+        flow.advance(FlowState.OPENED)
+        if self._on_setup is not None:
+            self._on_setup(time.monotonic() - started)
+        return leg
+
+    async def open_udp(
+        self, flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
+    ) -> UdpSession:
+        flow.protocol = "udp"
+        flow.kind = FlowKind.DATAGRAM
+        try:
+            self._admit(flow)
+            route, offramp = await self._decide_and_route(flow)
+            session: UdpSession = await offramp.open_datagram(flow, route, receive, closed)
+        except FlowError as e:
+            # a datagram flow that fails while opening is reported here: the on-ramp only
+            # sees the exception
+            flow.fail(e.result, e.reason)
+            self.table.end(flow)
+            raise
+        except BaseException:
+            flow.fail(FlowResult.ERROR, "cancelled while opening")
+            self.table.end(flow)
+            raise
+        flow.advance(FlowState.ESTABLISHED)
+
+        def stop(result: FlowResult, reason: str) -> None:
+            flow.fail(result, reason)
+            session.close()
+
+        flow.stop = stop
+        return session
+
+    async def dns_query(self, query: bytes) -> bytes | None:
+        return await self._dns(query) if self._dns is not None else None
+
+    def flow_finished(self, flow: Flow) -> None:
+        self.table.end(flow)
+
+    def bad_input(self, onramp: str, reason: str, peer: tuple[str, int] | None = None) -> None:
+        if self._bad_input is not None:
+            self._bad_input(onramp, reason, peer)
+
+    # -- policy changes ---------------------------------------------------------------------
+
+    def revoke_denied(self) -> int:
+        """End the open flows the current policy denies; returns how many."""
+        ended = 0
+        for flow in self.table:
+            if flow.decision is None or not flow.decision.allowed or flow.stop is None:
+                continue
+            verdict = self.policy.verdict(flow)
+            if verdict.allowed:
+                continue
+            flow.decision = Decision(False, verdict.rule, verdict.why)
+            log.info(
+                "flow %d (%s -> %s): policy changed, now denied by %s",
+                flow.id,
+                flow.user,
+                flow.destination,
+                verdict.rule,
+            )
+            try:
+                flow.stop(FlowResult.NOT_PERMITTED, f"policy changed: denied by {verdict.rule}")
+            except Exception:
+                log.exception("ending flow %d failed", flow.id)
+            ended += 1
+            if self._on_revoked is not None:
+                self._on_revoked()
+        return ended
