@@ -26,7 +26,7 @@ from ramp.onramps.dns import DnsServer
 from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.socks5 import Socks5Server
 from ramp.policy.router import RouteEntry, RouteTable
-from ramp.store.db import Store
+from ramp.store.db import DEFAULT_VNET, Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
 from ramp.tunnel.resolver import RESOLVER_HOST
@@ -142,8 +142,11 @@ class Edge:
             return
         self._store_version = version
         tunnels = {t.id: t.name for t in self.store.list_tunnels()}
+        # Until flows carry a vnet, they are all in default; one table of every vnet's routes
+        # would let overlapping tenant prefixes overwrite each other.
         self.routes = RouteTable(
-            RouteEntry(r.network, r.tunnel_id, r.tunnel_name) for r in self.store.list_routes()
+            RouteEntry(r.network, r.tunnel_id, r.tunnel_name)
+            for r in self.store.list_routes(DEFAULT_VNET)
         )
         self.metrics.routes.set(len(self.routes))
         self.dns_zones = DnsZones(

@@ -78,3 +78,24 @@ def test_built_straight_from_the_store(tmp_path: Path) -> None:
     assert (hit.tunnel_id, hit.tunnel_name, hit.vnet) == (tunnel_b.id, "b-tun", "tenant-b")
     assert hit.network == ipaddress.ip_network("198.51.100.0/24")
     assert routes.lookup("default", "198.51.100.9") is None
+
+
+def test_edge_routes_with_default_only_so_tenant_prefixes_cannot_collide(tmp_path: Path) -> None:
+    from ramp.config import EdgeConfig
+    from ramp.edge import Edge
+
+    with Store(tmp_path) as store:
+        store.create_tunnel("corp")
+        store.create_tunnel("a-tun")
+        store.add_vnet("tenant-a")
+        store.add_route("198.51.100.0/24", "corp")
+        store.add_route("198.51.100.0/24", "a-tun", vnet="tenant-a")
+        store.add_route("203.0.113.0/24", "a-tun", vnet="tenant-a")
+    edge = Edge(EdgeConfig(data_dir=tmp_path, audit_log=str(tmp_path / "audit.log")))
+    try:
+        edge.reload_store()
+        hit = edge.routes.lookup("198.51.100.1")
+        assert hit is not None and hit.tunnel_name == "corp"
+        assert edge.routes.lookup("203.0.113.1") is None
+    finally:
+        edge.store.close()
