@@ -30,7 +30,7 @@ from ramp.config import (
     load_config,
     parse_hostport,
 )
-from ramp.store.db import Store, StoreError
+from ramp.store.db import DEFAULT_VNET, Route, Store, StoreError
 from ramp.tunnel.token import Token, TokenError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -249,6 +249,7 @@ def main() -> None:
     On a public machine:      ramp edge
     Create a tunnel:          ramp tunnel create NAME
     Route a network to it:    ramp tunnel route ip add 10.0.0.0/8 NAME
+    ...in a virtual network:  ramp tunnel route ip add 10.0.0.0/8 NAME --vnet VNET
     Route a DNS zone to it:   ramp tunnel route dns add corp.example NAME
     Get its connector token:  ramp tunnel token NAME --edge EDGE_HOST:7844
     In the private network:   ramp tunnel run --token TOKEN
@@ -301,7 +302,7 @@ def tunnel_list(data_dir: Path | None, log_level: str) -> None:
         dns_routes = store.list_dns_routes()
     by_tunnel: dict[str, list[str]] = {}
     for r in routes:
-        by_tunnel.setdefault(r.tunnel_id, []).append(r.cidr)
+        by_tunnel.setdefault(r.tunnel_id, []).append(_route_text(r))
     zones: dict[str, list[str]] = {}
     for d in dns_routes:
         zones.setdefault(d.tunnel_id, []).append(d.zone)
@@ -316,6 +317,11 @@ def tunnel_list(data_dir: Path | None, log_level: str) -> None:
         for t in tunnels
     ]
     click.echo(_table(["NAME", "ID", "CREATED", "ROUTES", "ZONES"], rows))
+
+
+def _route_text(r: Route) -> str:
+    # '@' cannot occur in a vnet name, so CIDR@VNET stays unambiguous; default routes stay bare.
+    return r.cidr if r.vnet == DEFAULT_VNET else f"{r.cidr}@{r.vnet}"
 
 
 @tunnel.command("delete")
@@ -340,40 +346,54 @@ def route_ip() -> None:
     """Route IP networks (CIDR) to tunnels; the longest matching prefix wins."""
 
 
+def _vnet_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--vnet",
+        metavar="VNET",
+        default=DEFAULT_VNET,
+        show_default=True,
+        help=help_text,
+    )
+
+
 @route_ip.command("add")
 @click.argument("cidr")
 @click.argument("name")
+@_vnet_option("Virtual network the route is in (see `ramp vnet`).")
 @_common
 @_user_errors
-def route_ip_add(cidr: str, name: str, data_dir: Path | None, log_level: str) -> None:
-    """Send traffic for CIDR to the tunnel NAME."""
+def route_ip_add(cidr: str, name: str, vnet: str, data_dir: Path | None, log_level: str) -> None:
+    """Send traffic for CIDR in virtual network VNET to the tunnel NAME."""
     setup_logging(log_level)
     with Store(_data_dir(data_dir)) as store:
-        r = store.add_route(cidr, name)
-    click.echo(f"Added route {r.cidr} -> tunnel {r.tunnel_name}")
+        r = store.add_route(cidr, name, vnet=vnet)
+    click.echo(f"Added route {r.cidr} -> tunnel {r.tunnel_name} in virtual network {r.vnet}")
 
 
 @route_ip.command("list")
+@click.option("--vnet", metavar="VNET", default=None, help="Only this virtual network's routes.")
 @_common
 @_user_errors
-def route_ip_list(data_dir: Path | None, log_level: str) -> None:
-    """List IP routes."""
+def route_ip_list(vnet: str | None, data_dir: Path | None, log_level: str) -> None:
+    """List IP routes, with the virtual network each is in."""
     setup_logging(log_level)
     with Store(_data_dir(data_dir)) as store:
-        routes = store.list_routes()
-    click.echo(_table(["CIDR", "TUNNEL"], [[r.cidr, r.tunnel_name] for r in routes]))
+        routes = store.list_routes(vnet)
+    rows = [[r.cidr, r.tunnel_name, r.vnet] for r in routes]
+    click.echo(_table(["CIDR", "TUNNEL", "VNET"], rows))
 
 
 @route_ip.command("delete")
 @click.argument("cidr")
+@_vnet_option("Virtual network the route is in.")
 @_common
 @_user_errors
-def route_ip_delete(cidr: str, data_dir: Path | None, log_level: str) -> None:
-    """Delete the route for CIDR."""
+def route_ip_delete(cidr: str, vnet: str, data_dir: Path | None, log_level: str) -> None:
+    """Delete the route for CIDR in virtual network VNET."""
     setup_logging(log_level)
     with Store(_data_dir(data_dir)) as store:
-        net = store.delete_route(cidr)
-    click.echo(f"Deleted route {net}")
+        net = store.delete_route(cidr, vnet=vnet)
+    click.echo(f"Deleted route {net} in virtual network {vnet}")
 
 
 @tunnel_route.group("dns")
@@ -475,6 +495,97 @@ def tunnel_run(config_file: Path | None, **flags: Any) -> None:
     from ramp.connector import run_connector
 
     raise SystemExit(run_connector(cfg))
+
+
+# -- virtual networks -------------------------------------------------------------------------
+
+
+@main.group()
+def vnet() -> None:
+    """Virtual networks: separate route tables, so the same CIDR can lead to different tunnels.
+
+    A flow uses the vnet its identity is assigned to, else its on-ramp's (`vnet:` in the on-ramp's
+    config), else `default`, which always exists.
+    """
+
+
+@vnet.command("add")
+@click.argument("name")
+@_common
+@_user_errors
+def vnet_add(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Create a virtual network called NAME."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        v = store.add_vnet(name)
+    click.echo(f"Added virtual network {v.name}")
+
+
+@vnet.command("list")
+@_common
+@_user_errors
+def vnet_list(data_dir: Path | None, log_level: str) -> None:
+    """List virtual networks, their route counts and assigned identities."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        vnets = store.list_vnets()
+        routes = store.list_routes()
+        assignments = store.vnet_assignments()
+    counts: dict[str, int] = {}
+    for r in routes:
+        counts[r.vnet] = counts.get(r.vnet, 0) + 1
+    identities: dict[str, list[str]] = {}
+    for identity, name in assignments.items():
+        identities.setdefault(name, []).append(identity)
+    rows = [
+        [v.name, str(counts.get(v.name, 0)), ",".join(identities.get(v.name, [])) or "-"]
+        for v in vnets
+    ]
+    click.echo(_table(["NAME", "ROUTES", "IDENTITIES"], rows))
+
+
+@vnet.command("delete")
+@click.argument("name")
+@_common
+@_user_errors
+def vnet_delete(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Delete the virtual network NAME (it must have no routes and no assigned identities)."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        v = store.delete_vnet(name)
+    click.echo(f"Deleted virtual network {v.name}")
+
+
+@vnet.command("assign")
+@click.argument("name")
+@click.option("--identity", required=True, metavar="USER", help="Proxy user name to assign.")
+@_common
+@_user_errors
+def vnet_assign(name: str, identity: str, data_dir: Path | None, log_level: str) -> None:
+    """Assign proxy user USER to virtual network NAME.
+
+    The user's flows then use NAME's routes, whatever on-ramp they come through.
+    """
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        before = store.assign_vnet(name, identity)
+    moved = f" (was {before})" if before is not None and before != name else ""
+    click.echo(f"Assigned identity {identity} to virtual network {name}{moved}")
+
+
+@vnet.command("unassign")
+@click.option("--identity", required=True, metavar="USER", help="Proxy user name to unassign.")
+@_common
+@_user_errors
+def vnet_unassign(identity: str, data_dir: Path | None, log_level: str) -> None:
+    """Remove proxy user USER's assignment.
+
+    The user's flows then use their on-ramp's virtual network again.
+    """
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        name = store.unassign_vnet(identity)
+    click.echo(f"Unassigned identity {identity} from virtual network {name}")
 
 
 @main.command()

@@ -28,7 +28,7 @@ from ramp.onramps.registry import lookup as lookup_onramp
 from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import Hooks, HookSpec, LoadedHook, load_hooks
 from ramp.policy.pipeline import FlowPipeline
-from ramp.policy.router import RouteEntry, Router, RouteTable
+from ramp.policy.router import Router, VnetRoutes
 from ramp.policy.rules import Policy
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
@@ -198,16 +198,11 @@ class Edge:
             return
         self._store_version = version
         tunnels = {t.id: t.name for t in self.store.list_tunnels()}
-        routes: dict[str, list[RouteEntry]] = {}
-        for r in self.store.list_routes():
-            vnet = getattr(r, "vnet", "default")
-            routes.setdefault(vnet, []).append(RouteEntry(r.network, r.tunnel_id, r.tunnel_name))
-        self.router.tables = {vnet: RouteTable(entries) for vnet, entries in routes.items()}
-        self.metrics.routes.set(sum(len(t) for t in self.router.tables.values()))
-        assignments = getattr(self.store, "vnet_assignments", None)
+        routes = VnetRoutes(self.store.list_routes())
+        self.router.tables = routes.tables
+        self.metrics.routes.set(len(routes))
         self._vnet_assignments.clear()
-        if assignments is not None:
-            self._vnet_assignments.update(assignments())
+        self._vnet_assignments.update(self.store.vnet_assignments())
         self.dns_zones = DnsZones(
             [DnsZoneRoute(r.zone, r.tunnel_id, r.tunnel_name) for r in self.store.list_dns_routes()]
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 from ramp.config import ConnectorConfig, EdgeConfig
 from ramp.connector import Connector
 from ramp.edge import Edge
-from ramp.store.db import Store
+from ramp.store.db import DEFAULT_VNET, Store
 from ramp.tunnel.token import Token
 
 log = logging.getLogger("ramp.up")
@@ -28,7 +28,7 @@ def _ensure_tunnel(data_dir: Path, edge_addr: str) -> str:
     """Create the `local` tunnel and its route on first use; return its connector token."""
     with Store(data_dir) as store:
         tunnel = store.get_tunnel(TUNNEL_NAME) or store.create_tunnel(TUNNEL_NAME)
-        if not any(r.cidr == DEMO_ROUTE for r in store.list_routes()):
+        if not any(r.cidr == DEMO_ROUTE for r in store.list_routes(DEFAULT_VNET)):
             store.add_route(DEMO_ROUTE, TUNNEL_NAME)
         ident = store.edge_identity()
         token = Token(tunnel.id, store.tunnel_secret(tunnel.id), [edge_addr], ident.ca_fingerprint)

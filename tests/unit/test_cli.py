@@ -61,10 +61,10 @@ def test_tunnel_lifecycle(home: Path) -> None:
 
     r = ramp("tunnel", "route", "ip", "list")
     assert [ln.split() for ln in r.stdout.splitlines()] == [
-        ["CIDR", "TUNNEL"],
-        ["10.1.0.0/16", "office"],
-        ["192.0.2.0/24", "lab"],
-        ["2001:db8::/32", "office"],
+        ["CIDR", "TUNNEL", "VNET"],
+        ["10.1.0.0/16", "office", "default"],
+        ["192.0.2.0/24", "lab", "default"],
+        ["2001:db8::/32", "office", "default"],
     ]
 
     r = ramp("tunnel", "route", "ip", "delete", "10.1.0.0/16")
@@ -74,8 +74,8 @@ def test_tunnel_lifecycle(home: Path) -> None:
     assert r.exit_code == 0 and tunnel_id in r.stdout
     r = ramp("tunnel", "route", "ip", "list")
     assert [ln.split() for ln in r.stdout.splitlines()] == [
-        ["CIDR", "TUNNEL"],
-        ["192.0.2.0/24", "lab"],
+        ["CIDR", "TUNNEL", "VNET"],
+        ["192.0.2.0/24", "lab", "default"],
     ]
     assert [ln.split()[0] for ln in ramp("tunnel", "list").stdout.splitlines()] == ["NAME", "lab"]
     # The store went where RAMP_HOME points.
@@ -120,6 +120,7 @@ def test_data_dir_flag_beats_ramp_home(home: Path, tmp_path: Path) -> None:
         (["tunnel", "route", "ip", "add", "10.0.0.0/8", "ghost"], "unknown tunnel 'ghost'"),
         (["tunnel", "route", "ip", "add", "192.0.2.0/24", "office"], "already exists"),
         (["tunnel", "route", "ip", "delete", "203.0.113.0/24"], "no route 203.0.113.0/24"),
+        (["tunnel", "route", "ip", "add", "10.0.0.0/8", "office", "--vnet", "ghost"], "unknown"),
         (["tunnel", "create", "office"], "already exists"),
         (["tunnel", "token", "office", "--edge", "nohost"], "expected HOST:PORT"),
     ],

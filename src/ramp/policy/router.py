@@ -1,14 +1,20 @@
-"""Route lookup: which tunnel serves a destination address (longest prefix wins)."""
+"""Route lookup: which tunnel serves a destination address (longest prefix wins), within the
+flow's virtual network."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from ramp.flows.flow import Flow, Route
 
+# The store's name for it; kept here too so lookup does not import the store.
+DEFAULT_VNET = "default"
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +22,20 @@ class RouteEntry:
     network: IPNetwork
     tunnel_id: str
     tunnel_name: str
+    vnet: str = DEFAULT_VNET
+
+
+class RouteLike(Protocol):
+    """What VnetRoutes needs of a route: a RouteEntry, or the store's Route."""
+
+    @property
+    def network(self) -> IPNetwork: ...
+    @property
+    def tunnel_id(self) -> str: ...
+    @property
+    def tunnel_name(self) -> str: ...
+    @property
+    def vnet(self) -> str: ...
 
 
 class RouteTable:
@@ -32,9 +52,7 @@ class RouteTable:
         for (version, plen), table in sorted(tables.items(), key=lambda kv: -kv[0][1]):
             self._by_len[version].append((plen, table))
 
-    def lookup(
-        self, address: str | ipaddress.IPv4Address | ipaddress.IPv6Address
-    ) -> RouteEntry | None:
+    def lookup(self, address: str | IPAddress) -> RouteEntry | None:
         ip = ipaddress.ip_address(address) if isinstance(address, str) else address
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -73,7 +91,7 @@ class Router:
         zone_lookup: ZoneLookup | None = None,
         replicas: Replicas | None = None,
     ) -> None:
-        self.tables: dict[str, RouteTable] = {}
+        self.tables: Mapping[str, RouteTable] = {}
         self._resolve = resolve
         self.allow_direct = allow_direct
         self._zone_lookup = zone_lookup
@@ -109,3 +127,33 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class VnetRoutes:
+    """One RouteTable per virtual network: the same prefix may be routed to different tunnels
+    in different vnets, and a lookup only ever sees the routes of the flow's vnet."""
+
+    def __init__(self, routes: Iterable[RouteLike] = ()) -> None:
+        by_vnet: dict[str, list[RouteEntry]] = {DEFAULT_VNET: []}
+        for r in routes:
+            entry = (
+                r
+                if isinstance(r, RouteEntry)
+                else RouteEntry(r.network, r.tunnel_id, r.tunnel_name, r.vnet)
+            )
+            by_vnet.setdefault(entry.vnet, []).append(entry)
+        self._tables = {vnet: RouteTable(entries) for vnet, entries in by_vnet.items()}
+
+    @property
+    def tables(self) -> Mapping[str, RouteTable]:
+        """vnet name -> its table; `default` is always there, possibly empty."""
+        return self._tables
+
+    def lookup(self, vnet: str, address: str | IPAddress) -> RouteEntry | None:
+        """The longest matching route in `vnet`; None if none matches or `vnet` has no routes
+        (a vnet without routes is not in the store's listing, so unknown means empty)."""
+        table = self._tables.get(vnet)
+        return None if table is None else table.lookup(address)
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._tables.values())

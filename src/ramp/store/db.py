@@ -1,5 +1,5 @@
-"""Control-plane state in SQLite: tunnels, IP and DNS routes, the master key and the edge's
-certificates.
+"""Control-plane state in SQLite: tunnels, virtual networks, IP and DNS routes, the master key
+and the edge's certificates.
 
 The CLI writes while an edge reads, possibly in another process: WAL mode lets readers run
 during a write, and a busy timeout makes the rare lock wait a pause instead of an error. Every
@@ -9,6 +9,10 @@ from any process with one cheap read (`data_version()`).
 Tunnel secrets are never stored. Each is derived from a master key, so `ramp tunnel token` can
 print the token again at any time, and only its SHA-256 is kept for the edge to verify against.
 Deleting a tunnel keeps a tombstone row so the edge can tell "deleted" from "unknown".
+
+IP routes live in virtual networks (vnets): a CIDR is unique within one vnet only, so tenants
+can route the same private range to their own tunnels. The `default` vnet always exists, and
+holds every route of a store made before vnets (schema version 1), migrated on open.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ _LEAF_DAYS = 365
 # Reissue the leaf this long before it expires; the CA (and so every token) stays the same.
 _LEAF_RENEW_BEFORE = dt.timedelta(days=30)
 
+SCHEMA_VERSION = 2
+DEFAULT_VNET = "default"
+
+# Tables whose shape is the same in every schema version.
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     """CREATE TABLE IF NOT EXISTS tunnels (
@@ -63,12 +71,6 @@ _SCHEMA = (
     )""",
     # Names are unique among live tunnels only, so a deleted tunnel's name may be reused.
     "CREATE UNIQUE INDEX IF NOT EXISTS tunnels_live_name ON tunnels(name) WHERE deleted_at IS NULL",
-    """CREATE TABLE IF NOT EXISTS routes (
-        cidr       TEXT PRIMARY KEY,
-        tunnel_id  TEXT NOT NULL REFERENCES tunnels(id),
-        created_at TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS routes_tunnel ON routes(tunnel_id)",
     # Queries for names under `zone` (normalized: lowercase ASCII, no trailing dot) go to the
     # tunnel's connector; the longest matching zone wins.
     """CREATE TABLE IF NOT EXISTS dns_routes (
@@ -92,7 +94,33 @@ _SCHEMA = (
         created_at TEXT NOT NULL
     )""",
     "INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)",
-    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', 1)",
+)
+
+# New in version 2. Routes and assignments refer to a vnet by id, so that the name is only a
+# label and a rename would touch one row.
+_VNETS_TABLE = """CREATE TABLE IF NOT EXISTS vnets (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+)"""
+_ROUTES_TABLE = """CREATE TABLE IF NOT EXISTS routes (
+    vnet_id    TEXT NOT NULL REFERENCES vnets(id),
+    cidr       TEXT NOT NULL,
+    tunnel_id  TEXT NOT NULL REFERENCES tunnels(id),
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (vnet_id, cidr)
+)"""
+_SCHEMA_V2 = (
+    _VNETS_TABLE,
+    _ROUTES_TABLE,
+    "CREATE INDEX IF NOT EXISTS routes_tunnel ON routes(tunnel_id)",
+    # An identity is a proxy user name; it is in at most one vnet.
+    """CREATE TABLE IF NOT EXISTS vnet_assignments (
+        identity   TEXT PRIMARY KEY,
+        vnet_id    TEXT NOT NULL REFERENCES vnets(id),
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS vnet_assignments_vnet ON vnet_assignments(vnet_id)",
 )
 
 TunnelStatus = Literal["active", "deleted", "unknown"]
@@ -110,10 +138,18 @@ class Tunnel:
 
 
 @dataclass(frozen=True, slots=True)
+class Vnet:
+    id: str
+    name: str
+    created_at: dt.datetime  # UTC, timezone-aware
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     cidr: str  # normalized, e.g. "10.1.0.0/16", "2001:db8::/32"
     tunnel_id: str
     tunnel_name: str
+    vnet: str = DEFAULT_VNET  # the virtual network's name
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -165,11 +201,29 @@ def normalize_zone(zone: str) -> str:
     return ".".join(labels)
 
 
-def check_tunnel_name(name: str) -> None:
+def _check_name(kind: str, name: str) -> None:
     if not _NAME_RE.fullmatch(name):
-        raise StoreError(f"bad tunnel name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
+        raise StoreError(f"bad {kind} name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
+    # Ids may one day be accepted wherever names are; a name shaped like one would be ambiguous.
     if _UUID_RE.fullmatch(name):
-        raise StoreError(f"bad tunnel name {name!r}: a name must not look like a tunnel id")
+        raise StoreError(f"bad {kind} name {name!r}: a name must not look like an id")
+
+
+def check_tunnel_name(name: str) -> None:
+    _check_name("tunnel", name)
+
+
+def check_vnet_name(name: str) -> None:
+    _check_name("virtual network", name)
+
+
+def check_identity(identity: str) -> None:
+    """An identity is a proxy user name: RFC 1929 allows 1-255 bytes, and neither `--user
+    NAME:PASSWORD` nor HTTP Basic can carry a ':' in the name."""
+    if not identity or len(identity.encode()) > 255:
+        raise StoreError(f"bad identity {identity!r}: use 1-255 bytes")
+    if ":" in identity or not identity.isprintable():
+        raise StoreError(f"bad identity {identity!r}: no ':' or control characters")
 
 
 def _now() -> dt.datetime:
@@ -184,9 +238,9 @@ def _parse_ts(s: str) -> dt.datetime:
     return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
-def _route_sort_key(r: Route) -> tuple[int, int, int]:
+def _route_sort_key(r: Route) -> tuple[bool, str, int, int, int]:
     net = r.network
-    return (net.version, int(net.network_address), net.prefixlen)
+    return (r.vnet != DEFAULT_VNET, r.vnet, net.version, int(net.network_address), net.prefixlen)
 
 
 class Store:
@@ -225,10 +279,7 @@ class Store:
             self._db.close()
             raise
         try:
-            with self._write(bump=False) as db:
-                for stmt in _SCHEMA:
-                    db.execute(stmt)
-                self._seed_policy(db)
+            self._setup_schema()
         except StoreError:
             self._db.close()
             raise
@@ -271,6 +322,32 @@ class Store:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"store {self.path}: {e}") from e
+
+    def _setup_schema(self) -> None:
+        """Create the tables, or bring an older store up to SCHEMA_VERSION in place."""
+        # Under the write lock, so two processes opening an old store migrate it once.
+        with self._write(bump=False) as db:
+            for stmt in _SCHEMA:
+                db.execute(stmt)
+            found = self._meta(db, "schema_version")
+            version = SCHEMA_VERSION if found is None else int(found)
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {version}; this ramp knows only up "
+                    f"to {SCHEMA_VERSION}: upgrade ramp"
+                )
+            if version == 1:
+                _migrate_v1_to_v2(db)
+                # Readers that cached routes must re-read them with their vnets.
+                db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            for stmt in _SCHEMA_V2:
+                db.execute(stmt)
+            _ensure_default_vnet(db)
+            self._seed_policy(db)
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
 
     def _meta(self, db: sqlite3.Connection, key: str) -> bytes | None:
         row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -373,40 +450,157 @@ class Store:
             return "unknown"
         return "active" if rows[0][0] is None else "deleted"
 
+    # -- virtual networks -----------------------------------------------------------------
+
+    def _vnet_id(self, db: sqlite3.Connection, name: str) -> str:
+        row = db.execute("SELECT id FROM vnets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown virtual network {name!r}")
+        return str(row[0])
+
+    def add_vnet(self, name: str) -> Vnet:
+        check_vnet_name(name)
+        vnet = Vnet(str(uuid.uuid4()), name, _now())
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM vnets WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"a virtual network named {name!r} already exists")
+            db.execute(
+                "INSERT INTO vnets(id, name, created_at) VALUES (?, ?, ?)",
+                (vnet.id, vnet.name, _ts(vnet.created_at)),
+            )
+        return vnet
+
+    def list_vnets(self) -> list[Vnet]:
+        """All virtual networks, `default` first, then by name."""
+        rows = self._query(
+            "SELECT id, name, created_at FROM vnets ORDER BY name != ?, name", (DEFAULT_VNET,)
+        )
+        return [Vnet(i, n, _parse_ts(c)) for i, n, c in rows]
+
+    def delete_vnet(self, name: str) -> Vnet:
+        """Delete an unused virtual network; `default`, and one with routes or identities
+        assigned to it, are refused (deleting those silently would reroute their traffic)."""
+        if name == DEFAULT_VNET:
+            raise StoreError(f"the {DEFAULT_VNET!r} virtual network cannot be deleted")
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id, name, created_at FROM vnets WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"unknown virtual network {name!r}")
+            vnet = Vnet(row[0], row[1], _parse_ts(row[2]))
+            n_routes = db.execute(
+                "SELECT count(*) FROM routes WHERE vnet_id = ?", (vnet.id,)
+            ).fetchone()[0]
+            n_idents = db.execute(
+                "SELECT count(*) FROM vnet_assignments WHERE vnet_id = ?", (vnet.id,)
+            ).fetchone()[0]
+            if n_routes or n_idents:
+                uses = []
+                if n_routes:
+                    uses.append(f"{n_routes} route{'s' if n_routes != 1 else ''}")
+                if n_idents:
+                    uses.append(f"{n_idents} assigned identit{'ies' if n_idents != 1 else 'y'}")
+                raise StoreError(
+                    f"virtual network {name!r} is in use ({' and '.join(uses)}): delete its "
+                    "routes and unassign its identities first"
+                )
+            db.execute("DELETE FROM vnets WHERE id = ?", (vnet.id,))
+        return vnet
+
+    def assign_vnet(self, name: str, identity: str) -> str | None:
+        """Put `identity` in the virtual network `name`, replacing an earlier assignment;
+        returns the name of the vnet it was in before, if any."""
+        check_identity(identity)
+        with self._write() as db:
+            vnet_id = self._vnet_id(db, name)
+            row = db.execute(
+                "SELECT v.name FROM vnet_assignments a JOIN vnets v ON v.id = a.vnet_id"
+                " WHERE a.identity = ?",
+                (identity,),
+            ).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO vnet_assignments(identity, vnet_id, created_at)"
+                " VALUES (?, ?, ?)",
+                (identity, vnet_id, _ts(_now())),
+            )
+        return None if row is None else str(row[0])
+
+    def unassign_vnet(self, identity: str) -> str:
+        """Remove the assignment of `identity`; returns the vnet name it was in."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT v.name FROM vnet_assignments a JOIN vnets v ON v.id = a.vnet_id"
+                " WHERE a.identity = ?",
+                (identity,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"identity {identity!r} is not assigned to a virtual network")
+            db.execute("DELETE FROM vnet_assignments WHERE identity = ?", (identity,))
+        return str(row[0])
+
+    def vnet_assignments(self) -> dict[str, str]:
+        """Identity -> the name of its virtual network."""
+        rows = self._query(
+            "SELECT a.identity, v.name FROM vnet_assignments a JOIN vnets v ON v.id = a.vnet_id"
+            " ORDER BY a.identity"
+        )
+        return {i: n for i, n in rows}
+
     # -- routes -------------------------------------------------------------------------------
 
-    def add_route(self, cidr: str, tunnel_name: str) -> Route:
-        """Send traffic for `cidr` to the tunnel `tunnel_name` (a name or an id)."""
+    def add_route(self, cidr: str, tunnel_name: str, vnet: str = DEFAULT_VNET) -> Route:
+        """Send traffic for `cidr` in virtual network `vnet` to the tunnel `tunnel_name` (a
+        name or an id)."""
         net = normalize_cidr(cidr)
         with self._write() as db:
+            vnet_id = self._vnet_id(db, vnet)
             tunnel = self._find_tunnel(db, tunnel_name)
             if tunnel is None:
                 raise StoreError(f"unknown tunnel {tunnel_name!r}")
             row = db.execute(
-                "SELECT t.name FROM routes r JOIN tunnels t ON t.id = r.tunnel_id WHERE r.cidr = ?",
-                (net,),
+                "SELECT t.name FROM routes r JOIN tunnels t ON t.id = r.tunnel_id"
+                " WHERE r.vnet_id = ? AND r.cidr = ?",
+                (vnet_id, net),
             ).fetchone()
             if row is not None:
-                raise StoreError(f"route {net} already exists (tunnel {row[0]!r})")
+                raise StoreError(
+                    f"route {net} already exists (tunnel {row[0]!r}, virtual network {vnet!r})"
+                )
             db.execute(
-                "INSERT INTO routes(cidr, tunnel_id, created_at) VALUES (?, ?, ?)",
-                (net, tunnel.id, _ts(_now())),
+                "INSERT INTO routes(vnet_id, cidr, tunnel_id, created_at) VALUES (?, ?, ?, ?)",
+                (vnet_id, net, tunnel.id, _ts(_now())),
             )
-        return Route(net, tunnel.id, tunnel.name)
+        return Route(net, tunnel.id, tunnel.name, vnet)
 
-    def list_routes(self) -> list[Route]:
-        """All routes, IPv4 before IPv6, in address order."""
-        rows = self._query(
-            "SELECT r.cidr, r.tunnel_id, t.name FROM routes r JOIN tunnels t ON t.id = r.tunnel_id"
+    def list_routes(self, vnet: str | None = None) -> list[Route]:
+        """The routes of `vnet`, or of every vnet (`default` first, then by name); within a
+        vnet IPv4 before IPv6, in address order."""
+        sql = (
+            "SELECT r.cidr, r.tunnel_id, t.name, v.name FROM routes r"
+            " JOIN tunnels t ON t.id = r.tunnel_id JOIN vnets v ON v.id = r.vnet_id"
         )
-        return sorted((Route(c, i, n) for c, i, n in rows), key=_route_sort_key)
+        if vnet is None:
+            rows = self._query(sql)
+        else:
+            with self._lock:
+                try:
+                    vnet_id = self._vnet_id(self._db, vnet)
+                except sqlite3.Error as e:
+                    raise StoreError(f"store {self.path}: {e}") from e
+            rows = self._query(sql + " WHERE r.vnet_id = ?", (vnet_id,))
+        return sorted((Route(c, i, n, v) for c, i, n, v in rows), key=_route_sort_key)
 
-    def delete_route(self, cidr: str) -> str:
-        """Delete the route for `cidr`; returns it normalized."""
+    def delete_route(self, cidr: str, vnet: str = DEFAULT_VNET) -> str:
+        """Delete the route for `cidr` in `vnet`; returns it normalized."""
         net = normalize_cidr(cidr)
         with self._write() as db:
-            if db.execute("DELETE FROM routes WHERE cidr = ?", (net,)).rowcount == 0:
-                raise StoreError(f"no route {net}")
+            vnet_id = self._vnet_id(db, vnet)
+            deleted = db.execute(
+                "DELETE FROM routes WHERE vnet_id = ? AND cidr = ?", (vnet_id, net)
+            ).rowcount
+            if deleted == 0:
+                raise StoreError(f"no route {net} in virtual network {vnet!r}")
         return net
 
     # -- DNS routes ---------------------------------------------------------------------------
@@ -554,6 +748,31 @@ class Store:
             leaf_key_pem=bytes(found["edge_leaf_key"] or b""),
             ca_fingerprint=ca_fingerprint(ca_pem),
         )
+
+
+def _ensure_default_vnet(db: sqlite3.Connection) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO vnets(id, name, created_at) VALUES (?, ?, ?)",
+        (str(uuid.uuid4()), DEFAULT_VNET, _ts(_now())),
+    )
+
+
+def _migrate_v1_to_v2(db: sqlite3.Connection) -> None:
+    """Version 1 keyed routes by CIDR alone; version 2 keys them by (vnet, CIDR). SQLite cannot
+    change a primary key in place, so the table is rebuilt, its routes going to `default`."""
+    db.execute(_VNETS_TABLE)
+    _ensure_default_vnet(db)
+    (default_id,) = db.execute("SELECT id FROM vnets WHERE name = ?", (DEFAULT_VNET,)).fetchone()
+    db.execute("ALTER TABLE routes RENAME TO routes_v1")
+    # The old index moved with the table; its name is needed for the new one.
+    db.execute("DROP INDEX IF EXISTS routes_tunnel")
+    db.execute(_ROUTES_TABLE)
+    db.execute(
+        "INSERT INTO routes(vnet_id, cidr, tunnel_id, created_at)"
+        " SELECT ?, cidr, tunnel_id, created_at FROM routes_v1",
+        (default_id,),
+    )
+    db.execute("DROP TABLE routes_v1")
 
 
 def ca_fingerprint(ca_cert_pem: bytes) -> str:
