@@ -54,7 +54,10 @@ def setup_logging(level: str) -> None:
 
 
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
-    click.echo(f"ramp: error: {message}", err=True)
+    # A config file can have several problems, one a line; each gets the prefix so that every
+    # line on its own still says it is an error.
+    for line in message.splitlines() or [""]:
+        click.echo(f"ramp: error: {line}", err=True)
     raise SystemExit(code)
 
 
