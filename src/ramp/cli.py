@@ -30,6 +30,7 @@ from ramp.config import (
     load_config,
     parse_hostport,
 )
+from ramp.config_docs import RoleDoc, render_config_docs
 from ramp.config_lines import ConfigIssues, locate, read_yaml_file, top_level_keys
 from ramp.store.db import Store, StoreError
 from ramp.tunnel.token import Token, TokenError
@@ -565,6 +566,37 @@ def config_check(file: Path, role: str | None) -> None:
             _, line = locate(parsed.root, ["token"])
             _report_problems(f"{file}:{line}: token: invalid token: {e}")
     click.echo(f"{file}: valid {role} configuration")
+
+
+def config_docs_markdown() -> str:
+    """docs/configuration.md as `ramp config docs` prints it."""
+    roles = [
+        RoleDoc(f"{title} (`{command}`)", model, cmd, intro, default_yaml(model))
+        for title, command, model, cmd, role in (
+            ("Edge", "ramp edge", EdgeConfig, edge, "edge"),
+            ("Connector", "ramp tunnel run", ConnectorConfig, tunnel_run, "connector"),
+        )
+        for intro in [
+            f"Every key at its default, as `ramp config default --role {role}` prints it:"
+        ]
+    ]
+    return render_config_docs(roles)
+
+
+@config.command("docs")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the Markdown to this file instead of stdout (docs/configuration.md).",
+)
+def config_docs(output: Path | None) -> None:
+    """Print the reference of every config key of both roles, as Markdown."""
+    text = config_docs_markdown()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
 
 
 def _report_problems(text: str) -> typing.NoReturn:
