@@ -143,7 +143,9 @@ def _field_table(
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, field in model.model_fields.items():
         key = field.alias or name
-        cells = [f"`{key}`", _type_text(field.annotation, field.metadata), _default_text(field)]
+        # The field itself rides along: pydantic keeps a field's discriminator on it.
+        type_text = _type_text(field.annotation, [*field.metadata, field])
+        cells = [f"`{key}`", type_text, _default_text(field)]
         if options is not None:
             cells.append(_flag_text(options.get(name)))
         cells.append(" ".join((field.description or "").split()))
@@ -211,7 +213,7 @@ def _nested(
     """(`path`, [(label, model), ...]) for every place below `model` that holds models."""
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
-        yield from _nested_in(field.annotation, key, [*field.metadata], seen | {model})
+        yield from _nested_in(field.annotation, key, [*field.metadata, field], seen | {model})
 
 
 def _nested_in(
@@ -264,6 +266,13 @@ def _type_text(ann: Any, metadata: Sequence[Any] = ()) -> str:
     ann, more = _unwrap(ann)
     metadata = [*metadata, *more]
     text = _bare_type_text(ann, metadata)
+    # Constraints given as `Annotated[int, Field(gt=0)]` sit in that FieldInfo's own metadata.
+    constraints: list[Any] = []
+    for m in metadata:
+        for c in m.metadata if isinstance(m, FieldInfo) else [m]:
+            if c not in constraints:  # a field's constraints are in its FieldInfo too
+                constraints.append(c)
+    metadata = constraints
     bounds = [
         f"{sym} {getattr(m, attr)}"
         for m in metadata
@@ -287,9 +296,11 @@ def _bare_type_text(ann: Any, metadata: Sequence[Any]) -> str:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     members = _union_members(ann)
     if members:
-        if all(_is_model(_unwrap(m)[0]) for m in members):
+        present = [m for m in members if m is not type(None)]
+        if present and all(_is_model(_unwrap(m)[0]) for m in present):
             tag = _discriminator(metadata)
-            return "mapping" + (f" chosen by `{tag}`" if tag else "") + " (see below)"
+            text = "mapping" + (f" chosen by `{tag}`" if tag else "") + " (see below)"
+            return text + (" or null" if len(present) < len(members) else "")
         return " or ".join(_type_text(m) for m in members)
     if origin in (list, tuple, set, frozenset):
         return f"list of {_plural(_type_text(args[0]))}" if args else "list"
@@ -299,9 +310,9 @@ def _bare_type_text(ann: Any, metadata: Sequence[Any]) -> str:
 
 
 def _plural(text: str) -> str:
-    word, sep, rest = text.partition(" ")
+    word = text.split(" ")[0].rstrip(",")
     if word in (*_SCALARS.values(), "mapping") and word != "null":
-        return f"{word}s{sep}{rest}"
+        return word + "s" + text[len(word) :]
     return text
 
 

@@ -135,6 +135,8 @@ class Nested(BaseModel):
     hooks: list[Webhook | Script] = Field(default_factory=list, description="Hooks.")
     zones: dict[str, Rule] = Field(default_factory=dict, description="Per zone.")
     limit: int | None = Field(None, description="Optional.")
+    upstream: Socks5 | Http | None = Field(None, discriminator="type", description="Where to.")
+    ports: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list, description="Ports.")
 
 
 @click.command()
@@ -157,6 +159,9 @@ def test_nested_models_get_sub_tables() -> None:
     ]
     assert _row(doc, "## Nested", "limit")[1:3] == ["integer or null", "`null`"]
     assert _row(doc, "## Nested", "zones")[1] == "mapping of string to mapping (see below)"
+    assert _row(doc, "## Nested", "upstream")[1] == "mapping chosen by `type` (see below) or null"
+    assert _row(doc, "## Nested", "ports")[1] == "list of integers, > 0"
+    assert "#### `upstream` with `type: http`" in doc
 
     assert "Each `onramps[]` is one of the following (2 kinds)." in doc
     assert _row(doc, "#### `onramps[]` with `type: socks5`", "listen") == [

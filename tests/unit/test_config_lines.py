@@ -146,6 +146,7 @@ class Nested(_Strict):
     onramps: list[Annotated[Socks5 | Http, Field(discriminator="type")]] = []
     policy: Policy = Policy()
     hooks: list[Webhook | Script] = []
+    upstream: Socks5 | Http | None = Field(None, discriminator="type")
 
 
 NESTED = """\
@@ -169,6 +170,10 @@ policy:
 hooks:
   - url: https://hooks.example/
   - {pth: /bin/true}
+upstream:
+  type: http
+  listen: 127.0.0.1:3128
+  timeot: 5
 """
 
 
@@ -186,6 +191,7 @@ def test_nested_keys_point_at_their_own_line(cfg: Path) -> None:
         f"{cfg}:20: hooks.1.url: required key is missing",
         f"{cfg}:20: hooks.1.path: required key is missing",
         f"{cfg}:20: hooks.1.pth: unknown key; did you mean 'path'?",
+        f"{cfg}:24: upstream.timeot: unknown key; did you mean 'timeout'?",
     ]
 
 
