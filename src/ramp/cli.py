@@ -570,16 +570,13 @@ def config_check(file: Path, role: str | None) -> None:
 
 def config_docs_markdown() -> str:
     """docs/configuration.md as `ramp config docs` prints it."""
-    roles = [
-        RoleDoc(f"{title} (`{command}`)", model, cmd, intro, default_yaml(model))
-        for title, command, model, cmd, role in (
-            ("Edge", "ramp edge", EdgeConfig, edge, "edge"),
-            ("Connector", "ramp tunnel run", ConnectorConfig, tunnel_run, "connector"),
-        )
-        for intro in [
-            f"Every key at its default, as `ramp config default --role {role}` prints it:"
-        ]
-    ]
+    roles = []
+    for title, command, model, cmd, role in (
+        ("Edge", "ramp edge", EdgeConfig, edge, "edge"),
+        ("Connector", "ramp tunnel run", ConnectorConfig, tunnel_run, "connector"),
+    ):
+        intro = f"Every key at its default, as `ramp config default --role {role}` prints it:"
+        roles.append(RoleDoc(f"{title} (`{command}`)", model, cmd, intro, default_yaml(model)))
     return render_config_docs(roles)
 
 

@@ -104,14 +104,13 @@ def read_yaml_file(path: Path) -> ParsedYaml:
 def _child(node: yaml.Node | None, elem: int | str) -> tuple[yaml.Node, yaml.Node] | None:
     """(node whose line to report, node to descend into) for `elem` under `node`."""
     if isinstance(node, yaml.MappingNode):
-        found = None
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            k = key_node.value
-            if k == str(elem) or (isinstance(elem, str) and k.replace("-", "_") == elem):
-                found = (key_node, value_node)  # the last one wins, as it does when loading
-        return found
+        pairs = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+        exact = [(k, v) for k, v in pairs if k.value == str(elem)]
+        # `max-flows` was loaded as `max_flows`; an exact match still wins, since free-form
+        # mappings (user names) keep their keys as written.
+        dashed = [(k, v) for k, v in pairs if k.value.replace("-", "_") == elem]
+        found = exact or dashed
+        return found[-1] if found else None  # the last one wins, as it does when loading
     if (
         isinstance(node, yaml.SequenceNode)
         and isinstance(elem, int)
