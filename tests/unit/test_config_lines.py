@@ -56,6 +56,11 @@ def test_each_error_names_key_and_line(cfg: Path) -> None:
     ]
 
 
+def test_free_form_keys_are_found_as_written(cfg: Path) -> None:
+    cfg.write_text("users:\n  bob_x: [1]\n  bob-x: pw\n")
+    assert problems(EdgeConfig, cfg) == [f"{cfg}:2: users.bob_x: Input should be a valid string"]
+
+
 def test_range_error_on_connector(cfg: Path) -> None:
     cfg.write_text("token: abc\nedge:\n  - 192.0.2.1:7844\nha_connections: 17\n")
     assert problems(ConnectorConfig, cfg) == [
