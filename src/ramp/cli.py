@@ -30,6 +30,8 @@ from ramp.config import (
     load_config,
     parse_hostport,
 )
+from ramp.config_docs import RoleDoc, render_config_docs
+from ramp.config_lines import ConfigIssues, locate, read_yaml_file, top_level_keys
 from ramp.store.db import DEFAULT_VNET, Route, Store, StoreError
 from ramp.tunnel.token import Token, TokenError
 
@@ -54,7 +56,10 @@ def setup_logging(level: str) -> None:
 
 
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
-    click.echo(f"ramp: error: {message}", err=True)
+    # A config file can have several problems, one a line; each gets the prefix so that every
+    # line on its own still says it is an error.
+    for line in message.splitlines() or [""]:
+        click.echo(f"ramp: error: {line}", err=True)
     raise SystemExit(code)
 
 
@@ -613,6 +618,102 @@ def config_default(role: str, data_dir: Path | None, log_level: str) -> None:
     """Print the full default config of ROLE as YAML, every key commented."""
     model: type[BaseModel] = EdgeConfig if role == "edge" else ConnectorConfig
     click.echo(default_yaml(model, str(data_dir) if data_dir else DATA_DIR_DEFAULT_TEXT), nl=False)
+
+
+ROLE_MODELS: dict[str, type[EdgeConfig] | type[ConnectorConfig]] = {
+    "edge": EdgeConfig,
+    "connector": ConnectorConfig,
+}
+
+
+def _role_only_keys(keys: set[str]) -> tuple[set[str], set[str]]:
+    """(keys only an edge has, keys only a connector has) among `keys`."""
+    edge_keys, connector_keys = set(EdgeConfig.model_fields), set(ConnectorConfig.model_fields)
+    return keys & (edge_keys - connector_keys), keys & (connector_keys - edge_keys)
+
+
+def detect_role(keys: set[str]) -> str | None:
+    """`connector` for a file with keys only a connector has, `edge` for any other, None when
+    it has keys only one role has and keys only the other has (no guess can be right then)."""
+    edge_only, connector_only = _role_only_keys(keys)
+    if edge_only and connector_only:
+        return None
+    return "connector" if connector_only else "edge"
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--role",
+    type=click.Choice(list(ROLE_MODELS)),
+    default=None,
+    help="Whose config. [default: connector if FILE has connector-only keys, else edge]",
+)
+def config_check(file: Path, role: str | None) -> None:
+    """Check the config file FILE; print each problem as FILE:LINE: KEY: message.
+
+    Without --role, a file with keys only a connector has (token, edge, ha_connections, ...) is
+    checked as a connector config and any other as an edge config; a file with keys only one
+    role has and keys only the other has needs --role. Exit status 0 if valid, 2 if not.
+    """
+    try:
+        parsed = read_yaml_file(file)
+    except ConfigIssues as e:
+        _report_problems(str(e))
+    if role is None:
+        role = detect_role(top_level_keys(parsed))
+        if role is None:
+            edge_only, connector_only = _role_only_keys(top_level_keys(parsed))
+            _report_problems(
+                f"{file}: has edge keys ({', '.join(sorted(edge_only))}) and connector keys "
+                f"({', '.join(sorted(connector_only))}); pass --role edge or --role connector"
+            )
+    try:
+        cfg = load_config(ROLE_MODELS[role], file, {})
+    except ConfigError as e:
+        _report_problems(str(e))
+    if isinstance(cfg, ConnectorConfig) and cfg.token:
+        # `ramp tunnel run` refuses a token it cannot decode: so does the check.
+        try:
+            Token.decode(cfg.token)
+        except TokenError as e:
+            _, line = locate(parsed.root, ["token"])
+            _report_problems(f"{file}:{line}: token: invalid token: {e}")
+    click.echo(f"{file}: valid {role} configuration")
+
+
+def config_docs_markdown() -> str:
+    """docs/configuration.md as `ramp config docs` prints it."""
+    roles = []
+    for title, command, model, cmd, role in (
+        ("Edge", "ramp edge", EdgeConfig, edge, "edge"),
+        ("Connector", "ramp tunnel run", ConnectorConfig, tunnel_run, "connector"),
+    ):
+        intro = f"Every key at its default, as `ramp config default --role {role}` prints it:"
+        roles.append(RoleDoc(f"{title} (`{command}`)", model, cmd, intro, default_yaml(model)))
+    return render_config_docs(roles)
+
+
+@config.command("docs")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the Markdown to this file instead of stdout (docs/configuration.md).",
+)
+def config_docs(output: Path | None) -> None:
+    """Print the reference of every config key of both roles, as Markdown."""
+    text = config_docs_markdown()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+
+
+def _report_problems(text: str) -> typing.NoReturn:
+    # Bare `FILE:LINE: ...` lines, the form editors and CI annotators recognise.
+    click.echo(text, err=True)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

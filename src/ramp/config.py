@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -21,6 +20,14 @@ from pydantic import (
     field_validator,
 )
 
+from ramp.config_lines import (
+    ConfigIssues,
+    ParsedYaml,
+    format_issues,
+    issues_from_validation,
+    normalize_keys,
+    read_yaml_file,
+)
 from ramp.onramps.registry import OnRampOptions, parse_entry
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -280,24 +287,22 @@ class ConfigError(Exception):
 
 
 def load_config(model: type[T], config_file: Path | None, overrides: dict[str, Any]) -> T:
-    """Defaults < YAML file < flags. `overrides` holds only flags the user actually gave."""
-    data: dict[str, Any] = {}
+    """Defaults < YAML file < flags. `overrides` holds only flags the user actually gave.
+
+    Every problem is one line of the ConfigError, `FILE:LINE: KEY: message` for the file's.
+    """
+    data: dict[Any, Any] = {}
+    parsed: ParsedYaml | None = None
     if config_file is not None:
         try:
-            raw = yaml.safe_load(config_file.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {config_file} must hold a mapping of keys")
-        data.update({k.replace("-", "_"): v for k, v in raw.items()})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+            parsed = read_yaml_file(config_file)
+        except ConfigIssues as e:
+            raise ConfigError(str(e)) from e
+        data.update(normalize_keys(model, parsed.data))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
     try:
-        return model(**data)
+        return model.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
-            lines.append(f"{key}: {err['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(lines)) from e
+        issues = issues_from_validation(e, model, parsed, from_flags=given)
+        raise ConfigError(format_issues(issues)) from e
