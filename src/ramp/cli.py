@@ -8,6 +8,7 @@ no further code; only flags actually given override the config file.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import sys
 import textwrap
@@ -32,6 +33,8 @@ from ramp.config import (
 )
 from ramp.config_docs import RoleDoc, render_config_docs
 from ramp.config_lines import ConfigIssues, locate, read_yaml_file, top_level_keys
+from ramp.policy.router import VnetRoutes
+from ramp.policy.rules import ACTIONS, PROTOCOLS, Facts, Policy, Rule
 from ramp.store.db import DEFAULT_VNET, Route, Store, StoreError
 from ramp.tunnel.token import Token, TokenError
 
@@ -274,7 +277,7 @@ def edge(config_file: Path | None, **flags: Any) -> None:
     setup_logging(cfg.log_level)
     from ramp.edge import run_edge
 
-    raise SystemExit(run_edge(cfg))
+    raise SystemExit(run_edge(cfg, lambda: _load(EdgeConfig, config_file, flags)))
 
 
 @main.group()
@@ -591,6 +594,190 @@ def vnet_unassign(identity: str, data_dir: Path | None, log_level: str) -> None:
     with Store(_data_dir(data_dir)) as store:
         name = store.unassign_vnet(identity)
     click.echo(f"Unassigned identity {identity} from virtual network {name}")
+
+
+@main.group()
+def policy() -> None:
+    """Allow or deny flows: ordered rules, the first match wins, no match denies.
+
+    \b
+    A new store has one rule, `default`, allowing every identity to every routed
+    destination; delete it to start from deny-all. A running edge picks up changes within
+    about a second, and ends open flows that a change now denies.
+    """
+
+
+def _rule_row(position: int, r: Rule) -> list[str]:
+    return [
+        str(position),
+        r.id,
+        r.action,
+        r.identity or "*",
+        r.group or "*",
+        r.onramp or "*",
+        r.source or "*",
+        r.to or "*",
+        r.ports or "*",
+        r.protocol,
+    ]
+
+
+@policy.command("add")
+@click.argument("rule_id", metavar="ID")
+@click.option("--action", type=click.Choice(ACTIONS), required=True, help="What a match does.")
+@click.option("--identity", help="Match this user name only.")
+@click.option("--group", help="Match members of this group only (edge config `groups`).")
+@click.option("--onramp", help="Match flows from this on-ramp type only (socks5, http, ...).")
+@click.option("--from", "source", metavar="CIDR", help="Match client addresses in CIDR.")
+@click.option(
+    "--to",
+    metavar="CIDR|HOSTPATTERN",
+    help="Match destinations in CIDR, or names: db.corp.example, *.corp.example.",
+)
+@click.option("--ports", metavar="LIST", help="Match destination ports: 80,443,8000-8100.")
+@click.option(
+    "--protocol", type=click.Choice(PROTOCOLS), default="any", show_default=True, help="Match."
+)
+@click.option(
+    "--position", type=click.IntRange(min=1), help="1-based place in the order [default: last]"
+)
+@_common
+@_user_errors
+def policy_add(
+    rule_id: str,
+    action: str,
+    identity: str | None,
+    group: str | None,
+    onramp: str | None,
+    source: str | None,
+    to: str | None,
+    ports: str | None,
+    protocol: str,
+    position: int | None,
+    data_dir: Path | None,
+    log_level: str,
+) -> None:
+    """Add the rule ID."""
+    setup_logging(log_level)
+    rule = Rule(rule_id, action, identity, group, onramp, source, to, ports, protocol)
+    with Store(_data_dir(data_dir)) as store:
+        at = store.add_rule(rule, position)
+        stored = next(r for r in store.list_rules() if r.id == rule_id)
+    click.echo(f"Added rule {stored.id} at position {at}: {stored.describe()}")
+
+
+@policy.command("list")
+@_common
+@_user_errors
+def policy_list(data_dir: Path | None, log_level: str) -> None:
+    """List the rules in the order they are checked."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        rules = store.list_rules()
+    headers = ["#", "ID", "ACTION", "IDENTITY", "GROUP", "ONRAMP", "FROM", "TO", "PORTS", "PROTO"]
+    click.echo(_table(headers, [_rule_row(i, r) for i, r in enumerate(rules, 1)]))
+    if not rules:
+        click.echo("(no rules: every flow is denied)")
+
+
+@policy.command("delete")
+@click.argument("rule_id", metavar="ID")
+@_common
+@_user_errors
+def policy_delete(rule_id: str, data_dir: Path | None, log_level: str) -> None:
+    """Delete the rule ID."""
+    setup_logging(log_level)
+    with Store(_data_dir(data_dir)) as store:
+        store.delete_rule(rule_id)
+        left = len(store.list_rules())
+    click.echo(f"Deleted rule {rule_id}" + ("" if left else " (no rules left: deny-all)"))
+
+
+def _split_test_target(value: str) -> tuple[str, int, str]:
+    target, _, proto = value.partition("/")
+    proto = proto.lower() or "tcp"
+    if proto not in PROTOCOLS or proto == "any":
+        raise click.BadParameter(f"protocol {proto!r}: use tcp, udp or icmp")
+    try:
+        host, port = parse_hostport(target)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return host, port, proto
+
+
+@policy.command("test")
+@click.option("--identity", help="The user name (omit for an anonymous flow).")
+@click.option("--group", "groups", multiple=True, help="A group of the identity. Repeatable.")
+@click.option(
+    "--to", "target", required=True, metavar="HOST:PORT[/PROTOCOL]", help="The destination."
+)
+@click.option("--onramp", default="socks5", show_default=True, help="The on-ramp type.")
+@click.option("--from", "source", default="127.0.0.1", show_default=True, help="Client IP.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Edge config file to take `groups` from.",
+)
+@_common
+@_user_errors
+def policy_test(
+    identity: str | None,
+    groups: tuple[str, ...],
+    target: str,
+    onramp: str,
+    source: str,
+    config_file: Path | None,
+    data_dir: Path | None,
+    log_level: str,
+) -> None:
+    """Say what the policy decides for a flow: `allow RULE` or `deny RULE`, then why."""
+    setup_logging(log_level)
+    host, port, proto = _split_test_target(target)
+    member = set(groups)
+    if config_file is not None and identity is not None:
+        cfg = load_config(EdgeConfig, config_file, {})
+        member |= {g for g, users in cfg.groups.items() if identity in users}
+    with Store(_data_dir(data_dir)) as store:
+        rules = store.list_rules()
+        routes = store.list_routes()
+        vnet_name = store.vnet_assignments().get(identity or "", DEFAULT_VNET)
+    facts = Facts(
+        identity=identity,
+        groups=frozenset(member),
+        onramp=onramp,
+        source=source,
+        host=None if _is_ip(host) else host.lower().rstrip("."),
+        address=host if _is_ip(host) else None,
+        port=port,
+        protocol=proto,
+    )
+    verdict = Policy(rules).decide(facts)
+    click.echo(f"{'allow' if verdict.allowed else 'deny'} {verdict.rule}")
+    click.echo(f"  {verdict.why}")
+    who = identity or "an anonymous client"
+    if member:
+        who += f" (groups {', '.join(sorted(member))})"
+    click.echo(f"  flow: {who} from {source} via {onramp} to {host}:{port}/{proto}")
+    if facts.address is None:
+        click.echo("  the destination is a name: CIDR rules match it once the edge resolves it")
+    else:
+        hit = VnetRoutes(routes).lookup(vnet_name, facts.address)
+        if hit is None:
+            click.echo(
+                f"  no route to {host} in virtual network {vnet_name}: the edge refuses the "
+                "flow anyway unless direct egress is on"
+            )
+        else:
+            click.echo(f"  routed to tunnel {hit.tunnel_name} ({hit.network}) in {vnet_name}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @main.command()

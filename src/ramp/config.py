@@ -274,6 +274,11 @@ class ConnectorConfig(_Base):
             "tunnel; empty = the first nameserver in /etc/resolv.conf."
         ),
     )
+    audit_log: str = Field(
+        "-",
+        description="File for the audit log (one JSON line per finished flow, the same "
+        "record as the edge's); '-' = stderr.",
+    )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))
     _v_resolver = field_validator("dns_resolver")(classmethod(lambda cls, v: _check_resolver(v)))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 import uuid
 from typing import Any
 
 from ramp.config import ConnectorConfig, parse_hostport
+from ramp.flows.flow import Destination, Flow, FlowKind, Identity, Route
+from ramp.flows.table import FlowTable
+from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
 from ramp.observe.status import start_status_server
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
@@ -18,7 +22,6 @@ from ramp.tunnel.token import Token, TokenError
 from ramp.wire.tunnel import RegisterError
 
 log = logging.getLogger("ramp.connector")
-audit = logging.getLogger("ramp.connector.flows")
 
 EXIT_BAD_TOKEN = 2
 EXIT_REFUSED = 3
@@ -61,6 +64,9 @@ class Connector:
         self.resolver = Resolver(config.dns_resolver)
         self.client.resolver = self.resolver
         self.status: Any = None
+        self.audit = AuditLog(config.audit_log)
+        # admission happens at the edge; the connector's table is where its flows end
+        self.table = FlowTable(limit=1 << 62, reporters=[self._report])
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         n = len(self.client.live)
@@ -75,42 +81,48 @@ class Connector:
         log.error("edge refused registration: %s (%s)", e.code.name.lower(), e.message)
 
     def _flow_end(self, end: FlowEnd) -> None:
-        m = self.metrics
-        m.flows.labels("tunnel", end.result.value).inc()
-        if end.bytes_up:
-            m.flow_bytes.labels("up").inc(end.bytes_up)
-        if end.bytes_down:
-            m.flow_bytes.labels("down").inc(end.bytes_down)
-        m.flows_active.set(self.client.active_flows)
-        audit.info(
-            "flow src=%s dst=%s result=%s up=%d down=%d duration=%.3f%s",
+        flow = connector_flow(
             end.source,
             end.destination,
-            end.result.value,
-            end.bytes_up,
-            end.bytes_down,
+            FlowKind.STREAM,
             end.duration,
-            f" reason={end.reason!r}" if end.reason else "",
+            getattr(end, "metadata", None) or {},
         )
+        flow.result, flow.reason = end.result, end.reason
+        flow.bytes_up, flow.bytes_down = end.bytes_up, end.bytes_down
+        self.table.end(flow)
+
+    def _report(self, flow: Flow) -> None:
+        """The connector's side of a flow: same record as the edge's audit line."""
+        m = self.metrics
+        assert flow.result is not None
+        if flow.kind is FlowKind.DATAGRAM:
+            m.udp_sessions.labels(flow.result.value).inc()
+        else:
+            m.flows.labels("tunnel", flow.result.value).inc()
+            if flow.bytes_up:
+                m.flow_bytes.labels("up").inc(flow.bytes_up)
+            if flow.bytes_down:
+                m.flow_bytes.labels("down").inc(flow.bytes_down)
+            m.flows_active.set(self.client.active_flows)
+        self.audit.write(flow)
 
     def _bad_datagram(self, reason: str) -> None:
         self.metrics.bad_input.labels("tunnel", "malformed_datagram").inc()
         log.warning("bad tunnel datagram: %s", reason)
 
     def _session_end(self, end: SessionEnd) -> None:
-        self.metrics.udp_sessions.labels(end.result.value).inc()
-        audit.info(
-            "udp session src=%s dst=%s result=%s up=%d/%dB down=%d/%dB duration=%.3f reason=%r",
+        flow = connector_flow(
             end.source,
             end.destination,
-            end.result.value,
-            end.packets_up,
-            end.bytes_up,
-            end.packets_down,
-            end.bytes_down,
+            FlowKind.DATAGRAM,
             end.duration,
-            end.reason,
+            getattr(end, "metadata", None) or {},
         )
+        flow.result, flow.reason = end.result, end.reason
+        flow.bytes_up, flow.bytes_down = end.bytes_up, end.bytes_down
+        flow.packets_up, flow.packets_down = end.packets_up, end.packets_down
+        self.table.end(flow)
 
     async def run(self, stop: asyncio.Event) -> int:
         self.status = await start_status_server(
@@ -157,6 +169,7 @@ class Connector:
             await self.client.close()
             if self.status is not None:
                 await self.status.close()
+            self.audit.close()
 
     def _fatal(self, e: Exception) -> int:
         if isinstance(e, RegistrationRefused):
@@ -172,6 +185,35 @@ class Connector:
             return EXIT_REFUSED
         print(f"ramp: {e}", file=sys.stderr)
         return 1
+
+
+def _split_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text, 0
+    return host.strip("[]"), int(port)
+
+
+def connector_flow(
+    source: str, destination: str, kind: FlowKind, duration: float, meta: dict[str, str]
+) -> Flow:
+    """A finished flow as the connector saw it, rebuilt for the common record: who and which
+    on-ramp come from the metadata the edge sent with the flow."""
+    now = time.monotonic()
+    user = meta.get("identity")
+    flow = Flow(
+        onramp=meta.get("onramp", "tunnel"),
+        source=_split_addr(source),
+        destination=Destination(*_split_addr(destination)),
+        identity=Identity(user) if user else None,
+        protocol="udp" if kind is FlowKind.DATAGRAM else "tcp",
+        kind=kind,
+        started=now - duration,
+        started_wall=time.time() - duration,
+    )
+    flow.ended = now
+    flow.route = Route("origin")
+    return flow
 
 
 def load_token(config: ConnectorConfig) -> Token:

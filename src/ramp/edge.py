@@ -11,7 +11,7 @@ from typing import Any
 import dns.exception
 import dns.message
 
-from ramp.config import EdgeConfig, parse_hostport
+from ramp.config import ConfigError, EdgeConfig, parse_hostport
 from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
@@ -26,7 +26,7 @@ from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
 from ramp.policy.engine import PolicyHook
-from ramp.policy.hooks import Hooks, HookSpec, LoadedHook, load_hooks
+from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_hooks
 from ramp.policy.pipeline import FlowPipeline
 from ramp.policy.router import Router, VnetRoutes
 from ramp.policy.rules import Policy
@@ -182,10 +182,18 @@ class Edge:
         state) if its hooks do not load. Listeners and limits stay as they are until a
         restart."""
         user = load_hooks(hook_specs(config))  # raises HookLoadError: nothing changed yet
+        if config.effective_onramps() != self.config.effective_onramps() or any(
+            getattr(config, k) != getattr(self.config, k)
+            for k in ("tunnel_listen", "metrics_listen", "data_dir", "audit_log", "max_flows")
+        ):
+            log.warning("listener, store, audit and limit changes take effect at the next restart")
         self.hooks = self._make_hooks(user)
         self.pipeline.hooks = self.hooks
         self._groups = _invert_groups(config.groups)
         self.router.allow_direct = config.allow_direct_egress
+        for server in self.onramps:  # credentials and timeouts apply to the next connection
+            if hasattr(server, "config"):
+                server.config = config
         self.config = config
         self._store_version = -1
         self.reload_store()
@@ -392,8 +400,16 @@ async def _resolve_first(host: str, port: int) -> str:
     return str(addrs[0][1][0])
 
 
-async def serve_edge(config: EdgeConfig, stop: asyncio.Event) -> int:
-    edge = Edge(config)
+async def serve_edge(
+    config: EdgeConfig,
+    stop: asyncio.Event,
+    reloaded: asyncio.Queue[Callable[[], EdgeConfig]] | None = None,
+) -> int:
+    try:
+        edge = Edge(config)
+    except HookLoadError as e:
+        log.error("cannot start the edge: %s", e)
+        return 2
     try:
         await edge.start()
     except OSError as e:
@@ -401,18 +417,49 @@ async def serve_edge(config: EdgeConfig, stop: asyncio.Event) -> int:
         await edge.close()
         return 1
     log.info("edge %s ready", uuid.uuid4().hex[:8])
+    reloader = asyncio.ensure_future(_reloads(edge, reloaded)) if reloaded else None
     try:
         await stop.wait()
     finally:
+        if reloader is not None:
+            reloader.cancel()
         await edge.close()
     return 0
 
 
-def run_edge(config: EdgeConfig) -> int:
-    """`ramp edge`: run until SIGINT/SIGTERM."""
+async def _reloads(edge: Edge, reloaded: asyncio.Queue[Callable[[], EdgeConfig]]) -> None:
+    while True:
+        load = await reloaded.get()
+        try:
+            config = load()
+            edge.reload_config(config)
+        except (ConfigError, HookLoadError) as e:
+            edge.metrics.config_reloads.labels("failed").inc()
+            log.error("reload failed, keeping the running configuration: %s", e)
+        except Exception:
+            edge.metrics.config_reloads.labels("failed").inc()
+            log.exception("reload failed, keeping the running configuration")
+        else:
+            edge.metrics.config_reloads.labels("ok").inc()
+            log.info("configuration reloaded: %d hook(s)", len(edge.hooks.hooks) - 1)
+
+
+def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -> int:
+    """`ramp edge`: run until SIGINT/SIGTERM; SIGHUP re-reads the config with `load`."""
     from ramp.runtime import run_until_signal
 
-    return run_until_signal(lambda stop: serve_edge(config, stop))
+    queue: asyncio.Queue[Callable[[], EdgeConfig]] | None = None
+
+    async def main(stop: asyncio.Event) -> int:
+        nonlocal queue
+        queue = asyncio.Queue()
+        return await serve_edge(config, stop, queue)
+
+    def reload() -> None:
+        if queue is not None and load is not None:
+            queue.put_nowait(load)
+
+    return run_until_signal(main, reload if load is not None else None)
 
 
 __all__ = ["Edge", "run_edge", "serve_edge"]

@@ -13,9 +13,12 @@ log = logging.getLogger("ramp")
 EXIT_SECOND_SIGNAL = 130
 
 
-def run_until_signal(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+def run_until_signal(
+    main: Callable[[asyncio.Event], Awaitable[int]],
+    reload: Callable[[], None] | None = None,
+) -> int:
     """Run `main(stop)` on uvloop (if installed). The first SIGINT/SIGTERM sets `stop` so the
-    role can shut down gracefully; a second one exits at once."""
+    role can shut down gracefully; a second one exits at once. SIGHUP calls `reload`."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay usable
@@ -37,6 +40,16 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        if reload is not None:
+
+            def on_hup() -> None:
+                log.info("SIGHUP: reloading the configuration")
+                try:
+                    reload()
+                except Exception:  # the reload reports its own errors; never die of one
+                    log.exception("reload failed")
+
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         return await main(stop)
 
     if uvloop is not None:
