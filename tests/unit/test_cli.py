@@ -200,8 +200,9 @@ def test_edge_flags_beat_file_beat_defaults(
         "debug",
     )
     assert r.exit_code == 0, r.output
-    (cfg,) = fake_roles["edge"].calls[0]
+    cfg, reload = fake_roles["edge"].calls[0]
     assert isinstance(cfg, EdgeConfig)
+    assert reload() == cfg  # SIGHUP re-reads the same file with the same flags
     assert cfg.socks5_listen == "127.0.0.1:2000"  # flag beats file
     assert cfg.http_listen == "off"  # file beats default
     assert cfg.max_flows == 7
@@ -382,7 +383,7 @@ def test_dns_settings_from_flags_and_their_errors(
         "1",
     )
     assert r.exit_code == 0, r.output
-    (cfg,) = fake_roles["edge"].calls[0]
+    cfg, _ = fake_roles["edge"].calls[0]
     assert (cfg.dns_listen, cfg.dns_upstream) == ("0.0.0.0:5353", "[2001:db8::53]:5300")
     assert (cfg.dns_timeout, cfg.udp_idle_timeout) == (2.5, 1.0)
     assert EdgeConfig().dns_listen == "off" and EdgeConfig().dns_upstream == ""
