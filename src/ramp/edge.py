@@ -64,6 +64,7 @@ class Edge:
             config.max_flows,
             reporters=[self._report],
             on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+            on_count=m.flows_active.set,
         )
         self.policy = PolicyHook()
         self.hooks = self._make_hooks(load_hooks(hook_specs(config)))
@@ -318,7 +319,6 @@ class Edge:
                 m.flow_bytes.labels("up").inc(flow.bytes_up)
             if flow.bytes_down:
                 m.flow_bytes.labels("down").inc(flow.bytes_down)
-        m.flows_active.set(len(self.table))
         record = flow_record(flow)
         self.audit.write_record(record)
         self.hooks.flow_end(record)

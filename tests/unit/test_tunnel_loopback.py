@@ -428,3 +428,41 @@ def test_version_negotiation_is_never_answered_to_vn_or_short_packets(tmp_path: 
             sock.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("allow_direct", [False, True])
+def test_a_non_socket_endpoint_is_a_flow_client_through_tunnel_and_direct(
+    tmp_path: Path, allow_direct: bool
+) -> None:
+    """An in-process byte stream (the shape of an HTTP/3 CONNECT stream) rides the same flow
+    path as a SOCKS5 socket: no socketpair, both through a tunnel and by direct egress."""
+    from ramp.flows.endpoint import memory_pair, open_stream
+    from ramp.flows.flow import Destination, Flow, FlowResult
+
+    async def main() -> None:
+        srv, port = await echo_server()
+        async with tunnel(tmp_path, ha=1, allow_direct_egress=allow_direct) as t:
+            if allow_direct:
+                with Store(tmp_path) as store:
+                    store.delete_route("127.0.0.0/8")
+                t.edge.reload_store()
+            flow = Flow("test", ("192.0.2.1", 1), Destination("127.0.0.1", port))
+            leg = await t.edge.pipeline.open_tcp(flow)
+            assert flow.route is not None
+            assert flow.route.offramp == ("direct" if allow_direct else "tunnel")
+            ours, theirs = memory_pair()
+            relay = asyncio.ensure_future(leg.relay(theirs, initial=b"hello "))
+            reader, writer = await open_stream(ours)
+            payload = os.urandom(1 << 20)
+            writer.write(payload)
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), 30)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(b"hello " + payload).digest()
+            await asyncio.wait_for(relay, 30)
+            writer.close()
+            t.edge.flow_finished(flow)
+            assert flow.result is FlowResult.OK
+            assert (flow.bytes_up, flow.bytes_down) == (len(payload) + 6, len(payload) + 6)
+        srv.close()
+
+    asyncio.run(main())

@@ -11,14 +11,18 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
+from ramp.flows.endpoint import StreamEndpoint
 from ramp.flows.flow import Flow
 
 
 class TcpLeg(Protocol):
     """An opened outbound stream (direct TCP socket or tunnel stream)."""
 
-    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
+    async def relay(self, client: socket.socket | StreamEndpoint, initial: bytes = b"") -> None:
         """Copy bytes both ways until both directions are closed.
+
+        `client` is the flow's client end: a kernel socket (spliced where the other end is one
+        too) or any byte-stream endpoint (an in-process stream, a QUIC stream).
 
         `initial` holds bytes the on-ramp already read past its handshake; they go out first.
         Updates `flow.bytes_up` / `flow.bytes_down` as it goes; sets `flow.result` to RESET if

@@ -24,10 +24,12 @@ class FlowTable:
         limit: int,
         reporters: list[Reporter] | None = None,
         on_reject: Callable[[str], None] | None = None,
+        on_count: Callable[[int], None] | None = None,
     ) -> None:
         self.limit = limit
         self.reporters: list[Reporter] = list(reporters or ())
         self._on_reject = on_reject
+        self._on_count = on_count
         self._flows: dict[int, Flow] = {}
         self.ended = 0
 
@@ -58,12 +60,15 @@ class FlowTable:
             self._report(flow)
             raise error
         self._flows[flow.id] = flow
+        if self._on_count is not None:
+            self._on_count(len(self._flows))
 
     def end(self, flow: Flow) -> None:
         """Report `flow` as finished, once; later calls for the same flow do nothing."""
         if flow.state is FlowState.ENDED:
             return
-        self._flows.pop(flow.id, None)
+        if self._flows.pop(flow.id, None) is not None and self._on_count is not None:
+            self._on_count(len(self._flows))
         self._report(flow)
 
     def _report(self, flow: Flow) -> None:

@@ -8,8 +8,10 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 
+from ramp.flows.endpoint import SocketEndpoint, StreamEndpoint
 from ramp.flows.flow import Flow, FlowError, FlowResult
-from ramp.net.splice import splice_relay
+from ramp.flows.relay import RelayResult, relay_streams
+from ramp.net.splice import SpliceResult, splice_relay
 
 _ERRNO_RESULTS = {
     errno.ECONNREFUSED: FlowResult.REFUSED,
@@ -103,8 +105,14 @@ class DirectLeg:
         self.flow = flow
         self.sock = sock
 
-    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
-        result = await splice_relay(client, self.sock, initial)
+    async def relay(self, client: socket.socket | StreamEndpoint, initial: bytes = b"") -> None:
+        if isinstance(client, SocketEndpoint):
+            client = client.sock
+        if isinstance(client, socket.socket):
+            # both ends are kernel sockets: bytes move with splice and never enter Python
+            result: SpliceResult | RelayResult = await splice_relay(client, self.sock, initial)
+        else:
+            result = await relay_streams(client, SocketEndpoint(self.sock), initial)
         self.flow.bytes_up += result.a_to_b
         self.flow.bytes_down += result.b_to_a
         if result.reset:

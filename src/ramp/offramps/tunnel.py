@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+from ramp.flows.endpoint import StreamEndpoint, as_endpoint
 from ramp.flows.flow import Flow, FlowError, FlowResult, Route
 from ramp.flows.opener import UdpSession
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
@@ -167,13 +168,12 @@ class TunnelLeg:
         self.flow = flow
         self.bridge = bridge
 
-    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
+    async def relay(self, client: socket.socket | StreamEndpoint, initial: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
         bridge = self.bridge
+        endpoint = as_endpoint(client)
         try:
-            if client.family != socket.AF_UNIX:  # in-process legs use a socketpair
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.connect_accepted_socket(lambda: bridge, sock=client)
+            await endpoint.attach(lambda: bridge)
             bridge.feed_initial(initial)
             await asyncio.shield(bridge.done)
             if not bridge.tcp_closed.done():
@@ -188,7 +188,7 @@ class TunnelLeg:
             raise
         except OSError:
             bridge.abort()
-            client.close()
+            endpoint.close()
         finally:
             self.flow.bytes_up += bridge.bytes_tcp_to_quic
             self.flow.bytes_down += bridge.bytes_quic_to_tcp

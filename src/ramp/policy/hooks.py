@@ -251,7 +251,9 @@ class Hooks:
             except HookError as e:
                 self._failed(e)
                 return Deny(HOOK_ERROR, f"hook:{e.hook}")
-            if isinstance(answer, Reply | Deny):
+            if isinstance(answer, Deny):
+                return Deny(answer.reason, answer.rule or f"hook:{hook.name}")
+            if isinstance(answer, Reply):
                 return answer
         return None
 
