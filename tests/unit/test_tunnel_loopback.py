@@ -457,6 +457,7 @@ def test_a_non_socket_endpoint_is_a_flow_client_through_tunnel_and_direct(
             writer.write(payload)
             writer.write_eof()
             got = await asyncio.wait_for(reader.read(), 30)
+            assert len(got) == len(payload) + 6
             assert hashlib.sha256(got).digest() == hashlib.sha256(b"hello " + payload).digest()
             await asyncio.wait_for(relay, 30)
             writer.close()

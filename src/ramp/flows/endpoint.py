@@ -72,6 +72,7 @@ class _MemoryTransport(asyncio.Transport):
         self._closing = False
         self._high, self._low = _HIGH, _LOW
         self._scheduled = False
+        self._close_pending = False
 
     # -- the writing side (called by our protocol, data goes to the peer) --------------------
 
@@ -128,6 +129,9 @@ class _MemoryTransport(asyncio.Transport):
                 continue
             self._queued -= len(item)
             self.protocol.data_received(item)
+        if self._close_pending and not self._queue:
+            self.close()
+            return
         if (
             self._writer_paused
             and self._queued <= self._low
@@ -165,8 +169,10 @@ class _MemoryTransport(asyncio.Transport):
             self.peer._loop.call_soon(self.peer._close_after_drain)
 
     def _close_after_drain(self) -> None:
-        if self._queue and not self._paused:
-            self._loop.call_soon(self._close_after_drain)
+        # the peer closed: deliver what it wrote first (however long our protocol pauses)
+        if self._queue:
+            self._close_pending = True
+            self._schedule()
             return
         self.close()
 
