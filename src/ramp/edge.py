@@ -88,6 +88,7 @@ class Edge:
             on_decision=lambda ok: m.policy_decisions.labels("allow" if ok else "deny").inc(),
             on_setup=m.flow_setup.observe,
             on_revoked=m.flows_revoked.inc,
+            on_open=self._opened,
         )
         self._groups = _invert_groups(config.groups)
 
@@ -306,6 +307,10 @@ class Edge:
     def flow_finished(self, flow: Flow) -> None:
         self.table.end(flow)
 
+    def _opened(self, flow: Flow) -> None:
+        if flow.kind is FlowKind.DATAGRAM and self.sessions is not None:
+            self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
+
     def _report(self, flow: Flow) -> None:
         m = self.metrics
         assert flow.result is not None
@@ -352,13 +357,15 @@ class Edge:
                 flow.resolved = RESOLVER_HOST
                 try:
                     self.table.admit(flow)
-                    return await tunnel.open_datagram(flow, route, receive, closed)
+                    session = await tunnel.open_datagram(flow, route, receive, closed)
                 except BaseException as e:
                     if isinstance(e, FlowError):
                         flow.fail(e.result, e.reason)
                     flow.fail(FlowResult.ERROR, "cancelled while opening")
                     self.table.end(flow)
                     raise
+                self._opened(flow)
+                return session
 
             client = TunnelDnsClient(
                 zone, open_udp, open_tcp, self.flow_finished, self.config.dns_timeout
