@@ -4,8 +4,8 @@ A hook file (or module) defines any of these functions, sync or async, at module
 the objects of a module-level `addons` list (the mitmproxy shape):
 
     flow_start(flow)                  -> Allow | Deny | None   (may annotate flow.annotations)
-    route(flow, candidates)           -> Route | None          (pick one of the candidates)
-    connect_request(flow, request)    -> Reply | None          (answer an HTTP proxy request)
+    route(flow, candidates)           -> Route | Deny | None   (pick one of the candidates)
+    connect_request(flow, request)    -> Reply | Deny | None   (answer an HTTP proxy request)
     flow_end(record)                  -> None                  (the final audit record, a dict)
 
 and optionally `setup(options)`, called once at load with the `options` of its config entry.
@@ -86,9 +86,12 @@ def _load_module(source: str, counter: int) -> ModuleType:
         except Exception as e:
             raise HookLoadError(f"hook file {source}: {type(e).__name__}: {e}") from e
         return module
+    # Only a module imported before (an earlier load) is reloaded: reloading a fresh import
+    # would run its top level, and so any state it sets up, twice.
+    loaded_before = source in sys.modules
     try:
         module = importlib.import_module(source)
-        return importlib.reload(module) if source in sys.modules else module
+        return importlib.reload(module) if loaded_before else module
     except Exception as e:
         raise HookLoadError(f"hook module {source}: {type(e).__name__}: {e}") from e
 
@@ -103,7 +106,12 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
     for spec in specs:
         _loads += 1
         module = _load_module(spec.source, _loads)
-        targets: list[Any] = list(getattr(module, "addons", None) or [module])
+        addons = getattr(module, "addons", None)
+        if addons is not None and not isinstance(addons, list | tuple):
+            raise HookLoadError(
+                f"hook {spec.source}: addons must be a list of objects, not {type(addons).__name__}"
+            )
+        targets: list[Any] = list(addons or [module])
         for i, target in enumerate(targets):
             name = Path(spec.source).stem if spec.source.endswith(".py") else spec.source
             if len(targets) > 1:
@@ -156,6 +164,7 @@ class Hooks:
         self._on_error = on_error
         self._on_slow = on_slow
         self._log = LogLimiter()
+        self._pending: set[asyncio.Task[Any]] = set()
         self._by_point: dict[str, list[LoadedHook]] = {
             p: [h for h in self.hooks if p in h.functions] for p in HOOK_POINTS
         }
@@ -173,23 +182,14 @@ class Hooks:
                     raise HookError(
                         hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
                     ) from None
-            started = time.perf_counter()
-            value = fn(*args)
+            value = self._call_sync(hook, point, fn, *args)
             if inspect.isawaitable(value):  # a sync function that returned a coroutine
-                value = await asyncio.wait_for(value, self.timeout)
-            elapsed = time.perf_counter() - started
-            if elapsed > self.timeout:
-                if self._on_slow is not None:
-                    self._on_slow(hook.name, point)
-                if self._log.allow((hook.name, point, "slow")):
-                    log.warning(
-                        "hook %s %s took %.0f ms, over its %.0f ms budget: sync hooks must "
-                        "not block (make it async)",
-                        hook.name,
-                        point,
-                        elapsed * 1000,
-                        self.timeout * 1000,
-                    )
+                try:
+                    value = await asyncio.wait_for(value, self.timeout)
+                except TimeoutError:
+                    raise HookError(
+                        hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
+                    ) from None
             return value
         except HookError:
             raise
@@ -197,6 +197,24 @@ class Hooks:
             raise
         except Exception as e:
             raise HookError(hook.name, point, "raised", f"{type(e).__name__}: {e}") from e
+
+    def _call_sync(self, hook: LoadedHook, point: str, fn: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        value = fn(*args)
+        elapsed = time.perf_counter() - started
+        if elapsed > self.timeout:
+            if self._on_slow is not None:
+                self._on_slow(hook.name, point)
+            if self._log.allow((hook.name, point, "slow")):
+                log.warning(
+                    "hook %s %s took %.0f ms, over its %.0f ms budget: sync hooks must "
+                    "not block (make it async)",
+                    hook.name,
+                    point,
+                    elapsed * 1000,
+                    self.timeout * 1000,
+                )
+        return value
 
     def _failed(self, e: HookError) -> None:
         if self._on_error is not None:
@@ -253,6 +271,12 @@ class Hooks:
                 return Deny(HOOK_ERROR, f"hook:{e.hook}")
             if isinstance(answer, Reply | Deny):
                 return answer
+            if answer is not None and not isinstance(answer, Allow):
+                # An answer the edge cannot send must not let the request through unchecked.
+                self._failed(
+                    HookError(hook.name, "connect_request", "raised", f"returned {answer!r}")
+                )
+                return Deny(HOOK_ERROR, f"hook:{hook.name}")
         return None
 
     def flow_end(self, record: dict[str, Any]) -> None:
@@ -260,19 +284,23 @@ class Hooks:
         if not hooks:
             return
         for hook in hooks:
-            if hook.is_async["flow_end"]:
-                task = asyncio.get_running_loop().create_task(
-                    self._call(hook, "flow_end", dict(record))
-                )
-                task.add_done_callback(self._flow_end_done)
-                continue
+            fn = hook.functions["flow_end"]
             try:
-                fn = hook.functions["flow_end"]
-                fn(dict(record))
+                if hook.is_async["flow_end"]:
+                    task = asyncio.get_running_loop().create_task(
+                        self._call(hook, "flow_end", dict(record))
+                    )
+                    # The loop keeps only weak references to tasks: without this one an
+                    # unfinished flow_end could be collected before it runs to its end.
+                    self._pending.add(task)
+                    task.add_done_callback(self._flow_end_done)
+                else:
+                    self._call_sync(hook, "flow_end", fn, dict(record))
             except Exception as e:
                 self._failed(HookError(hook.name, "flow_end", "raised", f"{type(e).__name__}: {e}"))
 
     def _flow_end_done(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
         if task.cancelled():
             return
         e = task.exception()
