@@ -130,6 +130,35 @@ def test_reloading_a_file_gives_fresh_state(tmp_path: Path) -> None:
     assert second.functions["flow_start"].__globals__["count"] == [0]
 
 
+def test_a_hook_file_may_define_dataclasses(tmp_path: Path) -> None:
+    # dataclasses look their module up in sys.modules while the class is made
+    body = """
+        from __future__ import annotations
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class Limit:
+            flows: int
+
+        LIMIT = Limit(3)
+
+        def flow_start(flow):
+            flow.annotations["limit"] = str(LIMIT.flows)
+        """
+    path = hook_file(tmp_path, "typed", body)
+    load_hooks([HookSpec(path)])
+    [hook] = load_hooks([HookSpec(path)])  # and again, as a reload does
+    f = a_flow()
+    assert run(Hooks([ALLOW_ALL, hook], 0.05).flow_start(f)).allowed
+    assert f.annotations == {"limit": "3"}
+    names = [
+        n
+        for n, m in sys.modules.items()
+        if n.startswith("ramp_user_hook_") and getattr(m, "__file__", None) == path
+    ]
+    assert len(names) == 1  # reloads do not pile up modules
+
+
 def test_addons_objects_are_hooks_of_their_own(tmp_path: Path) -> None:
     path = hook_file(
         tmp_path,

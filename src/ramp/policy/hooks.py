@@ -70,6 +70,9 @@ class LoadedHook:
     is_async: dict[str, bool]
 
 
+_file_modules: dict[Path, str] = {}  # hook file -> the sys.modules name of its newest load
+
+
 def _load_module(source: str, counter: int) -> ModuleType:
     path = Path(source)
     if source.endswith(".py") or path.is_file():
@@ -81,10 +84,20 @@ def _load_module(source: str, counter: int) -> ModuleType:
         if spec is None or spec.loader is None:
             raise HookLoadError(f"hook file {source} cannot be imported")
         module = importlib.util.module_from_spec(spec)
+        # Registered while it runs, as an import would be: dataclasses, typing and pickle look
+        # a class's module up in sys.modules, and fail without it.
+        sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as e:
+            del sys.modules[name]
             raise HookLoadError(f"hook file {source}: {type(e).__name__}: {e}") from e
+        # Only the newest load of a file stays registered; older ones live on while hooks
+        # loaded from them are still in use, then go.
+        previous = _file_modules.get(path.resolve())
+        if previous is not None:
+            sys.modules.pop(previous, None)
+        _file_modules[path.resolve()] = name
         return module
     # Only a module imported before (an earlier load) is reloaded: reloading a fresh import
     # would run its top level, and so any state it sets up, twice.
