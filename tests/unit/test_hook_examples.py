@@ -90,6 +90,7 @@ def test_every_example_says_what_it_does_and_how_to_configure_it(path: Path) -> 
     doc = ast.get_docstring(ast.parse(path.read_text()))
     assert doc is not None and len(doc.splitlines()) > 5
     assert "hooks:" in doc and f"examples/hooks/{path.name}" in doc
+    assert f"`{path.name}`" in (EXAMPLES.parents[1] / "docs" / "hooks.md").read_text()
 
 
 # -- concurrent_limit ------------------------------------------------------------------------

@@ -197,8 +197,17 @@ def test_addons_objects_are_hooks_of_their_own(tmp_path: Path) -> None:
         ("def flow_start(flow):\n    pass\n", {"x": 1}, "takes no options"),
         ("def setup(options):\n    pass\n", {}, "defines none of flow_start, route"),
         ("addons = object()\n", {}, "addons must be a list"),
+        ("import sys\nsys.exit('bye')\n", {}, "SystemExit: bye"),
     ],
-    ids=["syntax", "import", "setup-raises", "options-without-setup", "no-hooks", "bad-addons"],
+    ids=[
+        "syntax",
+        "import",
+        "setup-raises",
+        "options-without-setup",
+        "no-hooks",
+        "bad-addons",
+        "exit",
+    ],
 )
 def test_a_broken_hook_fails_to_load_with_a_clear_message(
     tmp_path: Path, body: str, options: dict[str, Any], message: str
@@ -275,6 +284,21 @@ def test_a_hook_that_raises_fails_closed(
         assert run(hooks.flow_start(a_flow())) == Decision(False, "hook:boom", "hook_error")
     assert rec.errors == [("boom", "flow_start", "raised")]
     assert "hook boom flow_start: raised: KeyError" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["def", "async def"])
+def test_a_hook_calling_sys_exit_fails_closed_and_the_edge_goes_on(
+    tmp_path: Path, rec: Recorder, kind: str
+) -> None:
+    body = f"import sys\n{kind} flow_start(flow):\n    sys.exit(3)\n"
+    hooks = runner(tmp_path, "quitter", body, rec)
+
+    async def twice() -> list[Decision]:
+        return [await hooks.flow_start(a_flow()), await hooks.flow_start(a_flow())]
+
+    failed = Decision(False, "hook:quitter", "hook_error")
+    assert run(twice()) == [failed, failed]
+    assert rec.errors == [("quitter", "flow_start", "raised")] * 2
 
 
 def test_failures_are_all_counted_but_logged_rate_limited(

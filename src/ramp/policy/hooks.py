@@ -49,6 +49,9 @@ __all__ = [
 
 HOOK_POINTS = ("flow_start", "route", "connect_request", "flow_end")
 HOOK_ERROR = "hook_error"
+# What a hook may raise without taking the edge down: a stray sys.exit() in a hook is a bug in
+# the hook, not a request to stop the process. KeyboardInterrupt stays the operator's.
+_HOOK_FAILURES = (Exception, SystemExit)
 
 
 class HookLoadError(Exception):
@@ -89,7 +92,7 @@ def _load_module(source: str, counter: int) -> ModuleType:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except _HOOK_FAILURES as e:
             del sys.modules[name]
             raise HookLoadError(f"hook file {source}: {type(e).__name__}: {e}") from e
         # Only the newest load of a file stays registered; older ones live on while hooks
@@ -105,7 +108,7 @@ def _load_module(source: str, counter: int) -> ModuleType:
     try:
         module = importlib.import_module(source)
         return importlib.reload(module) if loaded_before else module
-    except Exception as e:
+    except _HOOK_FAILURES as e:
         raise HookLoadError(f"hook module {source}: {type(e).__name__}: {e}") from e
 
 
@@ -133,7 +136,7 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
             if callable(setup):
                 try:
                     setup(dict(spec.options))
-                except Exception as e:
+                except _HOOK_FAILURES as e:
                     raise HookLoadError(
                         f"hook {name}: setup failed: {type(e).__name__}: {e}"
                     ) from e
@@ -152,6 +155,15 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
                 )
             )
     return loaded
+
+
+async def _contained(awaitable: Any) -> Any:
+    # wait_for runs the hook in a task of its own, and a task re-raises SystemExit into the
+    # event loop, which would stop the edge: turn it into an ordinary failure inside the task.
+    try:
+        return await awaitable
+    except SystemExit as e:
+        raise RuntimeError(f"hook called sys.exit({e.code!r})") from e
 
 
 class HookError(Exception):
@@ -190,7 +202,7 @@ class Hooks:
         try:
             if hook.is_async[point]:
                 try:
-                    return await asyncio.wait_for(fn(*args), self.timeout)
+                    return await asyncio.wait_for(_contained(fn(*args)), self.timeout)
                 except TimeoutError:
                     raise HookError(
                         hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
@@ -198,7 +210,7 @@ class Hooks:
             value = self._call_sync(hook, point, fn, *args)
             if inspect.isawaitable(value):  # a sync function that returned a coroutine
                 try:
-                    value = await asyncio.wait_for(value, self.timeout)
+                    value = await asyncio.wait_for(_contained(value), self.timeout)
                 except TimeoutError:
                     raise HookError(
                         hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
@@ -208,7 +220,7 @@ class Hooks:
             raise
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except _HOOK_FAILURES as e:
             raise HookError(hook.name, point, "raised", f"{type(e).__name__}: {e}") from e
 
     def _call_sync(self, hook: LoadedHook, point: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -309,7 +321,7 @@ class Hooks:
                     task.add_done_callback(self._flow_end_done)
                 else:
                     self._call_sync(hook, "flow_end", fn, dict(record))
-            except Exception as e:
+            except _HOOK_FAILURES as e:
                 self._failed(HookError(hook.name, "flow_end", "raised", f"{type(e).__name__}: {e}"))
 
     def _flow_end_done(self, task: asyncio.Task[Any]) -> None:
