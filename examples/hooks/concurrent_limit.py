@@ -1,9 +1,11 @@
 """Limit how many flows each identity may have open at once.
 
-A flow is counted when it starts (`flow_start`) and released when it ends (`flow_end`, matched
-on the flow id). Authenticated flows are counted per identity; anonymous ones (no proxy
-credentials configured) per source IP address, so one noisy client cannot use up the edge. A
-flow over the limit is denied with a reason that names the limit, e.g.
+A flow is one TCP connection, HTTP request or UDP session (SOCKS5 UDP has one per
+destination). It is counted when it starts (`flow_start`) and released when it ends
+(`flow_end`, matched on the flow id). Authenticated flows are counted per identity;
+anonymous ones (no proxy credentials configured) per source IP address, so one noisy client
+cannot use up the edge. A flow over the limit is denied with a reason that names the limit,
+e.g.
 
     denied by hook:concurrent_limit: alice has 10 flows open, the limit is 10
 
