@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime as dt
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from ramp.policy.hooks import (
     Reply,
     load_hooks,
 )
+from ramp.policy.router import RouteEntry, Router, VnetRoutes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "hooks"
 
@@ -85,8 +88,6 @@ def start(hooks: Hooks, f: Flow) -> Decision:
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
 def test_every_example_says_what_it_does_and_how_to_configure_it(path: Path) -> None:
-    import ast
-
     doc = ast.get_docstring(ast.parse(path.read_text()))
     assert doc is not None and len(doc.splitlines()) > 5
     assert "hooks:" in doc and f"examples/hooks/{path.name}" in doc
@@ -424,3 +425,25 @@ def test_http_guard_keeps_connect_to_the_listed_ports() -> None:
 def test_http_guard_refuses_bad_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(HookLoadError, match=message):
         example("http_guard", **options)
+
+
+def test_pin_replica_with_the_routers_own_candidates() -> None:
+    async def resolve(host: str, port: int) -> str:
+        return "10.1.2.3"
+
+    connected = [DB, WEB]
+    r = Router(resolve, replicas=lambda tunnel_id: list(connected))
+    r.tables = VnetRoutes(
+        [RouteEntry(ipaddress.ip_network("10.0.0.0/8"), "t1", "corp", "default")]
+    ).tables
+    hooks = example("pin_replica", rules=[{"host": "orders.db.corp.example", "replica": DB}])
+
+    async def routed() -> Route | Deny:
+        f = flow(host="orders.db.corp.example")
+        return await hooks.route(f, await r.candidates(f, "default", replicas=hooks.has("route")))
+
+    chosen = asyncio.run(routed())
+    assert isinstance(chosen, Route) and (chosen.tunnel_name, chosen.replica) == ("corp", DB)
+    connected.remove(DB)
+    chosen = asyncio.run(routed())
+    assert isinstance(chosen, Route) and (chosen.tunnel_name, chosen.replica) == ("corp", None)
