@@ -509,6 +509,23 @@ def test_flow_end_errors_are_counted_and_do_not_stop_other_hooks(
     assert seen == [RECORD]
 
 
+def test_each_flow_end_hook_gets_its_own_record(tmp_path: Path, rec: Recorder) -> None:
+    body = """
+        def flow_end(record):
+            record["annotations"]["seen"] = "yes"
+            record["result"] = "changed"
+        """
+    [meddler] = load_hooks([HookSpec(hook_file(tmp_path, "meddler", body))])
+    seen: list[dict[str, Any]] = []
+    collector = _LoadedHook("collect", {"flow_end": seen.append}, {"flow_end": False})
+    hooks = Hooks([ALLOW_ALL, meddler, collector], 0.05, on_error=rec.on_error)
+    record = {**RECORD, "annotations": {"team": "db"}}
+    hooks.flow_end(record)
+    assert seen == [{**RECORD, "annotations": {"team": "db"}}]
+    assert record == {**RECORD, "annotations": {"team": "db"}}
+    assert rec.errors == []
+
+
 def test_async_flow_end_runs_and_its_errors_are_counted(tmp_path: Path, rec: Recorder) -> None:
     body = """
         import asyncio

@@ -157,6 +157,12 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
     return loaded
 
 
+def _copy(record: dict[str, Any]) -> dict[str, Any]:
+    # Each flow_end hook gets its own record, nested annotations included, so one hook's
+    # changes never show in what the next one sees.
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in record.items()}
+
+
 async def _contained(awaitable: Any) -> Any:
     # wait_for runs the hook in a task of its own, and a task re-raises SystemExit into the
     # event loop, which would stop the edge: turn it into an ordinary failure inside the task.
@@ -313,14 +319,14 @@ class Hooks:
             try:
                 if hook.is_async["flow_end"]:
                     task = asyncio.get_running_loop().create_task(
-                        self._call(hook, "flow_end", dict(record))
+                        self._call(hook, "flow_end", _copy(record))
                     )
                     # The loop keeps only weak references to tasks: without this one an
                     # unfinished flow_end could be collected before it runs to its end.
                     self._pending.add(task)
                     task.add_done_callback(self._flow_end_done)
                 else:
-                    self._call_sync(hook, "flow_end", fn, dict(record))
+                    self._call_sync(hook, "flow_end", fn, _copy(record))
             except _HOOK_FAILURES as e:
                 self._failed(HookError(hook.name, "flow_end", "raised", f"{type(e).__name__}: {e}"))
 
