@@ -399,7 +399,7 @@ def test_http_guard_answers_its_health_url_itself() -> None:
 def test_http_guard_blocks_smtp_ports_by_default() -> None:
     hooks = example("http_guard")
     assert connect(hooks, "CONNECT", "mail.example:25", "mail.example", 25) == Deny(
-        "port 25 is blocked on this proxy"
+        "port 25 is blocked on this proxy", "hook:http_guard"
     )
     assert connect(hooks, "CONNECT", "mail.example:443", "mail.example", 443) is None
 
@@ -407,7 +407,7 @@ def test_http_guard_blocks_smtp_ports_by_default() -> None:
 def test_http_guard_keeps_connect_to_the_listed_ports() -> None:
     hooks = example("http_guard", connect_ports=[443], health_url=None, blocked_ports=[])
     assert connect(hooks, "CONNECT", "db.corp:5432", "db.corp", 5432) == Deny(
-        "CONNECT to port 5432 is not allowed (only to 443)"
+        "CONNECT to port 5432 is not allowed (only to 443)", "hook:http_guard"
     )
     assert connect(hooks, "CONNECT", "db.corp:443", "db.corp", 443) is None
     assert connect(hooks, "GET", "http://db.corp:5432/", "db.corp", 5432) is None  # not CONNECT

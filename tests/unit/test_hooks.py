@@ -465,7 +465,7 @@ def test_a_connect_request_hook_may_answer_or_deny(tmp_path: Path, rec: Recorder
             return Reply(200, "ok", (("X-Edge", "yes"),))
         """
     hooks = runner(tmp_path, "guard", body, rec)
-    assert run(hooks.connect_request(a_flow(), REQUEST)) == Deny("no SMTP")
+    assert run(hooks.connect_request(a_flow(), REQUEST)) == Deny("no SMTP", "hook:guard")
     other = ProxyRequest("GET", "http://edge.internal/health", ())
     assert run(hooks.connect_request(a_flow(), other)) == Reply(200, "ok", (("X-Edge", "yes"),))
 
