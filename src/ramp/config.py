@@ -142,6 +142,9 @@ class EdgeConfig(_Base):
     udp_idle_timeout: float = Field(
         210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
     )
+    max_udp_sessions: int = Field(
+        4096, gt=0, description="Concurrent UDP sessions; past it new ones are refused."
+    )
 
     _v_listen = field_validator(
         "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"

@@ -8,86 +8,15 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ramp.config import ConnectorConfig, EdgeConfig
+from ramp.config import ConnectorConfig
 from ramp.connector import Connector
-from ramp.edge import Edge
 from ramp.store.db import Store
+from ramp.testing.loopback import make_token, run, tunnel
 from ramp.tunnel.token import Token
-
-
-@dataclass
-class Tunnel:
-    edge: Edge
-    connector: Connector
-    socks_port: int
-    stop: asyncio.Event
-    task: asyncio.Task[int]
-    data_dir: Path
-
-
-def make_token(data_dir: Path, name: str, edge_port: int) -> str:
-    with Store(data_dir) as store:
-        t = store.get_tunnel(name) or store.create_tunnel(name)
-        fp = store.edge_identity().ca_fingerprint
-        return Token(t.id, store.tunnel_secret(t.id), [f"127.0.0.1:{edge_port}"], fp).encode()
-
-
-@asynccontextmanager
-async def tunnel(
-    tmp_path: Path,
-    ha: int = 2,
-    connector_kw: dict[str, object] | None = None,
-    **edge_kw: object,
-) -> AsyncIterator[Tunnel]:
-    with Store(tmp_path) as store:
-        if store.get_tunnel("corp") is None:
-            store.create_tunnel("corp")
-        store.add_route("127.0.0.0/8", "corp")
-    edge = Edge(
-        EdgeConfig(
-            data_dir=tmp_path,
-            tunnel_listen="127.0.0.1:0",
-            socks5_listen="127.0.0.1:0",
-            http_listen="off",
-            metrics_listen="off",
-            audit_log=str(tmp_path / "audit.log"),
-            **edge_kw,  # type: ignore[arg-type]
-        )
-    )
-    await edge.start()
-    assert edge.tunnels is not None
-    token = make_token(tmp_path, "corp", edge.tunnels.port)
-    connector = Connector(
-        ConnectorConfig(
-            data_dir=tmp_path,
-            token=token,
-            ha_connections=ha,
-            metrics_listen="off",
-            **(connector_kw or {}),  # type: ignore[arg-type]
-        ),
-        Token.decode(token),
-    )
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(connector.run(stop))
-    for _ in range(200):
-        if edge.ready()[0] and len(connector.client.live) == ha:
-            break
-        await asyncio.sleep(0.02)
-    assert edge.ready()[0], "connector did not register"
-    try:
-        yield Tunnel(edge, connector, edge.onramps[0].port, stop, task, tmp_path)
-    finally:
-        stop.set()
-        connector.config.grace_period = 0
-        await asyncio.wait_for(task, 10)
-        await edge.close()
 
 
 async def socks_connect(
@@ -112,10 +41,6 @@ async def echo_server() -> tuple[asyncio.Server, int]:
 
     srv = await asyncio.start_server(echo, "127.0.0.1", 0)
     return srv, srv.sockets[0].getsockname()[1]
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def test_bulk_transfer_and_echo(tmp_path: Path) -> None:

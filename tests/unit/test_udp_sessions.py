@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from test_tunnel_loopback import run, tunnel
 
 from ramp.flows.flow import Destination, Flow, FlowError
-from ramp.net.sockopts import set_buffers
 from ramp.store.db import Store
+from ramp.testing.loopback import run, tunnel, udp_echo_origin
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions
 from ramp.wire.tunnel import (
@@ -23,23 +21,6 @@ from ramp.wire.tunnel import (
     parse_datagram,
     payload_prefix,
 )
-
-
-class Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
-
-
-async def echo_server() -> tuple[asyncio.DatagramTransport, int]:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    set_buffers(sock, 4 * 1024 * 1024)  # the burst below must not overflow the origin
-    transport, _ = await loop.create_datagram_endpoint(Echo, sock=sock)
-    return transport, transport.get_extra_info("sockname")[1]
 
 
 def udp_flow(port: int) -> Flow:
@@ -62,7 +43,7 @@ def test_echo_small_and_large_datagrams(tmp_path: Path) -> None:
     """Sizes up to 65,507 bytes arrive intact: big ones take the stream fallback."""
 
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path) as t:
             session, got, _ = await open_session(t.edge, port)
             sizes = [1, 2, 100, 1000, 1150, 1200, 1400, 1472, 1500, 4000, 9000, 30000, 65507]
@@ -84,7 +65,7 @@ def test_echo_small_and_large_datagrams(tmp_path: Path) -> None:
 
 def test_idle_timeout_closes_both_sides_and_reopens(tmp_path: Path) -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, udp_idle_timeout=1.0) as t:
             t.connector.client.sessions.idle_timeout = 1.0  # type: ignore[union-attr]
             session, got, closed = await open_session(t.edge, port)
@@ -104,7 +85,7 @@ def test_idle_timeout_closes_both_sides_and_reopens(tmp_path: Path) -> None:
 
 def test_session_moves_when_its_connection_dies(tmp_path: Path) -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, ha=2) as t:
             session, got, closed = await open_session(t.edge, port)
             session.send(b"one")
@@ -158,7 +139,7 @@ class FakeConn:
 
 def test_connector_answers_repeats_once_and_enforces_its_limit() -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         ends = []
         drops: list[str] = []
         bad: list[str] = []
@@ -208,7 +189,7 @@ def test_direct_udp_egress(tmp_path: Path) -> None:
     """With direct egress on, a destination outside every route is reached by the edge."""
 
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, allow_direct_egress=True) as t:
             with Store(tmp_path) as store:
                 store.delete_route("127.0.0.0/8")
@@ -226,7 +207,7 @@ def test_direct_udp_egress(tmp_path: Path) -> None:
 
 def test_malformed_and_unknown_datagrams_at_the_edge_are_counted(tmp_path: Path) -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, ha=1) as t:
             session, got, _ = await open_session(t.edge, port)
             conn = next(iter(t.connector.client.live))
