@@ -39,6 +39,30 @@ async def until(
         await asyncio.sleep(interval)
 
 
+async def settled(
+    value: Callable[[], object],
+    quiet: float = 0.5,
+    timeout: float = DEADLINE,
+    *,
+    interval: float = 0.02,
+    what: str = "value",
+) -> None:
+    """Wait until `value()` has not changed for `quiet` seconds (a transfer held back by
+    flow control, a counter that stopped moving). On a loaded machine this waits longer,
+    never shorter: progress resets the quiet period."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = value()
+    since = loop.time()
+    while loop.time() - since < quiet:
+        if loop.time() >= deadline:
+            raise TimeoutError(f"gave up after {timeout} s waiting for {what} to settle")
+        await asyncio.sleep(interval)
+        now = value()
+        if now != last:
+            last, since = now, loop.time()
+
+
 async def stays(
     predicate: Callable[[], object],
     period: float,
