@@ -61,21 +61,3 @@ async def settled(
         now = value()
         if now != last:
             last, since = now, loop.time()
-
-
-async def stays(
-    predicate: Callable[[], object],
-    period: float,
-    *,
-    interval: float = 0.01,
-    what: str = "condition",
-) -> None:
-    """Assert `predicate` holds throughout `period` seconds (for "nothing happens" checks,
-    where a wait on an event cannot work: the event is that no event comes)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + period
-    while True:
-        assert predicate(), f"{what} stopped holding"
-        if loop.time() >= end:
-            return
-        await asyncio.sleep(interval)
