@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 # boundaries, all ones.
 _INTERESTING_8 = (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x3F, 0x40, 0x7F, 0x80, 0xC0, 0xFE, 0xFF)
 _INTERESTING_16 = (0x0000, 0x0001, 0x00FF, 0x0100, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF)
+HEAD = 24  # bytes at the front that hold most codecs' type and length fields
 _KINDS = ("flip", "set", "set16", "truncate", "insert", "delete", "duplicate")
 
 
@@ -27,7 +28,8 @@ def _mutate(draw: st.DrawFn, valid: st.SearchStrategy[bytes], max_mutations: int
             at = draw(st.integers(0, n))
             data[at:at] = draw(st.binary(min_size=1, max_size=8))
             continue
-        at = draw(st.integers(0, n - 1))
+        # Headers, with their type and length fields, sit at the front: aim there half the time.
+        at = draw(st.integers(0, min(n, HEAD) - 1) | st.integers(0, n - 1))
         if kind == "flip":
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif kind == "set":
