@@ -9,7 +9,9 @@ Prints, as JSON, the median and the slowest of N rounds (seconds) for:
   edge, no dial;
 - a closed origin port (the same three ways): one round trip through the tunnel to the RST;
 - a blackholed origin: should take the connector's --connect-timeout (2 s here), no more;
-- kill -9 of the connector, then a new one: until a flow through the new one works.
+- kill -9 of the connector, then a new one: until a flow through the new one works;
+- kill -9 of the connector carrying a UDP session, with a second replica running: until the
+  session's echo comes back through the survivor.
 
 Needs root (network namespaces). Traffic stays inside the lab's namespaces.
 """
@@ -18,13 +20,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ramp.testing.lab import BLACKHOLE, CLOSED_PORT, HTTP_PORT, ORIGIN, OUTSIDE, Lab, wait_until
+from ramp.testing.clients import socks5_udp_associate, udp_unwrap, udp_wrap
+from ramp.testing.lab import (
+    BLACKHOLE,
+    CLIENT_ADDR,
+    CLOSED_PORT,
+    HTTP_PORT,
+    ORIGIN,
+    OUTSIDE,
+    UDP_ECHO_PORT,
+    Lab,
+    wait_until,
+)
 
 CONNECT_TIMEOUT = "2"
 
@@ -59,6 +74,39 @@ def _flow_works(lab: Lab) -> bool:
     return code == 0
 
 
+def _udp_ping(udp: socket.socket, timeout: float) -> bool:
+    data = os.urandom(32)
+    udp.send(udp_wrap(ORIGIN, UDP_ECHO_PORT, data))
+    udp.settimeout(timeout)
+    try:
+        while True:
+            if udp_unwrap(udp.recv(70000))[2] == data:
+                return True
+    except (TimeoutError, ConnectionRefusedError):
+        return False
+
+
+def _udp_session_move(lab: Lab) -> float:
+    """Seconds from killing the connector that carries a UDP session to the next echo."""
+    earlier = set(lab.udp_owners(UDP_ECHO_PORT))  # sessions of earlier rounds, still open
+    ctrl = lab.connect_socks(10)
+    udp = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp.bind((CLIENT_ADDR, 0))
+        udp.connect(socks5_udp_associate(ctrl, *udp.getsockname()))
+        wait_until(lambda: _udp_ping(udp, 1.0), 60, what="a first UDP echo")
+        by_pid = {pid: c for c in lab.connectors for pid in c.group_pids()}
+        ours = [pid for port, pid in lab.udp_owners(UDP_ECHO_PORT).items() if port not in earlier]
+        carrier = by_pid[ours[0]]
+        carrier.kill()
+        killed = time.monotonic()
+        wait_until(lambda: _udp_ping(udp, 0.2), 60, interval=0.0, what="the echo to resume")
+        return time.monotonic() - killed
+    finally:
+        udp.close()
+        ctrl.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20, help="rounds per measurement")
@@ -90,6 +138,16 @@ def main() -> int:
             wait_until(lambda: _flow_works(lab), 60, what="a flow through the new connector")
 
         results["kill_9_then_new_connector"] = _timed(restart, min(args.rounds, 3))
+
+        moves = []
+        for _ in range(min(args.rounds, 3)):
+            while len([c for c in lab.connectors if c.alive()]) < 2:
+                lab.start_connector(lab.tokens["corp"], "--connect-timeout", CONNECT_TIMEOUT)
+            moves.append(_udp_session_move(lab))
+        results["udp_session_moves_after_kill_9"] = {
+            "median_s": round(statistics.median(moves), 4),
+            "max_s": round(max(moves), 4),
+        }
     print(json.dumps(results, indent=2))
     return 0
 
