@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +19,15 @@ import dns.rdatatype
 import dns.rrset
 import dns.tsigkeyring
 import pytest
-import uvloop
 
 from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.onramps.dns import DnsServer
+from ramp.testing.loopback import run_on_loop as run
 from ramp.testing.wait import until
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
 CORP = dns.name.from_text("corp.example")
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
 
 
 def a_records(name: dns.name.Name, n: int, first: str = "10.0.") -> dns.rrset.RRset:

@@ -9,30 +9,20 @@ import hashlib
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvloop
 
 from ramp.config import EdgeConfig
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.socks5 import Socks5Server
 from ramp.onramps.tcp_listener import TcpOnRamp
+from ramp.testing.loopback import LOOPS
+from ramp.testing.loopback import run_on_loop as run
 from ramp.wire import socks5
 from ramp.wire.socks5 import Command, Method, Rep
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
-
 
 # -- fakes ----------------------------------------------------------------------------------
 

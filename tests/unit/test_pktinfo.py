@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from ramp.net.pktinfo import PktinfoEndpoint
+from ramp.testing.loopback import run_on_loop as run
 from ramp.testing.wait import until
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
 
 
 class Echo:

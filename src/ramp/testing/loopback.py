@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import uvloop
 
 from ramp.config import ConnectorConfig, EdgeConfig
 from ramp.connector import Connector
@@ -94,6 +96,23 @@ async def tunnel(
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, RUN_DEADLINE))
+
+
+# Both event loops ramp runs on: tests of socket code run on each.
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
+    "asyncio": None,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run_on_loop(fn: Callable[[], Awaitable[T]], loop: str = "asyncio") -> T:
+    """`await fn()` on a fresh event loop of kind `loop` (a key of LOOPS)."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(fn(), RUN_DEADLINE)
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(bounded())
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
