@@ -127,6 +127,7 @@ class Edge:
         self.sessions = EdgeSessions(
             self.tunnels,
             idle_timeout=self.config.udp_idle_timeout,
+            limit=self.config.max_udp_sessions,
             on_finished=self.flow_finished,
             metrics_datagram=m.count_datagram,
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),

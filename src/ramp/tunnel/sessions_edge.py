@@ -224,6 +224,7 @@ class EdgeSessions:
         tunnels: TunnelEdge,
         *,
         idle_timeout: float,
+        limit: int = 4096,
         on_finished: Callable[[Flow], None],
         metrics_datagram: Callable[[str, int], None],
         metrics_drop: Callable[[str], None],
@@ -231,6 +232,10 @@ class EdgeSessions:
     ) -> None:
         self.tunnels = tunnels
         self.idle_timeout = idle_timeout
+        self.limit = limit
+        # Direct sessions are in `sessions` only once their socket is open; until then they
+        # hold a slot here, so concurrent opens cannot overshoot the limit.
+        self._opening_direct = 0
         self._on_finished = on_finished
         self.metrics_datagram = metrics_datagram
         self.metrics_drop = metrics_drop
@@ -243,6 +248,11 @@ class EdgeSessions:
     def now(self) -> float:
         return self._loop.time()
 
+    def _check_limit(self) -> None:
+        if len(self.sessions) + self._opening_direct >= self.limit:
+            self.metrics_drop("too_many_sessions")
+            raise FlowError(FlowResult.ERROR, f"edge at its limit of {self.limit} UDP sessions")
+
     async def open(
         self,
         flow: Flow,
@@ -252,6 +262,7 @@ class EdgeSessions:
         closed: Callable[[str], None],
         timeout: float,
     ) -> EdgeSession:
+        self._check_limit()
         session = EdgeSession(self, next(self._ids), flow, tunnel_id, host, receive, closed)
         self.sessions[session.id] = session
         try:
@@ -269,10 +280,15 @@ class EdgeSessions:
         receive: Callable[[bytes], None],
         closed: Callable[[str], None],
     ) -> DirectSession:
+        self._check_limit()
         session = DirectSession(self, next(self._ids), flow, receive, closed)
-        session.origin = await open_udp_origin(
-            ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
-        )
+        self._opening_direct += 1
+        try:
+            session.origin = await open_udp_origin(
+                ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
+            )
+        finally:
+            self._opening_direct -= 1
         self.sessions[session.id] = session
         return session
 
