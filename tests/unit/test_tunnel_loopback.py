@@ -262,7 +262,7 @@ def test_flows_spread_over_connections_and_survive_loss(tmp_path: Path) -> None:
             assert all(c.bridges for c in conns), "flows should use every connection"
             victim = conns[0]
             victim_streams = set(victim.bridges)
-            victim._quic.close(error_code=0, reason_phrase="test kill")
+            victim.quic.close(error_code=0, reason_phrase="test kill")
             victim.transmit()
             await asyncio.sleep(0.3)
             broken = 0

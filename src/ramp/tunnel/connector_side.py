@@ -126,7 +126,7 @@ class ConnectorConnection(endpoint.TunnelConnection):
         self.index = index
         self.control: ControlStream | None = None
         self.bridges: dict[int, StreamBridge] = {}
-        self.registered: asyncio.Future[Registered] = self._loop.create_future()
+        self.registered: asyncio.Future[Registered] = self.loop.create_future()
         # nobody awaits it when a dial is abandoned during shutdown: mark it retrieved
         self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.flow_tasks: set[asyncio.Task[None]] = set()
@@ -363,7 +363,7 @@ class TunnelClient:
             )
         assert isinstance(conn, ConnectorConnection)
         try:
-            check_pin(conn._quic, self.ca_fingerprint)
+            check_pin(conn.quic, self.ca_fingerprint)
             conn.start_registration(
                 Register(
                     tunnel_id=self.tunnel_id,

@@ -68,7 +68,7 @@ class EdgeConnection(endpoint.TunnelConnection):
             self.edge.refused(self, "bad_request", f"ALPN {alpn!r} is not {ALPN}")
             self.close_with(CloseCode.PROTOCOL_ERROR, "unsupported ALPN")
             return
-        self._reg_timer = self._loop.call_later(REGISTRATION_TIMEOUT, self._registration_timeout)
+        self._reg_timer = self.loop.call_later(REGISTRATION_TIMEOUT, self._registration_timeout)
 
     def _registration_timeout(self) -> None:
         if not self.registered and not self.closed:
@@ -113,7 +113,7 @@ class EdgeConnection(endpoint.TunnelConnection):
             self.edge.refused(self, verdict.error.name.lower(), verdict.message)
             self.control.send(RegisterRefused(verdict.error, verdict.message))
             # give the refusal a moment to leave before the CONNECTION_CLOSE
-            self._loop.call_later(
+            self.loop.call_later(
                 0.2, self.close_with, CloseCode.REGISTRATION_REFUSED, verdict.error.name.lower()
             )
             return
@@ -259,7 +259,7 @@ class TunnelEdge:
             for conn in list(entry.conns):
                 conn.close_with(CloseCode.SHUTDOWN, "edge shutting down")
         if self.server is not None:
-            for proto in set(self.server._protocols.values()):
+            for proto in self.server.all_protocols():
                 proto.close()
         if self.transport is not None:
             self.transport.close()
