@@ -24,8 +24,8 @@ from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
+from ramp.tunnel.interfaces import ConnectorDatagramSink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
-from ramp.tunnel.sessions_connector import ConnectorSessions
 from ramp.wire.tunnel import (
     ALPN,
     CloseCode,
@@ -286,7 +286,7 @@ class TunnelClient:
         self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._supervisors: list[asyncio.Task[None]] = []
         self.active_flows = 0
-        self.sessions: ConnectorSessions | None = None  # UDP sessions, set by the connector
+        self.sessions: ConnectorDatagramSink | None = None  # UDP sessions, set by the connector
         self.resolver: Resolver | None = None
 
     def start(self) -> None:

@@ -17,6 +17,7 @@ from qh3.quic.connection import QuicConnection
 from ramp.quic import endpoint
 from ramp.tunnel.bridge import StreamBridge
 from ramp.tunnel.control import ControlStream, route_window
+from ramp.tunnel.interfaces import STALE_AFTER, EdgeDatagramSink
 from ramp.wire.tunnel import (
     ALPN,
     PROTOCOL_VERSION,
@@ -33,9 +34,6 @@ from ramp.wire.tunnel import (
 log = logging.getLogger("ramp.edge.tunnel")
 
 REGISTRATION_TIMEOUT = 10.0
-# A connection we heard nothing from for this long is passed over when a flow picks one:
-# connectors ping every second, so silence this long means it is probably gone.
-STALE_AFTER = 2.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +189,7 @@ class TunnelEdge:
         self.tunnels: dict[str, _TunnelConns] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.server: endpoint.TunnelServer | None = None
-        self.sessions: Any = None  # EdgeSessions, set by the edge once started
+        self.sessions: EdgeDatagramSink | None = None  # EdgeSessions, set by the edge
 
     async def start(self, host: str, port: int) -> None:
         self.transport, self.server = await endpoint.serve(
@@ -278,4 +276,11 @@ def server_configuration(
     return config
 
 
-__all__ = ["PROTOCOL_VERSION", "EdgeConnection", "TunnelEdge", "Verdict", "server_configuration"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "STALE_AFTER",
+    "EdgeConnection",
+    "TunnelEdge",
+    "Verdict",
+    "server_configuration",
+]

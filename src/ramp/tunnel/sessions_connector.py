@@ -8,10 +8,10 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
+from ramp.tunnel.interfaces import ConnectorLink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
 from ramp.wire.tunnel import (
     ProtocolError,
@@ -25,9 +25,6 @@ from ramp.wire.tunnel import (
     parse_datagram,
     payload_prefix,
 )
-
-if TYPE_CHECKING:
-    from ramp.tunnel.connector_side import ConnectorConnection
 
 log = logging.getLogger("ramp.connector.udp")
 
@@ -56,7 +53,7 @@ class ConnectorSession:
         self,
         manager: ConnectorSessions,
         key: tuple[str, int],
-        conn: ConnectorConnection,
+        conn: ConnectorLink,
         register: SessionRegister,
         idle_timeout: float,
     ) -> None:
@@ -116,7 +113,7 @@ class ConnectorSessions:
         self._metrics_active = metrics_active
         self._bad_input = bad_input
         self.sessions: dict[tuple[str, int], ConnectorSession] = {}
-        self.opening: dict[tuple[str, int], ConnectorConnection] = {}
+        self.opening: dict[tuple[str, int], ConnectorLink] = {}
         self.draining = False
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -125,7 +122,7 @@ class ConnectorSessions:
     def now(self) -> float:
         return self._loop.time()
 
-    def datagram(self, conn: ConnectorConnection, data: bytes) -> None:
+    def datagram(self, conn: ConnectorLink, data: bytes) -> None:
         try:
             msg = parse_datagram(data)
         except ProtocolError as e:
@@ -148,9 +145,7 @@ class ConnectorSessions:
         else:
             self._bad_input(f"unexpected {type(msg).__name__} from the edge")
 
-    def _on_register(
-        self, conn: ConnectorConnection, key: tuple[str, int], msg: SessionRegister
-    ) -> None:
+    def _on_register(self, conn: ConnectorLink, key: tuple[str, int], msg: SessionRegister) -> None:
         session = self.sessions.get(key)
         if session is not None:
             # a repeat (our answer was lost) or a move to another connection: answer again
@@ -175,7 +170,7 @@ class ConnectorSessions:
         task.add_done_callback(self._tasks.discard)
 
     def _refuse(
-        self, conn: ConnectorConnection, msg: SessionRegister, code: SessionError, why: str
+        self, conn: ConnectorLink, msg: SessionRegister, code: SessionError, why: str
     ) -> None:
         conn.send_datagram(encode_session_control(SessionRefused(msg.session_id, code, why)))
 

@@ -9,11 +9,10 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
-from ramp.tunnel.edge_side import STALE_AFTER
+from ramp.tunnel.interfaces import STALE_AFTER, EdgeLink, LinkDirectory
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
@@ -26,9 +25,6 @@ from ramp.wire.tunnel import (
     parse_datagram,
     payload_prefix,
 )
-
-if TYPE_CHECKING:
-    from ramp.tunnel.edge_side import EdgeConnection, TunnelEdge
 
 log = logging.getLogger("ramp.edge.udp")
 
@@ -49,7 +45,7 @@ class _Session:
     """What every edge UDP session shares: counting, delivery to the on-ramp, and ending
     exactly once with the flow reported."""
 
-    conn: EdgeConnection | None = None
+    conn: EdgeLink | None = None
 
     def __init__(
         self,
@@ -150,7 +146,7 @@ class EdgeSession(_Session):
         result = FlowResult.OK if reason != SessionCloseReason.ERROR else FlowResult.ERROR
         self._finish(result, f"closed by connector ({reason.name.lower()})", notify_peer=None)
 
-    def attach(self, conn: EdgeConnection) -> None:
+    def attach(self, conn: EdgeLink) -> None:
         self.conn = conn
         self.registered = True
         pending, self.pending = self.pending, deque()
@@ -221,7 +217,7 @@ class EdgeSessions:
 
     def __init__(
         self,
-        tunnels: TunnelEdge,
+        tunnels: LinkDirectory,
         *,
         idle_timeout: float,
         on_finished: Callable[[Flow], None],
@@ -313,7 +309,7 @@ class EdgeSessions:
                     conn.sessions.pop(session.id, None)
         raise FlowError(FlowResult.TIMEOUT, "the connector did not answer the UDP session")
 
-    def connection_datagram(self, conn: EdgeConnection, data: bytes) -> None:
+    def connection_datagram(self, conn: EdgeLink, data: bytes) -> None:
         """A tunnel datagram arrived on `conn`."""
         try:
             msg = parse_datagram(data)
@@ -340,7 +336,7 @@ class EdgeSessions:
         else:
             self._bad_input("unexpected SESSION_REGISTER from a connector")
 
-    def connection_lost(self, conn: EdgeConnection) -> None:
+    def connection_lost(self, conn: EdgeLink) -> None:
         sessions = list(conn.sessions.values())
         conn.sessions.clear()
         for s in sessions:
