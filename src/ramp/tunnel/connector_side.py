@@ -22,8 +22,10 @@ from ramp import __version__
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
+from ramp.tunnel import control_state as cs
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
+from ramp.tunnel.control_state import ConnectorControl
 from ramp.tunnel.interfaces import ConnectorDatagramSink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
 from ramp.wire.tunnel import (
@@ -32,16 +34,12 @@ from ramp.wire.tunnel import (
     ConnectCode,
     ConnectResult,
     ConnectTcp,
-    Frame,
     FrameDecoder,
     ProtocolError,
     Register,
     Registered,
     RegisterError,
-    RegisterRefused,
     StreamError,
-    Unregister,
-    Window,
     encode_frame,
 )
 
@@ -120,10 +118,13 @@ def client_configuration(idle_timeout: float) -> QuicConfiguration:
 
 
 class ConnectorConnection(endpoint.TunnelConnection):
+    """One connection to an edge: the I/O face of a ConnectorControl machine."""
+
     def __init__(self, quic: QuicConnection, *, owner: TunnelClient, index: int) -> None:
         super().__init__(quic)
         self.owner = owner
         self.index = index
+        self.machine = ConnectorControl()
         self.control: ControlStream | None = None
         self.bridges: dict[int, StreamBridge] = {}
         self.registered: asyncio.Future[Registered] = self.loop.create_future()
@@ -134,38 +135,43 @@ class ConnectorConnection(endpoint.TunnelConnection):
 
     def start_registration(self, frame: Register) -> None:
         sid = self.open_stream(None)  # type: ignore[arg-type]
-        self.control = ControlStream(self, sid, self._on_frame, self._on_error)
+        self.control = ControlStream(sid, self.machine, self._run, self.loop.time)
         self.handlers[sid] = self.control
-        self.control.send(frame)
+        self._run(self.machine.start(frame))
 
-    def _on_error(self, message: str) -> None:
-        log.warning("edge connection %d: %s", self.index, message)
-
-    def _on_frame(self, frame: Frame) -> None:
-        if isinstance(frame, Window):
-            route_window(self.bridges, frame)
-        elif isinstance(frame, Registered) and not self.registered.done():
-            self.edge_id = frame.edge_id
-            self.registered.set_result(frame)
-        elif isinstance(frame, RegisterRefused) and not self.registered.done():
-            self.registered.set_exception(RegistrationRefused(frame.code, frame.message))
-        else:
-            self._on_error(f"unexpected {type(frame).__name__} frame")
-            self.close_with(CloseCode.PROTOCOL_ERROR, f"unexpected {type(frame).__name__}")
+    def _run(self, actions: list[cs.ControlAction]) -> None:
+        for a in actions:
+            if isinstance(a, cs.RouteCredit):
+                route_window(self.bridges, a.stream_id, a.increment)
+            elif isinstance(a, cs.SendControl):
+                if self.control is not None:
+                    self.send(self.control.stream_id, a.data)
+            elif isinstance(a, cs.CloseConnection):
+                self.close_with(a.code, a.reason)
+            elif isinstance(a, cs.ControlError):
+                log.warning("edge connection %d: %s", self.index, a.message)
+            elif isinstance(a, cs.RegistrationDone):
+                if not self.registered.done():
+                    self.edge_id = a.answer.edge_id
+                    self.registered.set_result(a.answer)
+            elif isinstance(a, cs.RegistrationFailed) and not self.registered.done():
+                if a.code is None:
+                    self.registered.set_exception(ConnectionError(a.message))
+                else:
+                    self.registered.set_exception(RegistrationRefused(a.code, a.message))
 
     def peer_stream_opened(self, stream_id: int) -> endpoint.StreamHandler | None:
-        if not self.registered.done() or self.registered.exception() is not None:
+        if not self.machine.accepts_flows:
             return None
         return _IncomingFlow(self, stream_id)
 
     def terminated(self, error_code: int, reason: str) -> None:
-        if not self.registered.done():
-            self.registered.set_exception(ConnectionError(reason or f"closed ({error_code})"))
+        self._run(self.machine.connection_lost(reason or f"closed ({error_code})"))
         self.bridges.clear()
 
     def send_window(self, stream_id: int, increment: int) -> None:
         if self.control is not None and not self.closed:
-            self.control.send_window(stream_id, increment)
+            self._run(self.machine.window(stream_id, increment))
 
     def tunnel_datagram(self, data: bytes) -> None:
         if self.owner.sessions is not None and self.edge_id:
@@ -177,7 +183,7 @@ class ConnectorConnection(endpoint.TunnelConnection):
 
     def unregister(self) -> None:
         if self.control is not None and not self.closed:
-            self.control.send(Unregister())
+            self._run(self.machine.unregister())
 
 
 class _IncomingFlow:
