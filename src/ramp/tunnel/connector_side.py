@@ -23,24 +23,22 @@ from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
 from ramp.tunnel import control_state as cs
+from ramp.tunnel import flow_state as fs
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
 from ramp.tunnel.control_state import ConnectorControl
+from ramp.tunnel.flow_state import FlowAccept
 from ramp.tunnel.interfaces import ConnectorDatagramSink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
 from ramp.wire.tunnel import (
     ALPN,
     CloseCode,
     ConnectCode,
-    ConnectResult,
     ConnectTcp,
-    FrameDecoder,
-    ProtocolError,
     Register,
     Registered,
     RegisterError,
     StreamError,
-    encode_frame,
 )
 
 log = logging.getLogger("ramp.connector")
@@ -187,70 +185,53 @@ class ConnectorConnection(endpoint.TunnelConnection):
 
 
 class _IncomingFlow:
-    """Stream handler for a flow stream until its origin is dialled."""
+    """Stream handler for a flow stream until its origin is dialled: the I/O face of a
+    FlowAccept machine (it starts the dial task and cancels it)."""
 
     def __init__(self, conn: ConnectorConnection, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
-        self.decoder = FrameDecoder()
-        self.header: ConnectTcp | None = None
-        self.early: list[bytes] = []
-        self.early_len = 0
-        self.fin = False
+        self.state = FlowAccept(FLOW_WINDOW)
         self.bridge: StreamBridge | None = None
         self.task: asyncio.Task[None] | None = None
-        self.gone = False
+
+    @property
+    def header(self) -> ConnectTcp | None:
+        return self.state.header
+
+    @property
+    def gone(self) -> bool:
+        return self.state.gone
 
     def stream_data(self, data: bytes, fin: bool) -> None:
-        if self.header is not None:
-            # payload before we answered: allowed up to the window we are about to grant
-            self.early.append(data)
-            self.early_len += len(data)
-            self.fin = self.fin or fin
-            if self.early_len > FLOW_WINDOW:
-                self._protocol_error("payload before CONNECT_RESULT exceeds the window")
-            return
-        try:
-            frame = self.decoder.feed_one(data)
-        except ProtocolError as e:
-            self._protocol_error(str(e))
-            return
-        if frame is None:
-            if fin:
-                self.conn.forget(self.stream_id)
-            return
-        if not isinstance(frame, ConnectTcp):
-            self._protocol_error("expected a CONNECT_TCP frame")
-            return
-        self.header = frame
-        rest = self.decoder.take_rest()
-        if rest:
-            self.early.append(rest)
-            self.early_len += len(rest)
-        self.fin = fin
-        self.task = asyncio.ensure_future(self.conn.owner.serve_flow(self))
-        self.conn.flow_tasks.add(self.task)
-        self.task.add_done_callback(self.conn.flow_tasks.discard)
-
-    def _protocol_error(self, message: str) -> None:
-        log.warning("flow stream %d: %s", self.stream_id, message)
-        self.conn.owner.metrics_bad_input("tunnel", "protocol_error")
-        self.gone = True
-        self.conn.reset(self.stream_id, StreamError.PROTOCOL)
-        if self.task is not None:
-            self.task.cancel()
+        self._run(self.state.stream_data(data, fin))
 
     def stream_reset(self, code: int) -> None:
-        self.gone = True
-        if self.task is not None and self.bridge is None:
-            self.task.cancel()
+        self._run(self.state.stream_reset(code))
 
     def stop_sending(self, code: int) -> None:
-        self.stream_reset(code)
-        self.conn.reset(self.stream_id, StreamError.FLOW_ABORT)
+        self._run(self.state.stop_sending(code))
 
     def connection_lost(self) -> None:
-        self.stream_reset(0)
+        self._run(self.state.connection_lost())
+
+    def _run(self, actions: list[fs.AcceptAction]) -> None:
+        for a in actions:
+            if isinstance(a, fs.DialRequested):
+                self.task = asyncio.ensure_future(self.conn.owner.serve_flow(self))
+                self.conn.flow_tasks.add(self.task)
+                self.task.add_done_callback(self.conn.flow_tasks.discard)
+            elif isinstance(a, fs.AcceptError):
+                log.warning("flow stream %d: %s", self.stream_id, a.message)
+                self.conn.owner.metrics_bad_input("tunnel", "protocol_error")
+                self.conn.reset(self.stream_id, a.code)
+            elif isinstance(a, fs.CancelDial):
+                if self.task is not None:
+                    self.task.cancel()
+            elif isinstance(a, fs.ResetFlow):
+                self.conn.reset(self.stream_id, a.code)
+            elif isinstance(a, fs.ForgetFlow):
+                self.conn.forget(self.stream_id)
 
 
 class TunnelClient:
@@ -429,14 +410,15 @@ class TunnelClient:
                 conn, flow.stream_id, send_credit=header.window, grant=conn.send_window
             )
             flow.bridge = bridge
+            answer, early, fin = flow.state.succeeded()
             # bytes that came before the bridge go first, then the bridge takes the stream
-            for chunk in flow.early:
+            for chunk in early:
                 bridge.stream_data(chunk, False)
-            if flow.fin:
+            if fin:
                 bridge.stream_data(b"", True)
             conn.handlers[flow.stream_id] = TunnelSide(bridge)
             conn.bridges[flow.stream_id] = bridge
-            conn.send(flow.stream_id, encode_frame(ConnectResult(ConnectCode.OK, FLOW_WINDOW)))
+            conn.send(flow.stream_id, answer)
             await loop.connect_accepted_socket(lambda: bridge, sock=sock)
             await asyncio.shield(bridge.done)
             if bridge.reset_by is not None:
@@ -445,8 +427,8 @@ class TunnelClient:
         except FlowError as e:
             result, reason = e.result, e.reason
             if not flow.gone and not conn.closed:
-                answer = ConnectResult(RESULT_TO_CODE[e.result], 0, e.reason)
-                conn.send(flow.stream_id, encode_frame(answer), fin=True)
+                refusal = FlowAccept.refusal(RESULT_TO_CODE[e.result], e.reason)
+                conn.send(flow.stream_id, refusal, fin=True)
             conn.forget(flow.stream_id)
         except asyncio.CancelledError:
             result, reason = FlowResult.ERROR, "cancelled"
@@ -461,8 +443,8 @@ class TunnelClient:
             if bridge is not None:
                 bridge.abort()
             elif not flow.gone and not conn.closed:
-                answer = ConnectResult(ConnectCode.ERROR, 0, "connector internal error")
-                conn.send(flow.stream_id, encode_frame(answer), fin=True)
+                refusal = FlowAccept.refusal(ConnectCode.ERROR, "connector internal error")
+                conn.send(flow.stream_id, refusal, fin=True)
                 conn.forget(flow.stream_id)
         finally:
             self.active_flows -= 1
