@@ -76,3 +76,29 @@ def test_wire_imports_nothing_above_it() -> None:
     for mod, deps in _graph().items():
         if mod.startswith("ramp.wire"):
             assert all(d.startswith("ramp.wire") for d in deps), (mod, deps)
+
+
+MACHINES = ("bridge_state", "control_state", "flow_state", "session_state")
+IO_MODULES = {"asyncio", "socket", "time", "selectors", "ssl", "qh3", "uvloop"}
+
+
+def test_state_machines_do_no_io() -> None:
+    """The sans-I/O machines import no I/O or clock module: events and `now` come in."""
+    for name in MACHINES:
+        tree = ast.parse((ROOT / "tunnel" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            else:
+                continue
+            for mod in mods:
+                assert mod.split(".")[0] not in IO_MODULES, f"tunnel/{name}.py imports {mod}"
+                if mod.startswith("ramp."):
+                    assert mod in {
+                        "ramp.wire.tunnel",
+                        "ramp.flows.flow",
+                        "ramp.tunnel.interfaces",
+                        "ramp.tunnel.bridge_state",
+                    }, f"tunnel/{name}.py imports {mod}"
