@@ -306,3 +306,148 @@ class BridgeModel(RuleBasedStateMachine):
 
 BridgeModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_bridge_state_machine = BridgeModel.TestCase
+
+
+class _End:
+    """One side of a flow in the two-bridge model: a BridgeState and the TCP socket it
+    writes to (bytes in the kernel's write buffer are `buffered`)."""
+
+    def __init__(self, send_credit: int, window: int) -> None:
+        self.state = BridgeState(send_credit=send_credit, window=window)
+        self.tcp_fed = bytearray()
+        self.tcp_written = bytearray()
+        self.buffered = 0
+        self.reading = True
+        self.eof = False
+        self.stream_out: list[tuple[bytes, bool]] = []  # to the other end, in order
+        self.windows_out: list[int] = []  # WINDOW frames to the other end
+        self.reset_out: list[int] = []
+        self.ends = 0
+
+
+class TwoBridges(RuleBasedStateMachine):
+    """Edge and connector bridges joined by an in-order stream and a control channel, as
+    through the tunnel. Honest peers never overrun a window (no PROTOCOL reset), bytes arrive
+    in order both ways, and once every byte and both FINs are through both ends finish."""
+
+    @initialize(
+        w_edge=st.integers(min_value=4, max_value=48),
+        w_conn=st.integers(min_value=4, max_value=48),
+    )
+    def start(self, w_edge: int, w_conn: int) -> None:
+        # each side's initial send credit is the other's window (CONNECT_TCP / CONNECT_RESULT)
+        self.ends = {"edge": _End(w_conn, w_edge), "conn": _End(w_edge, w_conn)}
+        for end in self.ends.values():
+            self._run(end, end.state.tcp_attached_event())
+            self._run(end, end.state.tcp_buffer(0))
+        self.counter = 0
+
+    def _other(self, name: str) -> _End:
+        return self.ends["conn" if name == "edge" else "edge"]
+
+    def _run(self, end: _End, actions: list[bs.BridgeAction]) -> None:
+        for a in actions:
+            if isinstance(a, bs.SendStream):
+                end.stream_out.append((a.data, a.fin))
+            elif isinstance(a, bs.Grant):
+                end.windows_out.append(a.increment)
+            elif isinstance(a, bs.WriteTcp):
+                end.tcp_written += a.data
+                end.buffered += len(a.data)
+            elif isinstance(a, bs.PauseTcpReading):
+                end.reading = False
+            elif isinstance(a, bs.ResumeTcpReading):
+                end.reading = True
+            elif isinstance(a, bs.ResetStream):
+                assert a.code != StreamError.PROTOCOL, "an honest peer overran a window"
+                end.reset_out.append(a.code)
+            elif isinstance(a, bs.Finished):
+                end.ends += 1
+
+    names = st.sampled_from(["edge", "conn"])
+
+    @rule(name=names, n=st.integers(min_value=1, max_value=30))
+    def tcp_sends(self, name: str, n: int) -> None:
+        end = self.ends[name]
+        if end.state.finished or not end.reading or end.eof:
+            return
+        data = bytes((self.counter + i) % 256 for i in range(n))
+        self.counter += n
+        end.tcp_fed += data
+        self._run(end, end.state.tcp_data(data))
+
+    @rule(name=names)
+    def tcp_eof(self, name: str) -> None:
+        end = self.ends[name]
+        if end.state.finished or not end.reading or end.eof:
+            return
+        end.eof = True
+        self._run(end, end.state.tcp_eof_event())
+
+    @rule(name=names, k=st.integers(min_value=1, max_value=4))
+    def deliver_stream(self, name: str, k: int) -> None:
+        """The tunnel delivers up to k chunks from `name` to the other end."""
+        src, dst = self.ends[name], self._other(name)
+        for _ in range(min(k, len(src.stream_out))):
+            data, fin = src.stream_out.pop(0)
+            if data:
+                self._run(dst, dst.state.stream_bytes(data))
+                self._run(dst, dst.state.tcp_buffer(dst.buffered))
+            if fin:
+                self._run(dst, dst.state.stream_fin())
+
+    @rule(name=names)
+    def deliver_windows(self, name: str) -> None:
+        src, dst = self.ends[name], self._other(name)
+        while src.windows_out:
+            self._run(dst, dst.state.add_credit(src.windows_out.pop(0)))
+
+    @rule(name=names)
+    def deliver_reset(self, name: str) -> None:
+        src, dst = self.ends[name], self._other(name)
+        if src.reset_out:
+            src.reset_out.pop(0)
+            src.stream_out.clear()  # a reset discards what was in flight
+            self._run(dst, dst.state.stream_reset(StreamError.FLOW_RESET))
+
+    @rule(name=names, n=st.integers(min_value=1, max_value=64))
+    def kernel_drains(self, name: str, n: int) -> None:
+        end = self.ends[name]
+        end.buffered -= min(n, end.buffered)
+        self._run(end, end.state.tcp_buffer(end.buffered))
+
+    @rule(name=names)
+    def aborted(self, name: str) -> None:
+        end = self.ends[name]
+        self._run(end, end.state.abort())
+
+    @invariant()
+    def in_order_and_within_windows(self) -> None:
+        for name, end in self.ends.items():
+            other = self._other(name)
+            assert end.tcp_fed.startswith(other.tcp_written), "bytes out of order"
+            # what the other end holds for its TCP socket never exceeds its window
+            held = other.state.received - (len(other.tcp_written) - other.buffered)
+            if not other.state.finished:
+                assert held <= other.state.window
+            assert end.ends <= 1
+
+    @invariant()
+    def everything_through_means_done(self) -> None:
+        edge, conn = self.ends["edge"], self.ends["conn"]
+        quiet = not any(e.stream_out or e.windows_out or e.reset_out for e in (edge, conn))
+        clean = not (edge.state.reset_by or conn.state.reset_by)
+        if (
+            quiet
+            and clean
+            and edge.eof
+            and conn.eof
+            and edge.state.fin_sent
+            and conn.state.fin_sent
+        ):
+            assert edge.state.finished and conn.state.finished
+            assert conn.tcp_written == edge.tcp_fed and edge.tcp_written == conn.tcp_fed
+
+
+TwoBridges.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
+test_two_bridges_through_a_tunnel = TwoBridges.TestCase
