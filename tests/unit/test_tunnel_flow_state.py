@@ -134,3 +134,34 @@ def test_accept_refusal_is_a_result_frame() -> None:
 
     frame = FrameDecoder().feed(FlowAccept.refusal(ConnectCode.REFUSED, "closed port"))
     assert frame == [ConnectResult(ConnectCode.REFUSED, 0, "closed port")]
+
+
+def test_pending_flow_handler_resolves_its_future_once() -> None:
+    """The edge's asyncio face of FlowOpen: the first outcome wins, later ones are recorded."""
+    import asyncio
+
+    from ramp.flows.flow import FlowError
+    from ramp.tunnel.flow_open import ConnectionGone, PendingFlow
+
+    async def run() -> None:
+        ok = PendingFlow(1 << 20)
+        answer = ConnectResult(ConnectCode.OK, 10)
+        ok.stream_data(encode_frame(answer) + b"x", False)
+        ok.stream_reset(5)  # races the answer: kept for the bridge
+        assert ok.result.result() == answer and ok.extra == [b"x"] and ok.reset_code == 5
+
+        reset = PendingFlow(1 << 20)
+        reset.stream_reset(5)
+        reset.connection_lost()
+        assert isinstance(reset.result.exception(), FlowError)
+
+        lost = PendingFlow(1 << 20)
+        lost.connection_lost()
+        assert isinstance(lost.result.exception(), ConnectionGone)
+
+        gave_up = PendingFlow(1 << 20)
+        gave_up.result.set_exception(TimeoutError())  # the waiter's own timeout
+        gave_up.stream_data(encode_frame(answer), False)  # no InvalidStateError
+        assert isinstance(gave_up.result.exception(), TimeoutError)
+
+    asyncio.run(run())
