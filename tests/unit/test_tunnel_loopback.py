@@ -118,9 +118,7 @@ def test_slow_reader_is_bounded_by_flow_control(tmp_path: Path) -> None:
                 for conn in entry.conns:
                     for b in conn.bridges.values():
                         tr = b._transport
-                        buffered += (tr.get_write_buffer_size() if tr else 0) + sum(
-                            len(c) for c in b._pending_in
-                        )
+                        buffered += (tr.get_write_buffer_size() if tr else 0) + b.state.pending_in
             # user space holds at most one window plus the write high-water mark
             assert buffered <= 1024 * 1024 + 512 * 1024, buffered
             # and the origin was held back (kernel buffers take a few MB at most)
@@ -190,7 +188,7 @@ def test_flows_spread_over_connections_and_survive_loss(tmp_path: Path) -> None:
             assert all(c.bridges for c in conns), "flows should use every connection"
             victim = conns[0]
             victim_streams = set(victim.bridges)
-            victim._quic.close(error_code=0, reason_phrase="test kill")
+            victim.quic.close(error_code=0, reason_phrase="test kill")
             victim.transmit()
             await until(lambda: not victim.bridges, what="the edge to drop the victim's flows")
             broken = 0

@@ -95,7 +95,7 @@ def test_session_moves_when_its_connection_dies(tmp_path: Path) -> None:
             session.send(b"one")
             assert await asyncio.wait_for(got.get(), 5) == b"one"
             conn = session.conn
-            conn._quic.close(error_code=0, reason_phrase="test kill")
+            conn.quic.close(error_code=0, reason_phrase="test kill")
             conn.transmit()
             # datagrams sent while the session moves may be lost: repeat until one is echoed
             loop = asyncio.get_running_loop()
