@@ -392,3 +392,49 @@ def test_a_non_socket_endpoint_is_a_flow_client_through_tunnel_and_direct(
         srv.close()
 
     asyncio.run(main())
+
+
+def test_edge_and_connector_write_the_same_record_of_a_flow(tmp_path: Path) -> None:
+    """One JSON record format on both roles; the connector's names the user, the on-ramp and
+    the edge's flow id, so the two lines of a flow can be joined."""
+    import json
+
+    from ramp.testing.clients import socks5_connect
+
+    async def main() -> None:
+        srv, port = await echo_server()
+        connector_log = tmp_path / "connector-audit.log"
+        async with tunnel(
+            tmp_path, ha=1, users={"alice": "pw"}, connector_kw={"audit_log": str(connector_log)}
+        ) as t:
+
+            def fetch() -> bytes:
+                sock = socket.create_connection(("127.0.0.1", t.socks_port), timeout=30)
+                try:
+                    assert socks5_connect(sock, "127.0.0.1", port, user="alice", password="pw") == 0
+                    sock.sendall(b"ping")
+                    sock.shutdown(socket.SHUT_WR)
+                    data = b""
+                    while chunk := sock.recv(4096):
+                        data += chunk
+                    return data
+                finally:
+                    sock.close()
+
+            assert await asyncio.get_running_loop().run_in_executor(None, fetch) == b"ping"
+            edge_log = tmp_path / "audit.log"
+            await until(lambda: edge_log.exists() and edge_log.read_text().strip() != "")
+            await until(lambda: connector_log.exists() and connector_log.read_text().strip() != "")
+            (edge_rec,) = [json.loads(line) for line in edge_log.read_text().splitlines()]
+            (conn_rec,) = [json.loads(line) for line in connector_log.read_text().splitlines()]
+        srv.close()
+        assert list(edge_rec) == list(conn_rec)  # same record, same order
+        assert edge_rec["flow"] == conn_rec["flow"]
+        assert edge_rec["identity"] == conn_rec["identity"] == "alice"
+        assert edge_rec["onramp"] == conn_rec["onramp"] == "socks5"
+        assert edge_rec["rule"] == "default" and edge_rec["offramp"] == "tunnel"
+        assert conn_rec["offramp"] == "origin" and conn_rec["vnet"] == "default"
+        assert edge_rec["bytes_up"] == conn_rec["bytes_up"] == 4
+        assert edge_rec["result"] == conn_rec["result"] == "ok"
+
+    run(main())

@@ -37,6 +37,8 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
     meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
     if flow.user is not None:
         meta["identity"] = flow.user
+    if flow.vnet is not None:
+        meta["vnet"] = flow.vnet
     if flow.resolved and flow.resolved != flow.destination.host:
         meta["host"] = flow.destination.host
     header = ConnectTcp(flow.id, host, flow.destination.port, FLOW_WINDOW, meta)

@@ -11,7 +11,7 @@ import socket
 import ssl
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -72,6 +72,7 @@ class FlowEnd:
     bytes_up: int
     bytes_down: int
     duration: float
+    metadata: dict[str, str] = field(default_factory=dict)  # what the edge said of the flow
 
 
 def check_pin(conn: QuicConnection, ca_fingerprint: str) -> None:
@@ -459,6 +460,7 @@ class TunnelClient:
                     bridge.bytes_quic_to_tcp if bridge else 0,
                     bridge.bytes_tcp_to_quic if bridge else 0,
                     loop.time() - started,
+                    {**header.metadata, "flow": str(header.flow_id)},
                 )
             )
 

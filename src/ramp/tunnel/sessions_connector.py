@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
@@ -46,6 +46,7 @@ class SessionEnd:
     bytes_up: int
     bytes_down: int
     duration: float
+    metadata: dict[str, str] = field(default_factory=dict)  # what the edge said of the flow
 
 
 class ConnectorSession:
@@ -247,6 +248,7 @@ class ConnectorSessions:
                 bytes_up=session.bytes_up,
                 bytes_down=session.bytes_down,
                 duration=self.now() - session.started,
+                metadata={**reg.metadata, "flow": str(reg.flow_id)},
             )
         )
 

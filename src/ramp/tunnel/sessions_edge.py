@@ -151,6 +151,8 @@ class EdgeSession(_Session):
         meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
         if flow.user is not None:
             meta["identity"] = flow.user
+        if flow.vnet is not None:
+            meta["vnet"] = flow.vnet
         return encode_session_control(
             SessionRegister(
                 self.id,
