@@ -193,6 +193,7 @@ class Edge:
         self.hooks = self._make_hooks(user)
         self.pipeline.hooks = self.hooks
         self._groups = _invert_groups(config.groups)
+        self.pipeline.revoke_denied()  # open flows of users whose groups changed
         self.router.allow_direct = config.allow_direct_egress
         for server in self.onramps:  # credentials and timeouts apply to the next connection
             if hasattr(server, "config"):

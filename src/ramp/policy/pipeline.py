@@ -178,6 +178,8 @@ class FlowPipeline:
         for flow in self.table:
             if flow.decision is None or not flow.decision.allowed or flow.stop is None:
                 continue
+            if flow.identity is not None:  # group membership may have changed (SIGHUP)
+                flow.identity = Identity(flow.identity.name, self._groups(flow.identity.name))
             verdict = self.policy.verdict(flow)
             if verdict.allowed:
                 continue

@@ -106,7 +106,9 @@ class Router:
     async def candidates(self, flow: Flow, vnet: str, *, replicas: bool = False) -> list[Route]:
         dest = flow.destination
         found: list[Route] = []
-        if not _is_ip(dest.host) and self._zone_lookup is not None:
+        # DNS zone routes belong to the default virtual network: a tenant's flows must not
+        # reach another network's connector by name
+        if vnet == DEFAULT_VNET and not _is_ip(dest.host) and self._zone_lookup is not None:
             zone = self._zone_lookup(dest.host)
             if zone is not None:
                 tid, name, zname = zone
