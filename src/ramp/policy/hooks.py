@@ -71,6 +71,9 @@ class LoadedHook:
     name: str
     functions: dict[str, Callable[..., Any]]
     is_async: dict[str, bool]
+    # The built-in policy's own decision function: called directly, without the timing and
+    # answer checks user code gets (it is ours, synchronous and quick).
+    builtin: Callable[[Flow], Decision] | None = None
 
 
 _file_modules: dict[Path, str] = {}  # hook file -> the sys.modules name of its newest load
@@ -157,10 +160,17 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
     return loaded
 
 
+_NESTED = ("annotations",)  # the record's only nested mapping (observe.audit.flow_record)
+
+
 def _copy(record: dict[str, Any]) -> dict[str, Any]:
     # Each flow_end hook gets its own record, nested annotations included, so one hook's
     # changes never show in what the next one sees.
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in record.items()}
+    copy = dict(record)
+    for k in _NESTED:
+        if isinstance(copy.get(k), dict):
+            copy[k] = dict(copy[k])
+    return copy
 
 
 async def _contained(awaitable: Any) -> Any:
@@ -170,6 +180,9 @@ async def _contained(awaitable: Any) -> Any:
         return await awaitable
     except SystemExit as e:
         raise RuntimeError(f"hook called sys.exit({e.code!r})") from e
+
+
+_ANSWERS = (Allow, Deny, Reply, Route)
 
 
 class HookError(Exception):
@@ -214,7 +227,8 @@ class Hooks:
                         hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
                     ) from None
             value = self._call_sync(hook, point, fn, *args)
-            if inspect.isawaitable(value):  # a sync function that returned a coroutine
+            # a sync function that returned a coroutine (the usual answers skip the ABC check)
+            if value is not None and type(value) not in _ANSWERS and inspect.isawaitable(value):
                 try:
                     value = await asyncio.wait_for(_contained(value), self.timeout)
                 except TimeoutError:
@@ -255,8 +269,11 @@ class Hooks:
 
     async def flow_start(self, flow: Flow) -> Decision:
         """Every hook's verdict; the first Deny wins, else the last rule that allowed."""
+        hooks = self._by_point["flow_start"]
+        if len(hooks) == 1 and hooks[0].builtin is not None:
+            return hooks[0].builtin(flow)  # the default set-up: just the policy
         allowed: Allow | None = None
-        for hook in self._by_point["flow_start"]:
+        for hook in hooks:
             try:
                 verdict = await self._call(hook, "flow_start", flow)
             except HookError as e:
