@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -32,10 +34,14 @@ from ramp.testing.clients import (
     ProxyError,
     http_connect,
     socks5_connect,
+    socks5_udp_associate,
+    udp_unwrap,
+    udp_wrap,
 )
 from ramp.testing.lab import (
-    ECHO_PORT,
+    CLIENT_ADDR,
     EDGE_PUBLIC_ADDR,
+    HALF_CLOSE_PORT,
     HELLO_PORT,
     HTTP_ALT_PORT,
     HTTP_PORT,
@@ -45,6 +51,7 @@ from ramp.testing.lab import (
     SOCKS_PORT,
     SOCKS_PROXY,
     SSH_PORT,
+    UDP_ECHO_PORT,
     Digest,
     Lab,
     Metrics,
@@ -61,7 +68,7 @@ RELOAD_DEADLINE = 20.0
 SSH_FORWARD_PORT = 2222
 HTTP_FORWARD_PORT = 2280
 TENANT_B_SOCKS_PORT = 1081
-RAISE_PORT = ECHO_PORT  # the raising hook fails flows to this port
+RAISE_PORT = HALF_CLOSE_PORT  # the raising hook fails flows to this port
 HANG_PORT = HELLO_PORT  # the async hook never answers for this one
 
 RAISING_HOOK = """
@@ -388,6 +395,55 @@ def test_a_rule_added_during_a_long_download_ends_it(
     assert counter(lab.edge_metrics(), "ramp_flows_revoked") >= 1
     if identity is not None:  # and new flows of alice are refused by the same rule
         assert socks_rep(lab, "alice", ORIGIN, HTTP_PORT) == REP_NOT_ALLOWED
+
+
+@contextlib.contextmanager
+def udp_association(lab: Lab, user: str) -> Iterator[Callable[[], bool]]:
+    """A SOCKS5 UDP ASSOCIATE as `user`; yields ping(): one datagram to the UDP echo of
+    ORIGIN came back intact (within a second)."""
+    with lab.connect_socks() as ctrl, lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((CLIENT_ADDR, 0))
+        relay = socks5_udp_associate(ctrl, *udp.getsockname(), user=user, password=USERS[user])
+        udp.connect(relay)
+
+        def ping() -> bool:
+            data = os.urandom(32)
+            udp.send(udp_wrap(ORIGIN, UDP_ECHO_PORT, data))
+            udp.settimeout(1.0)
+            try:
+                while True:
+                    if udp_unwrap(udp.recv(2048))[2] == data:
+                        return True
+            except (TimeoutError, ConnectionRefusedError):
+                return False
+
+        yield ping
+
+
+def test_a_udp_rule_ends_an_open_udp_session_and_leaves_tcp_alone(plab: EdgeLab) -> None:
+    lab = plab.lab
+    since = mark(lab)
+    with udp_association(lab, "alice") as ping:
+        assert wait_until(ping, STORE_DEADLINE, what="the UDP echo to answer")
+        lab.add_rule("no-udp", "deny", identity="alice", protocol="udp", position=1)
+        wait_until(lambda: not ping(), STORE_DEADLINE, what="the UDP echo to stop answering")
+        (record,) = wait_until(
+            lambda: [
+                r
+                for r in records_where(lab, since, identity="alice", protocol="udp", rule="no-udp")
+                if "policy changed" in str(r["reason"])
+            ],
+            5,
+            what="the audit line of the ended UDP session",
+        )
+        assert record["destination"] == f"{ORIGIN}:{UDP_ECHO_PORT}"
+        assert record["result"] == "not_permitted"
+        assert not ping()  # a new session is denied too
+    assert socks_rep(lab, "alice", ORIGIN, HTTP_PORT) == REP_SUCCEEDED
+    with udp_association(lab, "carol") as ping:
+        assert ping()
+    assert lab.policy_test(f"{ORIGIN}:{UDP_ECHO_PORT}/udp", "alice")[0] == "deny no-udp"
+    assert lab.policy_test(f"{ORIGIN}:{UDP_ECHO_PORT}/tcp", "alice")[0] == "allow default"
 
 
 # --- 3. virtual networks ---------------------------------------------------------------------
