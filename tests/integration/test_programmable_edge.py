@@ -162,6 +162,10 @@ def edge_lab(
     lab_opener: Callable[..., AbstractContextManager[Lab]],
 ) -> Iterator[EdgeLab]:
     with lab_opener(tmp_path_factory.mktemp("lab"), payload, standard=False) as lab:
+        # A client's kernel hands it the bytes queued before a reset first, and curl
+        # --limit-rate reads a big queue slowly: keep C's receive buffers small so that an
+        # ended flow shows at once instead of after megabytes of backlog.
+        lab.client.sysctl("net.ipv4.tcp_rmem", "4096 65536 262144")
         tenant_b = make_payload(lab.workdir / "tenant-b-www", big_size=256 * 1024)
         network_b = lab.add_private_network("private-b", tenant_b.directory)
         ssh_key = lab.start_sshd()
@@ -909,6 +913,7 @@ def test_a_group_change_by_sighup_ends_open_flows_it_now_denies(
     lab_opener: Callable[..., AbstractContextManager[Lab]],
 ) -> None:
     with lab_opener(tmp_path, payload, standard=False) as lab:
+        lab.client.sysctl("net.ipv4.tcp_rmem", "4096 65536 262144")  # see edge_lab
         users = {"alice": USERS["alice"]}
         config = lab.write_edge_config({"users": users, "groups": {"eng": ["alice"]}})
         token = lab.create_tunnel("corp", [ORIGIN_PREFIX])
