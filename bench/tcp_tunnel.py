@@ -7,6 +7,8 @@ and for the baseline (the same transfer over the plain edge<->private veth, no p
 
 - bulk throughput of one TCP transfer (MB/s) and the ratio tunnel/baseline;
 - flow setups per second (connect, one byte each way, close; 32 at a time) and the ratio;
+- CPU time the edge and the connector spend per GB of the transfer and per flow setup (from
+  /proc; less disturbed by other load on the machine than the rates);
 - resident memory per idle open flow in the edge and the connector.
 
 Needs root (network namespaces). Traffic stays inside the lab's namespaces.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -75,26 +78,41 @@ def bulk(make_sock: Callable[[], socket.socket], nbytes: int) -> float:
 
 async def setups(
     new_socket: Callable[[int], list[socket.socket]],
-    addr: tuple[str, int],
+    addr: tuple[str, int] | Callable[[], tuple[str, int]],
     via_socks: bool,
     seconds: float,
+    *,
+    auth: tuple[str, str] | None = None,
 ) -> tuple[int, int]:
-    """Completed and failed flow setups in `seconds`, CONCURRENCY at a time."""
+    """Completed and failed flow setups in `seconds`, CONCURRENCY at a time.
+
+    `addr` is the destination of every flow, or a function giving each flow its own; with
+    `auth` (user, password) the SOCKS5 handshake authenticates (RFC 1929)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     done = failed = 0
     pool: list[socket.socket] = []
+    greeting = b"\x05\x01\x02" if auth else b"\x05\x01\x00"
+    login = b""
+    if auth:
+        user, password = (x.encode() for x in auth)
+        login = bytes([1, len(user)]) + user + bytes([len(password)]) + password
 
     async def one(sock: socket.socket) -> None:
         sock.setblocking(False)
+        dest = addr() if callable(addr) else addr
         try:
             if via_socks:
                 await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, SOCKS_PORT))
-                await loop.sock_sendall(sock, b"\x05\x01\x00")
+                await loop.sock_sendall(sock, greeting)
                 await loop.sock_recv(sock, 2)
+                if login:
+                    await loop.sock_sendall(sock, login)
+                    if await loop.sock_recv(sock, 2) != b"\x01\x00":
+                        raise ConnectionError("SOCKS5 login refused")
                 await loop.sock_sendall(
                     sock,
-                    b"\x05\x01\x00\x01" + socket.inet_aton(addr[0]) + struct.pack("!H", addr[1]),
+                    b"\x05\x01\x00\x01" + socket.inet_aton(dest[0]) + struct.pack("!H", dest[1]),
                 )
                 rep = b""
                 while len(rep) < 10:
@@ -105,7 +123,7 @@ async def setups(
                 if rep[1] != 0:
                     raise ConnectionError(f"rep {rep[1]}")
             else:
-                await loop.sock_connect(sock, addr)
+                await loop.sock_connect(sock, dest)
             await loop.sock_sendall(sock, b"x")
             if await loop.sock_recv(sock, 1) != b"x":
                 raise ConnectionError("no echo")
@@ -125,6 +143,12 @@ async def setups(
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
     return done, failed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -174,16 +198,24 @@ def main() -> int:
         # warm up both paths (QUIC congestion window, page cache of the code)
         bulk(tunnel_sock, 32 * MB)
         bulk(veth_sock, 32 * MB)
+        cpu0 = cpu_seconds(edge_pid), cpu_seconds(conn_pid)
         t_tunnel = bulk(tunnel_sock, args.bytes)
+        cpu1 = cpu_seconds(edge_pid), cpu_seconds(conn_pid)
+        results["bulk_edge_cpu_s_per_GB"] = (cpu1[0] - cpu0[0]) / (args.bytes / 1e9)
+        results["bulk_connector_cpu_s_per_GB"] = (cpu1[1] - cpu0[1]) / (args.bytes / 1e9)
         t_veth = bulk(veth_sock, args.bytes)
         results["bulk_tunnel_MBps"] = args.bytes / t_tunnel / MB
         results["bulk_veth_MBps"] = args.bytes / t_veth / MB
         results["bulk_ratio"] = results["bulk_tunnel_MBps"] / results["bulk_veth_MBps"]
 
+        cpu0 = cpu_seconds(edge_pid), cpu_seconds(conn_pid)
         ok, bad = asyncio.run(
             setups(lab.client.sockets, (ORIGIN, BASE_PORT + 1), True, args.seconds)
         )
+        cpu1 = cpu_seconds(edge_pid), cpu_seconds(conn_pid)
         results["setups_tunnel_per_s"] = ok / args.seconds
+        results["setups_edge_cpu_us_per_flow"] = (cpu1[0] - cpu0[0]) / max(ok, 1) * 1e6
+        results["setups_connector_cpu_us_per_flow"] = (cpu1[1] - cpu0[1]) / max(ok, 1) * 1e6
         results["setups_tunnel_failed"] = bad
         ok, bad = asyncio.run(
             setups(lab.private.sockets, (EDGE_TUNNEL_ADDR, BASE_PORT + 1), False, args.seconds)
@@ -215,6 +247,10 @@ def main() -> int:
     print(f"  tunnel   {results['bulk_tunnel_MBps']:9.1f} MB/s")
     print(f"  veth     {results['bulk_veth_MBps']:9.1f} MB/s   (baseline)")
     print(f"  ratio    {results['bulk_ratio']:9.3f}")
+    print(
+        f"  CPU      {results['bulk_edge_cpu_s_per_GB']:9.2f} s/GB edge, "
+        f"{results['bulk_connector_cpu_s_per_GB']:.2f} s/GB connector"
+    )
     print(f"flow setups ({CONCURRENCY} concurrent, {args.seconds:g} s)")
     print(
         f"  tunnel   {results['setups_tunnel_per_s']:9.0f} /s  "
@@ -222,6 +258,10 @@ def main() -> int:
     )
     print(f"  veth     {results['setups_veth_per_s']:9.0f} /s   (baseline)")
     print(f"  ratio    {results['setups_ratio']:9.3f}")
+    print(
+        f"  CPU      {results['setups_edge_cpu_us_per_flow']:9.0f} µs/flow edge, "
+        f"{results['setups_connector_cpu_us_per_flow']:.0f} µs/flow connector"
+    )
     print(f"memory per idle flow ({args.idle_flows} flows)")
     print(f"  edge      {results['rss_per_flow_edge_KiB']:8.1f} KiB")
     print(f"  connector {results['rss_per_flow_connector_KiB']:8.1f} KiB")

@@ -14,6 +14,6 @@ if command -v apt-get >/dev/null; then
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
-ruff check src tests bench
-ruff format --check src tests bench
+ruff check src tests bench examples
+ruff format --check src tests bench examples
 python3 -m pytest "$@"

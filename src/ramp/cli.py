@@ -33,6 +33,7 @@ from ramp.config import (
 )
 from ramp.config_docs import RoleDoc, render_config_docs
 from ramp.config_lines import ConfigIssues, locate, read_yaml_file, top_level_keys
+from ramp.policy.hooks import HookLoadError
 from ramp.policy.router import VnetRoutes
 from ramp.policy.rules import ACTIONS, PROTOCOLS, Facts, Policy, Rule
 from ramp.store.db import DEFAULT_VNET, Route, Store, StoreError
@@ -41,7 +42,7 @@ from ramp.tunnel.token import Token, TokenError
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_EDGE = "127.0.0.1:7844"
 DATA_DIR_DEFAULT_TEXT = "~/.local/share/ramp"
-_USER_ERRORS = (ConfigError, StoreError, TokenError)
+_USER_ERRORS = (ConfigError, StoreError, TokenError, HookLoadError)
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)

@@ -185,6 +185,9 @@ class EdgeConfig(_Base):
     udp_idle_timeout: float = Field(
         210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
     )
+    max_udp_sessions: int = Field(
+        4096, gt=0, description="Concurrent UDP sessions; past it new ones are refused."
+    )
 
     onramps: list[Annotated[OnRampOptions, BeforeValidator(_onramp_entry)]] = Field(
         default_factory=list,

@@ -86,7 +86,7 @@ class Connector:
             end.destination,
             FlowKind.STREAM,
             end.duration,
-            getattr(end, "metadata", None) or {},
+            end.metadata,
         )
         flow.result, flow.reason = end.result, end.reason
         flow.bytes_up, flow.bytes_down = end.bytes_up, end.bytes_down
@@ -117,7 +117,7 @@ class Connector:
             end.destination,
             FlowKind.DATAGRAM,
             end.duration,
-            getattr(end, "metadata", None) or {},
+            end.metadata,
         )
         flow.result, flow.reason = end.result, end.reason
         flow.bytes_up, flow.bytes_down = end.bytes_up, end.bytes_down
@@ -201,6 +201,7 @@ def connector_flow(
     on-ramp come from the metadata the edge sent with the flow."""
     now = time.monotonic()
     user = meta.get("identity")
+    edge_flow = meta.get("flow", "")
     flow = Flow(
         onramp=meta.get("onramp", "tunnel"),
         source=_split_addr(source),
@@ -210,9 +211,12 @@ def connector_flow(
         kind=kind,
         started=now - duration,
         started_wall=time.time() - duration,
+        vnet=meta.get("vnet"),
     )
+    if edge_flow.isdigit():
+        flow.id = int(edge_flow)  # the edge's id: both records of a flow join on it
     flow.ended = now
-    flow.route = Route("origin")
+    flow.route = Route("origin", meta.get("vnet") or "default")
     return flow
 
 

@@ -75,6 +75,8 @@ class Edge:
             replicas=self._replicas,
         )
         self.offramps: dict[str, OffRamp] = {}
+        # labels() costs a lock and a dict lookup: bind the two children once, not per flow
+        allowed, denied = m.policy_decisions.labels("allow"), m.policy_decisions.labels("deny")
         self.pipeline = FlowPipeline(
             self.table,
             self.hooks,
@@ -85,9 +87,10 @@ class Edge:
             vnet_of=self._vnet_assignments.get,
             dns=self.dns_query,
             bad_input=self.bad_input,
-            on_decision=lambda ok: m.policy_decisions.labels("allow" if ok else "deny").inc(),
+            on_decision=lambda ok: (allowed if ok else denied).inc(),
             on_setup=m.flow_setup.observe,
             on_revoked=m.flows_revoked.inc,
+            on_open=self._opened,
         )
         self._groups = _invert_groups(config.groups)
 
@@ -126,6 +129,7 @@ class Edge:
         self.sessions = EdgeSessions(
             self.tunnels,
             idle_timeout=self.config.udp_idle_timeout,
+            limit=self.config.max_udp_sessions,
             on_finished=self.flow_finished,
             metrics_datagram=m.count_datagram,
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
@@ -191,6 +195,7 @@ class Edge:
         self.hooks = self._make_hooks(user)
         self.pipeline.hooks = self.hooks
         self._groups = _invert_groups(config.groups)
+        self.pipeline.revoke_denied()  # open flows of users whose groups changed
         self.router.allow_direct = config.allow_direct_egress
         for server in self.onramps:  # credentials and timeouts apply to the next connection
             if hasattr(server, "config"):
@@ -306,6 +311,10 @@ class Edge:
     def flow_finished(self, flow: Flow) -> None:
         self.table.end(flow)
 
+    def _opened(self, flow: Flow) -> None:
+        if flow.kind is FlowKind.DATAGRAM and self.sessions is not None:
+            self.metrics.udp_sessions_active.set(len(self.sessions.sessions))
+
     def _report(self, flow: Flow) -> None:
         m = self.metrics
         assert flow.result is not None
@@ -352,13 +361,15 @@ class Edge:
                 flow.resolved = RESOLVER_HOST
                 try:
                     self.table.admit(flow)
-                    return await tunnel.open_datagram(flow, route, receive, closed)
+                    session = await tunnel.open_datagram(flow, route, receive, closed)
                 except BaseException as e:
                     if isinstance(e, FlowError):
                         flow.fail(e.result, e.reason)
                     flow.fail(FlowResult.ERROR, "cancelled while opening")
                     self.table.end(flow)
                     raise
+                self._opened(flow)
+                return session
 
             client = TunnelDnsClient(
                 zone, open_udp, open_tcp, self.flow_finished, self.config.dns_timeout

@@ -19,6 +19,7 @@ from ramp.testing.lab import (
     Payload,
     wait_until,
 )
+from ramp.testing.wait import DEADLINE
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def _serves_normally(lab: Lab, payload: Payload) -> None:
 def _wait_counted(lab: Lab, name: str, before: float, **labels: str) -> None:
     wait_until(
         lambda: lab.edge_metrics().value(name, **labels) > before,
-        5,
+        DEADLINE,
         what=f"{name}{labels} to grow past {before}",
     )
 

@@ -11,7 +11,6 @@ import hashlib
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -68,10 +67,9 @@ def test_private_network_accepts_no_inbound_connection(bare_lab: Lab) -> None:
     with listener:
         listener.bind(("0.0.0.0", 5555))
         listener.listen()
-        started = time.monotonic()
-        # Dropped silently: no RST, no ICMP, the SYN just vanishes.
+        # Dropped silently: no RST, no ICMP (either would be an error other than a timeout),
+        # the SYN just vanishes.
         assert bare_lab.edge_ns.call(_connect, (PRIVATE_ADDR, 5555), 1.0) == "timeout"
-        assert time.monotonic() - started >= 0.9
         assert bare_lab.private.call(_connect, (PRIVATE_ADDR, 5555)) == "ok"
 
 
@@ -99,9 +97,7 @@ def test_private_network_can_dial_out_to_the_edge_over_tcp_and_udp(bare_lab: Lab
 def test_blackhole_times_out_and_closed_port_is_refused(bare_lab: Lab) -> None:
     assert bare_lab.private.call(_connect, (BLACKHOLE, HTTP_PORT), 1.0) == "timeout"
     assert bare_lab.private.call(_connect, (BLACKHOLE6, HTTP_PORT), 1.0) == "timeout"
-    started = time.monotonic()
     assert bare_lab.private.call(_connect, (ORIGIN, CLOSED_PORT)) == "ECONNREFUSED"
-    assert time.monotonic() - started < 0.5
 
 
 def test_origins_serve_inside_the_private_network(bare_lab: Lab, payload: Payload) -> None:
@@ -144,10 +140,8 @@ def test_origin_http_accepts_absolute_form_targets(bare_lab: Lab) -> None:
 def test_edge_resolves_lab_names_and_nothing_leaves(bare_lab: Lab) -> None:
     out = bare_lab.edge_ns.run(["getent", "hosts", ORIGIN_NAME]).stdout.decode()
     assert out.split()[0] == ORIGIN
-    started = time.monotonic()
     missing = bare_lab.edge_ns.run(["getent", "hosts", "nothing.example.com"], check=False)
     assert missing.returncode != 0
-    assert time.monotonic() - started < 5
 
 
 def test_namespaces_and_processes_are_removed_even_after_an_error(

@@ -44,6 +44,7 @@ from ramp.testing.lab import (
     wait_until,
 )
 from ramp.testing.origins import INDEX_BODY
+from ramp.testing.wait import DEADLINE
 
 CONNECTOR_ARGS = ("--connect-timeout", "2")
 APP_URL = f"http://{APP_NAME}:{HTTP_ALT_PORT}/"
@@ -174,7 +175,7 @@ def test_route_dns_add_list_delete(fresh_lab: Lab) -> None:
     assert DNS_ZONE in listing and "corp" in listing, listing
     wait_until(
         lambda: answered(lab.dig(APP_NAME), ORIGIN),
-        10,
+        DEADLINE,
         interval=0.2,
         what="the edge to pick up the new DNS route",
     )
@@ -183,7 +184,7 @@ def test_route_dns_add_list_delete(fresh_lab: Lab) -> None:
     assert DNS_ZONE not in lab.dns_routes()
     wait_until(
         lambda: lab.dig(APP_NAME).status == "REFUSED",
-        10,
+        DEADLINE,
         interval=0.2,
         what="the edge to drop the DNS route",
     )
@@ -286,7 +287,7 @@ def test_garbage_to_the_dns_port_is_counted_and_the_server_keeps_answering(dns_l
             udp.sendto(junk, (EDGE_PUBLIC_ADDR, DNS_PORT))
     wait_until(
         lambda: _bad_dns(lab) >= before + len(GARBAGE),
-        5,
+        DEADLINE,
         what=lambda: f"{len(GARBAGE)} more bad DNS inputs counted (now {_bad_dns(lab) - before})",
     )
     assert answered(lab.dig(APP_NAME), ORIGIN)
@@ -303,7 +304,7 @@ def test_garbage_to_the_dns_port_is_counted_and_the_server_keeps_answering(dns_l
                 tcp.recv(4096)
     wait_until(
         lambda: _bad_dns(lab) >= before + len(GARBAGE) - 1,
-        5,
+        DEADLINE,
         what=lambda: f"the bad TCP DNS inputs counted (now {_bad_dns(lab) - before})",
     )
     assert answered(lab.dig(APP_NAME), ORIGIN)

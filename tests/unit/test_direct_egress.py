@@ -15,10 +15,7 @@ from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.net.splice import splice_relay
 from ramp.policy.router import RouteEntry, RouteTable
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 60))
+from ramp.testing.loopback import run
 
 
 async def start_edge(tmp_path: Path, direct: bool) -> Edge:

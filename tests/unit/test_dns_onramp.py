@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,15 @@ import dns.rdatatype
 import dns.rrset
 import dns.tsigkeyring
 import pytest
-import uvloop
 
 from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.onramps.dns import DnsServer
+from ramp.testing.loopback import run_on_loop as run
+from ramp.testing.wait import until
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
 CORP = dns.name.from_text("corp.example")
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
 
 
 def a_records(name: dns.name.Name, n: int, first: str = "10.0.") -> dns.rrset.RRset:
@@ -187,11 +178,9 @@ async def tcp_read(reader: asyncio.StreamReader) -> bytes:
 
 
 async def settled(server: DnsServer) -> int:
-    """Queries still in flight once the server had a moment to finish its bookkeeping."""
-    for _ in range(100):
-        if server.inflight == 0:
-            break
-        await asyncio.sleep(0.01)
+    """Queries still in flight once the server finished its bookkeeping (it releases a slot
+    just after the answer is sent)."""
+    await until(lambda: server.inflight == 0, what="in-flight slots back")
     return server.inflight
 
 
@@ -448,7 +437,7 @@ def test_queries_beyond_the_in_flight_limit_are_refused() -> None:
                 asyncio.ensure_future(udp_ask(server.port, query("slow.corp.example", qid=i)))
                 for i in (1, 2)
             ]
-            await asyncio.sleep(0.1)
+            await until(lambda: server.inflight == 2, what="both slow queries admitted")
             r = parse(await udp_ask(server.port, query("x.corp.example", qid=3)))
             assert r.id == 3 and r.rcode() == dns.rcode.REFUSED
             assert opener.bad == ["too_many_queries"]

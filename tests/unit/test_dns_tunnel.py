@@ -13,9 +13,9 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
-from test_tunnel_loopback import run, tunnel
 
 from ramp.store.db import Store
+from ramp.testing.loopback import run, tunnel
 
 BIG = [f"record {i} " + "x" * 80 for i in range(20)]  # ~2 KB: too big for plain UDP
 

@@ -9,6 +9,7 @@ import os
 import socket
 
 from ramp.net.gso import GsoSender
+from ramp.testing.wait import until
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -21,7 +22,7 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def receive_all(rx: socket.socket, n: int) -> list[bytes]:
-    rx.settimeout(2)
+    rx.settimeout(30)  # they were sent: waiting long only matters when the test fails
     return [rx.recv(70000) for _ in range(n)]
 
 
@@ -34,7 +35,7 @@ def test_batches_keep_every_datagram_in_order() -> None:
         sender = GsoSender(tx)
         for p in payloads:
             sender.send(p, rx.getsockname())
-        await asyncio.sleep(0.05)
+        await until(lambda: sender.sent == len(payloads), what="the batch to be sent")
         got = await asyncio.to_thread(receive_all, rx, len(payloads))
         assert got == payloads
         tx.close()
@@ -61,7 +62,7 @@ def test_connected_socket_and_fallback_without_gso() -> None:
         payloads = [os.urandom(100) for _ in range(10)]
         for p in payloads:
             sender.send(p)
-        await asyncio.sleep(0.05)
+        await until(lambda: sender.sent == len(payloads), what="the datagrams to be sent")
         assert await asyncio.to_thread(receive_all, rx, 10) == payloads
         assert not sender.gso  # learnt once, then one datagram per call
         tx.close()
@@ -84,7 +85,7 @@ def test_segment_too_big_for_the_path_is_learnt() -> None:
         payloads = [os.urandom(1482) for _ in range(4)]
         for p in payloads:
             sender.send(p, rx.getsockname())
-        await asyncio.sleep(0.05)
+        await until(lambda: sender.sent == len(payloads), what="the datagrams to be sent")
         assert await asyncio.to_thread(receive_all, rx, 4) == payloads
         assert sender.gso and sender.max_segment == 1481
         tx.close()

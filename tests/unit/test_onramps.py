@@ -9,40 +9,20 @@ import hashlib
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import h11
 import pytest
-import uvloop
-from hypothesis import given
-from hypothesis import strategies as st
 
 from ramp.config import EdgeConfig
-from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
-from ramp.onramps.http_connect import (
-    BadTarget,
-    HttpConnectServer,
-    basic_credentials,
-    parse_absolute_url,
-    parse_authority,
-    rewrite_head,
-)
+from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.socks5 import Socks5Server
 from ramp.onramps.tcp_listener import TcpOnRamp
+from ramp.testing.loopback import LOOPS
+from ramp.testing.loopback import run_on_loop as run
 from ramp.wire import socks5
 from ramp.wire.socks5 import Command, Method, Rep
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
-
 
 # -- fakes ----------------------------------------------------------------------------------
 
@@ -693,60 +673,6 @@ def test_http_max_flows_gets_503() -> None:
         assert opener.bad == [("http", "too_many_flows")]
 
     run(main)
-
-
-# -- HTTP target parsing --------------------------------------------------------------------
-
-names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", fullmatch=True)
-http_hosts = st.one_of(names, st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str))
-
-
-def authority(host: str, port: int) -> bytes:
-    return str(Destination(host, port)).encode()
-
-
-@given(
-    host=http_hosts,
-    port=st.integers(1, 65535),
-    path=st.from_regex(r"(/[a-z0-9?=&]*)?", fullmatch=True),
-)
-def test_targets_round_trip(host: str, port: int, path: str) -> None:
-    dest = parse_authority(authority(host, port))
-    assert dest == Destination(host, port)
-    url = b"http://" + authority(host, port) + path.encode()
-    dest, auth, origin_form = parse_absolute_url(url)
-    assert dest == Destination(host, port)
-    assert auth == authority(host, port)
-    assert origin_form == (path.encode() if path.startswith("/") else b"/" + path.encode())
-
-
-@given(st.binary(max_size=300))
-def test_target_parsers_reject_cleanly(data: bytes) -> None:
-    for parse in (parse_authority, parse_absolute_url):
-        try:
-            parse(data)
-        except BadTarget:
-            pass
-    basic_credentials(data)  # None or a pair, never an exception
-
-
-@given(
-    names=st.lists(
-        st.sampled_from([b"Connection", b"Proxy-Connection", b"X-A", b"Te"]), max_size=6
-    ),
-    value=st.sampled_from([b"close", b"keep-alive, X-A", b"Content-Length", b"te"]),
-)
-def test_rewrite_head_drops_hop_by_hop_keeps_framing(names: list[bytes], value: bytes) -> None:
-    headers = [(b"Host", b"x"), (b"Content-Length", b"3")] + [(n, value) for n in names]
-    req = h11.Request(method=b"POST", target=b"http://x/", headers=headers)
-    head = rewrite_head(req, b"x:80", b"/")
-    lines = head.split(b"\r\n")
-    assert lines[0] == b"POST / HTTP/1.1"
-    assert lines[1] == b"Host: x:80"
-    assert b"Content-Length: 3" in lines
-    assert lines[-3:] == [b"Connection: close", b"", b""]
-    assert not any(n.lower().startswith((b"proxy-", b"te:")) for n in lines)
-    assert sum(line.lower().startswith(b"connection:") for line in lines) == 1
 
 
 # -- real curl through the on-ramps ---------------------------------------------------------

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from ramp.net.pktinfo import PktinfoEndpoint
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 20))  # type: ignore[arg-type]
+from ramp.testing.loopback import run_on_loop as run
+from ramp.testing.wait import until
 
 
 class Echo:
@@ -159,10 +149,7 @@ def test_oversized_datagram_is_counted_not_delivered() -> None:
         try:
             client.sendto(b"x" * 101, ("127.0.0.1", ep.port))
             client.sendto(b"y" * 100, ("127.0.0.1", ep.port))
-            for _ in range(100):
-                if got:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: got, what="the datagram that fits")
             assert got == [b"y" * 100]
             assert ep.errors["truncated"] == 1
         finally:
@@ -191,11 +178,7 @@ def test_callback_errors_and_send_errors_are_counted() -> None:
         try:
             client.sendto(b"boom", ("127.0.0.1", ep.port))
             client.sendto(b"ok", ("127.0.0.1", ep.port))
-            for _ in range(100):
-                if calls == 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert calls == 2
+            await until(lambda: calls == 2, what="both datagrams handled")
             assert ep.errors["callback_error"] == 1
             assert ep.errors["send_error"] == 1 and errors == ["send_error"]
         finally:

@@ -13,28 +13,20 @@ import os
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-import uvloop
 
 from ramp.config import EdgeConfig
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.onramps.socks5 import Socks5Server
 from ramp.onramps.socks5_udp import UdpAssociation
 from ramp.testing.clients import ProxyError, socks5_udp_associate, udp_unwrap, udp_wrap
+from ramp.testing.loopback import LOOPS
+from ramp.testing.loopback import run_on_loop as run
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {
-    "asyncio": None,
-    "uvloop": uvloop.new_event_loop,
-}
-TIMEOUT = 5.0
-
-
-def run(fn: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(asyncio.wait_for(fn(), 30))  # type: ignore[arg-type]
+TIMEOUT = 15.0  # for things that do happen; silence is checked with `silent`
 
 
 # -- fakes ----------------------------------------------------------------------------------

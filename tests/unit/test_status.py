@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter
 from ramp.flows.flow import Decision, Destination, Flow, FlowResult, Identity, Route
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.status import StatusServer, start_status_server
+from ramp.testing.wait import until
 
 
 def aio(f: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -188,7 +189,8 @@ async def test_close_drops_open_connections() -> None:
     server, _ = await _server()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /metr")
-    await asyncio.sleep(0.05)
+    # the connection is being served (half a request read) when the server closes
+    await until(lambda: server._conns, what="the server to accept the connection")
     await asyncio.wait_for(server.close(), 5)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()

@@ -8,86 +8,16 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ramp.config import ConnectorConfig, EdgeConfig
+from ramp.config import ConnectorConfig
 from ramp.connector import Connector
-from ramp.edge import Edge
 from ramp.store.db import Store
+from ramp.testing.loopback import make_token, run, tunnel
+from ramp.testing.wait import settled, until
 from ramp.tunnel.token import Token
-
-
-@dataclass
-class Tunnel:
-    edge: Edge
-    connector: Connector
-    socks_port: int
-    stop: asyncio.Event
-    task: asyncio.Task[int]
-    data_dir: Path
-
-
-def make_token(data_dir: Path, name: str, edge_port: int) -> str:
-    with Store(data_dir) as store:
-        t = store.get_tunnel(name) or store.create_tunnel(name)
-        fp = store.edge_identity().ca_fingerprint
-        return Token(t.id, store.tunnel_secret(t.id), [f"127.0.0.1:{edge_port}"], fp).encode()
-
-
-@asynccontextmanager
-async def tunnel(
-    tmp_path: Path,
-    ha: int = 2,
-    connector_kw: dict[str, object] | None = None,
-    **edge_kw: object,
-) -> AsyncIterator[Tunnel]:
-    with Store(tmp_path) as store:
-        if store.get_tunnel("corp") is None:
-            store.create_tunnel("corp")
-        store.add_route("127.0.0.0/8", "corp")
-    edge = Edge(
-        EdgeConfig(
-            data_dir=tmp_path,
-            tunnel_listen="127.0.0.1:0",
-            socks5_listen="127.0.0.1:0",
-            http_listen="off",
-            metrics_listen="off",
-            audit_log=str(tmp_path / "audit.log"),
-            **edge_kw,  # type: ignore[arg-type]
-        )
-    )
-    await edge.start()
-    assert edge.tunnels is not None
-    token = make_token(tmp_path, "corp", edge.tunnels.port)
-    connector = Connector(
-        ConnectorConfig(
-            data_dir=tmp_path,
-            token=token,
-            ha_connections=ha,
-            metrics_listen="off",
-            **(connector_kw or {}),  # type: ignore[arg-type]
-        ),
-        Token.decode(token),
-    )
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(connector.run(stop))
-    for _ in range(200):
-        if edge.ready()[0] and len(connector.client.live) == ha:
-            break
-        await asyncio.sleep(0.02)
-    assert edge.ready()[0], "connector did not register"
-    try:
-        yield Tunnel(edge, connector, edge.onramps[0].port, stop, task, tmp_path)
-    finally:
-        stop.set()
-        connector.config.grace_period = 0
-        await asyncio.wait_for(task, 10)
-        await edge.close()
 
 
 async def socks_connect(
@@ -112,10 +42,6 @@ async def echo_server() -> tuple[asyncio.Server, int]:
 
     srv = await asyncio.start_server(echo, "127.0.0.1", 0)
     return srv, srv.sockets[0].getsockname()[1]
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def test_bulk_transfer_and_echo(tmp_path: Path) -> None:
@@ -183,16 +109,16 @@ def test_slow_reader_is_bounded_by_flow_control(tmp_path: Path) -> None:
             await r.readexactly(2)
             w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", oport))
             assert (await r.readexactly(10))[1] == 0
-            await asyncio.sleep(1.5)  # not reading
+            # not reading: wait until the origin is held back (it stops getting anywhere)
+            await until(lambda: sent > 0, what="the origin to start sending")
+            await settled(lambda: sent, what="the origin to be held back")
             buffered = 0
             assert t.edge.tunnels is not None
             for entry in t.edge.tunnels.tunnels.values():
                 for conn in entry.conns:
                     for b in conn.bridges.values():
                         tr = b._transport
-                        buffered += (tr.get_write_buffer_size() if tr else 0) + sum(
-                            len(c) for c in b._pending_in
-                        )
+                        buffered += (tr.get_write_buffer_size() if tr else 0) + b.state.pending_in
             # user space holds at most one window plus the write high-water mark
             assert buffered <= 1024 * 1024 + 512 * 1024, buffered
             # and the origin was held back (kernel buffers take a few MB at most)
@@ -262,15 +188,15 @@ def test_flows_spread_over_connections_and_survive_loss(tmp_path: Path) -> None:
             assert all(c.bridges for c in conns), "flows should use every connection"
             victim = conns[0]
             victim_streams = set(victim.bridges)
-            victim._quic.close(error_code=0, reason_phrase="test kill")
+            victim.quic.close(error_code=0, reason_phrase="test kill")
             victim.transmit()
-            await asyncio.sleep(0.3)
+            await until(lambda: not victim.bridges, what="the edge to drop the victim's flows")
             broken = 0
             for r, w, _ in clients:
                 try:
                     w.write(b"ping")
                     await w.drain()
-                    got = await asyncio.wait_for(r.readexactly(4), 2)
+                    got = await asyncio.wait_for(r.readexactly(4), 10)
                     assert got == b"ping"
                 except (ConnectionError, asyncio.IncompleteReadError):
                     broken += 1
@@ -279,7 +205,7 @@ def test_flows_spread_over_connections_and_survive_loss(tmp_path: Path) -> None:
             r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
             assert rep == 0
             w.write(b"again")
-            assert await asyncio.wait_for(r.readexactly(5), 2) == b"again"
+            assert await asyncio.wait_for(r.readexactly(5), 10) == b"again"
             w.close()
         srv.close()
 
@@ -304,11 +230,7 @@ def test_deleted_tunnel_and_bad_secret_are_refused(tmp_path: Path) -> None:
             with Store(tmp_path) as store:
                 store.delete_tunnel("corp")
             # the edge notices within its poll interval and drops the live connections
-            for _ in range(50):
-                if not t.edge.ready()[0]:
-                    break
-                await asyncio.sleep(0.1)
-            assert not t.edge.ready()[0]
+            await until(lambda: not t.edge.ready()[0], what="the edge to drop the tunnel")
             c = Connector(
                 ConnectorConfig(
                     data_dir=tmp_path, token=good.encode(), metrics_listen="off", ha_connections=1
@@ -336,16 +258,17 @@ def test_graceful_shutdown_lets_open_flows_finish(tmp_path: Path) -> None:
     async def main() -> None:
         srv, oport = await echo_server()
         async with tunnel(tmp_path) as t:
-            t.connector.config.grace_period = 30
+            t.connector.config.grace_period = 3600
             r, w, rep = await socks_connect(t.socks_port, "127.0.0.1", oport)
             assert rep == 0
             t.stop.set()  # what the first SIGTERM does
-            for _ in range(100):
-                if t.edge.tunnels and all(
-                    c.draining for e in t.edge.tunnels.tunnels.values() for c in e.conns
-                ):
-                    break
-                await asyncio.sleep(0.02)
+            await until(
+                lambda: (
+                    t.edge.tunnels is not None
+                    and all(c.draining for e in t.edge.tunnels.tunnels.values() for c in e.conns)
+                ),
+                what="every connection to drain",
+            )
             # no new flows go to a draining connector
             _, w2, rep2 = await socks_connect(t.socks_port, "127.0.0.1", oport)
             assert rep2 == 0x03
@@ -355,9 +278,8 @@ def test_graceful_shutdown_lets_open_flows_finish(tmp_path: Path) -> None:
             assert await asyncio.wait_for(r.readexactly(10), 5) == b"still here"
             assert not t.task.done()
             w.close()
-            started = asyncio.get_running_loop().time()
-            assert await asyncio.wait_for(t.task, 10) == 0
-            assert asyncio.get_running_loop().time() - started < 5
+            # exits with the last flow, long before the grace period would end it
+            assert await asyncio.wait_for(t.task, 30) == 0
         srv.close()
 
     run(main())
@@ -414,17 +336,20 @@ def test_version_negotiation_is_never_answered_to_vn_or_short_packets(tmp_path: 
             sock.sendto(
                 b"\xc0\x1a\x2a\x3a\x4a\x08" + b"c" * 8 + b"\x08" + b"d" * 8, ("127.0.0.1", port)
             )
-            await asyncio.sleep(0.3)
+
+            def dropped() -> float:
+                return sum(
+                    s.value
+                    for m in t.edge.metrics.registry.collect()
+                    if m.name == "ramp_tunnel_bad_packets"
+                    for s in m.samples
+                    if s.name.endswith("_total")
+                )
+
+            # each packet is counted as it is dropped; an answer would have been sent then
+            await until(lambda: dropped() >= 2, what="both packets to be counted")
             with pytest.raises(BlockingIOError):
                 sock.recv(2048)
-            dropped = sum(
-                s.value
-                for m in t.edge.metrics.registry.collect()
-                if m.name == "ramp_tunnel_bad_packets"
-                for s in m.samples
-                if s.name.endswith("_total")
-            )
-            assert dropped >= 2
             sock.close()
 
     run(main())
@@ -467,3 +392,49 @@ def test_a_non_socket_endpoint_is_a_flow_client_through_tunnel_and_direct(
         srv.close()
 
     asyncio.run(main())
+
+
+def test_edge_and_connector_write_the_same_record_of_a_flow(tmp_path: Path) -> None:
+    """One JSON record format on both roles; the connector's names the user, the on-ramp and
+    the edge's flow id, so the two lines of a flow can be joined."""
+    import json
+
+    from ramp.testing.clients import socks5_connect
+
+    async def main() -> None:
+        srv, port = await echo_server()
+        connector_log = tmp_path / "connector-audit.log"
+        async with tunnel(
+            tmp_path, ha=1, users={"alice": "pw"}, connector_kw={"audit_log": str(connector_log)}
+        ) as t:
+
+            def fetch() -> bytes:
+                sock = socket.create_connection(("127.0.0.1", t.socks_port), timeout=30)
+                try:
+                    assert socks5_connect(sock, "127.0.0.1", port, user="alice", password="pw") == 0
+                    sock.sendall(b"ping")
+                    sock.shutdown(socket.SHUT_WR)
+                    data = b""
+                    while chunk := sock.recv(4096):
+                        data += chunk
+                    return data
+                finally:
+                    sock.close()
+
+            assert await asyncio.get_running_loop().run_in_executor(None, fetch) == b"ping"
+            edge_log = tmp_path / "audit.log"
+            await until(lambda: edge_log.exists() and edge_log.read_text().strip() != "")
+            await until(lambda: connector_log.exists() and connector_log.read_text().strip() != "")
+            (edge_rec,) = [json.loads(line) for line in edge_log.read_text().splitlines()]
+            (conn_rec,) = [json.loads(line) for line in connector_log.read_text().splitlines()]
+        srv.close()
+        assert list(edge_rec) == list(conn_rec)  # same record, same order
+        assert edge_rec["flow"] == conn_rec["flow"]
+        assert edge_rec["identity"] == conn_rec["identity"] == "alice"
+        assert edge_rec["onramp"] == conn_rec["onramp"] == "socks5"
+        assert edge_rec["rule"] == "default" and edge_rec["offramp"] == "tunnel"
+        assert conn_rec["offramp"] == "origin" and conn_rec["vnet"] == "default"
+        assert edge_rec["bytes_up"] == conn_rec["bytes_up"] == 4
+        assert edge_rec["result"] == conn_rec["result"] == "ok"
+
+    run(main())

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from test_tunnel_loopback import run, tunnel
 
 from ramp.flows.flow import Destination, Flow, FlowError
-from ramp.net.sockopts import set_buffers
 from ramp.store.db import Store
+from ramp.testing.loopback import run, tunnel, udp_echo_origin
+from ramp.testing.wait import DEADLINE, until
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions
 from ramp.wire.tunnel import (
@@ -23,23 +22,6 @@ from ramp.wire.tunnel import (
     parse_datagram,
     payload_prefix,
 )
-
-
-class Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.sendto(data, addr)  # type: ignore[attr-defined]
-
-
-async def echo_server() -> tuple[asyncio.DatagramTransport, int]:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    set_buffers(sock, 4 * 1024 * 1024)  # the burst below must not overflow the origin
-    transport, _ = await loop.create_datagram_endpoint(Echo, sock=sock)
-    return transport, transport.get_extra_info("sockname")[1]
 
 
 def udp_flow(port: int) -> Flow:
@@ -62,7 +44,7 @@ def test_echo_small_and_large_datagrams(tmp_path: Path) -> None:
     """Sizes up to 65,507 bytes arrive intact: big ones take the stream fallback."""
 
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path) as t:
             session, got, _ = await open_session(t.edge, port)
             sizes = [1, 2, 100, 1000, 1150, 1200, 1400, 1472, 1500, 4000, 9000, 30000, 65507]
@@ -84,16 +66,19 @@ def test_echo_small_and_large_datagrams(tmp_path: Path) -> None:
 
 def test_idle_timeout_closes_both_sides_and_reopens(tmp_path: Path) -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, udp_idle_timeout=1.0) as t:
             t.connector.client.sessions.idle_timeout = 1.0  # type: ignore[union-attr]
             session, got, closed = await open_session(t.edge, port)
             session.send(b"x")
             assert await asyncio.wait_for(got.get(), 5) == b"x"
-            await asyncio.sleep(2.5)
-            assert closed and "idle" in closed[0]
+            await until(lambda: closed, what="the edge's idle timeout")
+            assert "idle" in closed[0]
             assert not t.edge.sessions.sessions  # type: ignore[union-attr]
-            assert not t.connector.client.sessions.sessions  # type: ignore[union-attr]
+            await until(
+                lambda: not t.connector.client.sessions.sessions,  # type: ignore[union-attr]
+                what="the connector to close its side",
+            )
             session2, got2, _ = await open_session(t.edge, port)
             session2.send(b"again")
             assert await asyncio.wait_for(got2.get(), 5) == b"again"
@@ -104,24 +89,24 @@ def test_idle_timeout_closes_both_sides_and_reopens(tmp_path: Path) -> None:
 
 def test_session_moves_when_its_connection_dies(tmp_path: Path) -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, ha=2) as t:
             session, got, closed = await open_session(t.edge, port)
             session.send(b"one")
             assert await asyncio.wait_for(got.get(), 5) == b"one"
             conn = session.conn
-            conn._quic.close(error_code=0, reason_phrase="test kill")
+            conn.quic.close(error_code=0, reason_phrase="test kill")
             conn.transmit()
-            await asyncio.sleep(0.2)
+            # datagrams sent while the session moves may be lost: repeat until one is echoed
             loop = asyncio.get_running_loop()
-            start = loop.time()
+            deadline = loop.time() + DEADLINE
             while True:
                 session.send(b"two")
                 try:
                     assert await asyncio.wait_for(got.get(), 0.5) == b"two"
                     break
                 except TimeoutError:
-                    assert loop.time() - start < 5, "session did not move"
+                    assert loop.time() < deadline, "session did not move"
             assert session.conn is not conn
             assert not closed
         transport.close()
@@ -158,7 +143,7 @@ class FakeConn:
 
 def test_connector_answers_repeats_once_and_enforces_its_limit() -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         ends = []
         drops: list[str] = []
         bad: list[str] = []
@@ -175,7 +160,7 @@ def test_connector_answers_repeats_once_and_enforces_its_limit() -> None:
         conn = FakeConn()
         reg = encode_session_control(SessionRegister(7, 1, "127.0.0.1", port, 0))
         sessions.datagram(conn, reg)  # type: ignore[arg-type]
-        await asyncio.sleep(0.1)
+        await until(lambda: conn.sent, what="the registration to be answered")
         sessions.datagram(conn, reg)  # a repeat: answered again, not doubled
         assert len(sessions.sessions) == 1
         answers = [parse_datagram(d) for d in conn.sent]
@@ -188,10 +173,7 @@ def test_connector_answers_repeats_once_and_enforces_its_limit() -> None:
         # payload round trip through the origin socket
         conn.sent.clear()
         sessions.datagram(conn, payload_prefix(7) + b"ping")  # type: ignore[arg-type]
-        for _ in range(50):
-            if conn.sent:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: conn.sent, what="the echo from the origin")
         assert parse_datagram(conn.sent[0]) == (7, b"ping")
         # garbage and unknown sessions are counted, not fatal
         sessions.datagram(conn, b"\x07\x01")  # type: ignore[arg-type]
@@ -208,7 +190,7 @@ def test_direct_udp_egress(tmp_path: Path) -> None:
     """With direct egress on, a destination outside every route is reached by the edge."""
 
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, allow_direct_egress=True) as t:
             with Store(tmp_path) as store:
                 store.delete_route("127.0.0.0/8")
@@ -226,25 +208,27 @@ def test_direct_udp_egress(tmp_path: Path) -> None:
 
 def test_malformed_and_unknown_datagrams_at_the_edge_are_counted(tmp_path: Path) -> None:
     async def main() -> None:
-        transport, port = await echo_server()
+        transport, port = await udp_echo_origin()
         async with tunnel(tmp_path, ha=1) as t:
             session, got, _ = await open_session(t.edge, port)
             conn = next(iter(t.connector.client.live))
             conn.send_datagram(b"\x3f")  # a kind with no session id
             conn.send_datagram(b"\x09\x01junk")  # unknown kind
             conn.send_datagram(payload_prefix(424242) + b"nobody")  # unknown session
-            await asyncio.sleep(0.3)
-            samples = {
-                (m.name, tuple(sorted(s.labels.items()))): s.value
-                for m in t.edge.metrics.registry.collect()
-                for s in m.samples
-                if s.name.endswith("_total")
-            }
-            bad = samples.get(
-                ("ramp_bad_input", (("onramp", "tunnel"), ("reason", "malformed_datagram")))
-            )
-            assert bad == 2
-            assert samples.get(("ramp_udp_drops", (("reason", "unknown_session"),))) == 1
+
+            def counts() -> tuple[float | None, float | None]:
+                registry = t.edge.metrics.registry
+                return (
+                    registry.get_sample_value(
+                        "ramp_bad_input_total", {"onramp": "tunnel", "reason": "malformed_datagram"}
+                    ),
+                    registry.get_sample_value(
+                        "ramp_udp_drops_total", {"reason": "unknown_session"}
+                    ),
+                )
+
+            await until(lambda: sum(c or 0 for c in counts()) >= 3, what="three counted datagrams")
+            assert counts() == (2, 1)
             session.send(b"still fine")
             assert await asyncio.wait_for(got.get(), 5) == b"still fine"
         transport.close()

@@ -10,10 +10,29 @@ ended); when it ends, its result and counts are reported once (metrics, one audi
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=65536)
+def parse_ip(text: str) -> IPAddress | None:
+    """The address an IP literal names (IPv4-mapped IPv6 as IPv4), or None for a name.
+
+    Every flow's destination is looked at by the router, the policy and the route table;
+    parsing it once per distinct string keeps ipaddress off the per-flow path."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0] if "%" in text else text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class FlowResult(enum.Enum):

@@ -58,7 +58,10 @@ class FlowMetrics:
             "ramp_udp_bytes", "UDP payload bytes relayed.", ["direction"], registry=registry
         )
         self.udp_drops = Counter(
-            "ramp_udp_drops", "UDP datagrams dropped, by reason.", ["reason"], registry=registry
+            "ramp_udp_drops",
+            "UDP datagrams dropped, by reason (too_many_sessions: a session refused at the limit).",
+            ["reason"],
+            registry=registry,
         )
         # per-datagram hot path: bind the labelled children once
         self._dgram_children = {

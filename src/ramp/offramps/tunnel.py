@@ -12,77 +12,19 @@ from ramp.flows.opener import UdpSession
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import CODE_TO_RESULT
 from ramp.tunnel.edge_side import STALE_AFTER, EdgeConnection, TunnelEdge
+from ramp.tunnel.flow_open import ConnectionGone
+from ramp.tunnel.flow_open import PendingFlow as _PendingFlow
 from ramp.tunnel.sessions_edge import EdgeSessions
 from ramp.wire.tunnel import (
     ConnectCode,
     ConnectResult,
     ConnectTcp,
-    FrameDecoder,
-    ProtocolError,
     StreamError,
     encode_frame,
 )
 
 STALE_CHECK = 0.25
 DRAIN_TIMEOUT = 60.0  # a client that stops reading after the end of a flow is cut after this
-
-
-class ConnectionGone(Exception):
-    """The tunnel connection died before the connector answered: try another one."""
-
-
-class _PendingFlow:
-    """Stream handler while the edge waits for CONNECT_RESULT."""
-
-    def __init__(self, window: int) -> None:
-        self.decoder = FrameDecoder()
-        self.result: asyncio.Future[ConnectResult] = asyncio.get_running_loop().create_future()
-        self.extra: list[bytes] = []
-        self.extra_len = 0
-        self.window = window
-        self.fin = False
-        self.reset_code: int | None = None
-        self.lost = False
-
-    def stream_data(self, data: bytes, fin: bool) -> None:
-        if self.result.done():
-            # origin bytes that came right behind the answer, before the bridge took over
-            self.extra.append(data)
-            self.extra_len += len(data)
-            self.fin = self.fin or fin
-            return
-        try:
-            frame = self.decoder.feed_one(data)
-        except ProtocolError as e:
-            self.result.set_exception(FlowError(FlowResult.ERROR, f"tunnel protocol: {e}"))
-            return
-        if frame is not None:
-            if not isinstance(frame, ConnectResult):
-                self.result.set_exception(
-                    FlowError(FlowResult.ERROR, "tunnel protocol: expected CONNECT_RESULT")
-                )
-                return
-            rest = self.decoder.take_rest()
-            if rest:
-                self.extra.append(rest)
-                self.extra_len += len(rest)
-            self.fin = fin
-            self.result.set_result(frame)
-        elif fin:
-            self.result.set_exception(FlowError(FlowResult.ERROR, "connector closed the stream"))
-
-    def stream_reset(self, code: int) -> None:
-        self.reset_code = code  # also after the answer: the bridge must learn of it
-        if not self.result.done():
-            self.result.set_exception(FlowError(FlowResult.ERROR, f"connector reset ({code})"))
-
-    def stop_sending(self, code: int) -> None:
-        self.stream_reset(code)
-
-    def connection_lost(self) -> None:
-        self.lost = True
-        if not self.result.done():
-            self.result.set_exception(ConnectionGone())
 
 
 async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> TunnelLeg:
@@ -95,6 +37,8 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
     meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
     if flow.user is not None:
         meta["identity"] = flow.user
+    if flow.vnet is not None:
+        meta["vnet"] = flow.vnet
     if flow.resolved and flow.resolved != flow.destination.host:
         meta["host"] = flow.destination.host
     header = ConnectTcp(flow.id, host, flow.destination.port, FLOW_WINDOW, meta)

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import errno
 import logging
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +28,7 @@ import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
-import dns.opcode
 import dns.rcode
-import dns.rdatatype
 
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import FlowError
@@ -39,6 +36,20 @@ from ramp.flows.opener import FlowOpener
 from ramp.net.listen import tcp_listen_socket
 from ramp.net.pktinfo import Address, PktinfoEndpoint
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
+from ramp.wire.dns import (
+    HEADER_SIZE,
+    QueryRejected,
+    answer_for,
+    describe,
+    frame_length,
+    header_reply,
+    rcode_of,
+    rcode_reply,
+    read_query,
+    tcp_frame,
+    truncate,
+    udp_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,75 +60,11 @@ TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 6.2.3: seconds, not minutes
 UDP_BUFFER = 1 << 20
 PORT_RETRIES = 8  # port 0: tries to find a port free for both UDP and TCP
 
-HEADER = struct.Struct("!HHHHHH")
-_QR = 0x8000
-_OPCODE_MASK = 0x7800
-_RD = 0x0100
-_TC = 0x0200
-
-
-def header_reply(wire: bytes, rcode: int) -> bytes:
-    """An answer with no sections to a query whose header is all we could read."""
-    qid, flags = struct.unpack_from("!HH", wire)
-    flags = _QR | (flags & (_OPCODE_MASK | _RD)) | (rcode & 0xF)
-    return HEADER.pack(qid, flags, 0, 0, 0, 0)
-
-
-def rcode_reply(query: dns.message.Message, rcode: int) -> bytes:
-    """An answer to `query` carrying only its question (and EDNS if the query had it)."""
-    try:
-        r = dns.message.make_response(query)
-        r.set_rcode(rcode)
-        return r.to_wire(max_size=65535)
-    except Exception:  # a query dnspython parses but cannot answer: the header will do
-        flags = _QR | (query.flags & (_OPCODE_MASK | _RD)) | (rcode & 0xF)
-        return HEADER.pack(query.id, flags, 0, 0, 0, 0)
-
-
-def udp_limit(query: dns.message.Message) -> int:
-    """The largest UDP answer the client accepts (RFC 6891 6.2.3-6.2.5)."""
-    if query.edns < 0:
-        return 512
-    return min(max(query.payload, 512), 65535)
-
-
-def truncate(answer: bytes, query: dns.message.Message, limit: int) -> bytes:
-    """Fit `answer` into `limit` bytes for UDP.
-
-    Dropping additional records is fine without TC; when the answer or authority section does
-    not fit, the client gets the header and question with TC set and must retry over TCP.
-    """
-    try:
-        msg = dns.message.from_wire(answer)
-        wire = msg.to_wire(max_size=limit, prefer_truncation=True)
-        if not wire[2] & (_TC >> 8) and len(wire) <= limit:
-            return wire
-        msg.answer, msg.authority, msg.additional = [], [], []
-        msg.flags |= dns.flags.TC
-        wire = msg.to_wire(max_size=limit, prefer_truncation=True)
-        if len(wire) <= limit:
-            return wire
-    except Exception:
-        pass  # an answer we cannot re-render (e.g. TSIG): answer from the query instead
-    (flags,) = struct.unpack_from("!H", answer, 2)
-    try:
-        r = dns.message.make_response(query)
-        r.flags |= dns.flags.TC | (flags & (dns.flags.AA | dns.flags.RA))
-        r.set_rcode(flags & 0xF)
-        return r.to_wire(max_size=limit, prefer_truncation=True)
-    except Exception:
-        return answer[:2] + struct.pack("!H", flags | _TC) + bytes(8)
-
 
 def _peer(addr: Any) -> tuple[str, int]:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[0]), int(addr[1])
     return str(addr), 0
-
-
-def _describe(query: dns.message.Message) -> str:
-    q = query.question[0]
-    return f"{q.name.to_text()} {dns.rdatatype.to_text(q.rdtype)}"
 
 
 class DnsServer:
@@ -229,31 +176,15 @@ class DnsServer:
         """Parse a query. Returns (query, None) to answer it, counting it as in flight (the
         caller must then `_start_answer`); or (None, reply) to send `reply` at once; or
         (None, None) to drop it."""
-        if len(wire) < HEADER.size:
-            self.opener.bad_input(self.onramp, "short_message", peer)
-            return None, None
-        if wire[2] & (_QR >> 8):
-            # Answering a response invites loops between two servers: drop it.
-            self.opener.bad_input(self.onramp, "not_a_query", peer)
-            return None, None
         try:
-            query = dns.message.from_wire(wire)
-        except dns.message.UnknownTSIGKey:
-            self._count("refused")
-            self.opener.bad_input(self.onramp, "tsig_unsupported", peer)
-            return None, header_reply(wire, dns.rcode.REFUSED)
-        except Exception as e:
-            self._count("formerr")
-            self.opener.bad_input(self.onramp, "malformed", peer)
-            log.debug("dns %s:%d: malformed query: %s", *peer, e)
-            return None, header_reply(wire, dns.rcode.FORMERR)
-        if query.opcode() != dns.opcode.QUERY:
-            self._count("notimp")
-            return None, rcode_reply(query, dns.rcode.NOTIMP)
-        if len(query.question) != 1:
-            self._count("formerr")
-            self.opener.bad_input(self.onramp, "question_count", peer)
-            return None, rcode_reply(query, dns.rcode.FORMERR)
+            query = read_query(wire)
+        except QueryRejected as e:
+            if e.outcome is not None:
+                self._count(e.outcome)
+            if e.reason is not None:
+                self.opener.bad_input(self.onramp, e.reason, peer)
+            log.debug("dns %s:%d: %s", *peer, e)
+            return None, e.reply
         if self.inflight >= self.max_inflight:
             self._count("refused")
             self.opener.bad_input(self.onramp, "too_many_queries", peer)
@@ -278,14 +209,14 @@ class DnsServer:
                     source = "upstream"
                     answer = await self._forward(query, deadline)
         except (FlowError, TimeoutError, OSError, dns.exception.DNSException) as e:
-            log.debug("dns %s:%d: %s via %s failed: %s", *peer, _describe(query), source, e)
+            log.debug("dns %s:%d: %s via %s failed: %s", *peer, describe(query), source, e)
             source, answer = "servfail", rcode_reply(query, dns.rcode.SERVFAIL)
         except Exception:
-            log.exception("dns %s:%d: answering %s failed", *peer, _describe(query))
+            log.exception("dns %s:%d: answering %s failed", *peer, describe(query))
             source, answer = "servfail", rcode_reply(query, dns.rcode.SERVFAIL)
-        if len(answer) < HEADER.size:
+        if len(answer) < HEADER_SIZE:
             source, answer = "servfail", rcode_reply(query, dns.rcode.SERVFAIL)
-        answer = wire[:2] + answer[2:]
+        answer = answer_for(answer, wire)
         if transport == "udp":
             limit = udp_limit(query)
             if len(answer) > limit:
@@ -297,8 +228,8 @@ class DnsServer:
                 "dns %s %s:%d %s -> %s via %s (%d bytes)",
                 transport,
                 *peer,
-                _describe(query),
-                dns.rcode.to_text(answer[3] & 0xF),
+                describe(query),
+                dns.rcode.to_text(rcode_of(answer)),
                 source,
                 len(answer),
             )
@@ -389,7 +320,7 @@ class DnsServer:
         except TimeoutError:
             log.debug("dns tcp %s:%d: idle, closing", *peer)
             return False
-        (size,) = struct.unpack("!H", head)
+        size = frame_length(head)
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 wire = await reader.readexactly(size)
@@ -426,7 +357,7 @@ class DnsServer:
         self, writer: asyncio.StreamWriter, lock: asyncio.Lock, msg: bytes
     ) -> None:
         async with lock:
-            writer.write(struct.pack("!H", len(msg)) + msg)
+            writer.write(tcp_frame(msg))
             try:
                 async with asyncio.timeout(self.tcp_idle_timeout):
                     await writer.drain()

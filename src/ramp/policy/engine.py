@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
-
-from ramp.flows.flow import Flow
+from ramp.flows.flow import Decision, Flow, parse_ip
 from ramp.policy.hooks import Allow, Deny, LoadedHook
 from ramp.policy.rules import Facts, Policy, Verdict
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def facts_of(flow: Flow) -> Facts:
     host = flow.destination.host
-    literal = _is_ip(host)
+    literal = parse_ip(host) is not None
     ident = flow.identity
     return Facts(
         identity=ident.name if ident is not None else None,
@@ -53,5 +43,14 @@ class PolicyHook:
         v = self.verdict(flow)
         return Allow(v.why, v.rule) if v.allowed else Deny(v.why, v.rule)
 
+    def decide(self, flow: Flow) -> Decision:
+        v = self.verdict(flow)
+        return Decision(v.allowed, v.rule, v.why)
+
     def as_hook(self) -> LoadedHook:
-        return LoadedHook(self.name, {"flow_start": self.flow_start}, {"flow_start": False})
+        return LoadedHook(
+            self.name,
+            {"flow_start": self.flow_start},
+            {"flow_start": False},
+            builtin=self.decide,
+        )

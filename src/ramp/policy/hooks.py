@@ -4,8 +4,8 @@ A hook file (or module) defines any of these functions, sync or async, at module
 the objects of a module-level `addons` list (the mitmproxy shape):
 
     flow_start(flow)                  -> Allow | Deny | None   (may annotate flow.annotations)
-    route(flow, candidates)           -> Route | None          (pick one of the candidates)
-    connect_request(flow, request)    -> Reply | None          (answer an HTTP proxy request)
+    route(flow, candidates)           -> Route | Deny | None   (pick one of the candidates)
+    connect_request(flow, request)    -> Reply | Deny | None   (answer an HTTP proxy request)
     flow_end(record)                  -> None                  (the final audit record, a dict)
 
 and optionally `setup(options)`, called once at load with the `options` of its config entry.
@@ -49,6 +49,9 @@ __all__ = [
 
 HOOK_POINTS = ("flow_start", "route", "connect_request", "flow_end")
 HOOK_ERROR = "hook_error"
+# What a hook may raise without taking the edge down: a stray sys.exit() in a hook is a bug in
+# the hook, not a request to stop the process. KeyboardInterrupt stays the operator's.
+_HOOK_FAILURES = (Exception, SystemExit)
 
 
 class HookLoadError(Exception):
@@ -68,6 +71,12 @@ class LoadedHook:
     name: str
     functions: dict[str, Callable[..., Any]]
     is_async: dict[str, bool]
+    # The built-in policy's own decision function: called directly, without the timing and
+    # answer checks user code gets (it is ours, synchronous and quick).
+    builtin: Callable[[Flow], Decision] | None = None
+
+
+_file_modules: dict[Path, str] = {}  # hook file -> the sys.modules name of its newest load
 
 
 def _load_module(source: str, counter: int) -> ModuleType:
@@ -81,15 +90,28 @@ def _load_module(source: str, counter: int) -> ModuleType:
         if spec is None or spec.loader is None:
             raise HookLoadError(f"hook file {source} cannot be imported")
         module = importlib.util.module_from_spec(spec)
+        # Registered while it runs, as an import would be: dataclasses, typing and pickle look
+        # a class's module up in sys.modules, and fail without it.
+        sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except _HOOK_FAILURES as e:
+            del sys.modules[name]
             raise HookLoadError(f"hook file {source}: {type(e).__name__}: {e}") from e
+        # Only the newest load of a file stays registered; older ones live on while hooks
+        # loaded from them are still in use, then go.
+        previous = _file_modules.get(path.resolve())
+        if previous is not None:
+            sys.modules.pop(previous, None)
+        _file_modules[path.resolve()] = name
         return module
+    # Only a module imported before (an earlier load) is reloaded: reloading a fresh import
+    # would run its top level, and so any state it sets up, twice.
+    loaded_before = source in sys.modules
     try:
         module = importlib.import_module(source)
-        return importlib.reload(module) if source in sys.modules else module
-    except Exception as e:
+        return importlib.reload(module) if loaded_before else module
+    except _HOOK_FAILURES as e:
         raise HookLoadError(f"hook module {source}: {type(e).__name__}: {e}") from e
 
 
@@ -103,7 +125,12 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
     for spec in specs:
         _loads += 1
         module = _load_module(spec.source, _loads)
-        targets: list[Any] = list(getattr(module, "addons", None) or [module])
+        addons = getattr(module, "addons", None)
+        if addons is not None and not isinstance(addons, list | tuple):
+            raise HookLoadError(
+                f"hook {spec.source}: addons must be a list of objects, not {type(addons).__name__}"
+            )
+        targets: list[Any] = list(addons or [module])
         for i, target in enumerate(targets):
             name = Path(spec.source).stem if spec.source.endswith(".py") else spec.source
             if len(targets) > 1:
@@ -112,7 +139,7 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
             if callable(setup):
                 try:
                     setup(dict(spec.options))
-                except Exception as e:
+                except _HOOK_FAILURES as e:
                     raise HookLoadError(
                         f"hook {name}: setup failed: {type(e).__name__}: {e}"
                     ) from e
@@ -131,6 +158,31 @@ def load_hooks(specs: Sequence[HookSpec]) -> list[LoadedHook]:
                 )
             )
     return loaded
+
+
+_NESTED = ("annotations",)  # the record's only nested mapping (observe.audit.flow_record)
+
+
+def _copy(record: dict[str, Any]) -> dict[str, Any]:
+    # Each flow_end hook gets its own record, nested annotations included, so one hook's
+    # changes never show in what the next one sees.
+    copy = dict(record)
+    for k in _NESTED:
+        if isinstance(copy.get(k), dict):
+            copy[k] = dict(copy[k])
+    return copy
+
+
+async def _contained(awaitable: Any) -> Any:
+    # wait_for runs the hook in a task of its own, and a task re-raises SystemExit into the
+    # event loop, which would stop the edge: turn it into an ordinary failure inside the task.
+    try:
+        return await awaitable
+    except SystemExit as e:
+        raise RuntimeError(f"hook called sys.exit({e.code!r})") from e
+
+
+_ANSWERS = (Allow, Deny, Reply, Route)
 
 
 class HookError(Exception):
@@ -156,6 +208,7 @@ class Hooks:
         self._on_error = on_error
         self._on_slow = on_slow
         self._log = LogLimiter()
+        self._pending: set[asyncio.Task[Any]] = set()
         self._by_point: dict[str, list[LoadedHook]] = {
             p: [h for h in self.hooks if p in h.functions] for p in HOOK_POINTS
         }
@@ -168,35 +221,45 @@ class Hooks:
         try:
             if hook.is_async[point]:
                 try:
-                    return await asyncio.wait_for(fn(*args), self.timeout)
+                    return await asyncio.wait_for(_contained(fn(*args)), self.timeout)
                 except TimeoutError:
                     raise HookError(
                         hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
                     ) from None
-            started = time.perf_counter()
-            value = fn(*args)
-            if inspect.isawaitable(value):  # a sync function that returned a coroutine
-                value = await asyncio.wait_for(value, self.timeout)
-            elapsed = time.perf_counter() - started
-            if elapsed > self.timeout:
-                if self._on_slow is not None:
-                    self._on_slow(hook.name, point)
-                if self._log.allow((hook.name, point, "slow")):
-                    log.warning(
-                        "hook %s %s took %.0f ms, over its %.0f ms budget: sync hooks must "
-                        "not block (make it async)",
-                        hook.name,
-                        point,
-                        elapsed * 1000,
-                        self.timeout * 1000,
-                    )
+            value = self._call_sync(hook, point, fn, *args)
+            # a sync function that returned a coroutine (the usual answers skip the ABC check)
+            if value is not None and type(value) not in _ANSWERS and inspect.isawaitable(value):
+                try:
+                    value = await asyncio.wait_for(_contained(value), self.timeout)
+                except TimeoutError:
+                    raise HookError(
+                        hook.name, point, "timeout", f"no answer within {self.timeout * 1000:g} ms"
+                    ) from None
             return value
         except HookError:
             raise
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except _HOOK_FAILURES as e:
             raise HookError(hook.name, point, "raised", f"{type(e).__name__}: {e}") from e
+
+    def _call_sync(self, hook: LoadedHook, point: str, fn: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        value = fn(*args)
+        elapsed = time.perf_counter() - started
+        if elapsed > self.timeout:
+            if self._on_slow is not None:
+                self._on_slow(hook.name, point)
+            if self._log.allow((hook.name, point, "slow")):
+                log.warning(
+                    "hook %s %s took %.0f ms, over its %.0f ms budget: sync hooks must "
+                    "not block (make it async)",
+                    hook.name,
+                    point,
+                    elapsed * 1000,
+                    self.timeout * 1000,
+                )
+        return value
 
     def _failed(self, e: HookError) -> None:
         if self._on_error is not None:
@@ -206,8 +269,11 @@ class Hooks:
 
     async def flow_start(self, flow: Flow) -> Decision:
         """Every hook's verdict; the first Deny wins, else the last rule that allowed."""
+        hooks = self._by_point["flow_start"]
+        if len(hooks) == 1 and hooks[0].builtin is not None:
+            return hooks[0].builtin(flow)  # the default set-up: just the policy
         allowed: Allow | None = None
-        for hook in self._by_point["flow_start"]:
+        for hook in hooks:
             try:
                 verdict = await self._call(hook, "flow_start", flow)
             except HookError as e:
@@ -255,6 +321,12 @@ class Hooks:
                 return Deny(answer.reason, answer.rule or f"hook:{hook.name}")
             if isinstance(answer, Reply):
                 return answer
+            if answer is not None and not isinstance(answer, Allow):
+                # An answer the edge cannot send must not let the request through unchecked.
+                self._failed(
+                    HookError(hook.name, "connect_request", "raised", f"returned {answer!r}")
+                )
+                return Deny(HOOK_ERROR, f"hook:{hook.name}")
         return None
 
     def flow_end(self, record: dict[str, Any]) -> None:
@@ -262,19 +334,23 @@ class Hooks:
         if not hooks:
             return
         for hook in hooks:
-            if hook.is_async["flow_end"]:
-                task = asyncio.get_running_loop().create_task(
-                    self._call(hook, "flow_end", dict(record))
-                )
-                task.add_done_callback(self._flow_end_done)
-                continue
+            fn = hook.functions["flow_end"]
             try:
-                fn = hook.functions["flow_end"]
-                fn(dict(record))
-            except Exception as e:
+                if hook.is_async["flow_end"]:
+                    task = asyncio.get_running_loop().create_task(
+                        self._call(hook, "flow_end", _copy(record))
+                    )
+                    # The loop keeps only weak references to tasks: without this one an
+                    # unfinished flow_end could be collected before it runs to its end.
+                    self._pending.add(task)
+                    task.add_done_callback(self._flow_end_done)
+                else:
+                    self._call_sync(hook, "flow_end", fn, _copy(record))
+            except _HOOK_FAILURES as e:
                 self._failed(HookError(hook.name, "flow_end", "raised", f"{type(e).__name__}: {e}"))
 
     def _flow_end_done(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
         if task.cancelled():
             return
         e = task.exception()

@@ -43,6 +43,7 @@ class FlowPipeline:
         on_decision: Callable[[bool], None] | None = None,
         on_setup: Callable[[float], None] | None = None,
         on_revoked: Callable[[], None] | None = None,
+        on_open: Callable[[Flow], None] | None = None,
     ) -> None:
         self.table = table
         self.hooks = hooks
@@ -56,6 +57,7 @@ class FlowPipeline:
         self._on_decision = on_decision
         self._on_setup = on_setup
         self._on_revoked = on_revoked
+        self._on_open = on_open
 
     # -- the path ---------------------------------------------------------------------------
 
@@ -122,6 +124,8 @@ class FlowPipeline:
         route, offramp = await self._decide_and_route(flow)
         leg: TcpLeg = await offramp.open_stream(flow, route)
         flow.advance(FlowState.OPENED)
+        if self._on_open is not None:
+            self._on_open(flow)
         if self._on_setup is not None:
             self._on_setup(time.monotonic() - started)
         return leg
@@ -146,6 +150,8 @@ class FlowPipeline:
             self.table.end(flow)
             raise
         flow.advance(FlowState.ESTABLISHED)
+        if self._on_open is not None:
+            self._on_open(flow)
 
         def stop(result: FlowResult, reason: str) -> None:
             flow.fail(result, reason)
@@ -172,6 +178,8 @@ class FlowPipeline:
         for flow in self.table:
             if flow.decision is None or not flow.decision.allowed or flow.stop is None:
                 continue
+            if flow.identity is not None:  # group membership may have changed (SIGHUP)
+                flow.identity = Identity(flow.identity.name, self._groups(flow.identity.name))
             verdict = self.policy.verdict(flow)
             if verdict.allowed:
                 continue

@@ -3,12 +3,13 @@ flow's virtual network."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from ramp.flows.flow import Flow, Route
+from ramp.flows.flow import Flow, Route, parse_ip
 
 # The store's name for it; kept here too so lookup does not import the store.
 DEFAULT_VNET = "default"
@@ -53,9 +54,15 @@ class RouteTable:
             self._by_len[version].append((plen, table))
 
     def lookup(self, address: str | IPAddress) -> RouteEntry | None:
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(address, str):
+            parsed = parse_ip(address)
+            if parsed is None:
+                raise ValueError(f"{address!r} is not an IP address")
+            ip: IPAddress = parsed
+        else:
+            ip = address
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
         bits = 32 if ip.version == 4 else 128
         value = int(ip)
         for plen, table in self._by_len[ip.version]:
@@ -106,27 +113,32 @@ class Router:
     async def candidates(self, flow: Flow, vnet: str, *, replicas: bool = False) -> list[Route]:
         dest = flow.destination
         found: list[Route] = []
-        if not _is_ip(dest.host) and self._zone_lookup is not None:
+        # DNS zone routes belong to the default virtual network: a tenant's flows must not
+        # reach another network's connector by name
+        literal = parse_ip(dest.host)
+        if vnet == DEFAULT_VNET and literal is None and self._zone_lookup is not None:
             zone = self._zone_lookup(dest.host)
             if zone is not None:
                 tid, name, zname = zone
                 return self._tunnel(vnet, tid, name, zname, replicas)
-        flow.resolved = await self._resolve(dest.host, dest.port)
+        if literal is not None:
+            flow.resolved = dest.host  # what resolving a literal gives, without the call
+        else:
+            flow.resolved = await self._resolve(dest.host, dest.port)
         table = self.tables.get(vnet)
         hit = table.lookup(flow.resolved) if table is not None else None
         if hit is not None:
-            found += self._tunnel(vnet, hit.tunnel_id, hit.tunnel_name, str(hit.network), replicas)
+            found += self._tunnel(
+                vnet, hit.tunnel_id, hit.tunnel_name, _cidr(hit.network), replicas
+            )
         if self.allow_direct and hit is None:
             found.append(Route("direct", vnet))
         return found
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+@functools.lru_cache(maxsize=4096)
+def _cidr(network: IPNetwork) -> str:
+    return str(network)
 
 
 class VnetRoutes:

@@ -11,17 +11,16 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Protocol
 
 from qh3.asyncio.protocol import QuicConnectionProtocol
-from qh3.asyncio.server import QuicServer
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
 
 from ramp.net.sockopts import set_buffers
+from ramp.quic import qh3compat
 from ramp.wire.tunnel import (
     MAX_STREAM_DATAGRAM,
     FrameDecoder,
@@ -29,13 +28,6 @@ from ramp.wire.tunnel import (
     StreamDatagram,
     encode_frame,
 )
-
-try:  # optimised GRO/GSO transport; present in qh3 >= 1.4
-    from qh3.asyncio._transport import create_optimized_datagram_transport
-except ImportError:  # pragma: no cover - older qh3
-    create_optimized_datagram_transport = None  # type: ignore[assignment]
-
-from qh3._hazmat import pull_quic_header as _pull_quic_header
 
 log = logging.getLogger("ramp.quic")
 
@@ -94,13 +86,13 @@ class StreamHandler(Protocol):
     def connection_lost(self) -> None: ...
 
 
-class TunnelConnection(QuicConnectionProtocol):
+class TunnelConnection(qh3compat.ConnectionProtocol):
     """One QUIC connection carrying a control stream and many flow streams."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic)
         self.handlers: dict[int, StreamHandler] = {}
-        self.last_rx = self._loop.time()
+        self.last_rx = self.loop.time()
         self.closed = False
         self.close_reason = ""
         self.peer_addr: Any = None
@@ -134,30 +126,25 @@ class TunnelConnection(QuicConnectionProtocol):
     # -- API --------------------------------------------------------------------------------
 
     def open_stream(self, handler: StreamHandler) -> int:
-        stream_id = self._quic.get_next_available_stream_id(is_unidirectional=False)
+        stream_id = self.quic.get_next_available_stream_id(is_unidirectional=False)
         self.handlers[stream_id] = handler
         return stream_id
 
     def can_open_stream(self) -> bool:
         """Whether the peer's MAX_STREAMS leaves room for another bidirectional stream."""
-        core = self._quic._core
-        if core is None or self.closed:
-            return False
-        # (peer's cumulative bidi limit, uni limit, bidi streams we opened, uni opened)
-        limit, _, opened, _ = core.stream_limits
-        return opened < limit
+        return not self.closed and qh3compat.can_open_bidi_stream(self.quic)
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
-        if self.closed or self._quic._close_event is not None:
+        if self.closed or qh3compat.is_closing(self.quic):
             return  # closing: nothing more goes out, the peer learns from CONNECTION_CLOSE
         try:
-            self._quic.send_stream_data(stream_id, data, end_stream=fin)
+            self.quic.send_stream_data(stream_id, data, end_stream=fin)
         except (QuicConnectionError, ValueError) as e:
             # a stream qh3 refuses (reset, finished, over the peer's limit): the stream's
             # owner learns from the reset or from its own checks; nothing else to do here
             log.debug("send on stream %d dropped: %s", stream_id, e)
             return
-        self._transmit_soon()
+        self.transmit_soon()
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one tunnel datagram. Drop-tail when the queue is full (returns False)."""
@@ -168,19 +155,18 @@ class TunnelConnection(QuicConnectionProtocol):
             self.datagram_dropped("queue_full")
             return False
         self._dgram_queue.append(data)
-        self._transmit_soon()
+        self.transmit_soon()
         return True
 
     def _flush_datagrams(self) -> None:
-        core = self._quic._core
-        if core is None or self._quic._close_event is not None:
+        room = qh3compat.datagram_room(self.quic)
+        if room is None:
             return
         # hand qh3 only what the congestion window can take now, so the bounded queue above
         # is the only place datagrams wait (qh3's own queue has no limit)
-        budget = core.congestion_window - core.bytes_in_flight
+        budget, path_max, remote = room
         # what fits in one QUIC packet on the current path (qh3 only notices at packing time)
-        limit = core.active_path[5] - _DATAGRAM_OVERHEAD
-        remote = self._quic._remote_max_datagram_frame_size
+        limit = path_max - _DATAGRAM_OVERHEAD
         if remote is not None:
             limit = min(limit, remote - 4)
         queue = self._dgram_queue
@@ -192,19 +178,19 @@ class TunnelConnection(QuicConnectionProtocol):
                 continue
             budget -= len(data) + _DATAGRAM_OVERHEAD
             try:
-                self._quic.send_datagram_frame(data)
+                self.quic.send_datagram_frame(data)
             except (QuicConnectionError, ValueError) as e:
                 log.debug("datagram dropped: %s", e)
                 self.datagram_dropped("send_error")
 
     def _send_on_datagram_stream(self, data: bytes) -> None:
         if self._dgram_stream is None:
-            self._dgram_stream = self._quic.get_next_available_stream_id(is_unidirectional=True)
-        elif self._quic.get_send_buffer_size(self._dgram_stream) > MAX_DATAGRAM_STREAM_BUFFER:
+            self._dgram_stream = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        elif self.quic.get_send_buffer_size(self._dgram_stream) > MAX_DATAGRAM_STREAM_BUFFER:
             self.datagram_dropped("queue_full")  # the stream drains slower than they come
             return
         try:
-            self._quic.send_stream_data(self._dgram_stream, encode_frame(StreamDatagram(data)))
+            self.quic.send_stream_data(self._dgram_stream, encode_frame(StreamDatagram(data)))
         except (QuicConnectionError, ValueError) as e:
             log.debug("datagram stream send failed: %s", e)
             self.datagram_dropped("send_error")
@@ -217,15 +203,15 @@ class TunnelConnection(QuicConnectionProtocol):
     def reset(self, stream_id: int, code: int) -> None:
         """Abort both directions of a stream."""
         self.handlers.pop(stream_id, None)
-        if self.closed or self._quic._close_event is not None:
+        if self.closed or qh3compat.is_closing(self.quic):
             return
         try:
-            if self._quic._stream_can_send(stream_id):
-                self._quic.reset_stream(stream_id, code)
-            self._quic.stop_stream(stream_id, code)
+            if qh3compat.stream_can_send(self.quic, stream_id):
+                self.quic.reset_stream(stream_id, code)
+            self.quic.stop_stream(stream_id, code)
         except Exception as e:  # a stream qh3 already forgot: nothing left to abort
             log.debug("reset of stream %d ignored: %s", stream_id, e)
-        self._transmit_soon()
+        self.transmit_soon()
 
     def forget(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
@@ -233,7 +219,7 @@ class TunnelConnection(QuicConnectionProtocol):
     def close_with(self, code: int, reason: str) -> None:
         if self.closed:
             return
-        self._quic.close(error_code=code, reason_phrase=reason)
+        self.quic.close(error_code=code, reason_phrase=reason)
         self.transmit()
 
     def start_keepalive(self, interval: float) -> None:
@@ -245,25 +231,25 @@ class TunnelConnection(QuicConnectionProtocol):
     def _schedule_keepalive(self) -> None:
         if self.closed or self._keepalive_interval <= 0:
             return
-        self._keepalive = self._loop.call_later(self._keepalive_interval, self._keepalive_tick)
+        self._keepalive = self.loop.call_later(self._keepalive_interval, self._keepalive_tick)
 
     def _keepalive_tick(self) -> None:
         if self.closed:
             return
-        if self._loop.time() - self.last_rx >= self._keepalive_interval * 0.9:
-            self._quic.send_ping(0)
+        if self.loop.time() - self.last_rx >= self._keepalive_interval * 0.9:
+            self.quic.send_ping(0)
             self.transmit()
         self._schedule_keepalive()
 
     # -- qh3 plumbing -------------------------------------------------------------------------
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self.last_rx = self._loop_time()
+        self.last_rx = self.loop_time()
         self.peer_addr = addr
         super().datagram_received(data, addr)
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
-        self.last_rx = self._loop_time()
+        self.last_rx = self.loop_time()
         self.peer_addr = addr
         super().datagrams_received(data, addr)
 
@@ -288,7 +274,7 @@ class TunnelConnection(QuicConnectionProtocol):
                         # protocol v1 has one per direction; more would only cost memory
                         self.datagram_dropped("extra_datagram_stream")
                         try:
-                            self._quic.stop_stream(event.stream_id, 0x102)
+                            self.quic.stop_stream(event.stream_id, 0x102)
                         except Exception as e:
                             log.debug("stop_sending on stream %d: %s", event.stream_id, e)
                         return
@@ -318,7 +304,7 @@ class TunnelConnection(QuicConnectionProtocol):
 
     def _is_peer_stream(self, stream_id: int) -> bool:
         """A stream the peer opened and we have not seen before (bit 0 marks the server)."""
-        if bool(stream_id & 1) != self._quic._is_client or stream_id in self._peer_seen:
+        if bool(stream_id & 1) != qh3compat.is_client(self.quic) or stream_id in self._peer_seen:
             return False
         # remember recent ids so data arriving after we finished a stream cannot reopen it
         self._peer_seen.add(stream_id)
@@ -346,10 +332,10 @@ class TunnelConnection(QuicConnectionProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # the UDP transport went away (client side): the QUIC connection is gone with it
         self._on_terminated(0, "transport closed")
-        self._closed.set()
+        self.mark_closed()
 
 
-class TunnelServer(QuicServer):
+class TunnelServer(qh3compat.Server):
     """qh3's server with datagram batching per connection and counters for dropped packets."""
 
     def __init__(self, *, on_drop: Callable[[str], None], **kwargs: Any) -> None:
@@ -361,11 +347,11 @@ class TunnelServer(QuicServer):
         # group consecutive datagrams for the same known connection: one qh3 call per batch
         batch: list[bytes] = []
         batch_proto: QuicConnectionProtocol | None = None
-        cid_len = self._configuration.connection_id_length
+        cid_len = self.configuration.connection_id_length
         for data in datagrams:
             proto = None
             if data and data[0] & 0x80 == 0 and len(data) > cid_len:
-                proto = self._protocols.get(bytes(data[1 : 1 + cid_len]))
+                proto = self.lookup(bytes(data[1 : 1 + cid_len]))
             if proto is not None and (batch_proto is None or proto is batch_proto):
                 batch.append(data)
                 batch_proto = proto
@@ -382,28 +368,29 @@ class TunnelServer(QuicServer):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert isinstance(data, bytes)
+        config = self.configuration
         try:
-            hdr = _pull_quic_header(data, 0, self._configuration.connection_id_length)
+            hdr = qh3compat.pull_quic_header(data, config.connection_id_length)
         except ValueError:
             self._on_drop("malformed")
             return
         version, ptype, _plen, dcid, scid = hdr[:5]
-        if version is not None and version not in self._configuration.supported_versions:
+        if version is not None and version not in config.supported_versions:
             self._on_drop("unsupported_version")
             if version == 0 or len(data) < QUIC_MIN_INITIAL_SIZE:
                 # never answer a Version Negotiation (two servers would bounce them forever)
                 # nor a short packet (the answer would amplify traffic to a forged source)
                 return
-            self._transport.sendto(
+            self.udp_transport.sendto(
                 encode_quic_version_negotiation(
                     source_cid=dcid,
                     destination_cid=scid,
-                    supported_versions=self._configuration.supported_versions,
+                    supported_versions=config.supported_versions,
                 ),
                 addr,
             )
             return
-        protocol = self._protocols.get(dcid)
+        protocol = self.lookup(dcid)
         if protocol is None:
             if len(data) < QUIC_MIN_INITIAL_SIZE or ptype != QuicPacketType.INITIAL:
                 self._on_drop("unknown_connection")
@@ -411,38 +398,16 @@ class TunnelServer(QuicServer):
             if len(self._handshaking) >= MAX_HANDSHAKING:
                 self._on_drop("handshake_limit")
                 return
-            protocol = self._new_connection(dcid)
+            protocol = self.new_protocol(dcid, self._track_handshake)
         protocol.datagram_received(data, addr)
 
-    def _new_connection(self, dcid: bytes) -> QuicConnectionProtocol:
-        connection = QuicConnection(
-            configuration=self._configuration, original_destination_connection_id=dcid
-        )
-        protocol = self._create_protocol(connection, stream_handler=None)
-        protocol.connection_made(self._transport)
-        protocol._connection_id_issued_handler = partial(
-            self._connection_id_issued, protocol=protocol
-        )
-        protocol._connection_id_retired_handler = partial(
-            self._connection_id_retired, protocol=protocol
-        )
-        protocol._connection_terminated_handler = partial(
-            self._connection_terminated, protocol=protocol
-        )
+    def _track_handshake(self, protocol: QuicConnectionProtocol) -> None:
         self._handshaking.add(protocol)
         if isinstance(protocol, TunnelConnection):
             protocol.on_established = self._handshaking.discard
-        self._protocols[dcid] = protocol
-        self._protocols[connection.host_cid] = protocol
-        return protocol
 
-    def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
-        if self._protocols.get(cid) is protocol:
-            del self._protocols[cid]
-
-    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+    def connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         self._handshaking.discard(protocol)
-        super()._connection_terminated(protocol)
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
@@ -465,8 +430,9 @@ async def _datagram_endpoint(
     factory: Callable[[], asyncio.DatagramProtocol], sock: socket.socket
 ) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
     loop = asyncio.get_running_loop()
-    if create_optimized_datagram_transport is not None and os.environ.get("RAMP_NO_GSO") != "1":
-        return await create_optimized_datagram_transport(loop, factory, sock=sock)
+    optimized = qh3compat.create_optimized_datagram_transport
+    if optimized is not None and os.environ.get("RAMP_NO_GSO") != "1":
+        return await optimized(loop, factory, sock=sock)
     return await loop.create_datagram_endpoint(factory, sock=sock)  # type: ignore[return-value]
 
 

@@ -11,7 +11,7 @@ import socket
 import ssl
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -22,27 +22,23 @@ from ramp import __version__
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
+from ramp.tunnel import control_state as cs
+from ramp.tunnel import flow_state as fs
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
+from ramp.tunnel.control_state import ConnectorControl
+from ramp.tunnel.flow_state import FlowAccept
+from ramp.tunnel.interfaces import ConnectorDatagramSink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
-from ramp.tunnel.sessions_connector import ConnectorSessions
 from ramp.wire.tunnel import (
     ALPN,
     CloseCode,
     ConnectCode,
-    ConnectResult,
     ConnectTcp,
-    Frame,
-    FrameDecoder,
-    ProtocolError,
     Register,
     Registered,
     RegisterError,
-    RegisterRefused,
     StreamError,
-    Unregister,
-    Window,
-    encode_frame,
 )
 
 log = logging.getLogger("ramp.connector")
@@ -76,6 +72,7 @@ class FlowEnd:
     bytes_up: int
     bytes_down: int
     duration: float
+    metadata: dict[str, str] = field(default_factory=dict)  # what the edge said of the flow
 
 
 def check_pin(conn: QuicConnection, ca_fingerprint: str) -> None:
@@ -120,13 +117,16 @@ def client_configuration(idle_timeout: float) -> QuicConfiguration:
 
 
 class ConnectorConnection(endpoint.TunnelConnection):
+    """One connection to an edge: the I/O face of a ConnectorControl machine."""
+
     def __init__(self, quic: QuicConnection, *, owner: TunnelClient, index: int) -> None:
         super().__init__(quic)
         self.owner = owner
         self.index = index
+        self.machine = ConnectorControl()
         self.control: ControlStream | None = None
         self.bridges: dict[int, StreamBridge] = {}
-        self.registered: asyncio.Future[Registered] = self._loop.create_future()
+        self.registered: asyncio.Future[Registered] = self.loop.create_future()
         # nobody awaits it when a dial is abandoned during shutdown: mark it retrieved
         self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.flow_tasks: set[asyncio.Task[None]] = set()
@@ -134,38 +134,43 @@ class ConnectorConnection(endpoint.TunnelConnection):
 
     def start_registration(self, frame: Register) -> None:
         sid = self.open_stream(None)  # type: ignore[arg-type]
-        self.control = ControlStream(self, sid, self._on_frame, self._on_error)
+        self.control = ControlStream(sid, self.machine, self._run, self.loop.time)
         self.handlers[sid] = self.control
-        self.control.send(frame)
+        self._run(self.machine.start(frame))
 
-    def _on_error(self, message: str) -> None:
-        log.warning("edge connection %d: %s", self.index, message)
-
-    def _on_frame(self, frame: Frame) -> None:
-        if isinstance(frame, Window):
-            route_window(self.bridges, frame)
-        elif isinstance(frame, Registered) and not self.registered.done():
-            self.edge_id = frame.edge_id
-            self.registered.set_result(frame)
-        elif isinstance(frame, RegisterRefused) and not self.registered.done():
-            self.registered.set_exception(RegistrationRefused(frame.code, frame.message))
-        else:
-            self._on_error(f"unexpected {type(frame).__name__} frame")
-            self.close_with(CloseCode.PROTOCOL_ERROR, f"unexpected {type(frame).__name__}")
+    def _run(self, actions: list[cs.ControlAction]) -> None:
+        for a in actions:
+            if isinstance(a, cs.RouteCredit):
+                route_window(self.bridges, a.stream_id, a.increment)
+            elif isinstance(a, cs.SendControl):
+                if self.control is not None:
+                    self.send(self.control.stream_id, a.data)
+            elif isinstance(a, cs.CloseConnection):
+                self.close_with(a.code, a.reason)
+            elif isinstance(a, cs.ControlError):
+                log.warning("edge connection %d: %s", self.index, a.message)
+            elif isinstance(a, cs.RegistrationDone):
+                if not self.registered.done():
+                    self.edge_id = a.answer.edge_id
+                    self.registered.set_result(a.answer)
+            elif isinstance(a, cs.RegistrationFailed) and not self.registered.done():
+                if a.code is None:
+                    self.registered.set_exception(ConnectionError(a.message))
+                else:
+                    self.registered.set_exception(RegistrationRefused(a.code, a.message))
 
     def peer_stream_opened(self, stream_id: int) -> endpoint.StreamHandler | None:
-        if not self.registered.done() or self.registered.exception() is not None:
+        if not self.machine.accepts_flows:
             return None
         return _IncomingFlow(self, stream_id)
 
     def terminated(self, error_code: int, reason: str) -> None:
-        if not self.registered.done():
-            self.registered.set_exception(ConnectionError(reason or f"closed ({error_code})"))
+        self._run(self.machine.connection_lost(reason or f"closed ({error_code})"))
         self.bridges.clear()
 
     def send_window(self, stream_id: int, increment: int) -> None:
         if self.control is not None and not self.closed:
-            self.control.send_window(stream_id, increment)
+            self._run(self.machine.window(stream_id, increment))
 
     def tunnel_datagram(self, data: bytes) -> None:
         if self.owner.sessions is not None and self.edge_id:
@@ -177,74 +182,57 @@ class ConnectorConnection(endpoint.TunnelConnection):
 
     def unregister(self) -> None:
         if self.control is not None and not self.closed:
-            self.control.send(Unregister())
+            self._run(self.machine.unregister())
 
 
 class _IncomingFlow:
-    """Stream handler for a flow stream until its origin is dialled."""
+    """Stream handler for a flow stream until its origin is dialled: the I/O face of a
+    FlowAccept machine (it starts the dial task and cancels it)."""
 
     def __init__(self, conn: ConnectorConnection, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
-        self.decoder = FrameDecoder()
-        self.header: ConnectTcp | None = None
-        self.early: list[bytes] = []
-        self.early_len = 0
-        self.fin = False
+        self.state = FlowAccept(FLOW_WINDOW)
         self.bridge: StreamBridge | None = None
         self.task: asyncio.Task[None] | None = None
-        self.gone = False
+
+    @property
+    def header(self) -> ConnectTcp | None:
+        return self.state.header
+
+    @property
+    def gone(self) -> bool:
+        return self.state.gone
 
     def stream_data(self, data: bytes, fin: bool) -> None:
-        if self.header is not None:
-            # payload before we answered: allowed up to the window we are about to grant
-            self.early.append(data)
-            self.early_len += len(data)
-            self.fin = self.fin or fin
-            if self.early_len > FLOW_WINDOW:
-                self._protocol_error("payload before CONNECT_RESULT exceeds the window")
-            return
-        try:
-            frame = self.decoder.feed_one(data)
-        except ProtocolError as e:
-            self._protocol_error(str(e))
-            return
-        if frame is None:
-            if fin:
-                self.conn.forget(self.stream_id)
-            return
-        if not isinstance(frame, ConnectTcp):
-            self._protocol_error("expected a CONNECT_TCP frame")
-            return
-        self.header = frame
-        rest = self.decoder.take_rest()
-        if rest:
-            self.early.append(rest)
-            self.early_len += len(rest)
-        self.fin = fin
-        self.task = asyncio.ensure_future(self.conn.owner.serve_flow(self))
-        self.conn.flow_tasks.add(self.task)
-        self.task.add_done_callback(self.conn.flow_tasks.discard)
-
-    def _protocol_error(self, message: str) -> None:
-        log.warning("flow stream %d: %s", self.stream_id, message)
-        self.conn.owner.metrics_bad_input("tunnel", "protocol_error")
-        self.gone = True
-        self.conn.reset(self.stream_id, StreamError.PROTOCOL)
-        if self.task is not None:
-            self.task.cancel()
+        self._run(self.state.stream_data(data, fin))
 
     def stream_reset(self, code: int) -> None:
-        self.gone = True
-        if self.task is not None and self.bridge is None:
-            self.task.cancel()
+        self._run(self.state.stream_reset(code))
 
     def stop_sending(self, code: int) -> None:
-        self.stream_reset(code)
-        self.conn.reset(self.stream_id, StreamError.FLOW_ABORT)
+        self._run(self.state.stop_sending(code))
 
     def connection_lost(self) -> None:
-        self.stream_reset(0)
+        self._run(self.state.connection_lost())
+
+    def _run(self, actions: list[fs.AcceptAction]) -> None:
+        for a in actions:
+            if isinstance(a, fs.DialRequested):
+                self.task = asyncio.ensure_future(self.conn.owner.serve_flow(self))
+                self.conn.flow_tasks.add(self.task)
+                self.task.add_done_callback(self.conn.flow_tasks.discard)
+            elif isinstance(a, fs.AcceptError):
+                log.warning("flow stream %d: %s", self.stream_id, a.message)
+                self.conn.owner.metrics_bad_input("tunnel", "protocol_error")
+                self.conn.reset(self.stream_id, a.code)
+            elif isinstance(a, fs.CancelDial):
+                if self.task is not None:
+                    self.task.cancel()
+            elif isinstance(a, fs.ResetFlow):
+                self.conn.reset(self.stream_id, a.code)
+            elif isinstance(a, fs.ForgetFlow):
+                self.conn.forget(self.stream_id)
 
 
 class TunnelClient:
@@ -286,7 +274,7 @@ class TunnelClient:
         self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._supervisors: list[asyncio.Task[None]] = []
         self.active_flows = 0
-        self.sessions: ConnectorSessions | None = None  # UDP sessions, set by the connector
+        self.sessions: ConnectorDatagramSink | None = None  # UDP sessions, set by the connector
         self.resolver: Resolver | None = None
 
     def start(self) -> None:
@@ -363,7 +351,7 @@ class TunnelClient:
             )
         assert isinstance(conn, ConnectorConnection)
         try:
-            check_pin(conn._quic, self.ca_fingerprint)
+            check_pin(conn.quic, self.ca_fingerprint)
             conn.start_registration(
                 Register(
                     tunnel_id=self.tunnel_id,
@@ -423,14 +411,15 @@ class TunnelClient:
                 conn, flow.stream_id, send_credit=header.window, grant=conn.send_window
             )
             flow.bridge = bridge
+            answer, early, fin = flow.state.succeeded()
             # bytes that came before the bridge go first, then the bridge takes the stream
-            for chunk in flow.early:
+            for chunk in early:
                 bridge.stream_data(chunk, False)
-            if flow.fin:
+            if fin:
                 bridge.stream_data(b"", True)
             conn.handlers[flow.stream_id] = TunnelSide(bridge)
             conn.bridges[flow.stream_id] = bridge
-            conn.send(flow.stream_id, encode_frame(ConnectResult(ConnectCode.OK, FLOW_WINDOW)))
+            conn.send(flow.stream_id, answer)
             await loop.connect_accepted_socket(lambda: bridge, sock=sock)
             await asyncio.shield(bridge.done)
             if bridge.reset_by is not None:
@@ -439,8 +428,8 @@ class TunnelClient:
         except FlowError as e:
             result, reason = e.result, e.reason
             if not flow.gone and not conn.closed:
-                answer = ConnectResult(RESULT_TO_CODE[e.result], 0, e.reason)
-                conn.send(flow.stream_id, encode_frame(answer), fin=True)
+                refusal = FlowAccept.refusal(RESULT_TO_CODE[e.result], e.reason)
+                conn.send(flow.stream_id, refusal, fin=True)
             conn.forget(flow.stream_id)
         except asyncio.CancelledError:
             result, reason = FlowResult.ERROR, "cancelled"
@@ -455,8 +444,8 @@ class TunnelClient:
             if bridge is not None:
                 bridge.abort()
             elif not flow.gone and not conn.closed:
-                answer = ConnectResult(ConnectCode.ERROR, 0, "connector internal error")
-                conn.send(flow.stream_id, encode_frame(answer), fin=True)
+                refusal = FlowAccept.refusal(ConnectCode.ERROR, "connector internal error")
+                conn.send(flow.stream_id, refusal, fin=True)
                 conn.forget(flow.stream_id)
         finally:
             self.active_flows -= 1
@@ -471,6 +460,7 @@ class TunnelClient:
                     bridge.bytes_quic_to_tcp if bridge else 0,
                     bridge.bytes_tcp_to_quic if bridge else 0,
                     loop.time() - started,
+                    {**header.metadata, "flow": str(header.flow_id)},
                 )
             )
 

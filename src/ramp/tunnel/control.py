@@ -1,26 +1,15 @@
-"""Pieces both ends of a tunnel connection share: the control stream, the window routing,
-and the mapping between flow results and the protocol's connect codes."""
+"""Pieces both ends of a tunnel connection share: the control stream's handler, the window
+routing, and the mapping between flow results and the protocol's connect codes."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ramp.flows.flow import FlowResult
-from ramp.wire.tunnel import (
-    CloseCode,
-    ConnectCode,
-    Frame,
-    FrameDecoder,
-    ProtocolError,
-    Window,
-    encode_frame,
-)
-
-if TYPE_CHECKING:
-    from ramp.quic.endpoint import TunnelConnection
-    from ramp.tunnel.bridge import StreamBridge
+from ramp.tunnel.bridge import StreamBridge
+from ramp.tunnel.control_state import ConnectorControl, ControlAction, EdgeControl
+from ramp.wire.tunnel import ConnectCode
 
 log = logging.getLogger("ramp.tunnel")
 
@@ -40,55 +29,38 @@ CODE_TO_RESULT = {
 
 
 class ControlStream:
-    """The connection's first bidirectional stream: registration, then WINDOW frames."""
+    """Stream-handler face of a control-stream state machine (control_state.py): feeds it the
+    stream's events with the time, and hands its actions to the connection's `run`."""
+
+    __slots__ = ("_machine", "_now", "_run", "stream_id")
 
     def __init__(
         self,
-        conn: TunnelConnection,
         stream_id: int,
-        on_frame: Callable[[Frame], None],
-        on_error: Callable[[str], None],
+        machine: EdgeControl | ConnectorControl,
+        run: Callable[[list[ControlAction]], None],
+        now: Callable[[], float],
     ) -> None:
-        self.conn = conn
         self.stream_id = stream_id
-        self._on_frame = on_frame
-        self._on_error = on_error
-        self._decoder = FrameDecoder()
-
-    def send(self, frame: Frame) -> None:
-        self.conn.send(self.stream_id, encode_frame(frame))
-
-    def send_window(self, stream_id: int, increment: int) -> None:
-        self.send(Window(stream_id, increment))
+        self._machine = machine
+        self._run = run
+        self._now = now
 
     # StreamHandler
     def stream_data(self, data: bytes, fin: bool) -> None:
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as e:
-            self._on_error(f"control stream: {e}")
-            self.conn.close_with(CloseCode.PROTOCOL_ERROR, str(e))
-            return
-        for frame in frames:
-            if self.conn.closed:
-                return
-            self._on_frame(frame)
-        if fin:
-            self._on_error("control stream closed by peer")
-            self.conn.close_with(CloseCode.PROTOCOL_ERROR, "control stream closed")
+        self._run(self._machine.control_data(data, fin, self._now()))
 
     def stream_reset(self, code: int) -> None:
-        self._on_error(f"control stream reset ({code})")
-        self.conn.close_with(CloseCode.PROTOCOL_ERROR, "control stream reset")
+        self._run(self._machine.control_reset(code))
 
     def stop_sending(self, code: int) -> None:
         self.stream_reset(code)
 
     def connection_lost(self) -> None:
-        pass
+        pass  # the connection's own end reaches the machine through `terminated`
 
 
-def route_window(bridges: dict[int, StreamBridge], frame: Window) -> None:
-    bridge = bridges.get(frame.stream_id)
+def route_window(bridges: dict[int, StreamBridge], stream_id: int, increment: int) -> None:
+    bridge = bridges.get(stream_id)
     if bridge is not None:  # a window for a finished flow is harmless
-        bridge.add_credit(frame.increment)
+        bridge.add_credit(increment)

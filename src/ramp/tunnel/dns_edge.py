@@ -9,18 +9,25 @@ import contextlib
 import logging
 import secrets
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.tunnel.resolver import RESOLVER_HOST
+from ramp.wire.dns import (
+    HEADER_SIZE,
+    answer_for,
+    frame_length,
+    is_truncated,
+    message_id,
+    tcp_frame,
+    with_id,
+)
 
 log = logging.getLogger("ramp.edge.dns")
 
 RETRY_AFTER = 1.0  # seconds before a UDP query is sent once more
-_TC = 0x0200
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,21 +105,19 @@ class TunnelDnsClient:
         self._session = None
 
     def _answer(self, data: bytes) -> None:
-        if len(data) < 12:
+        if len(data) < HEADER_SIZE:
             return
-        (qid,) = struct.unpack_from("!H", data)
-        fut = self._pending.get(qid)
+        fut = self._pending.get(message_id(data))
         if fut is not None and not fut.done():
             fut.set_result(data)
 
     async def query(self, wire: bytes) -> bytes:
-        if len(wire) < 12:
+        if len(wire) < HEADER_SIZE:
             raise FlowError(FlowResult.ERROR, "DNS query too short")
-        client_id = wire[:2]
         qid = secrets.randbelow(65536)
         while qid in self._pending:
             qid = secrets.randbelow(65536)
-        rewritten = struct.pack("!H", qid) + wire[2:]
+        rewritten = with_id(wire, qid)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[qid] = fut
         try:
@@ -128,10 +133,9 @@ class TunnelDnsClient:
             raise FlowError(FlowResult.TIMEOUT, "the tunnel's resolver did not answer") from None
         finally:
             self._pending.pop(qid, None)
-        (flags,) = struct.unpack_from("!H", answer, 2)
-        if flags & _TC:
+        if is_truncated(answer):
             answer = await self.query_tcp(rewritten)
-        return client_id + answer[2:]
+        return answer_for(answer, wire)
 
     async def query_tcp(self, wire: bytes) -> bytes:
         """One query over TCP through the tunnel (for answers too big for UDP)."""
@@ -148,10 +152,10 @@ class TunnelDnsClient:
         writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_connection(sock=ours)
-            writer.write(struct.pack("!H", len(wire)) + wire)
+            writer.write(tcp_frame(wire))
             await writer.drain()
             async with asyncio.timeout(self.timeout):
-                (n,) = struct.unpack("!H", await reader.readexactly(2))
+                n = frame_length(await reader.readexactly(2))
                 return await reader.readexactly(n)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
             raise FlowError(FlowResult.ERROR, f"DNS over TCP through the tunnel: {e}") from e

@@ -15,43 +15,28 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
 from ramp.quic import endpoint
+from ramp.tunnel import control_state as cs
 from ramp.tunnel.bridge import StreamBridge
 from ramp.tunnel.control import ControlStream, route_window
+from ramp.tunnel.control_state import REGISTRATION_TIMEOUT, EdgeControl, Verdict
+from ramp.tunnel.interfaces import STALE_AFTER, EdgeDatagramSink
 from ramp.wire.tunnel import (
     ALPN,
     PROTOCOL_VERSION,
     CloseCode,
-    Frame,
     Register,
-    Registered,
-    RegisterError,
-    RegisterRefused,
-    Unregister,
-    Window,
 )
 
 log = logging.getLogger("ramp.edge.tunnel")
 
-REGISTRATION_TIMEOUT = 10.0
-# A connection we heard nothing from for this long is passed over when a flow picks one:
-# connectors ping every second, so silence this long means it is probably gone.
-STALE_AFTER = 2.5
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the store says about a registration."""
-
-    ok: bool
-    tunnel_name: str = ""
-    error: RegisterError | None = None
-    message: str = ""
-
 
 class EdgeConnection(endpoint.TunnelConnection):
+    """One connector connection at the edge: the I/O face of an EdgeControl machine."""
+
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, edge: TunnelEdge):
         super().__init__(quic)
         self.edge = edge
+        self.machine = EdgeControl(edge.check, edge.edge_id)
         self.control: ControlStream | None = None
         self.registered = False
         self.draining = False
@@ -61,81 +46,19 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.conn_index = 0
         self.bridges: dict[int, StreamBridge] = {}
         self.sessions: dict[int, Any] = {}  # UDP sessions riding this connection, by id
-        self._reg_timer: asyncio.TimerHandle | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def handshake_done(self, alpn: str | None) -> None:
-        if alpn != ALPN:
-            self.edge.refused(self, "bad_request", f"ALPN {alpn!r} is not {ALPN}")
-            self.close_with(CloseCode.PROTOCOL_ERROR, "unsupported ALPN")
-            return
-        self._reg_timer = self._loop.call_later(REGISTRATION_TIMEOUT, self._registration_timeout)
-
-    def _registration_timeout(self) -> None:
-        if not self.registered and not self.closed:
-            self.edge.refused(self, "bad_request", "no registration within the time limit")
-            self.close_with(CloseCode.REGISTRATION_TIMEOUT, "registration timeout")
+        self._run(self.machine.handshake_done(alpn, self.loop.time()))
 
     def peer_stream_opened(self, stream_id: int) -> endpoint.StreamHandler | None:
-        if self.control is None:
-            self.control = ControlStream(self, stream_id, self._on_frame, self._on_error)
-            return self.control
-        return None  # connectors open no other streams in protocol v1
-
-    def _on_error(self, message: str) -> None:
-        log.warning("tunnel connection %s: %s", self.peer, message)
-        self.edge.on_drop("protocol_error")
-
-    def _on_frame(self, frame: Frame) -> None:
-        if isinstance(frame, Window):
-            route_window(self.bridges, frame)
-        elif isinstance(frame, Register) and not self.registered:
-            self._register(frame)
-        elif isinstance(frame, Unregister) and self.registered:
-            self.draining = True
-            log.info(
-                "connector %s conn %d (tunnel %s) is draining",
-                self.connector_id[:8],
-                self.conn_index,
-                self.tunnel_name,
-            )
-            self.edge.changed()
-        else:
-            self._on_error(f"unexpected {type(frame).__name__} frame")
-            self.close_with(CloseCode.PROTOCOL_ERROR, f"unexpected {type(frame).__name__}")
-
-    def _register(self, frame: Register) -> None:
-        assert self.control is not None
-        if self._reg_timer is not None:
-            self._reg_timer.cancel()
-        verdict = self.edge.check(frame)
-        if not verdict.ok:
-            assert verdict.error is not None
-            self.edge.refused(self, verdict.error.name.lower(), verdict.message)
-            self.control.send(RegisterRefused(verdict.error, verdict.message))
-            # give the refusal a moment to leave before the CONNECTION_CLOSE
-            self._loop.call_later(
-                0.2, self.close_with, CloseCode.REGISTRATION_REFUSED, verdict.error.name.lower()
-            )
-            return
-        self.registered = True
-        self.tunnel_id = str(frame.tunnel_id)
-        self.tunnel_name = verdict.tunnel_name
-        self.connector_id = str(frame.connector_id)
-        self.conn_index = frame.conn_index
-        self.control.send(Registered(self.tunnel_name, self.edge.edge_id))
-        self.edge.add(self)
-        log.info(
-            "registered connector %s conn %d for tunnel %s from %s (%s)",
-            self.connector_id[:8],
-            self.conn_index,
-            self.tunnel_name,
-            self.peer,
-            frame.client_info or "-",
-        )
+        if not self.machine.peer_stream(stream_id):
+            return None
+        self.control = ControlStream(stream_id, self.machine, self._run, self.loop.time)
+        return self.control
 
     def terminated(self, error_code: int, reason: str) -> None:
-        if self._reg_timer is not None:
-            self._reg_timer.cancel()
+        self._run(self.machine.connection_lost())
         if self.registered:
             log.info(
                 "connector %s conn %d (tunnel %s) disconnected: %s",
@@ -161,7 +84,64 @@ class EdgeConnection(endpoint.TunnelConnection):
 
     def send_window(self, stream_id: int, increment: int) -> None:
         if self.control is not None and not self.closed:
-            self.control.send_window(stream_id, increment)
+            self._run(self.machine.window(stream_id, increment))
+
+    # -- carrying out the machine's actions ---------------------------------------------------
+
+    def _timer(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self._run(self.machine.timer(name, self.loop.time()))
+
+    def _run(self, actions: list[cs.ControlAction]) -> None:
+        for a in actions:
+            if isinstance(a, cs.RouteCredit):
+                route_window(self.bridges, a.stream_id, a.increment)
+            elif isinstance(a, cs.SendControl):
+                if self.control is not None:
+                    self.send(self.control.stream_id, a.data)
+            elif isinstance(a, cs.CloseConnection):
+                self.close_with(a.code, a.reason)
+            elif isinstance(a, cs.SetTimer):
+                old = self._timers.pop(a.name, None)
+                if old is not None:
+                    old.cancel()
+                self._timers[a.name] = self.loop.call_at(a.at, self._timer, a.name)
+            elif isinstance(a, cs.CancelTimer):
+                timer = self._timers.pop(a.name, None)
+                if timer is not None:
+                    timer.cancel()
+            elif isinstance(a, cs.ControlError):
+                log.warning("tunnel connection %s: %s", self.peer, a.message)
+                self.edge.on_drop("protocol_error")
+            elif isinstance(a, cs.Refused):
+                self.edge.refused(self, a.reason, a.message)
+            elif isinstance(a, cs.Accepted):
+                self._accepted(a.frame, a.tunnel_name)
+            elif isinstance(a, cs.Draining):
+                self.draining = True
+                log.info(
+                    "connector %s conn %d (tunnel %s) is draining",
+                    self.connector_id[:8],
+                    self.conn_index,
+                    self.tunnel_name,
+                )
+                self.edge.changed()
+
+    def _accepted(self, frame: Register, tunnel_name: str) -> None:
+        self.registered = True
+        self.tunnel_id = str(frame.tunnel_id)
+        self.tunnel_name = tunnel_name
+        self.connector_id = str(frame.connector_id)
+        self.conn_index = frame.conn_index
+        self.edge.add(self)
+        log.info(
+            "registered connector %s conn %d for tunnel %s from %s (%s)",
+            self.connector_id[:8],
+            self.conn_index,
+            self.tunnel_name,
+            self.peer,
+            frame.client_info or "-",
+        )
 
 
 @dataclass(slots=True)
@@ -191,7 +171,7 @@ class TunnelEdge:
         self.tunnels: dict[str, _TunnelConns] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.server: endpoint.TunnelServer | None = None
-        self.sessions: Any = None  # EdgeSessions, set by the edge once started
+        self.sessions: EdgeDatagramSink | None = None  # EdgeSessions, set by the edge
 
     async def start(self, host: str, port: int) -> None:
         self.transport, self.server = await endpoint.serve(
@@ -259,7 +239,7 @@ class TunnelEdge:
             for conn in list(entry.conns):
                 conn.close_with(CloseCode.SHUTDOWN, "edge shutting down")
         if self.server is not None:
-            for proto in set(self.server._protocols.values()):
+            for proto in self.server.all_protocols():
                 proto.close()
         if self.transport is not None:
             self.transport.close()
@@ -278,4 +258,12 @@ def server_configuration(
     return config
 
 
-__all__ = ["PROTOCOL_VERSION", "EdgeConnection", "TunnelEdge", "Verdict", "server_configuration"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "REGISTRATION_TIMEOUT",
+    "STALE_AFTER",
+    "EdgeConnection",
+    "TunnelEdge",
+    "Verdict",
+    "server_configuration",
+]

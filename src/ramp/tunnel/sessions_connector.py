@@ -7,27 +7,24 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
+from ramp.tunnel import session_state as ss
+from ramp.tunnel.interfaces import ConnectorLink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
+from ramp.tunnel.session_state import SessionAdmission, sweep, sweep_interval
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
     SessionCloseReason,
     SessionError,
-    SessionRefused,
     SessionRegister,
-    SessionRegistered,
     encode_session_control,
     parse_datagram,
     payload_prefix,
 )
-
-if TYPE_CHECKING:
-    from ramp.tunnel.connector_side import ConnectorConnection
 
 log = logging.getLogger("ramp.connector.udp")
 
@@ -49,6 +46,7 @@ class SessionEnd:
     bytes_up: int
     bytes_down: int
     duration: float
+    metadata: dict[str, str] = field(default_factory=dict)  # what the edge said of the flow
 
 
 class ConnectorSession:
@@ -56,7 +54,7 @@ class ConnectorSession:
         self,
         manager: ConnectorSessions,
         key: tuple[str, int],
-        conn: ConnectorConnection,
+        conn: ConnectorLink,
         register: SessionRegister,
         idle_timeout: float,
     ) -> None:
@@ -116,8 +114,8 @@ class ConnectorSessions:
         self._metrics_active = metrics_active
         self._bad_input = bad_input
         self.sessions: dict[tuple[str, int], ConnectorSession] = {}
-        self.opening: dict[tuple[str, int], ConnectorConnection] = {}
-        self.draining = False
+        # which registrations to take and where to answer: the sans-I/O part
+        self.admission: SessionAdmission[tuple[str, int], ConnectorLink] = SessionAdmission(limit)
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -125,7 +123,15 @@ class ConnectorSessions:
     def now(self) -> float:
         return self._loop.time()
 
-    def datagram(self, conn: ConnectorConnection, data: bytes) -> None:
+    @property
+    def opening(self) -> dict[tuple[str, int], ConnectorLink]:
+        return self.admission.opening
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def datagram(self, conn: ConnectorLink, data: bytes) -> None:
         try:
             msg = parse_datagram(data)
         except ProtocolError as e:
@@ -148,36 +154,27 @@ class ConnectorSessions:
         else:
             self._bad_input(f"unexpected {type(msg).__name__} from the edge")
 
-    def _on_register(
-        self, conn: ConnectorConnection, key: tuple[str, int], msg: SessionRegister
-    ) -> None:
-        session = self.sessions.get(key)
-        if session is not None:
-            # a repeat (our answer was lost) or a move to another connection: answer again
-            session.conn = conn
-            conn.send_datagram(encode_session_control(SessionRegistered(msg.session_id)))
-            return
-        if key in self.opening:
-            self.opening[key] = conn  # answer on the newest connection once open
-            return
-        if self.draining:
-            self._refuse(conn, msg, SessionError.NOT_PERMITTED, "connector is shutting down")
-            return
-        if len(self.sessions) + len(self.opening) >= self.limit:
-            self.metrics_drop("too_many_sessions")
-            self._refuse(
-                conn, msg, SessionError.TOO_MANY_SESSIONS, f"limit of {self.limit} sessions"
-            )
-            return
-        self.opening[key] = conn
-        task = asyncio.ensure_future(self._open(key, msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _on_register(self, conn: ConnectorLink, key: tuple[str, int], msg: SessionRegister) -> None:
+        self._run(self.admission.register(key, conn, msg.session_id), key, msg)
 
-    def _refuse(
-        self, conn: ConnectorConnection, msg: SessionRegister, code: SessionError, why: str
+    def _run(
+        self,
+        actions: list[ss.AdmitAction[ConnectorLink, tuple[str, int]]],
+        key: tuple[str, int],
+        msg: SessionRegister,
     ) -> None:
-        conn.send_datagram(encode_session_control(SessionRefused(msg.session_id, code, why)))
+        for a in actions:
+            if isinstance(a, ss.Answer):
+                session = self.sessions.get(key)
+                if session is not None:
+                    session.conn = a.link  # replies go where the latest answer went
+                a.link.send_datagram(a.data)
+            elif isinstance(a, ss.Dropped):
+                self.metrics_drop(a.reason)
+            elif isinstance(a, ss.OpenOrigin):
+                task = asyncio.ensure_future(self._open(key, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _open(self, key: tuple[str, int], msg: SessionRegister) -> None:
         session: ConnectorSession | None = None
@@ -186,32 +183,33 @@ class ConnectorSessions:
             idle = self.idle_timeout
             if msg.idle_timeout_ms:
                 idle = min(idle, msg.idle_timeout_ms / 1000)
-            conn = self.opening[key]
-            session = ConnectorSession(self, key, conn, msg, idle)
+            session = ConnectorSession(self, key, self.admission.link_for(key), msg, idle)
             s = session
             session.origin = await open_udp_origin(
                 ip, port, lambda d: s.to_edge(d), lambda what: s.origin_error(what)
             )
         except FlowError as e:
-            conn = self.opening.pop(key)
             log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
-            self._refuse(conn, msg, _ERRORS.get(e.result, SessionError.CANNOT_BIND), e.reason)
+            code = _ERRORS.get(e.result, SessionError.CANNOT_BIND)
+            self._run(self.admission.open_failed(key, msg.session_id, code, e.reason), key, msg)
             return
         except asyncio.CancelledError:
-            self.opening.pop(key, None)
+            self.admission.abandoned(key)
             raise
         except Exception as e:  # e.g. EMFILE: refuse, and free the slot it held
-            conn = self.opening.pop(key)
             log.warning("udp session to %s:%d failed: %r", msg.host, msg.port, e)
             if session is not None and session.origin is not None:
                 session.origin.close()
-            self._refuse(conn, msg, SessionError.CANNOT_BIND, f"cannot open: {e}")
+            why = f"cannot open: {e}"
+            self._run(
+                self.admission.open_failed(key, msg.session_id, SessionError.CANNOT_BIND, why),
+                key,
+                msg,
+            )
             return
-        conn = self.opening.pop(key)
-        session.conn = conn
         self.sessions[key] = session
         self._metrics_active(len(self.sessions))
-        conn.send_datagram(encode_session_control(SessionRegistered(msg.session_id)))
+        self._run(self.admission.opened(key, msg.session_id), key, msg)
 
     async def _destination(self, host: str, port: int) -> tuple[str, int]:
         if host == RESOLVER_HOST:  # the edge means "your resolver", wherever it listens
@@ -228,6 +226,7 @@ class ConnectorSessions:
     def _end(self, session: ConnectorSession, reason: str, notify: bool = False) -> None:
         if self.sessions.pop(session.key, None) is None:
             return
+        self.admission.closed(session.key)
         if session.origin is not None:
             session.origin.close()
         if notify and not session.conn.closed:
@@ -249,18 +248,22 @@ class ConnectorSessions:
                 bytes_up=session.bytes_up,
                 bytes_down=session.bytes_down,
                 duration=self.now() - session.started,
+                metadata={**reg.metadata, "flow": str(reg.flow_id)},
             )
         )
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            await asyncio.sleep(sweep_interval(self.idle_timeout, 1.0))
             now = self.now()
-            for s in [s for s in self.sessions.values() if now - s.last_active > s.idle_timeout]:
-                self._end(s, "idle timeout", notify=True)
+            # each session has its own timeout (the edge may ask for a shorter one)
+            for s in list(self.sessions.values()):
+                idle, _ = sweep(now, s.idle_timeout, [(s, None)])
+                if idle:
+                    self._end(s, "idle timeout", notify=True)
 
     def close(self) -> None:
-        self.draining = True
+        self.admission.draining = True
         self._sweeper.cancel()
         for task in list(self._tasks):
             task.cancel()

@@ -9,16 +9,16 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
-from ramp.tunnel.edge_side import STALE_AFTER
+from ramp.tunnel import session_state as ss
+from ramp.tunnel.interfaces import EdgeLink, LinkDirectory
+from ramp.tunnel.session_state import SessionRegistration, sweep, sweep_interval
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
     SessionCloseReason,
-    SessionError,
     SessionRefused,
     SessionRegister,
     SessionRegistered,
@@ -27,29 +27,17 @@ from ramp.wire.tunnel import (
     payload_prefix,
 )
 
-if TYPE_CHECKING:
-    from ramp.tunnel.edge_side import EdgeConnection, TunnelEdge
-
 log = logging.getLogger("ramp.edge.udp")
 
-REGISTER_RETRY = 0.25  # seconds between SESSION_REGISTER repeats while unanswered
 PENDING_LIMIT = 64  # datagrams held per session while it (re)registers
 MIGRATE_TIMEOUT = 5.0
-
-_SESSION_RESULTS = {
-    SessionError.UNREACHABLE: FlowResult.HOST_UNREACHABLE,
-    SessionError.CANNOT_BIND: FlowResult.ERROR,
-    SessionError.TOO_MANY_SESSIONS: FlowResult.ERROR,
-    SessionError.NOT_PERMITTED: FlowResult.NOT_PERMITTED,
-    SessionError.ERROR: FlowResult.ERROR,
-}
 
 
 class _Session:
     """What every edge UDP session shares: counting, delivery to the on-ramp, and ending
     exactly once with the flow reported."""
 
-    conn: EdgeConnection | None = None
+    conn: EdgeLink | None = None
 
     def __init__(
         self,
@@ -150,7 +138,7 @@ class EdgeSession(_Session):
         result = FlowResult.OK if reason != SessionCloseReason.ERROR else FlowResult.ERROR
         self._finish(result, f"closed by connector ({reason.name.lower()})", notify_peer=None)
 
-    def attach(self, conn: EdgeConnection) -> None:
+    def attach(self, conn: EdgeLink) -> None:
         self.conn = conn
         self.registered = True
         pending, self.pending = self.pending, deque()
@@ -163,6 +151,8 @@ class EdgeSession(_Session):
         meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
         if flow.user is not None:
             meta["identity"] = flow.user
+        if flow.vnet is not None:
+            meta["vnet"] = flow.vnet
         return encode_session_control(
             SessionRegister(
                 self.id,
@@ -221,9 +211,10 @@ class EdgeSessions:
 
     def __init__(
         self,
-        tunnels: TunnelEdge,
+        tunnels: LinkDirectory,
         *,
         idle_timeout: float,
+        limit: int = 4096,
         on_finished: Callable[[Flow], None],
         metrics_datagram: Callable[[str, int], None],
         metrics_drop: Callable[[str], None],
@@ -231,6 +222,10 @@ class EdgeSessions:
     ) -> None:
         self.tunnels = tunnels
         self.idle_timeout = idle_timeout
+        self.limit = limit
+        # Direct sessions are in `sessions` only once their socket is open; until then they
+        # hold a slot here, so concurrent opens cannot overshoot the limit.
+        self._opening_direct = 0
         self._on_finished = on_finished
         self.metrics_datagram = metrics_datagram
         self.metrics_drop = metrics_drop
@@ -243,6 +238,11 @@ class EdgeSessions:
     def now(self) -> float:
         return self._loop.time()
 
+    def _check_limit(self) -> None:
+        if len(self.sessions) + self._opening_direct >= self.limit:
+            self.metrics_drop("too_many_sessions")
+            raise FlowError(FlowResult.ERROR, f"edge at its limit of {self.limit} UDP sessions")
+
     async def open(
         self,
         flow: Flow,
@@ -252,6 +252,7 @@ class EdgeSessions:
         closed: Callable[[str], None],
         timeout: float,
     ) -> EdgeSession:
+        self._check_limit()
         session = EdgeSession(self, next(self._ids), flow, tunnel_id, host, receive, closed)
         self.sessions[session.id] = session
         try:
@@ -269,51 +270,73 @@ class EdgeSessions:
         receive: Callable[[bytes], None],
         closed: Callable[[str], None],
     ) -> DirectSession:
+        self._check_limit()
         session = DirectSession(self, next(self._ids), flow, receive, closed)
-        session.origin = await open_udp_origin(
-            ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
-        )
+        self._opening_direct += 1
+        try:
+            session.origin = await open_udp_origin(
+                ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
+            )
+        finally:
+            self._opening_direct -= 1
         self.sessions[session.id] = session
         return session
 
     async def register(self, session: EdgeSession, timeout: float) -> None:
-        """Register `session` on a live connection of its tunnel, repeating until answered."""
-        loop = self._loop
-        deadline = loop.time() + timeout
-        message = session.register_message()
-        while loop.time() < deadline:
-            candidates = [c for c in self.tunnels.candidates(session.tunnel_id) if not c.closed]
-            if not candidates:
-                await asyncio.sleep(0.1)
-                continue
-            conn = candidates[0]
-            session.answer = loop.create_future()
-            conn.sessions[session.id] = session
-            attached = False
-            try:
-                while not conn.closed and loop.time() < deadline:
-                    conn.send_datagram(message)
-                    try:
-                        answer = await asyncio.wait_for(
-                            asyncio.shield(session.answer),
-                            min(REGISTER_RETRY, max(0.0, deadline - loop.time())),
-                        )
-                    except TimeoutError:
-                        continue
-                    if isinstance(answer, SessionRegistered):
-                        session.attach(conn)
-                        attached = True
-                        return
-                    raise FlowError(
-                        _SESSION_RESULTS.get(answer.code, FlowResult.ERROR),
-                        answer.message or answer.code.name.lower(),
-                    )
-            finally:
-                if not attached:  # refused, timed out, cancelled: leave nothing behind
-                    conn.sessions.pop(session.id, None)
-        raise FlowError(FlowResult.TIMEOUT, "the connector did not answer the UDP session")
+        """Register `session` on a live connection of its tunnel, repeating until answered.
 
-    def connection_datagram(self, conn: EdgeConnection, data: bytes) -> None:
+        SessionRegistration decides; this loop offers it connections, sends, and waits."""
+        loop = self._loop
+        reg: SessionRegistration[EdgeLink] = SessionRegistration(
+            session.register_message(), loop.time(), timeout
+        )
+        actions = reg.start(loop.time())
+        try:
+            while actions:
+                following: list[ss.RegisterAction[EdgeLink] | ss.RegisterFailed] = []
+                for a in actions:
+                    if isinstance(a, ss.NeedLink):
+                        following = reg.link_offered(loop.time(), self._first_link(session))
+                    elif isinstance(a, ss.Bind):
+                        session.answer = loop.create_future()
+                        a.link.sessions[session.id] = session
+                    elif isinstance(a, ss.Unbind):
+                        a.link.sessions.pop(session.id, None)
+                    elif isinstance(a, ss.SendRegister):
+                        a.link.send_datagram(a.data)
+                    elif isinstance(a, ss.WaitUntil):
+                        following = await self._wait(reg, session, a.at)
+                    elif isinstance(a, ss.Attached):
+                        session.attach(a.link)
+                        return
+                    elif isinstance(a, ss.RegisterFailed):
+                        raise FlowError(a.result, a.reason)
+                actions = following
+        finally:
+            for a in reg.cancel():  # refused, timed out, cancelled: leave nothing behind
+                if isinstance(a, ss.Unbind):
+                    a.link.sessions.pop(session.id, None)
+
+    def _first_link(self, session: EdgeSession) -> EdgeLink | None:
+        candidates = [c for c in self.tunnels.candidates(session.tunnel_id) if not c.closed]
+        return candidates[0] if candidates else None
+
+    async def _wait(
+        self, reg: SessionRegistration[EdgeLink], session: EdgeSession, until: float
+    ) -> list[ss.RegisterAction[EdgeLink] | ss.RegisterFailed]:
+        loop = self._loop
+        delay = max(0.0, until - loop.time())
+        link = reg.link
+        if link is None or session.answer is None:
+            await asyncio.sleep(delay)
+            return reg.timer(loop.time(), False)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(session.answer), delay)
+        except TimeoutError:
+            return reg.timer(loop.time(), link.closed)
+        return reg.answer(answer)
+
+    def connection_datagram(self, conn: EdgeLink, data: bytes) -> None:
         """A tunnel datagram arrived on `conn`."""
         try:
             msg = parse_datagram(data)
@@ -340,7 +363,7 @@ class EdgeSessions:
         else:
             self._bad_input("unexpected SESSION_REGISTER from a connector")
 
-    def connection_lost(self, conn: EdgeConnection) -> None:
+    def connection_lost(self, conn: EdgeLink) -> None:
         sessions = list(conn.sessions.values())
         conn.sessions.clear()
         for s in sessions:
@@ -356,26 +379,26 @@ class EdgeSessions:
 
     async def _sweep(self) -> None:
         """Close sessions idle for longer than the idle timeout, and move sessions off
-        connections that went silent (a killed connector is noticed here in about 2.5 s,
-        long before the QUIC idle timeout)."""
+        connections that went silent (session_state.sweep decides which)."""
         while True:
-            await asyncio.sleep(min(0.5, self.idle_timeout / 4))
-            now = self.now()
-            cutoff = now - self.idle_timeout
-            for s in list(self.sessions.values()):
-                if s.last_active < cutoff:
-                    s._finish(FlowResult.OK, "idle timeout", notify_peer=SessionCloseReason.IDLE)
-                    continue
-                conn = s.conn
-                if (
-                    isinstance(s, EdgeSession)
-                    and conn is not None
-                    and s.registered
-                    and now - conn.last_rx > STALE_AFTER
-                ):
-                    log.info("udp session %d: its connection went silent; moving it", s.id)
-                    conn.sessions.pop(s.id, None)
-                    s.connection_lost()
+            await asyncio.sleep(sweep_interval(self.idle_timeout, 0.5))
+            entries = [(s, self._link_rx(s)) for s in self.sessions.values()]
+            idle, stale = sweep(self.now(), self.idle_timeout, entries)
+            for s in idle:
+                s._finish(FlowResult.OK, "idle timeout", notify_peer=SessionCloseReason.IDLE)
+            for s in stale:
+                if s.finished or s.conn is None:
+                    continue  # ended meanwhile (a close callback above may end others)
+                log.info("udp session %d: its connection went silent; moving it", s.id)
+                s.conn.sessions.pop(s.id, None)
+                s.connection_lost()
+
+    @staticmethod
+    def _link_rx(s: _Session) -> float | None:
+        """When the connection a registered tunnel session rides last heard the connector."""
+        if isinstance(s, EdgeSession) and s.conn is not None and s.registered:
+            return s.conn.last_rx
+        return None
 
     def close(self) -> None:
         self._sweeper.cancel()

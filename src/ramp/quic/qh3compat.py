@@ -1,0 +1,181 @@
+"""The one place that touches qh3's private names.
+
+qh3 keeps several things we need behind underscores: the packet-header parser, the GRO/GSO
+transport, the connection's Rust core (congestion window, stream limits, path MTU), and the
+asyncio protocol's and server's internals. A qh3 upgrade may rename any of them without notice;
+keeping every such access here, listed in `PRIVATE_NAMES` and checked by
+tests/unit/test_qh3compat.py, turns that into one failing test instead of a broken tunnel.
+Nothing outside this module may use a qh3 name starting with `_`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from qh3._hazmat import pull_quic_header as _pull_quic_header
+from qh3.asyncio.protocol import QuicConnectionProtocol
+from qh3.asyncio.server import QuicServer
+from qh3.quic.connection import QuicConnection
+
+try:  # optimised GRO/GSO transport; present in qh3 >= 1.4
+    from qh3.asyncio._transport import create_optimized_datagram_transport
+except ImportError:  # pragma: no cover - older qh3
+    create_optimized_datagram_transport = None  # type: ignore[assignment]
+
+# (owner, private attribute) pairs this module relies on; owners are where the attribute is
+# found: a class for methods, "instance" names for attributes set in __init__
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    ("qh3._hazmat", "pull_quic_header"),
+    ("qh3.asyncio._transport", "create_optimized_datagram_transport"),
+    ("QuicConnection", "_core"),
+    ("QuicConnection", "_close_event"),
+    ("QuicConnection", "_remote_max_datagram_frame_size"),
+    ("QuicConnection", "_is_client"),
+    ("QuicConnection", "_stream_can_send"),
+    ("QuicConnectionCore", "stream_limits"),
+    ("QuicConnectionCore", "congestion_window"),
+    ("QuicConnectionCore", "bytes_in_flight"),
+    ("QuicConnectionCore", "active_path"),
+    ("QuicConnectionProtocol", "_quic"),
+    ("QuicConnectionProtocol", "_loop"),
+    ("QuicConnectionProtocol", "_loop_time"),
+    ("QuicConnectionProtocol", "_closed"),
+    ("QuicConnectionProtocol", "_transmit_soon"),
+    ("QuicConnectionProtocol", "_connection_id_issued_handler"),
+    ("QuicConnectionProtocol", "_connection_id_retired_handler"),
+    ("QuicConnectionProtocol", "_connection_terminated_handler"),
+    ("QuicServer", "_protocols"),
+    ("QuicServer", "_configuration"),
+    ("QuicServer", "_transport"),
+    ("QuicServer", "_create_protocol"),
+    ("QuicServer", "_connection_id_issued"),
+    ("QuicServer", "_connection_id_retired"),
+    ("QuicServer", "_connection_terminated"),
+)
+
+# index of the path's maximum datagram size in the core's `active_path` tuple
+_PATH_MAX_DATAGRAM = 5
+
+
+def pull_quic_header(data: bytes, connection_id_length: int) -> tuple[Any, ...]:
+    """(version, packet type, packet length, destination cid, source cid, ...); ValueError
+    for a malformed header."""
+    return _pull_quic_header(data, 0, connection_id_length)
+
+
+# -- QuicConnection internals -----------------------------------------------------------------
+
+
+def is_client(quic: QuicConnection) -> bool:
+    return bool(quic._is_client)
+
+
+def is_closing(quic: QuicConnection) -> bool:
+    """Whether close() was called or the peer closed: nothing more may be queued."""
+    return quic._close_event is not None
+
+
+def can_open_bidi_stream(quic: QuicConnection) -> bool:
+    """Whether the peer's MAX_STREAMS leaves room for another bidirectional stream."""
+    core = quic._core
+    if core is None:
+        return False
+    # (peer's cumulative bidi limit, uni limit, bidi streams we opened, uni opened)
+    limit, _, opened, _ = core.stream_limits
+    return bool(opened < limit)
+
+
+def datagram_room(quic: QuicConnection) -> tuple[int, int, int | None] | None:
+    """(congestion budget in bytes, path's max datagram size, peer's max DATAGRAM frame size),
+    or None while the connection has no core or is closing."""
+    core = quic._core
+    if core is None or quic._close_event is not None:
+        return None
+    budget = core.congestion_window - core.bytes_in_flight
+    return budget, core.active_path[_PATH_MAX_DATAGRAM], quic._remote_max_datagram_frame_size
+
+
+def stream_can_send(quic: QuicConnection, stream_id: int) -> bool:
+    return bool(quic._stream_can_send(stream_id))
+
+
+# -- asyncio protocol and server internals ----------------------------------------------------
+
+
+class ConnectionProtocol(QuicConnectionProtocol):
+    """qh3's asyncio connection protocol with public names for the internals we use."""
+
+    @property
+    def quic(self) -> QuicConnection:
+        return self._quic
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def loop_time(self) -> float:
+        return self._loop_time()
+
+    def transmit_soon(self) -> None:
+        self._transmit_soon()
+
+    def mark_closed(self) -> None:
+        """Wake wait_closed() (qh3 only does so itself on a ConnectionTerminated event)."""
+        self._closed.set()
+
+
+class Server(QuicServer):
+    """qh3's server with public names for its connection table and a connection factory."""
+
+    @property
+    def configuration(self) -> Any:
+        return self._configuration
+
+    @property
+    def udp_transport(self) -> asyncio.DatagramTransport:
+        return self._transport
+
+    def lookup(self, cid: bytes) -> QuicConnectionProtocol | None:
+        return self._protocols.get(cid)
+
+    def all_protocols(self) -> set[QuicConnectionProtocol]:
+        return set(self._protocols.values())
+
+    def new_protocol(
+        self, dcid: bytes, on_created: Callable[[QuicConnectionProtocol], None]
+    ) -> QuicConnectionProtocol:
+        """Create the connection for a new client's first packet, wired into the server's
+        connection-id table the way QuicServer.datagram_received does."""
+        connection = QuicConnection(
+            configuration=self._configuration, original_destination_connection_id=dcid
+        )
+        protocol = self._create_protocol(connection, stream_handler=None)
+        protocol.connection_made(self._transport)
+        protocol._connection_id_issued_handler = partial(
+            self._connection_id_issued, protocol=protocol
+        )
+        protocol._connection_id_retired_handler = partial(
+            self._connection_id_retired, protocol=protocol
+        )
+        protocol._connection_terminated_handler = partial(
+            self._connection_terminated, protocol=protocol
+        )
+        on_created(protocol)
+        self._protocols[dcid] = protocol
+        self._protocols[connection.host_cid] = protocol
+        return protocol
+
+    def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
+        # qh3 asserts the cid is still ours; after a terminated connection it may not be
+        if self._protocols.get(cid) is protocol:
+            del self._protocols[cid]
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        self.connection_terminated(protocol)
+        super()._connection_terminated(protocol)
+
+    def connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        """A connection ended (for subclasses)."""
