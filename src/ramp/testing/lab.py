@@ -86,9 +86,9 @@ ORIGIN6 = "2001:db8:198::10"
 BLACKHOLE6 = "2001:db8:198::99"
 
 EDGE_PUBLIC_ADDR2 = "203.0.113.3"  # see `Lab.add_edge_address`
-# A second private network (`Lab.add_private_network`): E 198.18.N.1/24 <-> 198.18.N.2/24.
-SECOND_PRIVATE_PREFIX = "198.18"
 EDGE_PUBLIC_ADDR6_2 = "2001:db8:203::3"
+# More private networks (`Lab.add_private_network`): E 198.18.N.1/24 <-> 198.18.N.2/24.
+SECOND_PRIVATE_PREFIX = "198.18"
 
 # DNS: the private zone (dnsmasq in P) and the edge's public upstream (dnsmasq in E).
 PRIVATE_DNS_ADDR = "198.51.100.53"
