@@ -9,7 +9,8 @@ export DEBIAN_FRONTEND=noninteractive
 if command -v apt-get >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
-    curl iproute2 nftables socat iperf3 procps ca-certificates dnsmasq-base dnsutils >/dev/null
+    curl iproute2 nftables socat iperf3 procps ca-certificates dnsmasq-base dnsutils \
+    openssh-server openssh-client >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 

@@ -21,7 +21,14 @@
   (`start_upstream_dns`), a second dnsmasq in E on 127.0.0.53:53 plays the edge's public
   upstream resolver (`www.example.net`).
 - Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
-  client-facing address of the edge (203.0.113.3, source-address tests).
+  client-facing address of the edge (203.0.113.3, source-address tests),
+  `add_private_network` for another private network behind its own veth to E (198.18.N.0/24)
+  with an origin at the same address 198.51.100.10 (tenants, virtual networks), `start_sshd`
+  for OpenSSH on 198.51.100.10:22 (key login as root; `Lab.ssh` is the client in C).
+- The edge can take a config file (`write_edge_config`, `start_edge("--config", path)`,
+  `reload_edge` sends SIGHUP); the store has policy rules (`add_rule`, `policy_test`,
+  `reset_policy`) and virtual networks (`vnet`, `add_route(..., vnet=)`); `audit_records`
+  parses the edge's audit lines.
 
 The ramp CLI runs as `python -m ramp` with this interpreter: store commands on the host, the
 edge in E, connectors in P. Their stdout/stderr go to files under the lab's work directory;
@@ -37,8 +44,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,8 +58,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import ramp
 from ramp.net.netns import Netns, NetnsGroup, stop_process, veth
 from ramp.testing.clients import http_connect, http_forward_get, socks5_connect
 
@@ -76,6 +87,8 @@ BLACKHOLE6 = "2001:db8:198::99"
 
 EDGE_PUBLIC_ADDR2 = "203.0.113.3"  # see `Lab.add_edge_address`
 EDGE_PUBLIC_ADDR6_2 = "2001:db8:203::3"
+# More private networks (`Lab.add_private_network`): E 198.18.N.1/24 <-> 198.18.N.2/24.
+SECOND_PRIVATE_PREFIX = "198.18"
 
 # DNS: the private zone (dnsmasq in P) and the edge's public upstream (dnsmasq in E).
 PRIVATE_DNS_ADDR = "198.51.100.53"
@@ -106,6 +119,7 @@ ECHO_PORT = 7
 HELLO_PORT = 9000
 HALF_CLOSE_PORT = 9001
 HTTP_ALT_PORT = 8000  # the same HTTP origin again
+SSH_PORT = 22  # `Lab.start_sshd`
 UDP_ECHO_PORT = 7  # UDP echo on each origin address
 CLOSED_PORT = 9
 DNS_PORT = 53
@@ -482,6 +496,7 @@ class Lab:
         self._role_counts: dict[str, int] = {}
         self._edge_args: list[str] = []
         self.tokens: dict[str, str] = {}  # tunnel name -> token, as created here
+        self._extra_networks = 0
 
     # --- building ------------------------------------------------------------------------
 
@@ -500,6 +515,12 @@ class Lab:
         }
         env["PYTHONUNBUFFERED"] = "1"
         env["RAMP_HOME"] = str(self.workdir / "home")
+        # The children run in the lab's work directory: give them the source tree this
+        # process imported ramp from (a relative PYTHONPATH would not resolve there).
+        src = str(Path(ramp.__file__).resolve().parent.parent)
+        rest = [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        rest = [p for p in rest if p != src]
+        env["PYTHONPATH"] = os.pathsep.join([src, *rest])
         return env
 
     @property
@@ -673,6 +694,101 @@ class Lab:
         """Another address on the edge's client-facing veth, in the prefix of the first."""
         self.edge_ns.add_address("to-client", f"{address}/{64 if ':' in address else 24}")
 
+    def add_private_network(self, role: str, root: Path) -> Netns:
+        """Another private network behind the edge, built like P: its own namespace with a
+        veth to E (E 198.18.N.1/24, it 198.18.N.2/24, N = 1, 2, ...), the same origin
+        addresses on its loopback, an HTTP origin on ORIGIN:80 serving `root`, and P's
+        firewall (nothing inbound). A connector started in it (`start_connector(ns=...)`)
+        dials the edge's tunnel address through E; E still has no route to its origins."""
+        assert self._group is not None
+        self._extra_networks += 1
+        n = self._extra_networks
+        edge_addr, addr = f"{SECOND_PRIVATE_PREFIX}.{n}.1", f"{SECOND_PRIVATE_PREFIX}.{n}.2"
+        ns = self._group.new(role)
+        veth(
+            self.edge_ns,
+            f"to-priv{n}",
+            ns,
+            "to-edge",
+            a_addresses=[f"{edge_addr}/24"],
+            b_addresses=[f"{addr}/24"],
+            mtu=self.tunnel_mtu,
+        )
+        ns.add_route("default", via=edge_addr)
+        for origin in (ORIGIN, ORIGIN2, BLACKHOLE):
+            ns.add_address("lo", f"{origin}/32")
+        ns.sysctl("net.ipv4.ip_forward", 0)
+        ns.nft(_NFT_PRIVATE)
+        ns.set_etc_file("resolv.conf", _RESOLV)
+        ns.set_etc_file("hosts", "127.0.0.1 localhost\n::1 localhost\n")
+        args = [sys.executable, "-m", "ramp.testing.origins", "--root", str(root)]
+        args += ["--http", f"{ORIGIN}:{HTTP_PORT}", "--echo", f"{ORIGIN}:{ECHO_PORT}"]
+        origins = self.start_process(f"origins-{role}", ns, args)
+        wait_until(
+            lambda: origins.check_alive() or "ready" in origins.stdout(),
+            30,
+            what=f"the origin servers of {role} to listen",
+        )
+        return ns
+
+    def start_sshd(self, ns: Netns | None = None, address: str = ORIGIN) -> Path:
+        """OpenSSH's sshd on address:22 in P (or `ns`) with a throwaway host key, letting in
+        root with a throwaway client key only; returns that key's private file (`ssh`)."""
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not Path(sshd).exists():
+            raise LabError("sshd is not installed (Debian: openssh-server)")
+        d = self.workdir / "ssh"
+        d.mkdir(exist_ok=True)
+        for key in ("host_key", "client_key"):
+            if not (d / key).exists():
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+        (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+        (d / "sshd_config").write_text(
+            f"""ListenAddress {address}:{SSH_PORT}
+HostKey {d / "host_key"}
+PidFile {d / "sshd.pid"}
+AuthorizedKeysFile {d / "authorized_keys"}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+"""
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege separation dir
+        ns = ns or self.private
+        proc = self.start_process("sshd", ns, [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
+        wait_until(
+            lambda: proc.check_alive() or ("tcp", f"{address}:{SSH_PORT}") in self.listening(ns),
+            15,
+            what=lambda: f"sshd to listen on {address}:{SSH_PORT}\n{proc.tail()}",
+        )
+        return d / "client_key"
+
+    def ssh(
+        self, key: Path, host: str, port: int, *command: str, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[bytes]:
+        """`ssh -p PORT root@HOST COMMAND` in C with `key`, no host key checks, no config."""
+        args = ["ssh", "-F", "/dev/null", "-i", str(key), "-p", str(port)]
+        for option in (
+            "IdentitiesOnly=yes",
+            "BatchMode=yes",
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+            "LogLevel=ERROR",
+            f"ConnectTimeout={round(timeout)}",
+        ):
+            args += ["-o", option]
+        return self.client.run(
+            [*args, f"root@{host}", *command], check=False, timeout=timeout + 10, env=self.env
+        )
+
     def _small_www(self) -> Path:
         www = self.workdir / "www"
         if not (www / "small.bin").exists():
@@ -711,11 +827,57 @@ class Lab:
             raise LabError(f"`ramp tunnel token {name}` printed {token!r}, not one token")
         return token
 
-    def add_route(self, cidr: str, tunnel: str) -> None:
-        self.ramp("tunnel", "route", "ip", "add", cidr, tunnel)
+    def add_route(self, cidr: str, tunnel: str, *, vnet: str | None = None) -> None:
+        self.ramp("tunnel", "route", "ip", "add", cidr, tunnel, *_vnet_flag(vnet))
 
-    def delete_route(self, cidr: str) -> None:
-        self.ramp("tunnel", "route", "ip", "delete", cidr)
+    def delete_route(self, cidr: str, *, vnet: str | None = None) -> None:
+        self.ramp("tunnel", "route", "ip", "delete", cidr, *_vnet_flag(vnet))
+
+    # policy rules and virtual networks
+
+    def policy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`ramp policy ARGS` against the edge's store."""
+        return self.ramp("policy", *args, check=check)
+
+    def add_rule(self, rule_id: str, action: str, **match: str | int) -> None:
+        """`ramp policy add RULE_ID --action ACTION --KEY VALUE...`; keys as the flags, with
+        `source` for --from (`position=1` puts the rule first)."""
+        args = ["add", rule_id, "--action", action]
+        for key, value in match.items():
+            flag = "--from" if key == "source" else "--" + key.replace("_", "-")
+            args += [flag, str(value)]
+        self.policy(*args)
+
+    def delete_rule(self, rule_id: str) -> None:
+        self.policy("delete", rule_id)
+
+    def rule_ids(self) -> list[str]:
+        """The rule ids in their order, from `ramp policy list`."""
+        ids = []
+        for line in self.policy("list").stdout.splitlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 2 and cols[0].isdigit():
+                ids.append(cols[1])
+        return ids
+
+    def reset_policy(self) -> None:
+        """Back to a new store's policy: the one rule `default`, allowing everything."""
+        for rule_id in self.rule_ids():
+            if rule_id != "default":
+                self.delete_rule(rule_id)
+        if "default" not in self.rule_ids():
+            self.add_rule("default", "allow", position=1)
+
+    def policy_test(self, to: str, identity: str | None = None, *extra: str) -> list[str]:
+        """The lines `ramp policy test` prints; the first is `allow RULE` or `deny RULE`."""
+        args = ["test", "--to", to, *extra]
+        if identity is not None:
+            args += ["--identity", identity]
+        return self.policy(*args).stdout.splitlines()
+
+    def vnet(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`ramp vnet ARGS` against the edge's store."""
+        return self.ramp("vnet", *args, check=check)
 
     def delete_tunnel(self, name: str) -> None:
         self.ramp("tunnel", "delete", name)
@@ -818,6 +980,47 @@ class Lab:
     def edge_metrics(self) -> Metrics:
         return self._need_edge().metrics()
 
+    def write_edge_config(self, config: dict[str, object], name: str = "edge.yaml") -> Path:
+        """Write `config` as YAML to the work directory (for `start_edge("--config", path)`);
+        the same name again overwrites it in place, as an operator editing the file would."""
+        path = self.workdir / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    def write_file(self, name: str, text: str) -> Path:
+        """A file in the work directory (hook modules, bad configs)."""
+        path = self.workdir / name
+        path.write_text(text)
+        return path
+
+    def wait_listening(
+        self, ns: Netns, sockets: Iterable[tuple[str, str]], timeout: float = 30.0
+    ) -> None:
+        """Until every (proto, "addr:port") of `sockets` is a listening socket in `ns`."""
+        want = set(sockets)
+        wait_until(
+            lambda: want <= self.listening(ns),
+            timeout,
+            interval=0.1,
+            what=lambda: f"listeners {sorted(want)} in {ns.name}\n{self.log_tails(10)}",
+        )
+
+    def audit_records(self, path: Path | None = None) -> list[dict[str, object]]:
+        """The audit records the edge wrote so far: its stderr's JSON lines, or `path`."""
+        text = path.read_text(errors="replace") if path is not None else self._need_edge().stderr()
+        records = []
+        for line in text.splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+        return records
+
+    def reload_edge(self) -> None:
+        """SIGHUP to the edge: re-read its config file and hooks."""
+        self._need_edge().signal(signal.SIGHUP)
+
     def wait_tunnel_connections(self, tunnel: str, count: int, timeout: float = 30.0) -> None:
         """Until the edge counts at least `count` registered connections of `tunnel`."""
         edge = self._need_edge()
@@ -845,14 +1048,20 @@ class Lab:
         ]
 
     def start_connector(
-        self, token: str, *extra: str, wait: bool = True, timeout: float = 30.0
+        self,
+        token: str,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 30.0,
+        ns: Netns | None = None,
     ) -> LabProcess:
-        """Start `ramp tunnel run --token TOKEN` in P; with `wait`, return once /ready is 200."""
+        """Start `ramp tunnel run --token TOKEN` in P (or `ns`, e.g. a network of
+        `add_private_network`); with `wait`, return once /ready is 200."""
         index = len(self.connectors) + 1
         args = self.connector_command(token, index, *extra)
         conn = self.start_process(
             "connector",
-            self.private,
+            ns or self.private,
             args,
             metrics_addr=("127.0.0.1", CONNECTOR_METRICS_BASE_PORT + index),
         )
@@ -1016,6 +1225,10 @@ def _owners(ss_output: str) -> dict[int, int]:
         if pid and local:
             owners[int(local.rsplit(":", 1)[1])] = int(pid.group(1))
     return owners
+
+
+def _vnet_flag(vnet: str | None) -> list[str]:
+    return [] if vnet is None else ["--vnet", vnet]
 
 
 def _last_flag(args: Sequence[str], flag: str, default: str) -> str:
