@@ -29,6 +29,7 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
+from pydantic import field_validator
 
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import FlowError
@@ -370,13 +371,23 @@ class DnsServer:
 __all__ = ["DnsServer", "header_reply", "truncate", "udp_limit"]
 
 
+class DnsOptions(OnRampOptions):
+    @field_validator("vnet")
+    @classmethod
+    def _default_vnet_only(cls, v: str | None) -> str | None:
+        # DNS zone routes belong to the default virtual network (see policy.router)
+        if v not in (None, "default"):
+            raise ValueError("the DNS listener answers for the default virtual network only")
+        return v
+
+
 def _build(ctx: OnRampContext, options: OnRampOptions) -> DnsServer:
     return DnsServer(ctx.config, ctx.opener, on_outcome=ctx.dns_outcome)
 
 
 register(
     "dns",
-    OnRampOptions,
+    DnsOptions,
     _build,
     "DNS listener (UDP and TCP): routed zones through tunnels, others upstream",
 )

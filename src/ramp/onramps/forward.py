@@ -8,6 +8,7 @@ source address.
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from pydantic import Field, field_validator
@@ -15,6 +16,8 @@ from pydantic import Field, field_validator
 from ramp.flows.flow import Destination
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp
+
+log = logging.getLogger(__name__)
 
 
 def _split(value: str) -> tuple[str, int]:
@@ -45,6 +48,13 @@ class ForwardServer(TcpOnRamp):
     def __init__(self, config: object, opener: object, options: ForwardOptions) -> None:
         super().__init__(config, opener, options)  # type: ignore[arg-type]
         self.destination = Destination(*_split(options.to))
+        if getattr(config, "users", None):
+            log.warning(
+                "forward on-ramp %s -> %s takes no credentials: its flows are anonymous; "
+                "limit it with policy rules (--onramp forward, --from CIDR)",
+                options.listen,
+                options.to,
+            )
 
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
         return FlowPlan(

@@ -22,6 +22,7 @@ import binascii
 import ipaddress
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 
@@ -67,10 +68,17 @@ class BadTarget(ValueError):
     """A request target that names no destination the proxy can dial."""
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def response(status: int, body: str = "", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete error response; the connection closes after it."""
     text = (body + "\n").encode() if body else b""
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}"]
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status) or _phrase(status)}"]
     lines += [f"{k}: {v}" for k, v in headers]
     lines += [
         "Content-Type: text/plain; charset=utf-8",
