@@ -7,7 +7,27 @@ from collections.abc import Callable
 from ramp.flows.flow import Flow, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.offramps.tcp import DirectLeg, dial_tcp
-from ramp.tunnel.sessions_edge import EdgeSessions
+from ramp.offramps.udp import UdpOrigin, open_udp_origin
+from ramp.tunnel.sessions_edge import EdgeSessions, UdpSessionBase
+from ramp.wire.tunnel import SessionCloseReason
+
+
+class DirectSession(UdpSessionBase):
+    """A UDP session the edge sends out itself: one connected socket. It lives in the edge's
+    session table (counting, idle sweep, the session cap) like a tunnel session."""
+
+    origin: UdpOrigin | None = None
+
+    def send(self, payload: bytes) -> None:
+        if self.finished:
+            return
+        self._count_up(payload)
+        if self.origin is None or not self.origin.send(payload):
+            self._drop("origin_send_failed")
+
+    def _release(self, notify_peer: SessionCloseReason | None) -> None:
+        if self.origin is not None:
+            self.origin.close()
 
 
 class DirectOffRamp:
@@ -30,4 +50,14 @@ class DirectOffRamp:
         closed: Callable[[str], None],
     ) -> UdpSession:
         assert flow.resolved is not None
-        return await self.sessions.open_direct(flow, flow.resolved, receive, closed)
+        table = self.sessions
+        session = DirectSession(table, table.new_id(), flow, receive, closed)
+        with table.reserving():
+            session.origin = await open_udp_origin(
+                flow.resolved,
+                flow.destination.port,
+                session.deliver,
+                lambda what: table.metrics_drop(what),
+            )
+        table.add(session)
+        return session

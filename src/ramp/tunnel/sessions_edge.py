@@ -5,13 +5,13 @@ to another live connection (or connector replica) when its connection dies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ramp.flows.flow import Flow, FlowError, FlowResult
-from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.tunnel import session_state as ss
 from ramp.tunnel.interfaces import EdgeLink, LinkDirectory
 from ramp.tunnel.session_state import SessionRegistration, sweep, sweep_interval
@@ -33,7 +33,7 @@ PENDING_LIMIT = 64  # datagrams held per session while it (re)registers
 MIGRATE_TIMEOUT = 5.0
 
 
-class _Session:
+class UdpSessionBase:
     """What every edge UDP session shares: counting, delivery to the on-ramp, and ending
     exactly once with the flow reported."""
 
@@ -98,7 +98,7 @@ class _Session:
                 log.exception("udp session close callback failed")
 
 
-class EdgeSession(_Session):
+class EdgeSession(UdpSessionBase):
     """One UDP session through a tunnel (implements `UdpSession` for on-ramps)."""
 
     def __init__(
@@ -189,23 +189,6 @@ class EdgeSession(_Session):
         self.pending.clear()
 
 
-class DirectSession(_Session):
-    """A UDP session the edge sends out itself (direct egress): one connected socket."""
-
-    origin: UdpOrigin | None = None
-
-    def send(self, payload: bytes) -> None:
-        if self.finished:
-            return
-        self._count_up(payload)
-        if self.origin is None or not self.origin.send(payload):
-            self._drop("origin_send_failed")
-
-    def _release(self, notify_peer: SessionCloseReason | None) -> None:
-        if self.origin is not None:
-            self.origin.close()
-
-
 class EdgeSessions:
     """All UDP sessions of one edge, keyed by session id."""
 
@@ -223,14 +206,14 @@ class EdgeSessions:
         self.tunnels = tunnels
         self.idle_timeout = idle_timeout
         self.limit = limit
-        # Direct sessions are in `sessions` only once their socket is open; until then they
-        # hold a slot here, so concurrent opens cannot overshoot the limit.
+        # Sessions opened outside the tunnel (direct egress) are in `sessions` only once their
+        # socket is open; until then they hold a slot here (`reserving`).
         self._opening_direct = 0
         self._on_finished = on_finished
         self.metrics_datagram = metrics_datagram
         self.metrics_drop = metrics_drop
         self._bad_input = on_bad_input
-        self.sessions: dict[int, _Session] = {}
+        self.sessions: dict[int, UdpSessionBase] = {}
         self._ids = itertools.count(1)
         self._loop = asyncio.get_running_loop()
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -263,24 +246,23 @@ class EdgeSessions:
             raise
         return session
 
-    async def open_direct(
-        self,
-        flow: Flow,
-        ip: str,
-        receive: Callable[[bytes], None],
-        closed: Callable[[str], None],
-    ) -> DirectSession:
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    @contextlib.contextmanager
+    def reserving(self) -> Iterator[None]:
+        """Hold a slot under the cap while a session that is not in the table yet opens (a
+        direct session's socket), so concurrent opens cannot overshoot the limit."""
         self._check_limit()
-        session = DirectSession(self, next(self._ids), flow, receive, closed)
         self._opening_direct += 1
         try:
-            session.origin = await open_udp_origin(
-                ip, flow.destination.port, session.deliver, lambda what: self.metrics_drop(what)
-            )
+            yield
         finally:
             self._opening_direct -= 1
+
+    def add(self, session: UdpSessionBase) -> None:
+        """Take an opened session into the table: counted, swept when idle, closed with it."""
         self.sessions[session.id] = session
-        return session
 
     async def register(self, session: EdgeSession, timeout: float) -> None:
         """Register `session` on a live connection of its tunnel, repeating until answered.
@@ -371,7 +353,7 @@ class EdgeSessions:
                 continue  # its register loop notices the closed connection and moves on
             s.connection_lost()
 
-    def forget(self, session: _Session) -> None:
+    def forget(self, session: UdpSessionBase) -> None:
         self.sessions.pop(session.id, None)
         if session.conn is not None:
             session.conn.sessions.pop(session.id, None)
@@ -394,7 +376,7 @@ class EdgeSessions:
                 s.connection_lost()
 
     @staticmethod
-    def _link_rx(s: _Session) -> float | None:
+    def _link_rx(s: UdpSessionBase) -> float | None:
         """When the connection a registered tunnel session rides last heard the connector."""
         if isinstance(s, EdgeSession) and s.conn is not None and s.registered:
             return s.conn.last_rx
