@@ -14,8 +14,10 @@ from ramp.testing.mutate import mutated
 from ramp.wire.http import (
     CONNECT_OK,
     MAX_HEAD,
+    BadBody,
     BadTarget,
     ProxyRequest,
+    RequestBody,
     RequestReader,
     RequestRejected,
     auth_challenge,
@@ -42,6 +44,7 @@ REJECT_REASONS = {
     "bad_target",
     "connect_with_body",
     "not_a_proxy_request",
+    "cl_and_te",
 }
 
 
@@ -272,6 +275,18 @@ def test_proxy_authorization_is_read_from_the_head() -> None:
         (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400, "not_a_proxy_request"),
         (b"CONNECT x HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
         (b"CONNECT x:1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n", 400, "connect_with_body"),
+        (
+            b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "cl_and_te",
+        ),
+        (
+            b"POST http://x/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 3\r\n\r\n",
+            400,
+            "cl_and_te",
+        ),
         (b"GET https://x/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
         (b"\x16\x03\x01\x00\x05hello\r\n\r\n", 400, "bad_request"),  # TLS to a plain port
         (b"GET http://x/ HTTP/1.1\r\nHost: x\r\n", 400, "bad_request"),  # closed mid-head
@@ -331,3 +346,147 @@ def test_rewrite_head_drops_hop_by_hop_keeps_framing(names: list[bytes], value: 
     assert lines[-3:] == [b"Connection: close", b"", b""]
     assert not any(n.lower().startswith((b"proxy-", b"te:")) for n in lines)
     assert sum(line.lower().startswith(b"connection:") for line in lines) == 1
+
+
+def test_both_content_length_and_transfer_encoding_are_refused_with_words() -> None:
+    data = (
+        b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n"
+    )
+    with pytest.raises(RequestRejected) as e:
+        interpret(*read(data))
+    assert e.value.reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"both Content-Length and Transfer-Encoding" in e.value.reply
+
+
+# -- request bodies -----------------------------------------------------------------------
+
+PIPELINED = b"GET http://x/second HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic eDp5\r\n\r\n"
+
+
+def chunked(body: bytes, sizes: list[int]) -> bytes:
+    out, i = [], 0
+    for n in sizes:
+        if i >= len(body):
+            break
+        piece = body[i : i + max(n, 1)]
+        out.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+        i += len(piece)
+    if i < len(body):
+        out.append(b"%x\r\n%s\r\n" % (len(body) - i, body[i:]))
+    return b"".join(out) + b"0\r\nX-Trailer: t\r\nProxy-Authorization: Basic eDp5\r\n\r\n"
+
+
+def forward(data: bytes, chunk: int) -> tuple[bytes, bool]:
+    """What the proxy sends the origin for `data` (read in `chunk`-byte pieces, then EOF if
+    the request is not complete by then): the head and body, and whether it completed."""
+    reader = RequestReader()
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] if chunk else [data]
+    head = None
+    while head is None:
+        reader.receive_data(pieces.pop(0) if pieces else b"")
+        head = reader.next_request()
+    req = interpret(head, reader.trailing)
+    body = RequestBody(reader, head)
+    out = req.initial[: len(req.initial) - len(reader.trailing)] + body.take()
+    for piece in pieces:
+        if body.complete:
+            break  # everything after the request is dropped, never parsed
+        out += body.receive_data(piece)
+    if not body.complete:
+        out += body.receive_data(b"")  # the client closed
+    return out, body.complete
+
+
+def origin_reads(data: bytes) -> tuple[h11.Request, bytes, list[tuple[bytes, bytes]]]:
+    """The request the origin parses out of what the proxy sent, then EOF."""
+    origin = h11.Connection(h11.SERVER)
+    origin.receive_data(data)
+    origin.receive_data(b"")
+    head = origin.next_event()
+    assert isinstance(head, h11.Request), head
+    body = b""
+    while isinstance(ev := origin.next_event(), h11.Data):
+        body += ev.data
+    assert isinstance(ev, h11.EndOfMessage), ev
+    # exactly one request, then the proxy's EOF: nothing pipelined followed it
+    assert isinstance(origin.next_event(), h11.ConnectionClosed)
+    return head, body, list(ev.headers.raw_items())
+
+
+@given(
+    body=st.binary(max_size=300),
+    sizes=st.lists(st.integers(0, 64), max_size=8),
+    use_chunked=st.booleans(),
+    chunk=st.integers(0, 13),
+)
+def test_request_bodies_reach_the_origin_intact_and_alone(
+    body: bytes, sizes: list[int], use_chunked: bool, chunk: int
+) -> None:
+    framing = (
+        (b"Transfer-Encoding", b"chunked")
+        if use_chunked
+        else (b"Content-Length", b"%d" % len(body))
+    )
+    head = encode_request(
+        b"POST", b"http://x/up", [(b"Host", b"x"), (b"Proxy-Authorization", b"Basic eDp5"), framing]
+    )
+    data = head + (chunked(body, sizes) if use_chunked else body) + PIPELINED
+    sent, complete = forward(data, chunk)
+    assert complete
+    req, got, trailers = origin_reads(sent)
+    assert (req.method, req.target, got) == (b"POST", b"/up", body)
+    assert b"proxy-authorization" not in sent.lower()
+    assert b"/second" not in sent
+    if use_chunked:
+        assert trailers == [(b"X-Trailer", b"t")]
+
+
+def test_a_request_without_body_is_complete_at_once() -> None:
+    sent, complete = forward(encode_request(b"GET", b"http://x/", [(b"Host", b"x")]) + PIPELINED, 0)
+    assert complete
+    req, got, _ = origin_reads(sent)
+    assert (req.target, got) == (b"/", b"")
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [b"3\r\nab", b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX0\r\n\r\n"],
+    ids=["cut", "bad-size", "bad-chunk-end"],
+)
+def test_a_broken_or_cut_chunked_body_raises_bad_body(rest: bytes) -> None:
+    head = encode_request(
+        b"POST", b"http://x/", [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")]
+    )
+    with pytest.raises(BadBody):
+        forward(head + rest, 0)
+
+
+def test_a_cut_content_length_body_raises_bad_body_at_eof() -> None:
+    head = encode_request(b"POST", b"http://x/", [(b"Host", b"x"), (b"Content-Length", b"10")])
+    with pytest.raises(BadBody):
+        forward(head + b"abc", 0)
+
+
+@given(
+    mutated(
+        st.just(
+            encode_request(
+                b"POST", b"http://x/", [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")]
+            )
+            + b"5\r\nhello\r\n0\r\n\r\n"
+            + PIPELINED
+        )
+    ),
+    st.integers(0, 9),
+)
+def test_damaged_bodies_are_forwarded_framed_or_raise_bad_body(data: bytes, chunk: int) -> None:
+    """A damaged request is refused, or its body breaks (BadBody), or exactly one
+    well-framed request reaches the origin, without proxy credentials."""
+    try:
+        sent, complete = forward(data, chunk)
+    except (RequestRejected, BadBody):
+        return
+    assert complete
+    origin_reads(sent)
+    assert b"\r\nproxy-authorization:" not in sent.lower()

@@ -12,10 +12,13 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import h11
 import pytest
 
 from ramp.config import EdgeConfig
+from ramp.flows.endpoint import SocketEndpoint, StreamEndpoint, as_endpoint
 from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.flows.relay import relay_streams
 from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.socks5 import Socks5Server
 from ramp.onramps.tcp_listener import TcpOnRamp
@@ -60,37 +63,28 @@ class DirectLeg:
         self.flow = flow
         self.origin = origin
 
-    async def relay(self, client: socket.socket, initial: bytes = b"") -> None:
-        loop = asyncio.get_running_loop()
-
-        async def pump(src: socket.socket, dst: socket.socket, first: bytes, up: bool) -> None:
-            if first:
-                await loop.sock_sendall(dst, first)
-            while data := await loop.sock_recv(src, 65536):
-                await loop.sock_sendall(dst, data)
-                if up:
-                    self.flow.bytes_up += len(data)
-                else:
-                    self.flow.bytes_down += len(data)
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-        try:
-            await asyncio.gather(
-                pump(client, self.origin, initial, True), pump(self.origin, client, b"", False)
-            )
-        finally:
-            client.close()
-            self.origin.close()
+    async def relay(self, client: socket.socket | StreamEndpoint, initial: bytes = b"") -> None:
+        # the relay the direct off-ramp uses for a client end that is not a bare socket
+        result = await relay_streams(as_endpoint(client), SocketEndpoint(self.origin), initial)
+        self.flow.bytes_up += result.a_to_b
+        self.flow.bytes_down += result.b_to_a
+        if result.reset:
+            self.flow.result = FlowResult.RESET
 
     def abort(self) -> None:
         self.origin.close()
 
 
 class FakeOpener:
-    def __init__(self, fail: FlowResult | None = None, direct: bool = False) -> None:
+    def __init__(
+        self,
+        fail: FlowResult | None = None,
+        direct: bool = False,
+        origin: tuple[str, int] | None = None,
+    ) -> None:
         self.fail = fail
-        self.direct = direct
+        self.direct = direct or origin is not None
+        self.origin = origin  # dial this instead of the destination
         self.opened: list[Flow] = []
         self.legs: list[EchoLeg] = []
         self.finished: list[Flow] = []
@@ -102,9 +96,8 @@ class FakeOpener:
             raise FlowError(self.fail, f"test says {self.fail.value}")
         if self.direct:
             loop = asyncio.get_running_loop()
-            infos = await loop.getaddrinfo(
-                flow.destination.host, flow.destination.port, type=socket.SOCK_STREAM
-            )
+            host, port = self.origin or (flow.destination.host, flow.destination.port)
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             family, type_, proto, _, addr = infos[0]
             origin = socket.socket(family, type_, proto)
             origin.setblocking(False)
@@ -562,38 +555,183 @@ def test_http_auth_missing_wrong_and_right() -> None:
     run(main)
 
 
+class RecordingOrigin:
+    """An origin that reads each connection to EOF, keeps what it got, then answers."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RecordingOrigin:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()
+        self.received.append(data)
+        body = b"origin got %d bytes" % len(data)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+
+async def proxy_exchange(port: int, *writes: bytes) -> bytes:
+    """Send `writes` to the proxy on one connection; everything it answers, up to its EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for data in writes:
+        writer.write(data)
+        await writer.drain()
+    try:
+        return await read_eof(reader)
+    finally:
+        writer.close()
+
+
 def test_http_absolute_form_is_forwarded_rewritten() -> None:
     async def main() -> None:
-        opener = FakeOpener()
-        async with serving(HttpConnectServer, opener, users={"bob": "pw"}) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(
-                b"POST http://192.0.2.44:8081/submit?x=1#frag HTTP/1.1\r\n"
-                b"Host: wrong.example\r\n"
-                b"Proxy-Authorization: " + basic("bob", "pw") + b"\r\n"
-                b"Proxy-Connection: Keep-Alive\r\n"
-                b"Connection: keep-alive, X-Secret\r\n"
-                b"X-Secret: dropped\r\n"
-                b"Content-Length: 10\r\n"
-                b"User-Agent: t\r\n\r\n"
-                b"0123"
-            )
-            # EchoLeg plays the origin and sends back what it received.
-            expected_head = (
-                b"POST /submit?x=1 HTTP/1.1\r\n"
-                b"Host: 192.0.2.44:8081\r\n"
-                b"Content-Length: 10\r\n"
-                b"User-Agent: t\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            assert await reader.readexactly(len(expected_head) + 4) == expected_head + b"0123"
-            writer.write(b"456789")
-            assert await reader.readexactly(6) == b"456789"
-            writer.close()
-            await opener.wait_finished()
+        async with RecordingOrigin() as origin:
+            opener = FakeOpener(origin=origin.address)
+            async with serving(HttpConnectServer, opener, users={"bob": "pw"}) as server:
+                answer = await proxy_exchange(
+                    server.port,
+                    b"POST http://192.0.2.44:8081/submit?x=1#frag HTTP/1.1\r\n"
+                    b"Host: wrong.example\r\n"
+                    b"Proxy-Authorization: " + basic("bob", "pw") + b"\r\n"
+                    b"Proxy-Connection: Keep-Alive\r\n"
+                    b"Connection: keep-alive, X-Secret\r\n"
+                    b"X-Secret: dropped\r\n"
+                    b"Content-Length: 10\r\n"
+                    b"User-Agent: t\r\n\r\n"
+                    b"0123",
+                    b"456789",
+                )
+                await opener.wait_finished()
+        assert origin.received == [
+            b"POST /submit?x=1 HTTP/1.1\r\n"
+            b"Host: 192.0.2.44:8081\r\n"
+            b"Content-Length: 10\r\n"
+            b"User-Agent: t\r\n"
+            b"Connection: close\r\n\r\n"
+            b"0123456789"
+        ]
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
         (flow,) = opener.finished
         assert (flow.destination.host, flow.destination.port) == ("192.0.2.44", 8081)
         assert flow.user == "bob"
+        assert flow.result is FlowResult.OK
+
+    run(main)
+
+
+GET = b"GET http://192.0.2.44/%s HTTP/1.1\r\nHost: 192.0.2.44\r\nProxy-Authorization: %s\r\n\r\n"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "two-writes"])
+def test_http_pipelined_request_never_reaches_the_origin(loop: str, split: bool) -> None:
+    """Only the first request is forwarded; the second, with its credentials, stays in the
+    proxy, and the client connection closes after the first response. Sent again on a new
+    connection, it is a flow of its own."""
+    creds = basic("bob", "pw")
+    first, second = GET % (b"first", creds), GET % (b"second", creds)
+
+    async def main() -> None:
+        async with RecordingOrigin() as origin:
+            opener = FakeOpener(origin=origin.address)
+            async with serving(HttpConnectServer, opener, users={"bob": "pw"}) as server:
+                writes = (first, second) if split else (first + second,)
+                answer = await proxy_exchange(server.port, *writes)
+                await opener.wait_finished()
+                assert answer.count(b"HTTP/1.1 200 OK") == 1
+                assert len(origin.received) == 1
+                (got,) = origin.received
+                assert got.startswith(b"GET /first HTTP/1.1\r\n")
+                assert b"second" not in got
+                assert b"proxy-authorization" not in got.lower()
+
+                answer = await proxy_exchange(server.port, second)
+                await opener.wait_finished(2)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        assert origin.received[1].startswith(b"GET /second HTTP/1.1\r\n")
+        assert b"proxy-authorization" not in origin.received[1].lower()
+        assert [f.user for f in opener.finished] == ["bob", "bob"]
+        assert [f.result for f in opener.finished] == [FlowResult.OK, FlowResult.OK]
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("size", [0, 5, 2 * 1024 * 1024 + 3])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_http_post_body_reaches_the_origin_intact(loop: str, size: int, framing: str) -> None:
+    body = os.urandom(size)
+    if framing == "chunked":
+        framed = b"".join(
+            b"%x\r\n%s\r\n" % (len(body[i : i + 70000]), body[i : i + 70000])
+            for i in range(0, len(body), 70000)
+        )
+        framed += b"0\r\n\r\n"
+        header = b"Transfer-Encoding: chunked"
+    else:
+        framed, header = body, b"Content-Length: %d" % size
+    head = b"POST http://192.0.2.44/up HTTP/1.1\r\nHost: 192.0.2.44\r\n" + header + b"\r\n\r\n"
+    after = GET % (b"second", b"x")
+
+    async def main() -> None:
+        async with RecordingOrigin() as origin:
+            opener = FakeOpener(origin=origin.address)
+            async with serving(HttpConnectServer, opener) as server:
+                # the body in pieces that do not line up with chunks, then a pipelined request
+                pieces = [head + framed[:3]] + [
+                    framed[i : i + 65537] for i in range(3, len(framed), 65537)
+                ]
+                answer = await proxy_exchange(server.port, *pieces, after)
+                await opener.wait_finished()
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        (got,) = origin.received
+        assert got.startswith(b"POST /up HTTP/1.1\r\n")
+        assert header in got.partition(b"\r\n\r\n")[0]
+        # the origin parses exactly one request (chunk sizes may differ), with the body sent
+        parser = h11.Connection(h11.SERVER)
+        parser.receive_data(got)
+        parser.receive_data(b"")
+        assert isinstance(parser.next_event(), h11.Request)
+        received = b""
+        while isinstance(ev := parser.next_event(), h11.Data):
+            received += ev.data
+        assert isinstance(ev, h11.EndOfMessage)
+        assert isinstance(parser.next_event(), h11.ConnectionClosed)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(body).digest()
+        assert opener.finished[0].result is FlowResult.OK
+
+    run(main, loop)
+
+
+def test_http_body_cut_short_is_not_delivered_as_complete() -> None:
+    """A client that closes mid-body: the origin's connection is reset, not finished with
+    EOF, so it cannot take a truncated chunked body for a whole one."""
+    head = b"POST http://192.0.2.44/up HTTP/1.1\r\nHost: 192.0.2.44\r\n"
+
+    async def main() -> None:
+        async with RecordingOrigin() as origin:
+            opener = FakeOpener(origin=origin.address)
+            async with serving(HttpConnectServer, opener) as server:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel")
+                writer.write_eof()
+                assert await read_eof(reader) == b""
+                writer.close()
+                await opener.wait_finished()
+        assert opener.finished[0].result is FlowResult.RESET
 
     run(main)
 
@@ -615,6 +753,12 @@ def test_http_absolute_form_is_forwarded_rewritten() -> None:
         (b"CONNECT [::1:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
         (b"GET https://192.0.2.1/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
         (b"GET http://u:p@192.0.2.1/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_target"),
+        (
+            b"POST http://192.0.2.1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "cl_and_te",
+        ),
     ],
     ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else str(v),
 )

@@ -29,6 +29,7 @@ class _Side(asyncio.Protocol):
         self.peer: _Side | None = None
         self.pending: list[bytes] = []  # data before the peer is attached
         self.eof = False
+        self.eof_passed = False  # the EOF went on to the peer
         self.lost = False
         self.count = 0
 
@@ -52,6 +53,7 @@ class _Side(asyncio.Protocol):
         t = peer.transport if peer is not None and not peer.lost else None
         if t is not None and t.can_write_eof():
             t.write_eof()
+            self.eof_passed = True
         self.relay.check()
         return True  # keep the other direction open
 
@@ -104,10 +106,15 @@ async def relay_streams(a: StreamEndpoint, b: StreamEndpoint, initial: bytes = b
     for chunk in relay.a.pending:
         transport_b.write(chunk)
     relay.a.pending.clear()
+    # An EOF that came before the other side was attached had nowhere to go yet.
+    if relay.a.eof and not relay.a.eof_passed and transport_b.can_write_eof():
+        transport_b.write_eof()
     cast(Any, ta).resume_reading()
     for chunk in relay.b.pending:
         cast(Any, ta).write(chunk)
     relay.b.pending.clear()
+    if relay.b.eof and not relay.b.eof_passed and cast(Any, ta).can_write_eof():
+        cast(Any, ta).write_eof()
     transport_b.resume_reading()
     try:
         await relay.done

@@ -1,24 +1,40 @@
 """The HTTP/1.1 proxy on-ramp: CONNECT tunnels, and absolute-form requests (`GET http://...`).
 
 `curl -x http://E:8080 http://10.1.2.3/` sends an absolute-form GET, not CONNECT (unless
-`--proxytunnel`), so both are served. An absolute-form request is forwarded as one request per
-client connection: its head is rewritten to origin-form with `Connection: close` and handed to
-the relay as the first bytes for the origin; the relay then carries the rest of the body and
-the origin's whole response unparsed. What a request means is decided in `ramp.wire.http`;
+`--proxytunnel`), so both are served. What a request means is decided in `ramp.wire.http`;
 this module only reads, checks credentials against the config, and sends.
+
+An absolute-form request is one flow with its own origin connection, and the client
+connection serves that one request: the head goes to the origin rewritten to origin-form with
+`Connection: close`, then the request's own body (framed by h11: Content-Length or chunked),
+then EOF. The origin's response is relayed back unparsed until the origin closes, and then the
+client connection closes too. Anything the client sends after the request's body (a pipelined
+or keep-alive second request, with its Proxy-Authorization) is read and dropped, never
+forwarded: the client sees the connection close after the first response and sends its next
+request on a new connection, which curl and browsers do. Each request is thereby decided,
+routed, audited and authenticated on its own. The proxy does not keep client connections alive
+because it cannot tell where an unparsed response ends (a response without Content-Length ends
+only at EOF). Such flows are copied through Python, not spliced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from collections.abc import Callable
+from functools import partial
+from typing import cast
 
 from ramp.flows.answers import ProxyRequest as HookRequest
 from ramp.flows.answers import Reply
+from ramp.flows.endpoint import ProtocolFactory, SocketEndpoint, StreamEndpoint
 from ramp.flows.flow import Destination, FlowResult
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
 from ramp.wire.http import (
+    BadBody,
+    RequestBody,
     RequestReader,
     RequestRejected,
     auth_challenge,
@@ -83,13 +99,23 @@ class HttpConnectServer(TcpOnRamp):
         except RequestRejected as e:
             return await self._reject(sock, peer, e)
         dest = Destination(request.host, request.port)
+        client: Callable[[socket.socket], StreamEndpoint] | None = None
+        initial = request.initial
+        if not request.connect:
+            # interpret() put the bytes past the head after it; the body reader has them too
+            head_bytes = initial[: len(initial) - len(reader.trailing)]
+            client = partial(OneRequestEndpoint, head=head_bytes, body=RequestBody(reader, head))
+            # the endpoint sends the head itself: a tunnel leg takes `initial` only after
+            # attaching, behind body bytes the endpoint already passed on
+            initial = b""
         return FlowPlan(
             destination=dest,
             identity=identity,
             ok_reply=request.ok_reply,
             error_reply=lambda result: failure_response(result, dest),
             busy_reply=response(503, "ramp: too many flows"),
-            initial=request.initial,
+            initial=initial,
+            client=client,
             request=HookRequest(
                 head.method.decode("ascii", "replace"),
                 head.target.decode("ascii", "replace"),
@@ -101,6 +127,104 @@ class HttpConnectServer(TcpOnRamp):
             ),
             answer=hook_reply,
         )
+
+
+# Bytes past the request that are read and dropped (so that closing after the response does
+# not reset it over unread data) before reading stops: a client that keeps sending them is
+# not worth the CPU, and may see its connection end with a reset.
+DROP_LIMIT = 65536
+
+
+class _OneRequest(asyncio.Protocol):
+    """Between the client socket and the relay: passes on the head and this request's body,
+    then EOF, and drops whatever the client sends after it. Responses pass straight through
+    (the relay writes to the client transport itself)."""
+
+    def __init__(self, inner: asyncio.Protocol, head: bytes, body: RequestBody) -> None:
+        self._inner = inner
+        self._head = head
+        self._body = body
+        self._transport: asyncio.Transport | None = None
+        self._eof_sent = False
+        self._broken: str | None = None
+        self._dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._inner.connection_made(transport)
+        try:
+            out = self._body.take()
+        except BadBody as e:
+            self._forward(self._head)
+            self._break(str(e))
+            return
+        self._forward(self._head + out)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken is not None:
+            return
+        if self._body.complete:
+            self._dropped += len(data)
+            if self._dropped > DROP_LIMIT and self._transport is not None:
+                self._transport.pause_reading()
+            return
+        try:
+            out = self._body.receive_data(data)
+        except BadBody as e:
+            self._break(str(e))
+            return
+        self._forward(out)
+
+    def eof_received(self) -> bool | None:
+        if self._eof_sent or self._broken is not None:
+            return True  # the response may still be on its way
+        # EOF before the body is complete: the origin must not take a cut body as whole
+        self._break("client closed before the request body was complete")
+        return True
+
+    def _forward(self, out: bytes) -> None:
+        if out:
+            self._inner.data_received(out)
+        if self._body.complete and not self._eof_sent:
+            self._eof_sent = True
+            self._inner.eof_received()
+
+    def _break(self, reason: str) -> None:
+        log.debug("http request body: %s", reason)
+        self._broken = reason
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and self._broken is not None:
+            exc = ConnectionResetError(self._broken)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class OneRequestEndpoint:
+    """The client socket of an absolute-form request, as the relay's client end."""
+
+    kind = "http-request"
+
+    def __init__(self, sock: socket.socket, head: bytes, body: RequestBody) -> None:
+        self._socket = SocketEndpoint(sock)
+        self._head = head
+        self._body = body
+
+    async def attach(self, factory: ProtocolFactory) -> asyncio.BaseTransport:
+        def wrapped() -> asyncio.Protocol:
+            return _OneRequest(cast(asyncio.Protocol, factory()), self._head, self._body)
+
+        return await self._socket.attach(wrapped)
+
+    def close(self) -> None:
+        self._socket.close()
 
 
 def hook_reply(reply: Reply) -> bytes:

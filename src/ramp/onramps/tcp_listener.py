@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ramp.flows.endpoint import StreamEndpoint
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
 from ramp.flows.opener import FlowOpener
 from ramp.net.listen import tcp_listen_socket
@@ -55,6 +56,9 @@ class FlowPlan:
     error_reply: Callable[[FlowResult], bytes]  # sent when opening fails
     busy_reply: bytes  # sent when max_flows is reached
     initial: bytes = b""  # bytes for the origin before the client's stream
+    # Set when the relay must not see the raw client stream (an absolute-form HTTP request:
+    # only that request's body goes to the origin): wraps the client socket for it.
+    client: Callable[[socket.socket], StreamEndpoint] | None = None
     # Set when the connection is not one TCP flow (a SOCKS5 UDP association): it counts
     # against max_flows like one, and the on-ramp serves it itself until it ends.
     serve: Callable[[socket.socket], Awaitable[None]] | None = None
@@ -257,7 +261,8 @@ class TcpOnRamp:
             flow.stop = stop
             flow.advance(FlowState.ESTABLISHED)
             try:
-                await leg.relay(sock, initial=plan.initial)
+                client = plan.client(sock) if plan.client is not None else sock
+                await leg.relay(client, initial=plan.initial)
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -13,6 +13,15 @@ Usage, with `recv()` standing for the caller's I/O::
         reader.receive_data(recv())            # b"" = the client closed
     value = proxy_authorization(head)          # when credentials are required
     request = interpret(head, reader.trailing)
+
+An absolute-form request then has its body read with `RequestBody(reader, head)`: it yields
+the body re-framed for the origin and says when the request is complete. Nothing past that
+request is ever forwarded: a pipelined second request stays in the proxy, unparsed, and the
+client connection closes after the first response (see `ramp.onramps.http_connect`).
+
+A request with both Content-Length and Transfer-Encoding is refused (400, reason
+`cl_and_te`): RFC 9112 6.3 allows treating it as an error, and forwarding either framing lets
+a proxy and an origin that disagree on it smuggle a second request.
 """
 
 from __future__ import annotations
@@ -62,6 +71,10 @@ _KEEP = frozenset({b"content-length", b"transfer-encoding"})
 
 _HOST_RE = re.compile(rb"[A-Za-z0-9._-]{1,253}")
 _PORT_RE = re.compile(rb"[0-9]{1,5}")
+
+
+class BadBody(ValueError):
+    """A request body that breaks its own framing, or ends before it is complete."""
 
 
 class BadTarget(ValueError):
@@ -286,9 +299,66 @@ def interpret(request: h11.Request, trailing: bytes = b"") -> ProxyRequest:
             "this is a proxy; use CONNECT host:port or an absolute http:// URL",
             "not_a_proxy_request",
         )
+    names = {n for n, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise RequestRejected(
+            400, "request has both Content-Length and Transfer-Encoding", "cl_and_te"
+        )
     try:
         (host, port), authority, origin_form = parse_absolute_url(target)
     except BadTarget as e:
         raise RequestRejected(400, str(e), "bad_target") from None
     initial = rewrite_head(request, authority, origin_form) + trailing
     return ProxyRequest(host, port, False, b"", initial)
+
+
+class RequestBody:
+    """The body of the request `reader` just read, framed again for the origin.
+
+    h11 decodes the body's framing (Content-Length, or chunked, its only transfer coding);
+    chunks are encoded again because the head still says `Transfer-Encoding: chunked`.
+    `receive_data` takes client bytes and returns what to forward; once `complete`, the
+    caller forwards nothing more from this client (and must not feed it here: h11 would
+    buffer a pipelined request without bound).
+    """
+
+    def __init__(self, reader: RequestReader, request: h11.Request) -> None:
+        self._conn = reader._conn
+        self._chunked = any(n == b"transfer-encoding" for n, _ in request.headers)
+        self.complete = False
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Client bytes (b"" = it closed) -> body bytes for the origin; BadBody if broken."""
+        self._conn.receive_data(data)
+        return self.take()
+
+    def take(self) -> bytes:
+        """Body bytes already received (with the head, or since the last call)."""
+        out: list[bytes] = []
+        while not self.complete:
+            try:
+                ev = self._conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise BadBody(str(e)) from None
+            if ev is h11.NEED_DATA:
+                break
+            if isinstance(ev, h11.Data):
+                if not ev.data:
+                    continue  # an empty chunk here would read as the last chunk
+                if self._chunked:
+                    out += [b"%x\r\n" % len(ev.data), bytes(ev.data), b"\r\n"]
+                else:
+                    out.append(bytes(ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                self.complete = True
+                if self._chunked:
+                    out.append(b"0\r\n")
+                    out += [
+                        n + b": " + v + b"\r\n"
+                        for n, v in ev.headers.raw_items()
+                        if n.lower() != b"proxy-authorization"
+                    ]
+                    out.append(b"\r\n")
+            else:
+                raise BadBody(f"unexpected {ev!r}")
+        return b"".join(out)
