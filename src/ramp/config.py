@@ -242,6 +242,13 @@ class ConnectorConfig(_Base):
     """The connector (`ramp tunnel run`)."""
 
     token: str = Field("", description="Tunnel token from `ramp tunnel token NAME`.")
+    token_file: Path | None = Field(
+        None,
+        description=(
+            "File holding the tunnel token (surrounding whitespace ignored), readable by its "
+            "owner only; unlike `token` on the command line it does not show in `ps`."
+        ),
+    )
     edge: list[str] = Field(
         default_factory=list,
         description="Edge HOST:PORT addresses; when set they replace those in the token.",

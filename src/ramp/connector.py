@@ -18,7 +18,7 @@ from ramp.observe.status import start_status_server
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
-from ramp.tunnel.token import Token, TokenError
+from ramp.tunnel.token import Token, TokenError, token_text
 from ramp.wire.tunnel import RegisterError
 
 log = logging.getLogger("ramp.connector")
@@ -221,9 +221,10 @@ def connector_flow(
 
 
 def load_token(config: ConnectorConfig) -> Token:
-    if not config.token:
-        raise TokenError("no token: pass --token TOKEN or set RAMP_TUNNEL_TOKEN")
-    token = Token.decode(config.token)
+    text = token_text(config.token, config.token_file)
+    if not text:
+        raise TokenError("no token: pass --token-file FILE or set RAMP_TUNNEL_TOKEN")
+    token = Token.decode(text)
     try:
         uuid.UUID(token.tunnel_id)
     except ValueError:
