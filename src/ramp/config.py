@@ -164,6 +164,17 @@ class EdgeConfig(_Base):
     audit_log: str = Field(
         "-", description="File for the audit log (one JSON line per finished flow); '-' = stderr."
     )
+    audit_log_max_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
+            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
+        ),
+    )
+    audit_log_backups: int = Field(
+        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
+    )
     store_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between checks of the store for CLI changes."
     )
@@ -288,6 +299,17 @@ class ConnectorConfig(_Base):
         "-",
         description="File for the audit log (one JSON line per finished flow, the same "
         "record as the edge's); '-' = stderr.",
+    )
+    audit_log_max_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
+            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
+        ),
+    )
+    audit_log_backups: int = Field(
+        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))

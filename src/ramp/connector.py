@@ -64,7 +64,9 @@ class Connector:
         self.resolver = Resolver(config.dns_resolver)
         self.client.resolver = self.resolver
         self.status: Any = None
-        self.audit = AuditLog(config.audit_log)
+        self.audit = AuditLog(
+            config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
+        )
         # admission happens at the edge; the connector's table is where its flows end
         self.table = FlowTable(limit=1 << 62, reporters=[self._report])
 
