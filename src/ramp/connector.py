@@ -246,7 +246,17 @@ def run_connector(config: ConnectorConfig) -> int:
         print(f"ramp: invalid token: {e}", file=sys.stderr)
         return EXIT_BAD_TOKEN
 
-    async def main(stop: asyncio.Event) -> int:
-        return await Connector(config, token).run(stop)
+    running: list[Connector] = []
 
-    return run_until_signal(main)
+    async def main(stop: asyncio.Event) -> int:
+        connector = Connector(config, token)
+        running.append(connector)
+        return await connector.run(stop)
+
+    def reopen_audit() -> None:
+        # SIGHUP re-reads no config here (yet); it lets logrotate move the audit log.
+        for connector in running:
+            connector.audit.reopen()
+        log.info("audit log reopened; the connector's configuration is read at start only")
+
+    return run_until_signal(main, reopen_audit)

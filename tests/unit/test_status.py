@@ -379,6 +379,37 @@ def test_edge_reload_reopens_its_audit_log(tmp_path: Path) -> None:
     assert _records(tmp_path / "audit.log.1") == [42]
 
 
+def test_connector_sighup_reopens_its_audit_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ramp.config import ConnectorConfig
+    from ramp.connector import run_connector
+    from ramp.tunnel.token import Token
+
+    path = tmp_path / "connector-audit.log"
+    token = Token("00000000-0000-4000-8000-000000000001", b"s" * 32, ["192.0.2.1:7844"], "0" * 64)
+    config = ConnectorConfig(
+        token=token.encode(), audit_log=str(path), metrics_listen="off", grace_period=0
+    )
+
+    def signals(main: Callable[[asyncio.Event], Any], reload: Callable[[], None]) -> int:
+        async def run() -> int:
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(main(stop))
+            await until(path.exists, what="the connector's audit log")
+            path.rename(tmp_path / "connector-audit.log.1")  # logrotate, then its SIGHUP:
+            reload()
+            assert path.exists()  # a new file where the log was
+            stop.set()
+            return int(await task)
+
+        return asyncio.run(run())
+
+    monkeypatch.setattr("ramp.runtime.run_until_signal", signals)
+    assert run_connector(config) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_audit_dash_is_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     AuditLog("-").write(_flow())
     out, err = capsys.readouterr()
