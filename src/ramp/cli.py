@@ -37,7 +37,7 @@ from ramp.policy.hooks import HookLoadError
 from ramp.policy.router import VnetRoutes
 from ramp.policy.rules import ACTIONS, PROTOCOLS, Facts, Policy, Rule
 from ramp.store.db import DEFAULT_VNET, Route, Store, StoreError
-from ramp.tunnel.token import Token, TokenError
+from ramp.tunnel.token import Token, TokenError, token_text
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_EDGE = "127.0.0.1:7844"
@@ -150,7 +150,7 @@ def _option_for(name: str, field: FieldInfo, envvar: str | None) -> Callable[[F]
         kind = click.INT
     elif ann is float:
         kind = click.FLOAT
-    elif ann is Path:
+    elif ann is Path or ann == Path | None:
         kind = click.Path(path_type=Path)
     else:
         kind = click.STRING
@@ -491,11 +491,21 @@ def tunnel_token(name: str, edges: list[str], data_dir: Path | None, log_level: 
 def tunnel_run(config_file: Path | None, **flags: Any) -> None:
     """Run a connector: dial out to the edge(s) and serve the tunnel's flows.
 
-    The token can also be given in the environment variable RAMP_TUNNEL_TOKEN.
+    Give the token with --token-file FILE or the environment variable RAMP_TUNNEL_TOKEN:
+    --token TOKEN works too, but shows in `ps` to every user of the machine.
     """
     cfg = _load(ConnectorConfig, config_file, flags)
+    try:
+        token = token_text(cfg.token, cfg.token_file)
+    except TokenError as e:
+        _fail(str(e))
+    # From here on the token is the token, wherever it came from.
+    cfg = cfg.model_copy(update={"token": token, "token_file": None})
     if not cfg.token:
-        _fail("no token: pass --token TOKEN or set RAMP_TUNNEL_TOKEN (see `ramp tunnel token`)")
+        _fail(
+            "no token: pass --token-file FILE, set RAMP_TUNNEL_TOKEN or pass --token TOKEN "
+            "(see `ramp tunnel token`)"
+        )
     try:
         Token.decode(cfg.token)
     except TokenError as e:

@@ -164,6 +164,17 @@ class EdgeConfig(_Base):
     audit_log: str = Field(
         "-", description="File for the audit log (one JSON line per finished flow); '-' = stderr."
     )
+    audit_log_max_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
+            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
+        ),
+    )
+    audit_log_backups: int = Field(
+        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
+    )
     store_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between checks of the store for CLI changes."
     )
@@ -242,6 +253,13 @@ class ConnectorConfig(_Base):
     """The connector (`ramp tunnel run`)."""
 
     token: str = Field("", description="Tunnel token from `ramp tunnel token NAME`.")
+    token_file: Path | None = Field(
+        None,
+        description=(
+            "File holding the tunnel token (surrounding whitespace ignored), readable by its "
+            "owner only; unlike `token` on the command line it does not show in `ps`."
+        ),
+    )
     edge: list[str] = Field(
         default_factory=list,
         description="Edge HOST:PORT addresses; when set they replace those in the token.",
@@ -281,6 +299,17 @@ class ConnectorConfig(_Base):
         "-",
         description="File for the audit log (one JSON line per finished flow, the same "
         "record as the edge's); '-' = stderr.",
+    )
+    audit_log_max_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
+            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
+        ),
+    )
+    audit_log_backups: int = Field(
+        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))

@@ -18,7 +18,7 @@ from ramp.observe.status import start_status_server
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
-from ramp.tunnel.token import Token, TokenError
+from ramp.tunnel.token import Token, TokenError, token_text
 from ramp.wire.tunnel import RegisterError
 
 log = logging.getLogger("ramp.connector")
@@ -64,7 +64,9 @@ class Connector:
         self.resolver = Resolver(config.dns_resolver)
         self.client.resolver = self.resolver
         self.status: Any = None
-        self.audit = AuditLog(config.audit_log)
+        self.audit = AuditLog(
+            config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
+        )
         # admission happens at the edge; the connector's table is where its flows end
         self.table = FlowTable(limit=1 << 62, reporters=[self._report])
 
@@ -221,9 +223,10 @@ def connector_flow(
 
 
 def load_token(config: ConnectorConfig) -> Token:
-    if not config.token:
-        raise TokenError("no token: pass --token TOKEN or set RAMP_TUNNEL_TOKEN")
-    token = Token.decode(config.token)
+    text = token_text(config.token, config.token_file)
+    if not text:
+        raise TokenError("no token: pass --token-file FILE or set RAMP_TUNNEL_TOKEN")
+    token = Token.decode(text)
     try:
         uuid.UUID(token.tunnel_id)
     except ValueError:
@@ -243,7 +246,17 @@ def run_connector(config: ConnectorConfig) -> int:
         print(f"ramp: invalid token: {e}", file=sys.stderr)
         return EXIT_BAD_TOKEN
 
-    async def main(stop: asyncio.Event) -> int:
-        return await Connector(config, token).run(stop)
+    running: list[Connector] = []
 
-    return run_until_signal(main)
+    async def main(stop: asyncio.Event) -> int:
+        connector = Connector(config, token)
+        running.append(connector)
+        return await connector.run(stop)
+
+    def reopen_audit() -> None:
+        # SIGHUP re-reads no config here (yet); it lets logrotate move the audit log.
+        for connector in running:
+            connector.audit.reopen()
+        log.info("audit log reopened; the connector's configuration is read at start only")
+
+    return run_until_signal(main, reopen_audit)

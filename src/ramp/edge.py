@@ -47,7 +47,9 @@ class Edge:
         self.config = config
         self.metrics = metrics or EdgeMetrics()
         self.store = Store(config.data_dir)
-        self.audit = AuditLog(config.audit_log)
+        self.audit = AuditLog(
+            config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
+        )
         self.dns_zones = DnsZones([])
         self._dns_clients: dict[str, TunnelDnsClient] = {}
         self.sessions: EdgeSessions | None = None
@@ -186,10 +188,20 @@ class Edge:
         """Take a new config's hooks, groups and policy settings; raises (and keeps the old
         state) if its hooks do not load. Listeners and limits stay as they are until a
         restart."""
+        # First: logrotate's SIGHUP must move the audit log even when the new hooks are bad.
+        self.audit.reopen()
         user = load_hooks(hook_specs(config))  # raises HookLoadError: nothing changed yet
+        restart_keys = (
+            "tunnel_listen",
+            "metrics_listen",
+            "data_dir",
+            "audit_log",
+            "audit_log_max_bytes",
+            "audit_log_backups",
+            "max_flows",
+        )
         if config.effective_onramps() != self.config.effective_onramps() or any(
-            getattr(config, k) != getattr(self.config, k)
-            for k in ("tunnel_listen", "metrics_listen", "data_dir", "audit_log", "max_flows")
+            getattr(config, k) != getattr(self.config, k) for k in restart_keys
         ):
             log.warning("listener, store, audit and limit changes take effect at the next restart")
         self.hooks = self._make_hooks(user)
@@ -442,7 +454,11 @@ async def _reloads(edge: Edge, reloaded: asyncio.Queue[Callable[[], EdgeConfig]]
     while True:
         load = await reloaded.get()
         try:
-            config = load()
+            try:
+                config = load()
+            except Exception:
+                edge.audit.reopen()  # a bad config file still lets logrotate's SIGHUP work
+                raise
             edge.reload_config(config)
         except (ConfigError, HookLoadError) as e:
             edge.metrics.config_reloads.labels("failed").inc()

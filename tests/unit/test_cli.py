@@ -251,6 +251,56 @@ def test_tunnel_run_token_from_flag_or_env(
     assert fake_roles["connector"].calls[2][0].grace_period == 7.0
 
 
+def test_tunnel_run_token_from_a_file(
+    home: Path, fake_roles: dict[str, Recorder], tmp_path: Path
+) -> None:
+    ramp("tunnel", "create", "office")
+    token = ramp("tunnel", "token", "office").stdout.strip()
+    f = tmp_path / "token"
+    f.write_text(f"\n  {token}\n")
+    f.chmod(0o600)
+    r = ramp("tunnel", "run", "--token-file", str(f))
+    assert r.exit_code == 3, r.output  # the connector's return code
+    (cfg,) = fake_roles["connector"].calls[0]
+    assert cfg.token == token
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"token_file: {f}\n")
+    assert ramp("tunnel", "run", "--config", str(cfg_file)).exit_code == 3
+    assert fake_roles["connector"].calls[1][0].token == token
+
+
+def test_tunnel_run_refuses_a_loose_missing_or_doubled_token_file(
+    home: Path, fake_roles: dict[str, Recorder], tmp_path: Path
+) -> None:
+    ramp("tunnel", "create", "office")
+    token = ramp("tunnel", "token", "office").stdout.strip()
+    f = tmp_path / "token"
+    f.write_text(token)
+    f.chmod(0o644)
+    r = ramp("tunnel", "run", "--token-file", str(f))
+    assert r.exit_code == 2
+    assert "accessible by group or others (mode 0644)" in r.stderr
+    assert f"chmod 600 {f}" in r.stderr
+    f.chmod(0o620)
+    assert ramp("tunnel", "run", "--token-file", str(f)).exit_code == 2
+
+    f.chmod(0o600)
+    r = ramp("tunnel", "run", "--token-file", str(f), env={"RAMP_TUNNEL_TOKEN": token})
+    assert r.exit_code == 2 and "both a token and a token file" in r.stderr
+    r = ramp("tunnel", "run", "--token-file", str(f), "--token", token)
+    assert r.exit_code == 2 and "both a token and a token file" in r.stderr
+
+    r = ramp("tunnel", "run", "--token-file", str(tmp_path / "nope"))
+    assert r.exit_code == 2 and "cannot read token file" in r.stderr and "nope" in r.stderr
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    r = ramp("tunnel", "run", "--token-file", str(empty))
+    assert r.exit_code == 2 and "is empty" in r.stderr
+    assert fake_roles["connector"].calls == []
+    assert "Traceback" not in r.output
+
+
 def test_tunnel_run_bad_or_missing_token(home: Path, fake_roles: dict[str, Recorder]) -> None:
     r = ramp("tunnel", "run")
     assert r.exit_code == 2 and "no token" in r.stderr

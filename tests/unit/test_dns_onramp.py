@@ -333,6 +333,22 @@ def test_non_query_opcode_is_notimp() -> None:
     run(main)
 
 
+def test_unknown_edns_version_is_badvers_not_forwarded() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        server = await serve(opener)
+        try:
+            q = dns.message.make_query("db.corp.example", "A", use_edns=1)
+            r = parse(await udp_ask(server.port, q.to_wire()))
+            assert r.rcode() == dns.rcode.BADVERS and r.edns == 0 and r.id == q.id
+            assert opener.queries == [] and opener.bad == []
+            assert server.stats["badvers"] == 1
+        finally:
+            await server.close()
+
+    run(main)
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_tcp_framing_with_pipelined_queries(loop: str) -> None:
     async def main() -> None:

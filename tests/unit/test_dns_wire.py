@@ -174,6 +174,19 @@ def test_question_count_other_than_one_is_formerr() -> None:
     assert (e.value.outcome, e.value.reason) == ("formerr", "question_count")
 
 
+def test_unknown_edns_version_is_badvers_with_version_0() -> None:
+    q = dns.message.make_query("example.com", "A", use_edns=1, payload=1232)
+    with pytest.raises(QueryRejected) as e:
+        read_query(q.to_wire())
+    assert (e.value.outcome, e.value.reason) == ("badvers", None)
+    assert e.value.reply is not None
+    r = dns.message.from_wire(e.value.reply)
+    assert r.id == q.id and r.question == q.question
+    assert r.rcode() == dns.rcode.BADVERS  # 16: the extended rcode lives in the OPT record
+    assert r.edns == 0  # the version we do speak, for the client to fall back to
+    assert read_query(dns.message.make_query("example.com", "A", use_edns=0).to_wire())
+
+
 def test_signed_queries_are_refused() -> None:
     q = dns.message.make_query("a.example", "A")
     q.use_tsig(dns.tsigkeyring.from_text({"k.": "c2VjcmV0c2VjcmV0"}), keyname="k.")

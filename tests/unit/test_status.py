@@ -262,6 +262,154 @@ def test_audit_file_appends_one_private_line_per_flow(tmp_path: Path) -> None:
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
 
 
+def _records(path: Path) -> list[int]:
+    """The flow ids in an audit file; every line must be a whole JSON record."""
+    return [json.loads(line)["flow"] for line in path.read_text().splitlines()]
+
+
+def test_audit_file_rotates_by_size_keeping_the_backups(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    line_size = len(json.dumps(flow_record(_flow()), separators=(",", ":"))) + 1
+    log = AuditLog(path, max_bytes=3 * line_size, backups=2)
+    for i in range(10):
+        record = flow_record(_flow())
+        record["flow"] = i
+        log.write_record(record)
+    log.close()
+    # Three lines a file, the newest in FILE; the two before it kept, older ones gone.
+    assert _records(path) == [9]
+    assert _records(tmp_path / "audit.log.1") == [6, 7, 8]
+    assert _records(tmp_path / "audit.log.2") == [3, 4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    # A line bigger than the limit is still written, alone in its file.
+    big = AuditLog(tmp_path / "big.log", max_bytes=10, backups=1)
+    big.write(_flow())
+    big.write(_flow())
+    big.close()
+    assert _records(tmp_path / "big.log") == [42]
+    assert _records(tmp_path / "big.log.1") == [42]
+
+
+def test_audit_file_size_counts_what_is_there_and_zero_never_rotates(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    path.write_text("x" * 100 + "\n")
+    log = AuditLog(path, max_bytes=150, backups=1)
+    log.write(_flow())  # 101 bytes there already: this line goes to a new file
+    log.close()
+    assert (tmp_path / "audit.log.1").read_text() == "x" * 100 + "\n"
+    assert _records(path) == [42]
+
+    never = AuditLog(tmp_path / "n.log", max_bytes=0)
+    for _ in range(50):
+        never.write(_flow())
+    never.close()
+    assert len(_records(tmp_path / "n.log")) == 50
+    assert not (tmp_path / "n.log.1").exists()
+
+
+def test_audit_reopen_follows_an_outside_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.write(_flow())
+    path.rename(tmp_path / "audit.log.0")  # what logrotate does before its SIGHUP
+    log.write(_flow())  # still the open file
+    log.reopen()
+    log.write(_flow())
+    log.close()
+    assert len(_records(tmp_path / "audit.log.0")) == 2
+    assert _records(path) == [42]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_audit_write_errors_never_raise_and_are_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("ramp.observe.audit._RETRY_OPEN_S", 0.0)
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=1, backups=1)
+    log.write(_flow())
+
+    def no_rename(*_: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr("ramp.observe.audit.os.replace", no_rename)
+        log.write(_flow())
+        log.write(_flow())
+    assert _records(path) == [42] * 3  # rotation failed: lines kept in the file there is
+    assert [r.getMessage() for r in caplog.records if "cannot rotate" in r.getMessage()] == [
+        f"audit log {path}: cannot rotate ([Errno 13] Permission denied); "
+        "dropping lines until it works"
+    ]
+
+    log.close()
+
+    path = tmp_path / "other.log"
+    log = AuditLog(path, max_bytes=1, backups=1)
+    path.rename(tmp_path / "moved")
+    path.mkdir()  # what is there now cannot be opened
+    log.reopen()
+    log.write(_flow())
+    log.write(_flow())
+    assert sum("cannot open" in r.getMessage() for r in caplog.records) == 1
+    path.rmdir()
+    log.write(_flow())  # opened again on the next line
+    log.close()
+    assert _records(path) == [42]
+    assert not (tmp_path / "other.log.1").exists()
+
+
+def test_edge_reload_reopens_its_audit_log(tmp_path: Path) -> None:
+    from ramp.config import EdgeConfig
+    from ramp.edge import Edge
+
+    path = tmp_path / "audit.log"
+    edge = Edge(EdgeConfig(data_dir=tmp_path / "data", audit_log=str(path)))
+    try:
+        edge.audit.write(_flow())
+        path.rename(tmp_path / "audit.log.1")
+        edge.reload_config(edge.config)
+        edge.audit.write(_flow())
+    finally:
+        edge.audit.close()
+        edge.store.close()
+    assert _records(path) == [42]
+    assert _records(tmp_path / "audit.log.1") == [42]
+
+
+def test_connector_sighup_reopens_its_audit_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ramp.config import ConnectorConfig
+    from ramp.connector import run_connector
+    from ramp.tunnel.token import Token
+
+    path = tmp_path / "connector-audit.log"
+    token = Token("00000000-0000-4000-8000-000000000001", b"s" * 32, ["192.0.2.1:7844"], "0" * 64)
+    config = ConnectorConfig(
+        token=token.encode(), audit_log=str(path), metrics_listen="off", grace_period=0
+    )
+
+    def signals(main: Callable[[asyncio.Event], Any], reload: Callable[[], None]) -> int:
+        async def run() -> int:
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(main(stop))
+            await until(path.exists, what="the connector's audit log")
+            path.rename(tmp_path / "connector-audit.log.1")  # logrotate, then its SIGHUP:
+            reload()
+            assert path.exists()  # a new file where the log was
+            stop.set()
+            return int(await task)
+
+        return asyncio.run(run())
+
+    monkeypatch.setattr("ramp.runtime.run_until_signal", signals)
+    assert run_connector(config) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_audit_dash_is_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     AuditLog("-").write(_flow())
     out, err = capsys.readouterr()

@@ -33,6 +33,44 @@ def test_data_dir_and_db_are_private_and_in_wal_mode(store: Store, data_dir: Pat
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_loose_data_dir_and_store_files_are_made_private_with_a_warning(
+    store: Store, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.create_tunnel("office")  # the open store keeps its -wal and -shm files around
+    files = [data_dir / n for n in ("ramp.db", "ramp.db-wal", "ramp.db-shm")]
+    assert all(f.exists() for f in files)
+    data_dir.chmod(0o755)
+    for f in files:
+        f.chmod(0o644)
+    with caplog.at_level("WARNING", logger="ramp.store.db"), Store(data_dir) as again:
+        assert [t.name for t in again.list_tunnels()] == ["office"]
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert [stat.S_IMODE(f.stat().st_mode) for f in files] == [0o600] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 4
+    assert f"{data_dir} was accessible by group or others (mode 0755)" in warnings[0]
+    for f, w in zip(files, warnings[1:], strict=True):
+        assert f"{f} was accessible by group or others (mode 0644): changed to 0600" in w
+    # Private already: nothing to say.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ramp.store.db"), Store(data_dir):
+        pass
+    assert caplog.records == []
+
+
+def test_loose_store_of_another_user_is_refused_untouched(
+    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = data_dir / "ramp.db"
+    db.chmod(0o640)
+    monkeypatch.setattr("ramp.store.db.os.geteuid", lambda: db.stat().st_uid + 1)
+    with pytest.raises(StoreError) as e:
+        Store(data_dir)
+    assert f"{db} is accessible by group or others (mode 0640)" in str(e.value)
+    assert "belongs to another user" in str(e.value) and f"chmod 600 {db}" in str(e.value)
+    assert stat.S_IMODE(db.stat().st_mode) == 0o640
+
+
 def test_create_list_get_tunnel(store: Store) -> None:
     a = store.create_tunnel("office")
     b = store.create_tunnel("lab-2.x_y")

@@ -2,6 +2,7 @@
 
 Lines are self-contained so they can be shipped and queried with ordinary tools (jq, Loki,
 a SIEM). A failing disk must not stop traffic: write errors are logged once and dropped.
+The file rotates itself by size, and is reopened on SIGHUP for outside rotation.
 """
 
 from __future__ import annotations
@@ -73,18 +74,94 @@ def flow_record(flow: Flow) -> dict[str, Any]:
     return record
 
 
-class AuditLog:
-    """`AuditLog("-")` writes to stderr; a path is opened for appending, line-buffered."""
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+DEFAULT_BACKUPS = 5
+_RETRY_OPEN_S = 1.0  # a file that cannot be opened is tried again at most this often
 
-    def __init__(self, path_or_dash: str | Path) -> None:
+
+class AuditLog:
+    """`AuditLog("-")` writes to stderr; a path is opened for appending, line-buffered, and
+    rotated when a line would take it past `max_bytes` (0: never): FILE becomes FILE.1, FILE.1
+    FILE.2 and so on, `backups` of them kept. `reopen()` (SIGHUP) follows an outside rotation
+    such as logrotate's."""
+
+    def __init__(
+        self,
+        path_or_dash: str | Path,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        backups: int = DEFAULT_BACKUPS,
+    ) -> None:
         self.target = str(path_or_dash)
+        self.max_bytes = max_bytes
+        self.backups = backups
         self._file: TextIO | None = None
-        self._failed = False
+        self._size = 0
+        self._failing: set[str] = set()  # what fails ("cannot write", ...): said once each
         self._closed = False
+        self._next_open = 0.0
+        self._next_rotate = 0.0
         if self.target != "-":
-            # Audit lines name users and destinations: keep a new file private.
-            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._file = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._file, self._size = self._open()  # at start, a path that cannot be opened is fatal
+
+    def _open(self) -> tuple[TextIO, int]:
+        # Audit lines name users and destinations: keep a new file private.
+        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            return open(fd, "a", buffering=1, encoding="utf-8"), size
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _error(self, what: str, e: Exception) -> None:
+        if what not in self._failing:
+            log.error("audit log %s: %s (%s); dropping lines until it works", self.target, what, e)
+            self._failing.add(what)
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except (OSError, ValueError):
+                pass  # its lines are as lost as they would be on a failed write
+            self._file = None
+        self._size = 0  # nothing to rotate until a file is open again
+
+    def _reopen_now(self) -> None:
+        self._drop_file()
+        try:
+            self._file, self._size = self._open()
+        except OSError as e:
+            self._next_open = time.monotonic() + _RETRY_OPEN_S
+            self._error("cannot open", e)
+        else:
+            self._failing.discard("cannot open")
+
+    def reopen(self) -> None:
+        """Close and open the file again: after logrotate moved it, lines go to a new one."""
+        if self.target == "-" or self._closed:
+            return
+        self._reopen_now()
+
+    def _rotate(self) -> None:
+        try:
+            if self.backups > 0:
+                for i in range(self.backups - 1, 0, -1):
+                    older = f"{self.target}.{i}"
+                    if os.path.lexists(older):
+                        os.replace(older, f"{self.target}.{i + 1}")
+                os.replace(self.target, f"{self.target}.1")
+            else:
+                os.unlink(self.target)
+        except FileNotFoundError:
+            pass  # someone removed the file: a new one is all it takes
+        except OSError as e:
+            # Keep writing to the file we have rather than lose lines; try again in a while.
+            self._next_rotate = time.monotonic() + _RETRY_OPEN_S
+            self._error("cannot rotate", e)
+            return
+        self._failing.discard("cannot rotate")
+        self._reopen_now()
 
     def write(self, flow: Flow) -> None:
         self.write_record(flow_record(flow))
@@ -92,24 +169,40 @@ class AuditLog:
     def write_record(self, record: dict[str, Any]) -> None:
         if self._closed:
             return
-        line = _ENCODE(record)
-        # stderr is looked up at each write so redirection (and test capture) is honoured.
-        out = self._file if self._file is not None else sys.stderr
-        try:
-            out.write(line + "\n")
+        line = _ENCODE(record) + "\n"
+        if self.target == "-":
+            # stderr is looked up at each write so redirection (and test capture) is honoured.
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError) as e:
+                self._error("cannot write", e)
+            else:
+                self._failing.discard("cannot write")
+            return
+        # Bytes, not characters: names and hostnames may be UTF-8.
+        size = len(line) if line.isascii() else len(line.encode("utf-8"))
+        if (
+            self.max_bytes
+            and self._size
+            and self._size + size > self.max_bytes
+            and time.monotonic() >= self._next_rotate
+        ):
+            self._rotate()
+        if self._file is None:
+            if time.monotonic() < self._next_open:
+                return
+            self._reopen_now()
             if self._file is None:
-                out.flush()
+                return
+        try:
+            self._file.write(line)
         except (OSError, ValueError) as e:
-            if not self._failed:
-                log.error(
-                    "audit log %s: cannot write (%s); dropping lines until it works", self.target, e
-                )
-            self._failed = True
+            self._error("cannot write", e)
         else:
-            self._failed = False
+            self._size += size
+            self._failing.discard("cannot write")
 
     def close(self) -> None:
         self._closed = True
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._drop_file()

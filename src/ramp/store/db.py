@@ -22,10 +22,12 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 import secrets
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ from ramp.policy.rules import Rule, RuleError
 from ramp.policy.rules import validate as validate_rule
 
 DB_FILE = "ramp.db"
+log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 30.0
 SECRET_LABEL = b"ramp tunnel secret v1"
 EDGE_SERVER_NAME = "ramp-edge"
@@ -243,6 +246,37 @@ def _route_sort_key(r: Route) -> tuple[bool, str, int, int, int]:
     return (r.vnet != DEFAULT_VNET, r.vnet, net.version, int(net.network_address), net.prefixlen)
 
 
+def _make_private(path: Path, mode: int) -> None:
+    """Give `path`, if it exists, `mode` when group or others can get at it: the store holds
+    the master key and the edge CA key. Files made by older versions, a copy (`cp -r`) or a
+    loose umask are fixed, with a warning; another user's are refused, not touched."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(f"cannot open store: {path}: {e.strerror or e}") from e
+    old = stat.S_IMODE(st.st_mode)
+    if not old & 0o077:
+        return
+    if st.st_uid != os.geteuid():
+        raise StoreError(
+            f"{path} is accessible by group or others (mode {old:04o}) and belongs to another "
+            f"user (uid {st.st_uid}): run `chmod {mode:o} {path}` as its owner, or use a "
+            "--data-dir of your own"
+        )
+    try:
+        os.chmod(path, mode)
+    except OSError as e:
+        raise StoreError(
+            f"{path} is accessible by group or others (mode {old:04o}) and cannot be fixed "
+            f"({e.strerror or e}): run `chmod {mode:o} {path}`"
+        ) from e
+    log.warning(
+        "store: %s was accessible by group or others (mode %04o): changed to %04o", path, old, mode
+    )
+
+
 class Store:
     """One connection to the store; safe to share between threads of one process."""
 
@@ -252,6 +286,13 @@ class Store:
         self._lock = threading.RLock()
         try:
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
+        # Before the database is opened: its content never sits in a loose file while we run.
+        _make_private(self.data_dir, 0o700)
+        for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):
+            _make_private(self.data_dir / name, 0o600)
+        try:
             # The database holds the master key and the edge CA key: create it private. SQLite
             # gives its -wal and -shm files the same mode as the database file.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))

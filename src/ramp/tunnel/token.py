@@ -12,9 +12,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import stat
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ramp.config import parse_hostport
@@ -30,6 +33,38 @@ _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 class TokenError(ValueError):
     """A token could not be read; the message says what is wrong with it."""
+
+
+def token_text(token: str, token_file: Path | None) -> str:
+    """The token given directly (flag, environment, config) or in `token_file`; TokenError
+    when both are given, or the file is unreadable, empty, or open to group or others."""
+    if token_file is None:
+        return token
+    if token:
+        raise TokenError(
+            "both a token and a token file are given: use --token-file alone "
+            "(unset RAMP_TUNNEL_TOKEN and drop --token / `token:`)"
+        )
+    try:
+        with open(token_file, "rb") as f:
+            # fstat, not stat: the mode checked is the one of the file read.
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise TokenError(f"token file {token_file}: not a regular file")
+            # Writable by others is as bad as readable: a swapped token points the connector
+            # at someone else's edge, which then sends flows into this network.
+            if mode & 0o077:
+                raise TokenError(
+                    f"token file {token_file} is accessible by group or others "
+                    f"(mode {stat.S_IMODE(mode):04o}): run `chmod 600 {token_file}`"
+                )
+            data = f.read(MAX_TOKEN_CHARS + 1)
+    except OSError as e:
+        raise TokenError(f"cannot read token file {token_file}: {e.strerror or e}") from None
+    text = data.decode("utf-8", "replace").strip()
+    if not text:
+        raise TokenError(f"token file {token_file} is empty")
+    return text
 
 
 def _b64e(data: bytes) -> str:

@@ -1,5 +1,5 @@
 """DNS messages at the header level, sans I/O: which queries the edge answers, the answers it
-makes itself (REFUSED, SERVFAIL, FORMERR, NOTIMP), query ids, and truncation for UDP.
+makes itself (REFUSED, SERVFAIL, FORMERR, NOTIMP, BADVERS), query ids, and truncation for UDP.
 
 dnspython parses and renders whole messages; this module adds what a proxy needs on top:
 decisions about a query before any record is looked at, and answers built from as little of
@@ -29,8 +29,9 @@ _TC = 0x0200
 
 class QueryRejected(Exception):
     """A query the edge does not pass on. `reply` is the answer to send (None: drop it);
-    `outcome` the answer counted (refused, formerr, notimp; None when dropped); `reason` the
-    bad-input label, or None when the client did nothing wrong (an opcode we don't do)."""
+    `outcome` the answer counted (refused, formerr, notimp, badvers; None when dropped);
+    `reason` the bad-input label, or None when the client did nothing wrong (an opcode or
+    EDNS version we don't do)."""
 
     def __init__(
         self, reply: bytes | None, outcome: str | None, reason: str | None, detail: str = ""
@@ -60,7 +61,7 @@ def is_truncated(wire: bytes) -> bool:
 
 
 def rcode_of(wire: bytes) -> int:
-    """The header's (4-bit) rcode; EDNS extended rcodes are not looked at."""
+    """The header's (4-bit) rcode; EDNS extended rcodes (BADVERS) are not looked at."""
     return wire[3] & 0xF
 
 
@@ -115,6 +116,10 @@ def read_query(wire: bytes) -> dns.message.Message:
         raise QueryRejected(rcode_reply(query, dns.rcode.NOTIMP), "notimp", None)
     if len(query.question) != 1:
         raise QueryRejected(rcode_reply(query, dns.rcode.FORMERR), "formerr", "question_count")
+    if query.edns > 0:
+        # RFC 6891 6.1.3: a version we don't speak gets BADVERS with our version (0) in the
+        # OPT record, so the client can fall back; not bad input, just a newer client.
+        raise QueryRejected(rcode_reply(query, dns.rcode.BADVERS), "badvers", None)
     return query
 
 
