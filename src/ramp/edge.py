@@ -15,6 +15,7 @@ from ramp.config import ConfigError, EdgeConfig, parse_hostport
 from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
+from ramp.net.egress import EgressGuard
 from ramp.net.resolve import AsyncResolver, set_default_resolver
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.loglimit import LogLimiter
@@ -101,6 +102,10 @@ class Edge:
         )
         self._groups = _invert_groups(config.groups)
 
+    def _rule_to(self, rule_id: str) -> str | None:
+        # only asked for a flow to a denied address: a scan of the rules is cheap enough
+        return next((r.to for r in self.policy.policy.rules if r.id == rule_id), None)
+
     async def _resolve_first(self, host: str, port: int) -> str:
         return (await self.resolver.resolve(host))[0]
 
@@ -148,7 +153,13 @@ class Edge:
         self.tunnels.sessions = self.sessions
         timeout = self.config.connect_timeout
         self.offramps["tunnel"] = TunnelOffRamp(self.tunnels, self.sessions, timeout)
-        self.offramps["direct"] = DirectOffRamp(self.sessions, timeout)
+        self.offramps["direct"] = DirectOffRamp(
+            self.sessions,
+            timeout,
+            EgressGuard() if self.config.allow_direct_egress else EgressGuard(frozenset()),
+            self._rule_to,
+            self.metrics.flows_rejected.labels("direct_egress_denied").inc,
+        )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
         ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome)
         for options in self.config.effective_onramps():
