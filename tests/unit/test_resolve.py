@@ -23,7 +23,16 @@ from ramp.testing.loopback import run
 
 
 @pytest.mark.parametrize(
-    "name", ["example.com", "a-b.c", "x", "db_1.corp.", "xn--bcher-kva.example", "1.2.3.4.5"]
+    "name",
+    [
+        "example.com",
+        "a-b.c",
+        "x",
+        "db_1.corp.",
+        "xn--bcher-kva.example",
+        "bücher.example",
+        "1.2.3.4.5",
+    ],
 )
 def test_valid_host_names(name: str) -> None:
     assert hostname_problem(name) is None

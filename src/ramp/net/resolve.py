@@ -31,6 +31,11 @@ def hostname_problem(name: str) -> str | None:
     """Why `name` is not a host name one could resolve (RFC 1123 labels, 253 characters in
     all), or None when it is one. Underscores are let through: they are common in names
     inside private networks and harmless to a resolver."""
+    if not name.isascii():  # getaddrinfo took IDNs too: check the name that goes on the wire
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "not a valid internationalised host name"
     if name.endswith("."):
         name = name[:-1]
     if not name:
@@ -122,6 +127,9 @@ class AsyncResolver:
         self.on_busy = on_busy
         self.hosts = hosts if hosts is not None else HostsFile()
         self.in_flight = 0
+        # the system's resolver applies resolv.conf's search list to short names, as
+        # getaddrinfo did; explicit nameservers come without one
+        self._search = nameservers is None
         if nameservers is None:
             try:
                 self._dns = dns.asyncresolver.Resolver()
@@ -173,7 +181,7 @@ class AsyncResolver:
 
     async def _query(self, name: str, rdtype: str) -> list[str] | FlowError:
         try:
-            answer = await self._dns.resolve(name, rdtype, search=False)
+            answer = await self._dns.resolve(name, rdtype, search=self._search)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.Timeout:
