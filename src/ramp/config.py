@@ -227,6 +227,19 @@ class EdgeConfig(_Base):
         description="Seconds an async hook may take before it fails closed (hook_error); "
         "sync hooks slower than this are logged and counted.",
     )
+    resolve_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the edge waits for the A and AAAA answers of a destination name "
+        "(resolved with /etc/hosts and the nameservers of /etc/resolv.conf, never getaddrinfo).",
+    )
+    resolve_max_concurrent: int = Field(
+        64,
+        ge=1,
+        description="Name lookups the edge keeps in flight; past it a flow to a name fails at "
+        "once (host unreachable, 'resolver busy') and ramp_flows_rejected{reason=resolver_busy} "
+        "counts it.",
+    )
 
     _v_listen = field_validator(
         "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"

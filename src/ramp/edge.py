@@ -15,13 +15,14 @@ from ramp.config import ConfigError, EdgeConfig, parse_hostport
 from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
+from ramp.net.egress import EgressGuard
+from ramp.net.resolve import AsyncResolver, set_default_resolver
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.loglimit import LogLimiter
 from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
 from ramp.offramps.base import OffRamp
 from ramp.offramps.direct import DirectOffRamp
-from ramp.offramps.tcp import resolve
 from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
@@ -70,8 +71,15 @@ class Edge:
         )
         self.policy = PolicyHook()
         self.hooks = self._make_hooks(load_hooks(hook_specs(config)))
+        self.resolver = AsyncResolver(
+            config.resolve_timeout,
+            config.resolve_max_concurrent,
+            on_busy=m.flows_rejected.labels("resolver_busy").inc,
+        )
+        # dial_tcp's lookups (names the edge dials itself) share the limit and the counter
+        set_default_resolver(self.resolver)
         self.router = Router(
-            _resolve_first,
+            self._resolve_first,
             allow_direct=config.allow_direct_egress,
             zone_lookup=self._zone_lookup,
             replicas=self._replicas,
@@ -95,6 +103,13 @@ class Edge:
             on_open=self._opened,
         )
         self._groups = _invert_groups(config.groups)
+
+    def _rule_to(self, rule_id: str) -> str | None:
+        # only asked for a flow to a denied address: a scan of the rules is cheap enough
+        return next((r.to for r in self.policy.policy.rules if r.id == rule_id), None)
+
+    async def _resolve_first(self, host: str, port: int) -> str:
+        return (await self.resolver.resolve(host))[0]
 
     def _make_hooks(self, user: list[LoadedHook]) -> Hooks:
         m = self.metrics
@@ -140,7 +155,13 @@ class Edge:
         self.tunnels.sessions = self.sessions
         timeout = self.config.connect_timeout
         self.offramps["tunnel"] = TunnelOffRamp(self.tunnels, self.sessions, timeout)
-        self.offramps["direct"] = DirectOffRamp(self.sessions, timeout)
+        self.offramps["direct"] = DirectOffRamp(
+            self.sessions,
+            timeout,
+            EgressGuard() if self.config.allow_direct_egress else EgressGuard(frozenset()),
+            self._rule_to,
+            self.metrics.flows_rejected.labels("direct_egress_denied").inc,
+        )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
         ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome)
         for options in self.config.effective_onramps():
@@ -416,11 +437,6 @@ def _invert_groups(groups: dict[str, list[str]]) -> dict[str, frozenset[str]]:
         for user in users:
             by_user.setdefault(user, set()).add(group)
     return {user: frozenset(gs) for user, gs in by_user.items()}
-
-
-async def _resolve_first(host: str, port: int) -> str:
-    addrs = await resolve(host, port)
-    return str(addrs[0][1][0])
 
 
 async def serve_edge(

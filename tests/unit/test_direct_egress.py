@@ -15,10 +15,15 @@ from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.net.splice import splice_relay
 from ramp.policy.router import RouteEntry, RouteTable
+from ramp.policy.rules import Rule
+from ramp.store.db import Store
 from ramp.testing.loopback import run
 
 
 async def start_edge(tmp_path: Path, direct: bool) -> Edge:
+    # the origins are on loopback: direct egress reaches them only when a rule says so
+    with Store(tmp_path) as store:
+        store.add_rule(Rule("loopback-origins", "allow", to="127.0.0.0/8"), 1)
     edge = Edge(
         EdgeConfig(
             data_dir=tmp_path,

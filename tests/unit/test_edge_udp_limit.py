@@ -12,6 +12,8 @@ import pytest
 from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
+from ramp.policy.rules import Rule
+from ramp.store.db import Store
 from ramp.testing.loopback import run, tunnel, udp_echo_origin
 
 
@@ -65,6 +67,8 @@ def test_tunnel_sessions_past_the_limit_are_refused(tmp_path: Path) -> None:
 def test_direct_sessions_past_the_limit_are_refused(tmp_path: Path) -> None:
     async def main() -> None:
         transport, port = await udp_echo_origin()
+        with Store(tmp_path) as store:  # the origin is on loopback: a rule must name it
+            store.add_rule(Rule("loopback-origins", "allow", to="127.0.0.0/8"), 1)
         edge = Edge(
             EdgeConfig(
                 data_dir=tmp_path,

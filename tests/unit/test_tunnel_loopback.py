@@ -14,6 +14,7 @@ import pytest
 
 from ramp.config import ConnectorConfig
 from ramp.connector import Connector
+from ramp.policy.rules import Rule
 from ramp.store.db import Store
 from ramp.testing.loopback import make_token, run, tunnel
 from ramp.testing.wait import settled, until
@@ -370,6 +371,8 @@ def test_a_non_socket_endpoint_is_a_flow_client_through_tunnel_and_direct(
             if allow_direct:
                 with Store(tmp_path) as store:
                     store.delete_route("127.0.0.0/8")
+                    # the origin is on loopback: direct egress reaches it only when a rule says so
+                    store.add_rule(Rule("loopback-origins", "allow", to="127.0.0.0/8"), 1)
                 t.edge.reload_store()
             flow = Flow("test", ("192.0.2.1", 1), Destination("127.0.0.1", port))
             leg = await t.edge.pipeline.open_tcp(flow)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ramp.flows.flow import Destination, Flow, FlowError
+from ramp.policy.rules import Rule
 from ramp.store.db import Store
 from ramp.testing.loopback import run, tunnel, udp_echo_origin
 from ramp.testing.wait import DEADLINE, until
@@ -194,6 +195,8 @@ def test_direct_udp_egress(tmp_path: Path) -> None:
         async with tunnel(tmp_path, allow_direct_egress=True) as t:
             with Store(tmp_path) as store:
                 store.delete_route("127.0.0.0/8")
+                # the origin is on loopback: direct egress reaches it only when a rule says so
+                store.add_rule(Rule("loopback-origins", "allow", to="127.0.0.0/8"), 1)
             t.edge.reload_store()
             session, got, _ = await open_session(t.edge, port)
             assert str(session.flow.route) == "direct"

@@ -50,6 +50,7 @@ class FlowResult(enum.Enum):
     TIMEOUT = "timeout"  # origin never answered within the connect timeout
     ERROR = "error"  # anything else (protocol error, internal error)
     RESET = "reset"  # an established flow was reset by one side
+    BAD_DESTINATION = "bad_destination"  # not a host name one could resolve (e.g. "a..b")
 
 
 class FlowError(Exception):

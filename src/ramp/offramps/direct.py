@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ramp.flows.flow import Flow, Route
+from ramp.flows.flow import Flow, FlowError, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
+from ramp.net.egress import EgressGuard
 from ramp.offramps.tcp import DirectLeg, dial_tcp
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.tunnel.sessions_edge import EdgeSessions, UdpSessionBase
@@ -33,11 +34,36 @@ class DirectSession(UdpSessionBase):
 class DirectOffRamp:
     name = "direct"
 
-    def __init__(self, sessions: EdgeSessions, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        sessions: EdgeSessions,
+        connect_timeout: float,
+        guard: EgressGuard | None = None,
+        rule_to: Callable[[str], str | None] = lambda rule_id: None,
+        on_denied: Callable[[], None] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.connect_timeout = connect_timeout
+        self.guard = guard if guard is not None else EgressGuard()
+        self.rule_to = rule_to  # policy rule id -> its `to`
+        self.on_denied = on_denied
+
+    def _check(self, flow: Flow) -> None:
+        """Refuse the edge's own and link-local addresses unless the deciding rule names
+        them (see ramp.net.egress)."""
+        assert flow.resolved is not None
+        self.guard.maybe_refresh()
+        rule = flow.decision.rule if flow.decision is not None else None
+        problem = self.guard.problem(
+            flow.resolved, lambda: self.rule_to(rule) if rule is not None else None
+        )
+        if problem is not None:
+            if self.on_denied is not None:
+                self.on_denied()
+            raise FlowError(FlowResult.NOT_PERMITTED, problem)
 
     async def open_stream(self, flow: Flow, route: Route) -> TcpLeg:
+        self._check(flow)
         assert flow.resolved is not None
         sock = await dial_tcp(flow.resolved, flow.destination.port, self.connect_timeout)
         return DirectLeg(flow, sock)
@@ -49,6 +75,7 @@ class DirectOffRamp:
         receive: Callable[[bytes], None],
         closed: Callable[[str], None],
     ) -> UdpSession:
+        self._check(flow)
         assert flow.resolved is not None
         table = self.sessions
         session = DirectSession(table, table.new_id(), flow, receive, closed)

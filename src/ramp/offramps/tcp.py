@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
 from ramp.flows.endpoint import SocketEndpoint, StreamEndpoint
-from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.flows.flow import Flow, FlowError, FlowResult, parse_ip
 from ramp.flows.relay import RelayResult, relay_streams
+from ramp.net.resolve import check_hostname, default_resolver
 from ramp.net.splice import SpliceResult, splice_relay
 
 _ERRNO_RESULTS = {
@@ -26,29 +27,44 @@ _ERRNO_RESULTS = {
 
 
 def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return parse_ip(host) is not None
 
 
 async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
     """Addresses for `host` as (family, sockaddr), IP literals without a lookup."""
-    if is_ip_literal(host):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return [(fam, (host, port))]
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise FlowError(FlowResult.HOST_UNREACHABLE, f"cannot resolve {host}: {e.strerror}") from e
-    except (UnicodeError, ValueError) as e:  # e.g. "a..b": not a valid name at all
-        raise FlowError(FlowResult.HOST_UNREACHABLE, f"invalid host name {host!r}") from e
-    return [(fam, addr) for fam, _, _, _, addr in infos]
+    return [_sockaddr(ip, port) for ip in await default_resolver().resolve(host)]
+
+
+def _sockaddr(ip: str, port: int) -> tuple[int, tuple]:
+    if ":" in ip:
+        addr, _, scope = ip.partition("%")
+        try:
+            index = int(scope) if scope.isdigit() else socket.if_nametoindex(scope) if scope else 0
+        except OSError:
+            raise FlowError(FlowResult.BAD_DESTINATION, f"no interface {scope!r}") from None
+        return socket.AF_INET6, (addr, port, 0, index)
+    return socket.AF_INET, (ip, port)
 
 
 NameResolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple) -> None:
+    """Non-blocking connect to a numeric sockaddr. Not loop.sock_connect: uvloop's runs
+    getaddrinfo in its thread pool even for numeric addresses, so one dial to an IP waited
+    behind every hung name lookup."""
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        done = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def dial_tcp(
@@ -56,17 +72,17 @@ async def dial_tcp(
 ) -> socket.socket:
     """Connect to host:port trying each address in turn within `timeout` seconds in total.
 
-    Names go to `resolver` when given (the connector's private resolver), else to the system.
+    Names go to `resolver` when given (the connector's private resolver), else to the
+    process's async resolver (ramp.net.resolve); getaddrinfo is never called.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    if resolver is not None and not is_ip_literal(host):
-        addrs = [
-            (socket.AF_INET6 if ":" in ip else socket.AF_INET, (ip, port))
-            for ip in await resolver(host)
-        ]
+    if parse_ip(host) is not None:
+        ips = [host]
     else:
-        addrs = await resolve(host, port)
+        check_hostname(host)
+        ips = await (resolver or default_resolver().resolve)(host)
+    addrs = [_sockaddr(ip, port) for ip in ips]
     last: FlowError | None = None
     for fam, addr in addrs:
         try:
@@ -80,7 +96,7 @@ async def dial_tcp(
             if remaining <= 0:
                 raise TimeoutError
             async with asyncio.timeout(remaining):
-                await loop.sock_connect(sock, addr)
+                await _connect(loop, sock, addr)
             return sock
         except TimeoutError:
             sock.close()

@@ -55,6 +55,7 @@ _FAILURES: dict[FlowResult, tuple[int, str, str]] = {
     FlowResult.TIMEOUT: (504, "connection timed out", "connection_timeout"),
     FlowResult.ERROR: (502, "proxy error", "proxy_internal_error"),
     FlowResult.RESET: (502, "connection reset", "connection_terminated"),
+    FlowResult.BAD_DESTINATION: (400, "not a valid host name", "destination_not_found"),
 }
 
 

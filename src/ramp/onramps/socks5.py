@@ -27,6 +27,7 @@ REP_FOR_RESULT: dict[FlowResult, Rep] = {
     FlowResult.TIMEOUT: Rep.HOST_UNREACHABLE,
     FlowResult.ERROR: Rep.GENERAL_FAILURE,
     FlowResult.RESET: Rep.GENERAL_FAILURE,
+    FlowResult.BAD_DESTINATION: Rep.HOST_UNREACHABLE,
 }
 
 

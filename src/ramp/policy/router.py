@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ramp.flows.flow import Flow, Route, parse_ip
+from ramp.net.resolve import check_hostname
 
 # The store's name for it; kept here too so lookup does not import the store.
 DEFAULT_VNET = "default"
@@ -116,6 +117,8 @@ class Router:
         # DNS zone routes belong to the default virtual network: a tenant's flows must not
         # reach another network's connector by name
         literal = parse_ip(dest.host)
+        if literal is None:
+            check_hostname(dest.host)  # before a zone sends it to a connector, or a lookup
         if vnet == DEFAULT_VNET and literal is None and self._zone_lookup is not None:
             zone = self._zone_lookup(dest.host)
             if zone is not None:

@@ -22,9 +22,14 @@ RESULT_TO_CODE = {
     FlowResult.NOT_PERMITTED: ConnectCode.NOT_PERMITTED,
     FlowResult.ERROR: ConnectCode.ERROR,
     FlowResult.RESET: ConnectCode.ERROR,
+    # the edge refuses bad names before they reach a tunnel; a connector that finds one
+    # answers with a code every edge already knows
+    FlowResult.BAD_DESTINATION: ConnectCode.HOST_UNREACHABLE,
 }
 CODE_TO_RESULT = {
-    code: result for result, code in RESULT_TO_CODE.items() if result is not FlowResult.RESET
+    code: result
+    for result, code in RESULT_TO_CODE.items()
+    if result not in (FlowResult.RESET, FlowResult.BAD_DESTINATION)
 }
 
 
