@@ -217,6 +217,20 @@ class EdgeConfig(_Base):
         "sync hooks slower than this are logged and counted.",
     )
 
+    max_streams_per_connection: int = Field(
+        10000,
+        ge=1,
+        le=1 << 30,
+        description="Streams a connector may open at once on one tunnel connection (the "
+        "QUIC MAX_STREAMS the edge advertises).",
+    )
+    max_waiting_flows: int = Field(
+        10000,
+        ge=0,
+        description="Flows per tunnel that may wait for a stream slot while every tunnel "
+        "connection is at the connector's stream limit; past it new flows fail at once.",
+    )
+
     _v_listen = field_validator(
         "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"
     )(classmethod(lambda cls, v: _check_listen(v)))
@@ -281,6 +295,14 @@ class ConnectorConfig(_Base):
         "-",
         description="File for the audit log (one JSON line per finished flow, the same "
         "record as the edge's); '-' = stderr.",
+    )
+
+    max_streams_per_connection: int = Field(
+        10000,
+        ge=1,
+        le=1 << 30,
+        description="Flows the edge may open at once on one tunnel connection (the QUIC "
+        "MAX_STREAMS the connector advertises); further flows wait at the edge.",
     )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))

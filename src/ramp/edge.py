@@ -122,6 +122,7 @@ class Edge:
             on_drop=lambda reason: self.metrics.tunnel_bad_packets.labels(reason).inc(),
             on_refused=self._registration_refused,
             on_change=self._connections_changed,
+            max_streams_bidi=self.config.max_streams_per_connection,
         )
         host, port = parse_hostport(self.config.tunnel_listen)
         await self.tunnels.start(host, port)

@@ -161,8 +161,10 @@ class TunnelEdge:
         on_drop: Callable[[str], None],
         on_refused: Callable[[str, str, str], None],
         on_change: Callable[[], None],
+        max_streams_bidi: int = endpoint.DEFAULT_MAX_STREAMS,
     ) -> None:
         self.configuration = configuration
+        self.max_streams_bidi = max_streams_bidi
         self.check = check
         self.on_drop = on_drop
         self._on_refused = on_refused
@@ -180,6 +182,7 @@ class TunnelEdge:
             configuration=self.configuration,
             create_protocol=lambda quic, **kw: EdgeConnection(quic, edge=self),
             on_drop=self.on_drop,
+            max_streams_bidi=self.max_streams_bidi,
         )
 
     @property
