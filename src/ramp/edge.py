@@ -138,7 +138,13 @@ class Edge:
         )
         self.tunnels.sessions = self.sessions
         timeout = self.config.connect_timeout
-        self.offramps["tunnel"] = TunnelOffRamp(self.tunnels, self.sessions, timeout)
+        self.offramps["tunnel"] = TunnelOffRamp(
+            self.tunnels,
+            self.sessions,
+            timeout,
+            max_waiting=self.config.max_waiting_flows,
+            on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+        )
         self.offramps["direct"] = DirectOffRamp(self.sessions, timeout)
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
         ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome)

@@ -105,6 +105,10 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         self._dgram_stream: int | None = None
         self._peer_seen: set[int] = set()
         self._peer_seen_order: deque[int] = deque()
+        # set when someone waits for stream slots: each received batch then checks whether
+        # the peer's MAX_STREAMS rose (qh3 emits no event for it)
+        self.watch_stream_credit = False
+        self._bidi_limit = 0
 
     # -- hooks for subclasses -------------------------------------------------------------
 
@@ -124,6 +128,9 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
     def datagram_dropped(self, reason: str) -> None:
         """A datagram was dropped on this connection (for counters)."""
 
+    def stream_credit(self) -> None:
+        """The peer raised its limit on our bidirectional streams (with watch_stream_credit)."""
+
     # -- API --------------------------------------------------------------------------------
 
     def open_stream(self, handler: StreamHandler) -> int:
@@ -134,6 +141,16 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
     def can_open_stream(self) -> bool:
         """Whether the peer's MAX_STREAMS leaves room for another bidirectional stream."""
         return not self.closed and qh3compat.can_open_bidi_stream(self.quic)
+
+    def free_streams(self) -> int:
+        """Bidirectional streams the peer's MAX_STREAMS lets us open now."""
+        return 0 if self.closed else qh3compat.free_bidi_streams(self.quic)
+
+    def _check_stream_credit(self) -> None:
+        limit = qh3compat.bidi_stream_limit(self.quic)
+        if limit > self._bidi_limit:
+            self._bidi_limit = limit
+            self.stream_credit()
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
         if self.closed or qh3compat.is_closing(self.quic):
@@ -248,11 +265,15 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         self.last_rx = self.loop_time()
         self.peer_addr = addr
         super().datagram_received(data, addr)
+        if self.watch_stream_credit:
+            self._check_stream_credit()
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
         self.last_rx = self.loop_time()
         self.peer_addr = addr
         super().datagrams_received(data, addr)
+        if self.watch_stream_credit:
+            self._check_stream_credit()
 
     @property
     def peer(self) -> str:

@@ -144,6 +144,15 @@ class LimitedConnection(QuicConnection):
         return bridge
 
 
+def free_bidi_streams(quic: QuicConnection) -> int:
+    """How many more bidirectional streams the peer's MAX_STREAMS lets us open now."""
+    core = quic._core
+    if core is None:
+        return 0
+    limit, _, opened, _ = core.stream_limits
+    return max(0, int(limit) - int(opened))
+
+
 def bidi_stream_limit(quic: QuicConnection) -> int:
     """The peer's current (cumulative) limit on bidirectional streams we may open; it rises
     with each MAX_STREAMS frame the peer sends."""
