@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import socket
 import struct
 from pathlib import Path
@@ -103,6 +104,16 @@ async def socks_open(port: int, dport: int) -> tuple[socket.socket, asyncio.Task
         return rep[1] if len(rep) > 1 else -1
 
     return sock, asyncio.ensure_future(reply())
+
+
+async def hang_up(client: tuple[socket.socket, asyncio.Task[int]]) -> None:
+    """Close a client socket whose reply has not come (its pending read goes first: a closed
+    fd still registered with the loop's selector would break whatever reuses the number)."""
+    sock, task = client
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    sock.close()
 
 
 def hole_port() -> int:
@@ -221,3 +232,69 @@ def test_open_stream_never_sleeps() -> None:
     # waiting flows are woken by MAX_STREAMS, not by polling
     source = inspect.getsource(tunnel_offramp)
     assert "asyncio.sleep" not in source
+
+
+# -- clients that go away -------------------------------------------------------------------
+
+
+def audit_reasons(t: object) -> list[str]:
+    path = t.data_dir / "audit.log"  # type: ignore[attr-defined]
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line).get("reason") or "" for line in lines]
+
+
+def test_a_waiting_flow_whose_client_leaves_gives_up_its_place(tmp_path: Path) -> None:
+    async def main() -> None:
+        srv, ports = await echo_origin()
+        async with tunnel(
+            tmp_path, ha=1, connector_kw={"max_streams_per_connection": 1}, connect_timeout=30.0
+        ) as t:
+            held = await socks_open(t.socks_port, ports[0])
+            assert await held[1] == 0
+            leaver = await socks_open(t.socks_port, ports[1])
+            await until(lambda: waiting(t) == 1, what="a flow to wait")
+            stayer = await socks_open(t.socks_port, ports[2])
+            await until(lambda: waiting(t) == 2, what="a second flow to wait")
+            await hang_up(leaver)
+            await until(lambda: waiting(t) == 1, what="the leaver to leave the queue")
+            await until(
+                lambda: "client went away while opening" in audit_reasons(t),
+                what="the flow reported as gone",
+            )
+            held[0].close()  # its slot goes to the one still waiting
+            assert await stayer[1] == 0
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(stayer[0], b"ping")
+            assert await loop.sock_recv(stayer[0], 4) == b"ping"
+            stayer[0].close()
+        close_all(srv)
+
+    run(main())
+
+
+def test_an_opening_flow_whose_client_leaves_frees_its_slot_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        srv, ports = await echo_origin()
+        async with tunnel(
+            tmp_path, ha=1, connector_kw={"max_streams_per_connection": 1}, connect_timeout=30.0
+        ) as t:
+            hole = Blackhole(t.connector.client, hole_port())
+            gone = await socks_open(t.socks_port, hole.port)
+            await until(lambda: hole.held == 1, what="the slot held by the blackhole")
+            waiter = await socks_open(t.socks_port, ports[0])
+            await until(lambda: waiting(t) == 1, what="a flow to wait")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await hang_up(gone)  # RESET_STREAM: the connector drops the dial and raises MAX_STREAMS
+            assert await waiter[1] == 0
+            assert loop.time() - started < 10  # long before the 30 s connect timeout
+            await loop.sock_sendall(waiter[0], b"ping")
+            assert await loop.sock_recv(waiter[0], 4) == b"ping"
+            await until(
+                lambda: "client went away while opening" in audit_reasons(t),
+                what="the flow reported as gone",
+            )
+            waiter[0].close()
+        close_all(srv)
+
+    run(main())

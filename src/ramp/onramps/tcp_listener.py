@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
-from ramp.flows.opener import FlowOpener
+from ramp.flows.opener import FlowOpener, TcpLeg
 from ramp.net.listen import tcp_listen_socket
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ RECV_SIZE = 16384
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 65536
 ACCEPT_BACKOFF = 0.1
+CLIENT_GONE = "client went away while opening"
 
 
 class HandshakeEOF(Exception):
@@ -221,9 +222,11 @@ class TcpOnRamp:
         self.flows += 1
         try:
             try:
-                leg = await self.opener.open_tcp(flow)
+                leg = await self._open_watching(sock, flow)
             except FlowError as e:
                 flow.result, flow.reason = e.result, e.reason
+                if e.reason == CLIENT_GONE:
+                    return  # nobody to answer
                 if e.reply is not None and plan.answer is not None:
                     await self.send_final(sock, plan.answer(e.reply))
                 else:
@@ -277,6 +280,43 @@ class TcpOnRamp:
                 self.opener.flow_finished(flow)
             except Exception:
                 log.exception("%s flow %d: flow_finished failed", self.onramp, flow.id)
+
+    async def _open_watching(self, sock: socket.socket, flow: Flow) -> TcpLeg:
+        """Open the flow's outbound leg, given up as soon as the client closes or resets.
+
+        Otherwise a client that leaves while its flow waits (a tunnel stream slot, a connector
+        dialling a blackholed origin) would hold the stream until the connect timeout; now
+        cancelling the open resets the stream and the slot comes back at once.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        fd = sock.fileno()
+        gone = False
+
+        def readable() -> None:
+            nonlocal gone
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""  # reset by the client: gone as well
+            # early bytes (the client speaks first) stay queued for the relay: a client that
+            # sends is alive, and the socket cannot be watched for EOF without reading them
+            loop.remove_reader(fd)
+            if not data and task is not None:
+                gone = True
+                task.cancel()
+
+        loop.add_reader(fd, readable)
+        try:
+            return await self.opener.open_tcp(flow)
+        except asyncio.CancelledError:
+            if gone and task is not None and task.uncancel() == 0:
+                raise FlowError(FlowResult.ERROR, CLIENT_GONE) from None
+            raise
+        finally:
+            loop.remove_reader(fd)
 
     # -- socket helpers -------------------------------------------------------------------
 
