@@ -12,6 +12,8 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
+
 from ramp.config import ConnectorConfig, EdgeConfig
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps import tunnel as tunnel_offramp
@@ -21,6 +23,7 @@ from ramp.testing.loopback import run, tunnel
 from ramp.testing.wait import until
 from ramp.tunnel.connector_side import TunnelClient
 from ramp.tunnel.edge_side import EdgeConnection
+from ramp.tunnel.slots import QueueFull, SlotQueue
 
 
 def edge_conns(t: object) -> list[EdgeConnection]:
@@ -296,5 +299,50 @@ def test_an_opening_flow_whose_client_leaves_frees_its_slot_at_once(tmp_path: Pa
             )
             waiter[0].close()
         close_all(srv)
+
+    run(main())
+
+
+# -- the queue itself ------------------------------------------------------------------------
+
+
+def test_slot_queue_is_first_come_and_passes_on_a_wake_its_waiter_cannot_use() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue = SlotQueue(limit=3)
+        order: list[str] = []
+
+        async def waiter(name: str, front: bool = False) -> None:
+            await queue.wait(loop.time() + 30, front=front)
+            order.append(name)
+
+        tasks = {n: asyncio.ensure_future(waiter(n)) for n in "abc"}
+        await asyncio.sleep(0)
+        assert len(queue) == 3
+        with pytest.raises(QueueFull):
+            await queue.wait(loop.time() + 30)
+        assert queue.wake(1) == 1
+        tasks["a"].cancel()  # woken, then cancelled before it ran: b gets the slot instead
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert order == ["b"]
+        assert queue.woken == 0 and len(queue) == 1
+        late = asyncio.ensure_future(waiter("d", front=True))  # put back ahead of c
+        await asyncio.sleep(0)
+        queue.wake_all()
+        await asyncio.gather(tasks["c"], late)
+        assert order == ["b", "d", "c"]
+        assert not queue.busy
+
+    run(main())
+
+
+def test_slot_queue_waiter_times_out_at_its_deadline() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue = SlotQueue(limit=1)
+        with pytest.raises(TimeoutError):
+            await queue.wait(loop.time() + 0.05)
+        assert len(queue) == 0 and not queue.busy
 
     run(main())
