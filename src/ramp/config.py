@@ -241,6 +241,20 @@ class EdgeConfig(_Base):
         "counts it.",
     )
 
+    max_streams_per_connection: int = Field(
+        10000,
+        ge=1,
+        le=1 << 30,
+        description="Streams a connector may open at once on one tunnel connection (the "
+        "QUIC MAX_STREAMS the edge advertises).",
+    )
+    max_waiting_flows: int = Field(
+        10000,
+        ge=0,
+        description="Flows per tunnel that may wait for a stream slot while every tunnel "
+        "connection is at the connector's stream limit; past it new flows fail at once.",
+    )
+
     _v_listen = field_validator(
         "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"
     )(classmethod(lambda cls, v: _check_listen(v)))
@@ -323,6 +337,14 @@ class ConnectorConfig(_Base):
     )
     audit_log_backups: int = Field(
         5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
+    )
+
+    max_streams_per_connection: int = Field(
+        10000,
+        ge=1,
+        le=1 << 30,
+        description="Flows the edge may open at once on one tunnel connection (the QUIC "
+        "MAX_STREAMS the connector advertises); further flows wait at the edge.",
     )
 
     _v_listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))

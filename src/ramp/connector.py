@@ -60,6 +60,7 @@ class Connector:
             metrics_bad_input=lambda where, reason: self.metrics.bad_input.labels(
                 where, reason
             ).inc(),
+            max_streams_bidi=config.max_streams_per_connection,
         )
         self.resolver = Resolver(config.dns_resolver)
         self.client.resolver = self.resolver

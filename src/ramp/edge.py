@@ -139,6 +139,7 @@ class Edge:
             on_drop=lambda reason: self.metrics.tunnel_bad_packets.labels(reason).inc(),
             on_refused=self._registration_refused,
             on_change=self._connections_changed,
+            max_streams_bidi=self.config.max_streams_per_connection,
         )
         host, port = parse_hostport(self.config.tunnel_listen)
         await self.tunnels.start(host, port)
@@ -154,7 +155,13 @@ class Edge:
         )
         self.tunnels.sessions = self.sessions
         timeout = self.config.connect_timeout
-        self.offramps["tunnel"] = TunnelOffRamp(self.tunnels, self.sessions, timeout)
+        self.offramps["tunnel"] = TunnelOffRamp(
+            self.tunnels,
+            self.sessions,
+            timeout,
+            max_waiting=self.config.max_waiting_flows,
+            on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+        )
         self.offramps["direct"] = DirectOffRamp(
             self.sessions,
             timeout,

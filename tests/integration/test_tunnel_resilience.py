@@ -9,11 +9,13 @@ import json
 import os
 import signal
 import socket
+import time
 
 import pytest
 
 from ramp.testing.clients import REP_SUCCEEDED
 from ramp.testing.lab import (
+    BLACKHOLE,
     HELLO_PORT,
     ORIGIN,
     ORIGIN_PREFIX,
@@ -201,3 +203,38 @@ def test_ready_follows_registration_and_a_connector_may_start_before_the_edge(
     assert status == 200
     assert json.loads(body)["ready"] is True
     assert _small_download_ok(lab, payload, timeout=5)
+
+
+def test_clients_that_leave_while_their_flows_open_free_the_stream_slots(bare_lab: Lab) -> None:
+    # a connector that lets the edge open 2 streams per connection; both go to dials of a
+    # blackholed address (no answer to SYN), whose clients then hang up
+    lab = bare_lab
+    token = lab.create_tunnel("corp", [ORIGIN_PREFIX])
+    lab.start_edge()
+    lab.start_connector(
+        token,
+        "--connect-timeout",
+        "60",
+        "--ha-connections",
+        "1",
+        "--max-streams-per-connection",
+        "2",
+    )
+    lab.wait_tunnel_connections("corp", 1)
+    request = b"\x05\x01\x00\x01" + socket.inet_aton(BLACKHOLE) + (80).to_bytes(2, "big")
+    leavers = []
+    for _ in range(2):
+        sock = lab.connect_socks()
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        sock.sendall(request)
+        leavers.append(sock)
+    time.sleep(0.5)  # let both take their slots (a later flow only waits longer otherwise)
+    for sock in leavers:
+        sock.close()
+    # the edge's connect timeout is 15 s and the connector's 60 s: served well before either
+    started = time.monotonic()
+    session = EchoSession(lab)
+    assert time.monotonic() - started < 10
+    assert session.echoes()
+    session.sock.close()

@@ -885,3 +885,42 @@ def test_curl_downloads_through_onramp(kind: str, args: list[str]) -> None:
             assert flow.destination.host == "localhost"  # the name, resolved by the edge
 
     run(main)
+
+
+class _YieldingOpener(FakeOpener):
+    """Opens only after several turns of the loop, so the client watch sees a client EOF
+    that was already there before the open began."""
+
+    async def open_tcp(self, flow: Flow) -> Any:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return await super().open_tcp(flow)
+
+
+@pytest.mark.parametrize("eof_is_gone", [True, False])
+def test_a_client_eof_while_opening_ends_the_open_only_where_it_means_gone(
+    eof_is_gone: bool,
+) -> None:
+    """A SOCKS5 or CONNECT client that half-closes before its reply has left; an HTTP/1.0
+    client that half-closes after its complete absolute-form request still waits for the
+    answer, so its flow must open."""
+    from ramp.flows.flow import Destination
+
+    async def main() -> None:
+        server = TcpOnRamp(EdgeConfig(), _YieldingOpener())
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.shutdown(socket.SHUT_WR)
+        flow = Flow("test", ("192.0.2.1", 1), Destination("192.0.2.7", 80))
+        try:
+            if eof_is_gone:
+                with pytest.raises(FlowError, match="client went away"):
+                    await server._open_watching(ours, flow, eof_is_gone=True)
+            else:
+                leg = await server._open_watching(ours, flow, eof_is_gone=False)
+                assert isinstance(leg, EchoLeg)
+        finally:
+            ours.close()
+            theirs.close()
+
+    run(main)

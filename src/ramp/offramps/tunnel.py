@@ -15,6 +15,7 @@ from ramp.tunnel.edge_side import STALE_AFTER, EdgeConnection, TunnelEdge
 from ramp.tunnel.flow_open import ConnectionGone
 from ramp.tunnel.flow_open import PendingFlow as _PendingFlow
 from ramp.tunnel.sessions_edge import EdgeSessions
+from ramp.tunnel.slots import QueueFull, SlotQueue
 from ramp.wire.tunnel import (
     ConnectCode,
     ConnectResult,
@@ -24,6 +25,7 @@ from ramp.wire.tunnel import (
 )
 
 STALE_CHECK = 0.25
+DEFAULT_MAX_WAITING = 10000  # flows per tunnel waiting for a stream slot
 DRAIN_TIMEOUT = 60.0  # a client that stops reading after the end of a flow is cut after this
 
 
@@ -150,10 +152,22 @@ class TunnelOffRamp:
 
     name = "tunnel"
 
-    def __init__(self, tunnels: TunnelEdge, sessions: EdgeSessions, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        tunnels: TunnelEdge,
+        sessions: EdgeSessions,
+        connect_timeout: float,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
         self.tunnels = tunnels
         self.sessions = sessions
         self.connect_timeout = connect_timeout
+        self.max_waiting = max_waiting
+        self._on_reject = on_reject
+        # flows waiting for a stream slot, by (tunnel id, replica or None)
+        self.waiting: dict[tuple[str, str | None], SlotQueue] = {}
+        tunnels.on_slots = self._slots_changed
 
     def _candidates(self, route: Route) -> list[EdgeConnection]:
         assert route.tunnel_id is not None
@@ -161,6 +175,36 @@ class TunnelOffRamp:
         if route.replica is not None:
             conns = [c for c in conns if c.connector_id == route.replica]
         return conns
+
+    def _free_slots(self, key: tuple[str, str | None]) -> int:
+        entry = self.tunnels.tunnels.get(key[0])
+        if entry is None:
+            return 0
+        return sum(
+            c.free_streams()
+            for c in entry.conns
+            if not c.draining and (key[1] is None or c.connector_id == key[1])
+        )
+
+    def _wake(self, key: tuple[str, str | None], queue: SlotQueue, reserve: int = 0) -> None:
+        """Wake as many waiters as the free slots can serve, less those already woken (and
+        `reserve`, the caller's own); one that finds its slot taken goes back to the front."""
+        if not self.tunnels.serving(*key):
+            queue.wake_all()  # nothing left to wait for: they fail at once
+        elif len(queue):
+            queue.wake(self._free_slots(key) - queue.woken - reserve)
+
+    def _slots_changed(self, conn: EdgeConnection) -> None:
+        tunnel_id = conn.tunnel_id
+        for key in ((tunnel_id, None), (tunnel_id, conn.connector_id)):
+            queue = self.waiting.get(key)
+            if queue is not None and len(queue):
+                self._wake(key, queue)
+
+    def _may_open(self, key: tuple[str, str | None], waited: bool) -> bool:
+        # first come, first served: a newcomer does not overtake flows already waiting
+        queue = self.waiting.get(key)
+        return waited or queue is None or not queue.busy
 
     async def open_stream(self, flow: Flow, route: Route) -> TunnelLeg:
         candidates = self._candidates(route)
@@ -170,38 +214,67 @@ class TunnelOffRamp:
                 f"tunnel {route.tunnel_name} has no connected connector"
                 + (f" {route.replica}" if route.replica else ""),
             )
+        assert route.tunnel_id is not None
+        key = (route.tunnel_id, route.replica)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        wait = 0.005
-        while loop.time() < deadline:
-            usable = [c for c in candidates if c.can_open_stream()]
-            if not usable:
-                if all(c.closed for c in candidates):
-                    break
-                # every connection is at the connector's stream limit: slots come back as
-                # flows end (MAX_STREAMS), so wait for one instead of failing at once, backing
-                # off so that many waiting flows do not starve the relays that free slots
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 0.1)
-                candidates = self._candidates(route)
-                continue
-            for conn in usable:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    return await open_tunnel_flow(conn, flow, remaining)
-                except ConnectionGone:
-                    continue  # that connection died under us: the next one may be alive
+        waited = False
+        while True:
+            if self._may_open(key, waited):
+                for conn in candidates:
+                    if not conn.can_open_stream():
+                        continue
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        return await open_tunnel_flow(conn, flow, remaining)
+                    except ConnectionGone:
+                        continue  # that connection died under us: the next one may be alive
+            if loop.time() >= deadline:
+                raise FlowError(FlowResult.TIMEOUT, "no tunnel connection answered in time")
+            if not self.tunnels.serving(*key):
+                raise FlowError(
+                    FlowResult.NET_UNREACHABLE,
+                    f"tunnel {route.tunnel_name} lost its connections while opening the flow",
+                )
             candidates = self._candidates(route)
-            if not candidates:
-                break
-        if loop.time() >= deadline:
-            raise FlowError(FlowResult.TIMEOUT, "no tunnel connection answered in time")
-        raise FlowError(
-            FlowResult.NET_UNREACHABLE,
-            f"tunnel {route.tunnel_name} lost its connections while opening the flow",
-        )
+            if self._may_open(key, waited) and any(c.can_open_stream() for c in candidates):
+                continue  # a connection joined or got slots while we tried the others
+            # every connection is at the connector's stream limit (or flows wait ahead of
+            # this one): wait in line until MAX_STREAMS brings a slot
+            await self._wait_for_slot(route, key, deadline, front=waited)
+            waited = True
+            candidates = self._candidates(route)
+
+    async def _wait_for_slot(
+        self, route: Route, key: tuple[str, str | None], deadline: float, *, front: bool
+    ) -> None:
+        queue = self.waiting.get(key)
+        if queue is None:
+            queue = self.waiting[key] = SlotQueue(self.max_waiting)
+        try:
+            await queue.wait(deadline, front=front)
+            # more slots than woken waiters (a newcomer queued behind us meanwhile): wake them
+            # now, counting the one this flow is about to take
+            self._wake(key, queue, reserve=1)
+        except QueueFull:
+            if self._on_reject is not None:
+                self._on_reject("stream_queue_full")
+            raise FlowError(
+                FlowResult.ERROR,
+                f"tunnel {route.tunnel_name}: {len(queue)} flows already wait for a stream "
+                "slot (every connection is at the connector's stream limit)",
+            ) from None
+        except TimeoutError:
+            raise FlowError(
+                FlowResult.TIMEOUT,
+                f"no tunnel stream slot came free within {self.connect_timeout:g}s (every "
+                "connection is at the connector's stream limit)",
+            ) from None
+        finally:
+            if not queue.busy and self.waiting.get(key) is queue:
+                del self.waiting[key]
 
     async def open_datagram(
         self,

@@ -117,6 +117,7 @@ class HttpConnectServer(TcpOnRamp):
             busy_reply=response(503, "ramp: too many flows"),
             initial=initial,
             client=client,
+            eof_is_gone=request.connect,
             request=HookRequest(
                 head.method.decode("ascii", "replace"),
                 head.target.decode("ascii", "replace"),

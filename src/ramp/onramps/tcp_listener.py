@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ramp.flows.endpoint import StreamEndpoint
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
-from ramp.flows.opener import FlowOpener
+from ramp.flows.opener import FlowOpener, TcpLeg
 from ramp.net.listen import tcp_listen_socket
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ RECV_SIZE = 16384
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 65536
 ACCEPT_BACKOFF = 0.1
+CLIENT_GONE = "client went away while opening"
 
 
 class HandshakeEOF(Exception):
@@ -59,6 +60,10 @@ class FlowPlan:
     # Set when the relay must not see the raw client stream (an absolute-form HTTP request:
     # only that request's body goes to the origin): wraps the client socket for it.
     client: Callable[[socket.socket], StreamEndpoint] | None = None
+    # Whether an EOF from the client while the flow opens means it went away. Not for a
+    # request that is complete already (absolute-form HTTP): an HTTP/1.0 client may half-close
+    # after it and still wait for the answer; a reset still counts.
+    eof_is_gone: bool = True
     # Set when the connection is not one TCP flow (a SOCKS5 UDP association): it counts
     # against max_flows like one, and the on-ramp serves it itself until it ends.
     serve: Callable[[socket.socket], Awaitable[None]] | None = None
@@ -225,9 +230,11 @@ class TcpOnRamp:
         self.flows += 1
         try:
             try:
-                leg = await self.opener.open_tcp(flow)
+                leg = await self._open_watching(sock, flow, plan.eof_is_gone)
             except FlowError as e:
                 flow.result, flow.reason = e.result, e.reason
+                if e.reason == CLIENT_GONE:
+                    return  # nobody to answer
                 if e.reply is not None and plan.answer is not None:
                     await self.send_final(sock, plan.answer(e.reply))
                 else:
@@ -282,6 +289,46 @@ class TcpOnRamp:
                 self.opener.flow_finished(flow)
             except Exception:
                 log.exception("%s flow %d: flow_finished failed", self.onramp, flow.id)
+
+    async def _open_watching(
+        self, sock: socket.socket, flow: Flow, eof_is_gone: bool = True
+    ) -> TcpLeg:
+        """Open the flow's outbound leg, given up as soon as the client closes or resets.
+
+        Otherwise a client that leaves while its flow waits (a tunnel stream slot, a connector
+        dialling a blackholed origin) would hold the stream until the connect timeout; now
+        cancelling the open resets the stream and the slot comes back at once.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        fd = sock.fileno()
+        gone = False
+
+        def readable() -> None:
+            nonlocal gone
+            reset = False
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, reset = b"", True  # reset by the client: gone as well
+            # early bytes (the client speaks first) stay queued for the relay: a client that
+            # sends is alive, and the socket cannot be watched for EOF without reading them
+            loop.remove_reader(fd)
+            if not data and (reset or eof_is_gone) and task is not None:
+                gone = True
+                task.cancel()
+
+        loop.add_reader(fd, readable)
+        try:
+            return await self.opener.open_tcp(flow)
+        except asyncio.CancelledError:
+            if gone and task is not None and task.uncancel() == 0:
+                raise FlowError(FlowResult.ERROR, CLIENT_GONE) from None
+            raise
+        finally:
+            loop.remove_reader(fd)
 
     # -- socket helpers -------------------------------------------------------------------
 

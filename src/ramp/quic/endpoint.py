@@ -37,6 +37,7 @@ logging.getLogger("quic").setLevel(logging.ERROR)
 
 QUIC_MIN_INITIAL_SIZE = 1200
 MAX_HANDSHAKING = 256  # connections still in their TLS handshake, per server
+DEFAULT_MAX_STREAMS = qh3compat.QH3_MAX_STREAMS_BIDI  # what qh3 advertises by itself
 MAX_DATAGRAM_STREAM_BUFFER = 4 * 1024 * 1024  # bytes of large datagrams waiting on their stream
 DATAGRAM_QUEUE_LIMIT = 4096  # tunnel datagrams waiting for congestion window, per connection
 _DATAGRAM_OVERHEAD = 48  # QUIC short header, DATAGRAM frame header, AEAD tag (upper bound)
@@ -104,6 +105,10 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         self._dgram_stream: int | None = None
         self._peer_seen: set[int] = set()
         self._peer_seen_order: deque[int] = deque()
+        # set when someone waits for stream slots: each received batch then checks whether
+        # the peer's MAX_STREAMS rose (qh3 emits no event for it)
+        self.watch_stream_credit = False
+        self._bidi_limit = 0
 
     # -- hooks for subclasses -------------------------------------------------------------
 
@@ -123,6 +128,9 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
     def datagram_dropped(self, reason: str) -> None:
         """A datagram was dropped on this connection (for counters)."""
 
+    def stream_credit(self) -> None:
+        """The peer raised its limit on our bidirectional streams (with watch_stream_credit)."""
+
     # -- API --------------------------------------------------------------------------------
 
     def open_stream(self, handler: StreamHandler) -> int:
@@ -133,6 +141,16 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
     def can_open_stream(self) -> bool:
         """Whether the peer's MAX_STREAMS leaves room for another bidirectional stream."""
         return not self.closed and qh3compat.can_open_bidi_stream(self.quic)
+
+    def free_streams(self) -> int:
+        """Bidirectional streams the peer's MAX_STREAMS lets us open now."""
+        return 0 if self.closed else qh3compat.free_bidi_streams(self.quic)
+
+    def _check_stream_credit(self) -> None:
+        limit = qh3compat.bidi_stream_limit(self.quic)
+        if limit > self._bidi_limit:
+            self._bidi_limit = limit
+            self.stream_credit()
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
         if self.closed or qh3compat.is_closing(self.quic):
@@ -247,11 +265,15 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         self.last_rx = self.loop_time()
         self.peer_addr = addr
         super().datagram_received(data, addr)
+        if self.watch_stream_credit:
+            self._check_stream_credit()
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
         self.last_rx = self.loop_time()
         self.peer_addr = addr
         super().datagrams_received(data, addr)
+        if self.watch_stream_credit:
+            self._check_stream_credit()
 
     @property
     def peer(self) -> str:
@@ -338,8 +360,15 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
 class TunnelServer(qh3compat.Server):
     """qh3's server with datagram batching per connection and counters for dropped packets."""
 
-    def __init__(self, *, on_drop: Callable[[str], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        on_drop: Callable[[str], None],
+        max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.max_streams_bidi = max_streams_bidi
         self._on_drop = on_drop
         self._handshaking: set[QuicConnectionProtocol] = set()
 
@@ -443,11 +472,17 @@ async def serve(
     configuration: QuicConfiguration,
     create_protocol: Callable[..., TunnelConnection],
     on_drop: Callable[[str], None],
+    max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
 ) -> tuple[asyncio.DatagramTransport, TunnelServer]:
+    """Listen for QUIC connections; each lets its peer open `max_streams_bidi` streams at
+    once."""
     sock = _udp_socket(host, port)
     transport, server = await _datagram_endpoint(
         lambda: TunnelServer(
-            configuration=configuration, create_protocol=create_protocol, on_drop=on_drop
+            configuration=configuration,
+            create_protocol=create_protocol,
+            on_drop=on_drop,
+            max_streams_bidi=max_streams_bidi,
         ),
         sock,
     )
@@ -461,13 +496,17 @@ async def dial(
     *,
     configuration: QuicConfiguration,
     create_protocol: Callable[[QuicConnection], TunnelConnection],
+    max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
 ) -> TunnelConnection:
-    """Open a QUIC connection; returns once the handshake completed (or raises)."""
+    """Open a QUIC connection that lets the peer open `max_streams_bidi` streams at once;
+    returns once the handshake completed (or raises)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = infos[0]
     sock = _udp_socket("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
-    connection = QuicConnection(configuration=configuration)
+    connection = qh3compat.LimitedConnection(
+        configuration=configuration, max_streams_bidi=max_streams_bidi
+    )
     transport, protocol = await _datagram_endpoint(lambda: create_protocol(connection), sock)
     assert isinstance(protocol, TunnelConnection)
     protocol.connect(addr)

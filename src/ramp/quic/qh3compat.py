@@ -11,14 +11,19 @@ Nothing outside this module may use a qh3 name starting with `_`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import qh3.quic.connection as _qh3_connection
+import qh3.quic.tls_bridge as _tls_bridge
+from qh3._hazmat import QuicConnectionCore as _QuicConnectionCore
 from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.asyncio.server import QuicServer
 from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import QuicTransportParameters
 
 try:  # optimised GRO/GSO transport; present in qh3 >= 1.4
     from qh3.asyncio._transport import create_optimized_datagram_transport
@@ -30,6 +35,11 @@ except ImportError:  # pragma: no cover - older qh3
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("qh3._hazmat", "pull_quic_header"),
     ("qh3.asyncio._transport", "create_optimized_datagram_transport"),
+    ("qh3._hazmat", "QuicConnectionCore"),
+    ("qh3.quic.connection", "QuicConnectionCore"),
+    ("qh3.quic.tls_bridge", "QuicTransportParameters"),
+    ("QuicConnection", "_create_core"),
+    ("QuicConnection", "_create_tls"),
     ("QuicConnection", "_core"),
     ("QuicConnection", "_close_event"),
     ("QuicConnection", "_remote_max_datagram_frame_size"),
@@ -67,6 +77,87 @@ def pull_quic_header(data: bytes, connection_id_length: int) -> tuple[Any, ...]:
 
 
 # -- QuicConnection internals -----------------------------------------------------------------
+
+QH3_MAX_STREAMS_BIDI = 100  # what qh3 advertises on its own (a literal in _create_core)
+
+
+def _core_parameter(name: str) -> int:
+    """Position of `name` in the Rust core's constructor (qh3 passes them all positionally)."""
+    signature = _QuicConnectionCore.__text_signature__ or ""
+    names = [p.strip() for p in signature.strip("()").split(",")]
+    return names.index(name)
+
+
+_LOCAL_MAX_STREAMS_BIDI = _core_parameter("local_max_streams_bidi")
+
+
+@contextmanager
+def _advertising(limit: int) -> Iterator[None]:
+    """While inside, qh3 advertises `limit` bidirectional streams instead of its fixed 100.
+
+    qh3 has no setting for it: the number is a literal both where `_create_core` builds the
+    Rust core (the limit enforced and raised with MAX_STREAMS) and where the TLS bridge builds
+    the transport parameters (the initial limit the peer learns). Their constructors are
+    swapped only for the duration of one synchronous call, so nothing else sees the change.
+    """
+
+    def make_core(*args: Any) -> Any:
+        values = list(args)
+        values[_LOCAL_MAX_STREAMS_BIDI] = limit
+        return _QuicConnectionCore(*values)
+
+    def make_parameters(*args: Any, **kw: Any) -> QuicTransportParameters:
+        return QuicTransportParameters(*args, **{**kw, "initial_max_streams_bidi": limit})
+
+    _qh3_connection.QuicConnectionCore = make_core  # type: ignore[assignment,misc]
+    _tls_bridge.QuicTransportParameters = make_parameters  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        _qh3_connection.QuicConnectionCore = _QuicConnectionCore  # type: ignore[misc]
+        _tls_bridge.QuicTransportParameters = QuicTransportParameters  # type: ignore[misc]
+
+
+class LimitedConnection(QuicConnection):
+    """A QuicConnection that lets its peer open `max_streams_bidi` bidirectional streams at
+    once instead of qh3's fixed 100."""
+
+    def __init__(self, *args: Any, max_streams_bidi: int = QH3_MAX_STREAMS_BIDI, **kw: Any):
+        self.max_streams_bidi = max_streams_bidi
+        super().__init__(*args, **kw)
+
+    def _create_core(self, *args: Any, **kw: Any) -> None:
+        with _advertising(self.max_streams_bidi):
+            super()._create_core(*args, **kw)
+
+    def _create_tls(self, *args: Any, **kw: Any) -> Any:
+        with _advertising(self.max_streams_bidi):
+            bridge = super()._create_tls(*args, **kw)
+        serialize = bridge.serialize_transport_parameters
+        limit = self.max_streams_bidi
+
+        def serialize_limited() -> bytes:  # again after a version change
+            with _advertising(limit):
+                return bytes(serialize())
+
+        bridge.serialize_transport_parameters = serialize_limited
+        return bridge
+
+
+def free_bidi_streams(quic: QuicConnection) -> int:
+    """How many more bidirectional streams the peer's MAX_STREAMS lets us open now."""
+    core = quic._core
+    if core is None:
+        return 0
+    limit, _, opened, _ = core.stream_limits
+    return max(0, int(limit) - int(opened))
+
+
+def bidi_stream_limit(quic: QuicConnection) -> int:
+    """The peer's current (cumulative) limit on bidirectional streams we may open; it rises
+    with each MAX_STREAMS frame the peer sends."""
+    core = quic._core
+    return 0 if core is None else int(core.stream_limits[0])
 
 
 def is_client(quic: QuicConnection) -> bool:
@@ -130,6 +221,9 @@ class ConnectionProtocol(QuicConnectionProtocol):
 class Server(QuicServer):
     """qh3's server with public names for its connection table and a connection factory."""
 
+    # bidirectional streams each accepted connection lets its peer open at once
+    max_streams_bidi = QH3_MAX_STREAMS_BIDI
+
     @property
     def configuration(self) -> Any:
         return self._configuration
@@ -149,8 +243,10 @@ class Server(QuicServer):
     ) -> QuicConnectionProtocol:
         """Create the connection for a new client's first packet, wired into the server's
         connection-id table the way QuicServer.datagram_received does."""
-        connection = QuicConnection(
-            configuration=self._configuration, original_destination_connection_id=dcid
+        connection = LimitedConnection(
+            configuration=self._configuration,
+            original_destination_connection_id=dcid,
+            max_streams_bidi=self.max_streams_bidi,
         )
         protocol = self._create_protocol(connection, stream_handler=None)
         protocol.connection_made(self._transport)

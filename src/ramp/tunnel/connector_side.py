@@ -254,6 +254,7 @@ class TunnelClient:
         on_refused: Callable[[RegistrationRefused], None],
         on_dial_failure: Callable[[str], None],
         metrics_bad_input: Callable[[str, str], None],
+        max_streams_bidi: int = endpoint.DEFAULT_MAX_STREAMS,
     ) -> None:
         self.tunnel_id = uuid.UUID(tunnel_id)
         self.secret = secret
@@ -263,6 +264,7 @@ class TunnelClient:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
+        self.max_streams_bidi = max_streams_bidi  # flows the edge may open per connection
         self.connector_id = uuid.uuid4()
         self.on_flow_end = on_flow_end
         self._on_connections = on_connections
@@ -348,6 +350,7 @@ class TunnelClient:
                 port,
                 configuration=config,
                 create_protocol=lambda quic: ConnectorConnection(quic, owner=self, index=index),
+                max_streams_bidi=self.max_streams_bidi,
             )
         assert isinstance(conn, ConnectorConnection)
         try:

@@ -86,6 +86,9 @@ class EdgeConnection(endpoint.TunnelConnection):
         if self.control is not None and not self.closed:
             self._run(self.machine.window(stream_id, increment))
 
+    def stream_credit(self) -> None:
+        self.edge.slots_changed(self)
+
     # -- carrying out the machine's actions ---------------------------------------------------
 
     def _timer(self, name: str) -> None:
@@ -126,6 +129,7 @@ class EdgeConnection(endpoint.TunnelConnection):
                     self.tunnel_name,
                 )
                 self.edge.changed()
+                self.edge.slots_changed(self)
 
     def _accepted(self, frame: Register, tunnel_name: str) -> None:
         self.registered = True
@@ -161,8 +165,10 @@ class TunnelEdge:
         on_drop: Callable[[str], None],
         on_refused: Callable[[str, str, str], None],
         on_change: Callable[[], None],
+        max_streams_bidi: int = endpoint.DEFAULT_MAX_STREAMS,
     ) -> None:
         self.configuration = configuration
+        self.max_streams_bidi = max_streams_bidi
         self.check = check
         self.on_drop = on_drop
         self._on_refused = on_refused
@@ -172,6 +178,9 @@ class TunnelEdge:
         self.transport: asyncio.DatagramTransport | None = None
         self.server: endpoint.TunnelServer | None = None
         self.sessions: EdgeDatagramSink | None = None  # EdgeSessions, set by the edge
+        # told when a connection's stream slots may have changed: its peer raised MAX_STREAMS,
+        # it joined, drained or left (the tunnel off-ramp's waiting flows)
+        self.on_slots: Callable[[EdgeConnection], None] | None = None
 
     async def start(self, host: str, port: int) -> None:
         self.transport, self.server = await endpoint.serve(
@@ -180,6 +189,7 @@ class TunnelEdge:
             configuration=self.configuration,
             create_protocol=lambda quic, **kw: EdgeConnection(quic, edge=self),
             on_drop=self.on_drop,
+            max_streams_bidi=self.max_streams_bidi,
         )
 
     @property
@@ -194,9 +204,15 @@ class TunnelEdge:
     def changed(self) -> None:
         self._on_change()
 
+    def slots_changed(self, conn: EdgeConnection) -> None:
+        if self.on_slots is not None:
+            self.on_slots(conn)
+
     def add(self, conn: EdgeConnection) -> None:
         self.tunnels.setdefault(conn.tunnel_id, _TunnelConns()).conns.append(conn)
+        conn.watch_stream_credit = True
         self._on_change()
+        self.slots_changed(conn)
 
     def remove(self, conn: EdgeConnection) -> None:
         entry = self.tunnels.get(conn.tunnel_id)
@@ -205,6 +221,7 @@ class TunnelEdge:
             if not entry.conns:
                 del self.tunnels[conn.tunnel_id]
             self._on_change()
+            self.slots_changed(conn)
 
     def candidates(self, tunnel_id: str) -> list[EdgeConnection]:
         """Live connections for a tunnel in the order a new flow should try them: round robin,
@@ -221,6 +238,15 @@ class TunnelEdge:
         now = asyncio.get_running_loop().time()
         return sorted(ordered, key=lambda c: now - c.last_rx > STALE_AFTER)
 
+    def serving(self, tunnel_id: str, replica: str | None = None) -> bool:
+        """Whether a live, not draining connection serves the tunnel (and replica, if given);
+        unlike candidates() it leaves the round robin alone."""
+        entry = self.tunnels.get(tunnel_id)
+        return entry is not None and any(
+            not c.draining and not c.closed and (replica is None or c.connector_id == replica)
+            for c in entry.conns
+        )
+
     def count(self, tunnel_id: str | None = None) -> int:
         if tunnel_id is not None:
             entry = self.tunnels.get(tunnel_id)
@@ -233,6 +259,7 @@ class TunnelEdge:
             conn.close_with(code, reason)
         if entry:
             self._on_change()
+            self.slots_changed(entry.conns[0])  # its waiting flows fail now, not at deadline
 
     def close(self) -> None:
         for entry in list(self.tunnels.values()):
