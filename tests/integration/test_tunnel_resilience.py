@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 
@@ -229,12 +228,21 @@ def test_clients_that_leave_while_their_flows_open_free_the_stream_slots(bare_la
         assert sock.recv(2) == b"\x05\x00"
         sock.sendall(request)
         leavers.append(sock)
-    time.sleep(0.5)  # let both take their slots (a later flow only waits longer otherwise)
+    # both flows hold their stream slots (the connector is dialling for them)
+    wait_until(
+        lambda: lab.edge_metrics().value("ramp_flows_active") >= 2,
+        DEADLINE,
+        what="the edge to hold both waiting flows",
+    )
     for sock in leavers:
         sock.close()
-    # the edge's connect timeout is 15 s and the connector's 60 s: served well before either
-    started = time.monotonic()
+    wait_until(
+        lambda: lab.edge_metrics().value("ramp_flows_total", onramp="socks5", result="error") >= 2,
+        DEADLINE,
+        what="the edge to end both flows whose clients left",
+    )
+    # the slots are free again: without that, this flow would wait for one past the edge's
+    # 15 s connect timeout (the connector dials for 60 s) and get REP 0x04, not success
     session = EchoSession(lab)
-    assert time.monotonic() - started < 10
     assert session.echoes()
     session.sock.close()
