@@ -95,6 +95,23 @@ class _Base(BaseModel):
         description="Directory holding the store (SQLite), the edge CA and keys.",
     )
     log_level: LogLevel = Field("info", description="Log verbosity: debug, info, warning, error.")
+    # both roles write the same flow record (observe.audit), so they share its settings
+    audit_log: str = Field(
+        "-",
+        description="File for the audit log (one JSON line per finished flow, the same record "
+        "on the edge and the connector); '-' = stderr.",
+    )
+    audit_log_max_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
+            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
+        ),
+    )
+    audit_log_backups: int = Field(
+        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
+    )
 
 
 def _onramp_entry(entry: Any) -> OnRampOptions:
@@ -160,20 +177,6 @@ class EdgeConfig(_Base):
             "Proxy credentials, user name to password. When set, SOCKS5 requires "
             "RFC 1929 username/password and HTTP requires Proxy-Authorization Basic."
         ),
-    )
-    audit_log: str = Field(
-        "-", description="File for the audit log (one JSON line per finished flow); '-' = stderr."
-    )
-    audit_log_max_bytes: int = Field(
-        100 * 1024 * 1024,
-        ge=0,
-        description=(
-            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
-            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
-        ),
-    )
-    audit_log_backups: int = Field(
-        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
     store_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between checks of the store for CLI changes."
@@ -321,22 +324,6 @@ class ConnectorConfig(_Base):
             "Resolver IP:PORT (port 53 if omitted) for names the edge sends through the "
             "tunnel; empty = the first nameserver in /etc/resolv.conf."
         ),
-    )
-    audit_log: str = Field(
-        "-",
-        description="File for the audit log (one JSON line per finished flow, the same "
-        "record as the edge's); '-' = stderr.",
-    )
-    audit_log_max_bytes: int = Field(
-        100 * 1024 * 1024,
-        ge=0,
-        description=(
-            "Size in bytes past which the audit log file is rotated: FILE becomes FILE.1, "
-            "FILE.1 FILE.2, ...; 0 = never (leave it to logrotate, which SIGHUP follows)."
-        ),
-    )
-    audit_log_backups: int = Field(
-        5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
 
     max_streams_per_connection: int = Field(
