@@ -25,7 +25,7 @@ from ramp.quic import endpoint
 from ramp.tunnel import control_state as cs
 from ramp.tunnel import flow_state as fs
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
-from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, route_window
+from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, carry_out_shared
 from ramp.tunnel.control_state import ConnectorControl
 from ramp.tunnel.flow_state import FlowAccept
 from ramp.tunnel.interfaces import ConnectorDatagramSink
@@ -140,14 +140,9 @@ class ConnectorConnection(endpoint.TunnelConnection):
 
     def _run(self, actions: list[cs.ControlAction]) -> None:
         for a in actions:
-            if isinstance(a, cs.RouteCredit):
-                route_window(self.bridges, a.stream_id, a.increment)
-            elif isinstance(a, cs.SendControl):
-                if self.control is not None:
-                    self.send(self.control.stream_id, a.data)
-            elif isinstance(a, cs.CloseConnection):
-                self.close_with(a.code, a.reason)
-            elif isinstance(a, cs.ControlError):
+            if carry_out_shared(self, a):
+                continue
+            if isinstance(a, cs.ControlError):
                 log.warning("edge connection %d: %s", self.index, a.message)
             elif isinstance(a, cs.RegistrationDone):
                 if not self.registered.done():

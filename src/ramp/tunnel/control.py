@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from ramp.flows.flow import FlowResult
 from ramp.tunnel.bridge import StreamBridge
-from ramp.tunnel.control_state import ConnectorControl, ControlAction, EdgeControl
+from ramp.tunnel.control_state import (
+    CloseConnection,
+    ConnectorControl,
+    ControlAction,
+    EdgeControl,
+    RouteCredit,
+    SendControl,
+)
 from ramp.wire.tunnel import ConnectCode
 
 log = logging.getLogger("ramp.tunnel")
@@ -69,3 +77,27 @@ def route_window(bridges: dict[int, StreamBridge], stream_id: int, increment: in
     bridge = bridges.get(stream_id)
     if bridge is not None:  # a window for a finished flow is harmless
         bridge.add_credit(increment)
+
+
+class _ControlCarrier(Protocol):
+    bridges: dict[int, StreamBridge]
+    control: ControlStream | None
+
+    def send(self, stream_id: int, data: bytes, fin: bool = False) -> None: ...
+
+    def close_with(self, code: int, reason: str) -> None: ...
+
+
+def carry_out_shared(conn: _ControlCarrier, action: ControlAction) -> bool:
+    """Carry out an action both ends' control machines emit (credit routing, control frames,
+    closing); False for a role's own actions, which the caller handles."""
+    if isinstance(action, RouteCredit):
+        route_window(conn.bridges, action.stream_id, action.increment)
+    elif isinstance(action, SendControl):
+        if conn.control is not None:
+            conn.send(conn.control.stream_id, action.data)
+    elif isinstance(action, CloseConnection):
+        conn.close_with(action.code, action.reason)
+    else:
+        return False
+    return True

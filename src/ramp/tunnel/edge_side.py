@@ -17,7 +17,7 @@ from qh3.quic.connection import QuicConnection
 from ramp.quic import endpoint
 from ramp.tunnel import control_state as cs
 from ramp.tunnel.bridge import StreamBridge
-from ramp.tunnel.control import ControlStream, route_window
+from ramp.tunnel.control import ControlStream, carry_out_shared
 from ramp.tunnel.control_state import REGISTRATION_TIMEOUT, EdgeControl, Verdict
 from ramp.tunnel.interfaces import STALE_AFTER, EdgeDatagramSink
 from ramp.wire.tunnel import (
@@ -97,14 +97,9 @@ class EdgeConnection(endpoint.TunnelConnection):
 
     def _run(self, actions: list[cs.ControlAction]) -> None:
         for a in actions:
-            if isinstance(a, cs.RouteCredit):
-                route_window(self.bridges, a.stream_id, a.increment)
-            elif isinstance(a, cs.SendControl):
-                if self.control is not None:
-                    self.send(self.control.stream_id, a.data)
-            elif isinstance(a, cs.CloseConnection):
-                self.close_with(a.code, a.reason)
-            elif isinstance(a, cs.SetTimer):
+            if carry_out_shared(self, a):
+                continue
+            if isinstance(a, cs.SetTimer):
                 old = self._timers.pop(a.name, None)
                 if old is not None:
                     old.cancel()
