@@ -33,7 +33,7 @@ NET = "10.77.0.0/16"
 CLIENT = "203.0.113.2"
 
 
-def _run(coro: Any) -> Any:
+def run_to_end(coro: Any) -> Any:
     """Drive a coroutine that never waits to its end."""
     try:
         coro.send(None)
@@ -58,7 +58,7 @@ def _path(edge: Any) -> tuple[str, Callable[[Flow], None], Callable[[], None]]:
         edge.offramps["tunnel"] = _StubOffRamp()
 
         def one(flow: Flow) -> None:
-            _run(edge.pipeline.open_tcp(flow))
+            run_to_end(edge.pipeline.open_tcp(flow))
             edge.pipeline.flow_finished(flow)
 
         return "FlowPipeline", one, edge.policy.policy._cache.clear
@@ -72,7 +72,7 @@ def _path(edge: Any) -> tuple[str, Callable[[Flow], None], Callable[[], None]]:
     edge._open_via_tunnel = via_tunnel
 
     def one_before(flow: Flow) -> None:
-        _run(edge.open_tcp(flow))
+        run_to_end(edge.open_tcp(flow))
         edge.flow_finished(flow)
 
     return "Edge.open_tcp (before the framework)", one_before, lambda: None

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.flow_path import run_to_end
 from bench.tcp_tunnel import BASE_PORT, CONCURRENCY, cpu_seconds, setups
 from ramp.flows.flow import Destination, Flow, Identity
 from ramp.observe.audit import flow_record
@@ -149,16 +150,6 @@ def fill_store(store: Store, n_rules: int, n_vnets: int) -> str | None:
 # --- in-process timings ----------------------------------------------------------------------
 
 
-def _run(coro: Any) -> Any:
-    """Drive a coroutine that never waits (sync hooks) to its end."""
-    try:
-        coro.send(None)
-    except StopIteration as e:
-        return e.value
-    coro.close()
-    raise RuntimeError("the coroutine waited")
-
-
 def _per_call(fn: Callable[[], object], number: int) -> float:
     """Microseconds of CPU per call: the best of five batches."""
     return min(timeit.repeat(fn, timer=time.process_time, number=number, repeat=5)) / number * 1e6
@@ -191,12 +182,14 @@ def in_process(n_rules: int, hook_file: Path, number: int) -> dict[str, float]:
     none_policy = PolicyHook(Policy(default_rules()))
     plain = Hooks([none_policy.as_hook()], 0.05)
     with_noop = Hooks([none_policy.as_hook(), *load_hooks([HookSpec(str(hook_file))])], 0.05)
-    assert _run(with_noop.flow_start(flow)).allowed
+    assert run_to_end(with_noop.flow_start(flow)).allowed
     (
         out["hooks_flow_start_policy_only_us"],
         out["hooks_flow_start_policy_noop_us"],
     ) = _paired(
-        lambda: _run(plain.flow_start(flow)), lambda: _run(with_noop.flow_start(flow)), number
+        lambda: run_to_end(plain.flow_start(flow)),
+        lambda: run_to_end(with_noop.flow_start(flow)),
+        number,
     )
     record = flow_record(flow)
     out["hooks_flow_end_none_us"], out["hooks_flow_end_noop_us"] = _paired(

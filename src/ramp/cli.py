@@ -102,6 +102,12 @@ def _data_dir(value: Path | None) -> Path:
     return (value or default_data_dir()).expanduser()
 
 
+def _open_store(data_dir: Path | None, log_level: str) -> Store:
+    """What every store command starts with: its logging, then the store."""
+    setup_logging(log_level)
+    return Store(_data_dir(data_dir))
+
+
 # -- flags generated from the config models ---------------------------------------------------
 
 
@@ -292,8 +298,7 @@ def tunnel() -> None:
 @_user_errors
 def tunnel_create(name: str, data_dir: Path | None, log_level: str) -> None:
     """Create a tunnel called NAME."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         t = store.create_tunnel(name)
     click.echo(f"Created tunnel {t.name} with id {t.id}")
     click.echo(f"Get its connector token with: ramp tunnel token {t.name} --edge EDGE_HOST:7844")
@@ -304,8 +309,7 @@ def tunnel_create(name: str, data_dir: Path | None, log_level: str) -> None:
 @_user_errors
 def tunnel_list(data_dir: Path | None, log_level: str) -> None:
     """List tunnels and their routes."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         tunnels = store.list_tunnels()
         routes = store.list_routes()
         dns_routes = store.list_dns_routes()
@@ -339,8 +343,7 @@ def _route_text(r: Route) -> str:
 @_user_errors
 def tunnel_delete(name: str, data_dir: Path | None, log_level: str) -> None:
     """Delete the tunnel NAME (a name or an id) and its IP and DNS routes."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         t = store.delete_tunnel(name)
     click.echo(f"Deleted tunnel {t.name} ({t.id}) and its routes")
 
@@ -373,8 +376,7 @@ def _vnet_option(help_text: str) -> Callable[[F], F]:
 @_user_errors
 def route_ip_add(cidr: str, name: str, vnet: str, data_dir: Path | None, log_level: str) -> None:
     """Send traffic for CIDR in virtual network VNET to the tunnel NAME."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         r = store.add_route(cidr, name, vnet=vnet)
     click.echo(f"Added route {r.cidr} -> tunnel {r.tunnel_name} in virtual network {r.vnet}")
 
@@ -385,8 +387,7 @@ def route_ip_add(cidr: str, name: str, vnet: str, data_dir: Path | None, log_lev
 @_user_errors
 def route_ip_list(vnet: str | None, data_dir: Path | None, log_level: str) -> None:
     """List IP routes, with the virtual network each is in."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         routes = store.list_routes(vnet)
     rows = [[r.cidr, r.tunnel_name, r.vnet] for r in routes]
     click.echo(_table(["CIDR", "TUNNEL", "VNET"], rows))
@@ -399,8 +400,7 @@ def route_ip_list(vnet: str | None, data_dir: Path | None, log_level: str) -> No
 @_user_errors
 def route_ip_delete(cidr: str, vnet: str, data_dir: Path | None, log_level: str) -> None:
     """Delete the route for CIDR in virtual network VNET."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         net = store.delete_route(cidr, vnet=vnet)
     click.echo(f"Deleted route {net} in virtual network {vnet}")
 
@@ -419,8 +419,7 @@ def route_dns() -> None:
 @_user_errors
 def route_dns_add(zone: str, name: str, data_dir: Path | None, log_level: str) -> None:
     """Resolve names under ZONE through the tunnel NAME."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         r = store.add_dns_route(zone, name)
     click.echo(f"Added DNS route {r.zone} -> tunnel {r.tunnel_name}")
 
@@ -430,8 +429,7 @@ def route_dns_add(zone: str, name: str, data_dir: Path | None, log_level: str) -
 @_user_errors
 def route_dns_list(data_dir: Path | None, log_level: str) -> None:
     """List DNS routes."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         routes = store.list_dns_routes()
     click.echo(_table(["ZONE", "TUNNEL"], [[r.zone, r.tunnel_name] for r in routes]))
 
@@ -442,8 +440,7 @@ def route_dns_list(data_dir: Path | None, log_level: str) -> None:
 @_user_errors
 def route_dns_delete(zone: str, data_dir: Path | None, log_level: str) -> None:
     """Delete the DNS route for ZONE."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         name = store.delete_dns_route(zone)
     click.echo(f"Deleted DNS route {name}")
 
@@ -471,8 +468,7 @@ def _check_edges(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 @_user_errors
 def tunnel_token(name: str, edges: list[str], data_dir: Path | None, log_level: str) -> None:
     """Print the connector token of tunnel NAME (and nothing else)."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         t = store.get_tunnel(name)
         if t is None:
             raise StoreError(f"unknown tunnel {name!r}")
@@ -534,8 +530,7 @@ def vnet() -> None:
 @_user_errors
 def vnet_add(name: str, data_dir: Path | None, log_level: str) -> None:
     """Create a virtual network called NAME."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         v = store.add_vnet(name)
     click.echo(f"Added virtual network {v.name}")
 
@@ -545,8 +540,7 @@ def vnet_add(name: str, data_dir: Path | None, log_level: str) -> None:
 @_user_errors
 def vnet_list(data_dir: Path | None, log_level: str) -> None:
     """List virtual networks, their route counts and assigned identities."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         vnets = store.list_vnets()
         routes = store.list_routes()
         assignments = store.vnet_assignments()
@@ -569,8 +563,7 @@ def vnet_list(data_dir: Path | None, log_level: str) -> None:
 @_user_errors
 def vnet_delete(name: str, data_dir: Path | None, log_level: str) -> None:
     """Delete the virtual network NAME (it must have no routes and no assigned identities)."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         v = store.delete_vnet(name)
     click.echo(f"Deleted virtual network {v.name}")
 
@@ -585,8 +578,7 @@ def vnet_assign(name: str, identity: str, data_dir: Path | None, log_level: str)
 
     The user's flows then use NAME's routes, whatever on-ramp they come through.
     """
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         before = store.assign_vnet(name, identity)
     moved = f" (was {before})" if before is not None and before != name else ""
     click.echo(f"Assigned identity {identity} to virtual network {name}{moved}")
@@ -601,8 +593,7 @@ def vnet_unassign(identity: str, data_dir: Path | None, log_level: str) -> None:
 
     The user's flows then use their on-ramp's virtual network again.
     """
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         name = store.unassign_vnet(identity)
     click.echo(f"Unassigned identity {identity} from virtual network {name}")
 
@@ -682,8 +673,7 @@ def policy_add(
 @_user_errors
 def policy_list(data_dir: Path | None, log_level: str) -> None:
     """List the rules in the order they are checked."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         rules = store.list_rules()
     headers = ["#", "ID", "ACTION", "IDENTITY", "GROUP", "ONRAMP", "FROM", "TO", "PORTS", "PROTO"]
     click.echo(_table(headers, [_rule_row(i, r) for i, r in enumerate(rules, 1)]))
@@ -697,8 +687,7 @@ def policy_list(data_dir: Path | None, log_level: str) -> None:
 @_user_errors
 def policy_delete(rule_id: str, data_dir: Path | None, log_level: str) -> None:
     """Delete the rule ID."""
-    setup_logging(log_level)
-    with Store(_data_dir(data_dir)) as store:
+    with _open_store(data_dir, log_level) as store:
         store.delete_rule(rule_id)
         left = len(store.list_rules())
     click.echo(f"Deleted rule {rule_id}" + ("" if left else " (no rules left: deny-all)"))
