@@ -11,30 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.net.splice import splice_relay
 from ramp.policy.router import RouteEntry, RouteTable
 from ramp.policy.rules import Rule
 from ramp.store.db import Store
-from ramp.testing.loopback import run
+from ramp.testing.loopback import loopback_edge_config, run
 
 
 async def start_edge(tmp_path: Path, direct: bool) -> Edge:
     # the origins are on loopback: direct egress reaches them only when a rule says so
     with Store(tmp_path) as store:
         store.add_rule(Rule("loopback-origins", "allow", to="127.0.0.0/8"), 1)
-    edge = Edge(
-        EdgeConfig(
-            data_dir=tmp_path,
-            tunnel_listen="127.0.0.1:0",
-            socks5_listen="127.0.0.1:0",
-            http_listen="off",
-            metrics_listen="off",
-            allow_direct_egress=direct,
-            audit_log=str(tmp_path / "audit.log"),
-        )
-    )
+    edge = Edge(loopback_edge_config(tmp_path, allow_direct_egress=direct))
     await edge.start()
     return edge
 

@@ -24,6 +24,7 @@ from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.onramps.dns import DnsServer
+from ramp.testing.loopback import loopback_edge_config
 from ramp.testing.loopback import run_on_loop as run
 from ramp.testing.wait import until
 
@@ -489,17 +490,7 @@ def test_wildcard_listener_answers_from_the_address_asked() -> None:
 
 def test_edge_starts_the_dns_listener(tmp_path: Path) -> None:
     async def main() -> None:
-        edge = Edge(
-            EdgeConfig(
-                data_dir=tmp_path,
-                tunnel_listen="127.0.0.1:0",
-                socks5_listen="off",
-                http_listen="off",
-                metrics_listen="off",
-                dns_listen="127.0.0.1:0",
-                audit_log=str(tmp_path / "audit.log"),
-            )
-        )
+        edge = Edge(loopback_edge_config(tmp_path, socks5_listen="off", dns_listen="127.0.0.1:0"))
         await edge.start()
         try:
             (server,) = [s for s in edge.onramps if isinstance(s, DnsServer)]

@@ -14,7 +14,7 @@ from ramp.edge import Edge
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult
 from ramp.policy.rules import Rule
 from ramp.store.db import Store
-from ramp.testing.loopback import run, tunnel, udp_echo_origin
+from ramp.testing.loopback import loopback_edge_config, run, tunnel, udp_echo_origin
 
 
 def udp_flow(port: int) -> Flow:
@@ -70,15 +70,8 @@ def test_direct_sessions_past_the_limit_are_refused(tmp_path: Path) -> None:
         with Store(tmp_path) as store:  # the origin is on loopback: a rule must name it
             store.add_rule(Rule("loopback-origins", "allow", to="127.0.0.0/8"), 1)
         edge = Edge(
-            EdgeConfig(
-                data_dir=tmp_path,
-                tunnel_listen="127.0.0.1:0",
-                socks5_listen="off",
-                http_listen="off",
-                metrics_listen="off",
-                allow_direct_egress=True,
-                max_udp_sessions=1,
-                audit_log=str(tmp_path / "audit.log"),
+            loopback_edge_config(
+                tmp_path, socks5_listen="off", allow_direct_egress=True, max_udp_sessions=1
             )
         )
         await edge.start()

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.net import egress
 from ramp.net.egress import EgressGuard
 from ramp.policy.rules import Rule
 from ramp.store.db import Store
-from ramp.testing.loopback import run
+from ramp.testing.loopback import loopback_edge_config, run
 from ramp.testing.wait import until
 
 OWN = frozenset({ipaddress.ip_address("192.0.2.2"), ipaddress.ip_address("2001:db8::2")})
@@ -114,17 +113,7 @@ def test_direct_egress_refuses_the_edges_loopback_until_a_rule_names_it(tmp_path
         oport = srv.sockets[0].getsockname()[1]
         with Store(tmp_path) as store:
             store.add_rule(Rule("everything", "allow", to="0.0.0.0/0"), 1)
-        edge = Edge(
-            EdgeConfig(
-                data_dir=tmp_path,
-                tunnel_listen="127.0.0.1:0",
-                socks5_listen="127.0.0.1:0",
-                http_listen="off",
-                metrics_listen="off",
-                allow_direct_egress=True,
-                audit_log=str(tmp_path / "audit.log"),
-            )
-        )
+        edge = Edge(loopback_edge_config(tmp_path, allow_direct_egress=True))
         await edge.start()
         port = edge.onramps[0].port
         try:

@@ -14,12 +14,11 @@ import dns.rrset
 import pytest
 import uvloop
 
-from ramp.config import EdgeConfig
 from ramp.edge import Edge
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.net.resolve import AsyncResolver, HostsFile, hostname_problem
 from ramp.offramps.tcp import dial_tcp
-from ramp.testing.loopback import run
+from ramp.testing.loopback import loopback_edge_config, run
 
 
 @pytest.mark.parametrize(
@@ -176,17 +175,7 @@ def test_dialling_an_ip_never_calls_getaddrinfo(
 
 
 async def start_edge(tmp_path: Path) -> Edge:
-    edge = Edge(
-        EdgeConfig(
-            data_dir=tmp_path,
-            tunnel_listen="127.0.0.1:0",
-            socks5_listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            metrics_listen="off",
-            allow_direct_egress=True,
-            audit_log=str(tmp_path / "audit.log"),
-        )
-    )
+    edge = Edge(loopback_edge_config(tmp_path, http_listen="127.0.0.1:0", allow_direct_egress=True))
     await edge.start()
     return edge
 

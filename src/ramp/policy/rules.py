@@ -95,7 +95,7 @@ def validate(rule: Rule) -> Rule:
         to = to.strip().lower().rstrip(".")
         if any(c in to for c in "/:") or _looks_numeric(to):
             to = str(_network("to", to))
-        elif not _HOST_PATTERN.fullmatch(to) or len(to) > 253:
+        elif len(to) > 253 or not _HOST_PATTERN.fullmatch(to):  # length first: bound the match
             raise RuleError(f"to: {rule.to!r} is neither a CIDR nor a host name pattern")
     ports = None
     if rule.ports is not None:

@@ -43,6 +43,21 @@ def make_token(data_dir: Path, name: str, edge_port: int) -> str:
         return Token(t.id, store.tunnel_secret(t.id), [f"127.0.0.1:{edge_port}"], fp).encode()
 
 
+def loopback_edge_config(data_dir: Path, **overrides: Any) -> EdgeConfig:
+    """An edge for in-process tests: tunnel and SOCKS5 on loopback with ports the system picks,
+    no HTTP or metrics listener, the audit log in `data_dir`; `overrides` change any key."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "tunnel_listen": "127.0.0.1:0",
+        "socks5_listen": "127.0.0.1:0",
+        "http_listen": "off",
+        "metrics_listen": "off",
+        "audit_log": str(data_dir / "audit.log"),
+    }
+    values.update(overrides)
+    return EdgeConfig(**values)
+
+
 @asynccontextmanager
 async def tunnel(
     tmp_path: Path,
@@ -55,17 +70,7 @@ async def tunnel(
         if store.get_tunnel("corp") is None:
             store.create_tunnel("corp")
         store.add_route("127.0.0.0/8", "corp")
-    edge = Edge(
-        EdgeConfig(
-            data_dir=tmp_path,
-            tunnel_listen="127.0.0.1:0",
-            socks5_listen="127.0.0.1:0",
-            http_listen="off",
-            metrics_listen="off",
-            audit_log=str(tmp_path / "audit.log"),
-            **edge_kw,  # type: ignore[arg-type]
-        )
-    )
+    edge = Edge(loopback_edge_config(tmp_path, **edge_kw))
     await edge.start()
     assert edge.tunnels is not None
     token = make_token(tmp_path, "corp", edge.tunnels.port)
