@@ -1,0 +1,47 @@
+"""Fair shares: how much of a bounded resource one key (a source address, an identity) holds.
+
+A table with a global limit alone lets one client take all of it; a share caps each key so the
+others still get in (HAProxy's per-source stick-table counters, Envoy's per-downstream limits).
+Counting is exact and O(1); keys whose count drops to zero are forgotten, so the map is never
+larger than the resource it guards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Shares(Generic[K]):
+    """Counts per key, each at most `limit` (0 = no share: every take succeeds)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[K, int] = {}
+        self.refused = 0
+
+    def __len__(self) -> int:
+        """Keys holding at least one unit."""
+        return len(self._held)
+
+    def held(self, key: K) -> int:
+        return self._held.get(key, 0)
+
+    def try_take(self, key: K) -> bool:
+        """Take one unit for `key`; False (and nothing taken) when its share is used up."""
+        n = self._held.get(key, 0)
+        if self.limit and n >= self.limit:
+            self.refused += 1
+            return False
+        self._held[key] = n + 1
+        return True
+
+    def release(self, key: K) -> None:
+        """Give one unit back; releasing more than was taken is ignored."""
+        n = self._held.get(key, 0)
+        if n <= 1:
+            self._held.pop(key, None)
+        else:
+            self._held[key] = n - 1
