@@ -184,6 +184,34 @@ class EdgeConfig(_Base):
     quic_idle_timeout: float = Field(
         5.0, gt=0, description="Seconds without packets before a tunnel connection is dead."
     )
+    # the tunnel listener's handshake table (ramp.quic.admission)
+    quic_max_handshakes: int = Field(
+        256,
+        ge=1,
+        description="QUIC handshakes the tunnel listener runs at once; past it new "
+        "connections are dropped (ramp_tunnel_bad_packets{reason=handshake_limit}).",
+    )
+    quic_retry_threshold: int = Field(
+        128,
+        ge=0,
+        description="Handshakes in progress past which a new connector must prove its "
+        "address with a QUIC Retry first; 0 = always.",
+    )
+    quic_handshakes_per_source: int = Field(
+        16,
+        ge=0,
+        description="QUIC handshakes one source IP may have in progress; past it its new "
+        "connections are dropped (reason=source_limit); 0 = no limit.",
+    )
+    quic_handshake_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds a QUIC handshake may take on the tunnel listener before the "
+        "half-open connection is dropped without a reply.",
+    )
+    quic_retry_token_lifetime: float = Field(
+        10.0, gt=0, description="Seconds a QUIC Retry token stays valid."
+    )
 
     dns_listen: str = Field("off", description="DNS listener HOST:PORT (UDP and TCP), or 'off'.")
     dns_upstream: str = Field(

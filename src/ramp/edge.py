@@ -31,6 +31,7 @@ from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_h
 from ramp.policy.pipeline import FlowPipeline
 from ramp.policy.router import Router, VnetRoutes
 from ramp.policy.rules import Policy
+from ramp.quic.admission import HandshakeLimits
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
@@ -139,6 +140,14 @@ class Edge:
             on_drop=lambda reason: self.metrics.tunnel_bad_packets.labels(reason).inc(),
             on_refused=self._registration_refused,
             on_change=self._connections_changed,
+            on_handshake_event=lambda event: self.metrics.tunnel_handshakes.labels(event).inc(),
+            limits=HandshakeLimits(
+                max_handshakes=self.config.quic_max_handshakes,
+                retry_threshold=self.config.quic_retry_threshold,
+                per_source=self.config.quic_handshakes_per_source,
+                timeout=self.config.quic_handshake_timeout,
+                token_lifetime=self.config.quic_retry_token_lifetime,
+            ),
             max_streams_bidi=self.config.max_streams_per_connection,
         )
         host, port = parse_hostport(self.config.tunnel_listen)

@@ -100,6 +100,13 @@ class EdgeMetrics(FlowMetrics):
             ["reason"],
             registry=self.registry,
         )
+        self.tunnel_handshakes = Counter(
+            "ramp_tunnel_handshake_events",
+            "Tunnel listener handshake admission: retry_sent, handshake_timeout (half-open "
+            "connection dropped), token_invalid_<why>.",
+            ["event"],
+            registry=self.registry,
+        )
         self.dns_queries = Counter(
             "ramp_dns_queries",
             "DNS queries answered by the edge's DNS listener, by outcome "

@@ -9,18 +9,22 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
-from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
+from qh3.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation
 
 from ramp.net.sockopts import set_buffers
 from ramp.quic import qh3compat
+from ramp.quic.admission import DEFAULT_LIMITS, Drop, HandshakeLimits, SendRetry, decide
+from ramp.quic.retry import InvalidToken, RetryTokens
 from ramp.wire.tunnel import (
     MAX_STREAM_DATAGRAM,
     FrameDecoder,
@@ -36,7 +40,6 @@ logging.getLogger("qh3").setLevel(logging.ERROR)
 logging.getLogger("quic").setLevel(logging.ERROR)
 
 QUIC_MIN_INITIAL_SIZE = 1200
-MAX_HANDSHAKING = 256  # connections still in their TLS handshake, per server
 DEFAULT_MAX_STREAMS = qh3compat.QH3_MAX_STREAMS_BIDI  # what qh3 advertises by itself
 MAX_DATAGRAM_STREAM_BUFFER = 4 * 1024 * 1024  # bytes of large datagrams waiting on their stream
 DATAGRAM_QUEUE_LIMIT = 4096  # tunnel datagrams waiting for congestion window, per connection
@@ -353,24 +356,42 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # the UDP transport went away (client side): the QUIC connection is gone with it
-        self._on_terminated(0, "transport closed")
+        self.abandon("transport closed")
+
+    def abandon(self, reason: str) -> None:
+        """The connection is gone without a close from either end."""
+        self._on_terminated(0, reason)
         self.mark_closed()
 
 
 class TunnelServer(qh3compat.Server):
-    """qh3's server with datagram batching per connection and counters for dropped packets."""
+    """qh3's server with datagram batching per connection, counters for dropped packets, and
+    the handshake admission rules of ramp.quic.admission."""
 
     def __init__(
         self,
         *,
         on_drop: Callable[[str], None],
+        on_event: Callable[[str], None] = lambda event: None,
+        limits: HandshakeLimits = DEFAULT_LIMITS,
         max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.max_streams_bidi = max_streams_bidi
+        self.limits = limits
         self._on_drop = on_drop
-        self._handshaking: set[QuicConnectionProtocol] = set()
+        self._on_event = on_event
+        self._tokens = RetryTokens(limits.token_lifetime)
+        # connection -> (its source share key, its half-open timer)
+        self._handshaking: dict[QuicConnectionProtocol, tuple[_SourceKey, asyncio.TimerHandle]]
+        self._handshaking = {}
+        self._held: dict[_SourceKey, int] = {}
+        self._timers = asyncio.get_running_loop()
+
+    @property
+    def handshaking(self) -> int:
+        return len(self._handshaking)
 
     def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
         # group consecutive datagrams for the same known connection: one qh3 call per batch
@@ -403,7 +424,7 @@ class TunnelServer(qh3compat.Server):
         except ValueError:
             self._on_drop("malformed")
             return
-        version, ptype, _plen, dcid, scid = hdr[:5]
+        version, ptype, _plen, dcid, scid, token = hdr[:6]
         if version is not None and version not in config.supported_versions:
             self._on_drop("unsupported_version")
             if version == 0 or len(data) < QUIC_MIN_INITIAL_SIZE:
@@ -424,19 +445,90 @@ class TunnelServer(qh3compat.Server):
             if len(data) < QUIC_MIN_INITIAL_SIZE or ptype != QuicPacketType.INITIAL:
                 self._on_drop("unknown_connection")
                 return
-            if len(self._handshaking) >= MAX_HANDSHAKING:
-                self._on_drop("handshake_limit")
+            protocol = self._admit(version, dcid, scid, bytes(token or b""), addr)
+            if protocol is None:
                 return
-            protocol = self.new_protocol(dcid, self._track_handshake)
         protocol.datagram_received(data, addr)
 
-    def _track_handshake(self, protocol: QuicConnectionProtocol) -> None:
-        self._handshaking.add(protocol)
+    def _admit(
+        self, version: int, dcid: bytes, scid: bytes, token: bytes, addr: Any
+    ) -> QuicConnectionProtocol | None:
+        ip = str(addr[0]).removeprefix("::ffff:")
+        now = time.monotonic()
+        validated = None
+        if token:
+            try:
+                validated = self._tokens.check(ip, token, now)
+            except InvalidToken as e:
+                self._on_event(f"token_invalid_{e.reason}")
+        key = (ip, validated is not None)
+        decision = decide(
+            self.limits,
+            dcid=dcid,
+            token=token,
+            validated=validated,
+            handshaking=len(self._handshaking),
+            source_held=self._held.get(key, 0),
+        )
+        if isinstance(decision, Drop):
+            self._on_drop(decision.reason)
+            return None
+        if isinstance(decision, SendRetry):
+            retry_scid = os.urandom(self.configuration.connection_id_length)
+            self.udp_transport.sendto(
+                encode_quic_retry(
+                    version=version,
+                    source_cid=retry_scid,
+                    destination_cid=scid,
+                    original_destination_cid=dcid,
+                    retry_token=self._tokens.issue(ip, dcid, retry_scid, now),
+                ),
+                addr,
+            )
+            self._on_event("retry_sent")
+            return None
+        return self.new_protocol(
+            dcid,
+            partial(self._track_handshake, key),
+            original_dcid=decision.original_dcid,
+            retry_scid=decision.retry_scid,
+        )
+
+    def _track_handshake(self, key: _SourceKey, protocol: QuicConnectionProtocol) -> None:
+        timer = self._timers.call_later(self.limits.timeout, self._half_open, protocol)
+        self._handshaking[protocol] = (key, timer)
+        self._held[key] = self._held.get(key, 0) + 1
         if isinstance(protocol, TunnelConnection):
-            protocol.on_established = self._handshaking.discard
+            protocol.on_established = self._handshake_over
+
+    def _handshake_over(self, protocol: QuicConnectionProtocol) -> None:
+        entry = self._handshaking.pop(protocol, None)
+        if entry is None:
+            return
+        key, timer = entry
+        timer.cancel()
+        n = self._held.get(key, 0) - 1
+        if n > 0:
+            self._held[key] = n
+        else:
+            self._held.pop(key, None)
+
+    def _half_open(self, protocol: QuicConnectionProtocol) -> None:
+        """A handshake that did not finish in time: gone without a CONNECTION_CLOSE, which
+        would only be more traffic to a source that may be forged."""
+        if protocol not in self._handshaking:
+            return
+        self._handshake_over(protocol)
+        self._on_event("handshake_timeout")
+        self.forget(protocol)
+        if isinstance(protocol, TunnelConnection):
+            protocol.abandon("handshake timeout")
 
     def connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
-        self._handshaking.discard(protocol)
+        self._handshake_over(protocol)
+
+
+_SourceKey = tuple[str, bool]  # (source IP, whether a Retry token proved it)
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
@@ -472,6 +564,8 @@ async def serve(
     configuration: QuicConfiguration,
     create_protocol: Callable[..., TunnelConnection],
     on_drop: Callable[[str], None],
+    on_event: Callable[[str], None] = lambda event: None,
+    limits: HandshakeLimits = DEFAULT_LIMITS,
     max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
 ) -> tuple[asyncio.DatagramTransport, TunnelServer]:
     """Listen for QUIC connections; each lets its peer open `max_streams_bidi` streams at
@@ -482,6 +576,8 @@ async def serve(
             configuration=configuration,
             create_protocol=create_protocol,
             on_drop=on_drop,
+            on_event=on_event,
+            limits=limits,
             max_streams_bidi=max_streams_bidi,
         ),
         sock,

@@ -57,6 +57,8 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("QuicConnectionProtocol", "_connection_id_issued_handler"),
     ("QuicConnectionProtocol", "_connection_id_retired_handler"),
     ("QuicConnectionProtocol", "_connection_terminated_handler"),
+    ("QuicConnectionProtocol", "_timer"),
+    ("QuicConnectionProtocol", "_transmit_task"),
     ("QuicServer", "_protocols"),
     ("QuicServer", "_configuration"),
     ("QuicServer", "_transport"),
@@ -239,13 +241,21 @@ class Server(QuicServer):
         return set(self._protocols.values())
 
     def new_protocol(
-        self, dcid: bytes, on_created: Callable[[QuicConnectionProtocol], None]
+        self,
+        dcid: bytes,
+        on_created: Callable[[QuicConnectionProtocol], None],
+        *,
+        original_dcid: bytes | None = None,
+        retry_scid: bytes | None = None,
     ) -> QuicConnectionProtocol:
         """Create the connection for a new client's first packet, wired into the server's
-        connection-id table the way QuicServer.datagram_received does."""
+        connection-id table the way QuicServer.datagram_received does. After a Retry, `dcid`
+        is the Retry's source cid and `original_dcid` the client's first choice: both go into
+        the transport parameters, which the client checks."""
         connection = LimitedConnection(
             configuration=self._configuration,
-            original_destination_connection_id=dcid,
+            original_destination_connection_id=original_dcid or dcid,
+            retry_source_connection_id=retry_scid,
             max_streams_bidi=self.max_streams_bidi,
         )
         protocol = self._create_protocol(connection, stream_handler=None)
@@ -263,6 +273,16 @@ class Server(QuicServer):
         self._protocols[dcid] = protocol
         self._protocols[connection.host_cid] = protocol
         return protocol
+
+    def forget(self, protocol: QuicConnectionProtocol) -> None:
+        """Drop a connection without a word to its peer: out of the connection-id table, its
+        timers stopped. Its packets then look like an unknown connection's."""
+        QuicServer._connection_terminated(self, protocol)
+        for handle in (protocol._timer, protocol._transmit_task):
+            if handle is not None:
+                handle.cancel()
+        protocol._timer = None
+        protocol._transmit_task = None
 
     def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
         # qh3 asserts the cid is still ours; after a terminated connection it may not be

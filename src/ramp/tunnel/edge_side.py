@@ -14,7 +14,9 @@ from typing import Any
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
+from ramp.observe.loglimit import LogLimiter
 from ramp.quic import endpoint
+from ramp.quic.admission import DEFAULT_LIMITS, HandshakeLimits
 from ramp.tunnel import control_state as cs
 from ramp.tunnel.bridge import StreamBridge
 from ramp.tunnel.control import ControlStream, carry_out_shared
@@ -28,6 +30,9 @@ from ramp.wire.tunnel import (
 )
 
 log = logging.getLogger("ramp.edge.tunnel")
+
+REFUSAL_LOG_BURST = 5  # log lines about refused registrations, per source and period
+REFUSAL_LOG_PERIOD = 10.0
 
 
 class EdgeConnection(endpoint.TunnelConnection):
@@ -160,10 +165,18 @@ class TunnelEdge:
         on_drop: Callable[[str], None],
         on_refused: Callable[[str, str, str], None],
         on_change: Callable[[], None],
+        on_handshake_event: Callable[[str], None] = lambda event: None,
+        limits: HandshakeLimits = DEFAULT_LIMITS,
         max_streams_bidi: int = endpoint.DEFAULT_MAX_STREAMS,
     ) -> None:
         self.configuration = configuration
         self.max_streams_bidi = max_streams_bidi
+        self.limits = limits
+        self._on_handshake_event = on_handshake_event
+        # a client retrying a wrong secret as fast as it can must not flood the log: a few
+        # lines per source, and a few in all for many sources (the counter counts every one)
+        self._refusal_log = LogLimiter(burst=REFUSAL_LOG_BURST, period=REFUSAL_LOG_PERIOD)
+        self._refusal_log_all = LogLimiter(burst=4 * REFUSAL_LOG_BURST, period=REFUSAL_LOG_PERIOD)
         self.check = check
         self.on_drop = on_drop
         self._on_refused = on_refused
@@ -184,6 +197,8 @@ class TunnelEdge:
             configuration=self.configuration,
             create_protocol=lambda quic, **kw: EdgeConnection(quic, edge=self),
             on_drop=self.on_drop,
+            on_event=self._on_handshake_event,
+            limits=self.limits,
             max_streams_bidi=self.max_streams_bidi,
         )
 
@@ -193,8 +208,17 @@ class TunnelEdge:
         return self.transport.get_extra_info("sockname")[1]
 
     def refused(self, conn: EdgeConnection, reason: str, message: str) -> None:
-        log.warning("refused tunnel registration from %s: %s (%s)", conn.peer, reason, message)
         self._on_refused(reason, conn.peer, message)
+        source = conn.peer_addr[0] if conn.peer_addr else "?"
+        if self._refusal_log.allow(source) and self._refusal_log_all.allow(None):
+            left_out = self._refusal_log.suppressed + self._refusal_log_all.suppressed
+            log.warning(
+                "refused tunnel registration from %s: %s (%s)%s",
+                conn.peer,
+                reason,
+                message,
+                f"; {left_out} such lines left out so far" if left_out else "",
+            )
 
     def changed(self) -> None:
         self._on_change()
