@@ -1,0 +1,140 @@
+"""Retry tokens and the handshake admission rules of the tunnel listener."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ramp.quic.admission import Admit, Drop, HandshakeLimits, SendRetry, decide
+from ramp.quic.retry import MAX_TOKEN, InvalidToken, RetryTokens
+
+ODCID = bytes.fromhex("0011223344556677")
+RSCID = bytes.fromhex("8899aabbccddeeff")
+
+
+def test_a_token_admits_the_address_it_was_issued_to() -> None:
+    tokens = RetryTokens(lifetime=10.0)
+    token = tokens.issue("198.51.100.7", ODCID, RSCID, now=100.0)
+    assert len(token) <= MAX_TOKEN
+    assert tokens.check("198.51.100.7", token, now=105.0) == (ODCID, RSCID)
+
+
+def test_an_ipv4_client_on_a_dual_stack_socket_is_the_same_address() -> None:
+    tokens = RetryTokens(lifetime=10.0)
+    token = tokens.issue("::ffff:198.51.100.7", ODCID, RSCID, now=0.0)
+    assert tokens.check("198.51.100.7", token, now=0.0) == (ODCID, RSCID)
+
+
+def test_an_expired_token_is_refused() -> None:
+    tokens = RetryTokens(lifetime=10.0)
+    token = tokens.issue("198.51.100.7", ODCID, RSCID, now=100.0)
+    with pytest.raises(InvalidToken) as e:
+        tokens.check("198.51.100.7", token, now=110.5)
+    assert e.value.reason == "expired"
+
+
+def test_another_address_cannot_use_a_token() -> None:
+    tokens = RetryTokens(lifetime=10.0)
+    token = tokens.issue("198.51.100.7", ODCID, RSCID, now=0.0)
+    with pytest.raises(InvalidToken) as e:
+        tokens.check("198.51.100.8", token, now=0.0)
+    assert e.value.reason == "not_authentic"
+
+
+def test_another_servers_token_is_refused() -> None:
+    token = RetryTokens(lifetime=10.0).issue("198.51.100.7", ODCID, RSCID, now=0.0)
+    with pytest.raises(InvalidToken):
+        RetryTokens(lifetime=10.0).check("198.51.100.7", token, now=0.0)
+
+
+@pytest.mark.parametrize("at", [0, 1, 12, 13, 30, -1])
+def test_a_tampered_token_is_refused(at: int) -> None:
+    tokens = RetryTokens(lifetime=10.0)
+    token = bytearray(tokens.issue("198.51.100.7", ODCID, RSCID, now=0.0))
+    token[at] ^= 0x01
+    with pytest.raises(InvalidToken):
+        tokens.check("198.51.100.7", bytes(token), now=0.0)
+
+
+_TOKENS = RetryTokens(lifetime=10.0, key=bytes(16))
+_GOOD = _TOKENS.issue("2001:db8::7", ODCID, RSCID, now=0.0)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.builds(
+            lambda cut, flip, extra: (
+                _GOOD[:cut]
+                + bytes([_GOOD[cut] ^ flip]) * (cut < len(_GOOD))
+                + _GOOD[cut + 1 :]
+                + extra
+            ),
+            st.integers(0, len(_GOOD)),
+            st.integers(1, 255),
+            st.binary(max_size=8),
+        ),
+    ),
+    st.sampled_from(["2001:db8::7", "198.51.100.7", "not an address", ""]),
+)
+def test_no_token_crashes_the_check(token: bytes, ip: str) -> None:
+    try:
+        _TOKENS.check(ip, token, now=0.0)
+    except InvalidToken:
+        return
+    assert token == _GOOD and ip == "2001:db8::7"
+
+
+# -- admission --------------------------------------------------------------------------------
+
+LIMITS = HandshakeLimits(max_handshakes=8, retry_threshold=4, per_source=2)
+DCID = os.urandom(8)
+
+
+def _decide(
+    *,
+    token: bytes = b"",
+    validated: tuple[bytes, bytes] | None = None,
+    handshaking: int = 0,
+    held: int = 0,
+    limits: HandshakeLimits = LIMITS,
+) -> object:
+    return decide(
+        limits,
+        dcid=DCID,
+        token=token,
+        validated=validated,
+        handshaking=handshaking,
+        source_held=held,
+    )
+
+
+def test_a_quiet_listener_admits_without_a_retry() -> None:
+    assert _decide() == Admit(DCID, None)
+
+
+def test_past_the_threshold_a_new_client_gets_a_retry() -> None:
+    assert _decide(handshaking=4) == SendRetry()
+    assert _decide(handshaking=0, limits=HandshakeLimits(retry_threshold=0)) == SendRetry()
+
+
+def test_a_validated_client_is_admitted_with_the_ids_of_its_token() -> None:
+    assert _decide(token=b"t", validated=(ODCID, RSCID), handshaking=7) == Admit(ODCID, RSCID)
+
+
+def test_a_full_table_drops_even_validated_clients() -> None:
+    assert _decide(token=b"t", validated=(ODCID, RSCID), handshaking=8) == Drop("handshake_limit")
+
+
+def test_a_bad_token_is_dropped_under_pressure_and_ignored_otherwise() -> None:
+    assert _decide(token=b"junk", handshaking=4) == Drop("token_invalid")
+    assert _decide(token=b"junk", handshaking=0) == Admit(DCID, None)
+
+
+def test_a_source_over_its_share_must_prove_its_address_then_is_capped() -> None:
+    assert _decide(held=2) == SendRetry()
+    assert _decide(token=b"t", validated=(ODCID, RSCID), held=2) == Drop("source_limit")
+    assert _decide(held=2, limits=HandshakeLimits(per_source=0)) == Admit(DCID, None)
