@@ -18,8 +18,10 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qh3.quic.configuration import QuicConfiguration
@@ -60,9 +62,14 @@ def fresh_initial(template: bytes) -> bytes:
 
 
 def flood_initials(
-    target: tuple[str, int], rate: float, seconds: float, bind: str | None = None
+    target: tuple[str, int],
+    rate: float,
+    seconds: float,
+    bind: str | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Send fresh Initials at up to `rate` per second for `seconds`; count what came back."""
+    """Send fresh Initials at up to `rate` per second for `seconds` (or until `stop()`);
+    count what came back."""
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     template = initial_template()
     sent = errors = 0
@@ -72,7 +79,7 @@ def flood_initials(
             sock.bind((bind, 0))
         sock.setblocking(False)
         start = time.monotonic()
-        while (now := time.monotonic()) - start < seconds:
+        while (now := time.monotonic()) - start < seconds and not stop():
             due = int((now - start) * rate) + 1
             while sent < due:
                 try:
@@ -155,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     register.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
     if args.what == "initials":
+        stopped: list[int] = []
+        # SIGTERM ends the flood early and still prints what it did
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
         result: Any = flood_initials(
-            parse_hostport(args.target), args.rate, args.seconds, args.bind
+            parse_hostport(args.target), args.rate, args.seconds, args.bind, lambda: bool(stopped)
         )
     else:
         token = Token.decode(args.token)
