@@ -212,6 +212,16 @@ class EdgeConfig(_Base):
     quic_retry_token_lifetime: float = Field(
         10.0, gt=0, description="Seconds a QUIC Retry token stays valid."
     )
+    quic_refusals_per_source: int = Field(
+        20,
+        ge=0,
+        description="Refused registrations (a wrong secret, say) from one source IP within "
+        "10 s after which the tunnel listener ignores it for quic_refusal_penalty seconds "
+        "(ramp_tunnel_bad_packets{reason=penalized}); 0 = never.",
+    )
+    quic_refusal_penalty: float = Field(
+        10.0, gt=0, description="Seconds a source shut out for refused registrations waits."
+    )
 
     dns_listen: str = Field("off", description="DNS listener HOST:PORT (UDP and TCP), or 'off'.")
     dns_upstream: str = Field(

@@ -147,6 +147,8 @@ class Edge:
                 per_source=self.config.quic_handshakes_per_source,
                 timeout=self.config.quic_handshake_timeout,
                 token_lifetime=self.config.quic_retry_token_lifetime,
+                refusals_per_source=self.config.quic_refusals_per_source,
+                refusal_penalty=self.config.quic_refusal_penalty,
             ),
             max_streams_bidi=self.config.max_streams_per_connection,
         )

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from ramp.config import EdgeConfig
 from ramp.testing.lab import (
     EDGE_TUNNEL,
     ORIGIN,
@@ -34,7 +35,8 @@ FLOOD = [sys.executable, "-m", "ramp.testing.quic_flood"]
 FLOOD_RATE = 5000  # Initials per second, each with fresh connection ids
 FLOOD_SECONDS = 8
 MIN_DOWNLOADS = 5
-WRONG_SECRET_REGISTRATIONS = 60
+WRONG_SECRET_REGISTRATIONS = 40
+REFUSALS_BEFORE_PENALTY = EdgeConfig.model_fields["quic_refusals_per_source"].default
 FD_SLACK = 4
 
 
@@ -133,12 +135,18 @@ def test_an_initial_flood_leaves_room_for_connectors_and_users(
     )
 
 
-def test_a_wrong_secret_flood_is_counted_in_full_and_logged_in_part(lab: Lab) -> None:
+def test_a_wrong_secret_flood_is_counted_logged_in_part_and_shut_out(
+    lab: Lab, payload: Payload
+) -> None:
+    """Each refusal is counted, a few are logged; past quic_refusals_per_source the source
+    gets no answer at all for a while, and the connector's live connections carry on."""
     edge = lab.edge
     assert edge is not None
-    refused_before = edge.metrics().value(
-        "ramp_tunnel_registration_failures_total", reason="bad_proof"
-    )
+
+    def refused() -> float:
+        return edge.metrics().value("ramp_tunnel_registration_failures_total", reason="bad_proof")
+
+    refused_before = refused()
     started = time.monotonic()
     flood = lab.start_process(
         "register-flood",
@@ -152,24 +160,34 @@ def test_a_wrong_secret_flood_is_counted_in_full_and_logged_in_part(lab: Lab) ->
             "--count",
             str(WRONG_SECRET_REGISTRATIONS),
             "--concurrency",
-            "4",
+            "8",
+            "--timeout",
+            "3",
         ],
     )
     result = _finish(flood)
     elapsed = time.monotonic() - started
-    assert result == {"refused_bad_proof": WRONG_SECRET_REGISTRATIONS}, flood.tail()
+    refusals, timeouts = result.get("refused_bad_proof", 0), result.get("TimeoutError", 0)
+    assert isinstance(refusals, int) and isinstance(timeouts, int)
+    # the edge answered until the penalty, then nothing (the attempts time out)
+    assert REFUSALS_BEFORE_PENALTY <= refusals < WRONG_SECRET_REGISTRATIONS, result
+    assert refusals + timeouts == WRONG_SECRET_REGISTRATIONS, result
     wait_until(
-        lambda: (
-            edge.metrics().value("ramp_tunnel_registration_failures_total", reason="bad_proof")
-            >= refused_before + WRONG_SECRET_REGISTRATIONS
-        ),
+        lambda: refused() >= refused_before + refusals,
         DEADLINE,
         what="the edge to count every refusal",
     )
-    lines = [ln for ln in edge.stderr().splitlines() if "refused tunnel registration" in ln]
+    assert refused() == refused_before + refusals
+    assert _handshake_events(edge, "source_penalized") == 1
+    assert edge.metrics().value("ramp_tunnel_bad_packets_total", reason="penalized") > 0
+
+    stderr = edge.stderr()
+    lines = [ln for ln in stderr.splitlines() if "refused tunnel registration" in ln]
     # a few lines per source and period, however many refusals
     windows = math.ceil(elapsed / REFUSAL_LOG_PERIOD) + 1
     assert 1 <= len(lines) <= REFUSAL_LOG_BURST * windows, lines
-    assert len(lines) < WRONG_SECRET_REGISTRATIONS
-    # the real connector was never disturbed
-    lab.wait_tunnel_connections("corp", 1)
+    assert len(lines) < refusals
+    assert stderr.count("no new tunnel connections from") == 1
+    # the connector shares the address, but its live connections were never disturbed
+    assert edge.metrics().value("ramp_tunnel_connections", tunnel="corp") == 4
+    assert _download_ok(lab, payload)

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ramp.quic.admission import Admit, Drop, HandshakeLimits, SendRetry, decide
+from ramp.quic.admission import (
+    MAX_TRACKED_SOURCES,
+    REFUSAL_PERIOD,
+    Admit,
+    Drop,
+    HandshakeLimits,
+    Penalties,
+    SendRetry,
+    decide,
+)
 from ramp.quic.retry import MAX_TOKEN, InvalidToken, RetryTokens
 
 ODCID = bytes.fromhex("0011223344556677")
@@ -138,3 +147,36 @@ def test_a_source_over_its_share_must_prove_its_address_then_is_capped() -> None
     assert _decide(held=2) == SendRetry()
     assert _decide(token=b"t", validated=(ODCID, RSCID), held=2) == Drop("source_limit")
     assert _decide(held=2, limits=HandshakeLimits(per_source=0)) == Admit(DCID, None)
+
+
+# -- penalties --------------------------------------------------------------------------------
+
+
+def test_a_source_is_shut_out_after_its_strikes_and_let_back_in_after() -> None:
+    p = Penalties(strikes=3, duration=10.0)
+    assert not p.strike("198.51.100.7", now=0.0)
+    assert not p.strike("198.51.100.7", now=1.0)
+    assert not p.blocked("198.51.100.7", now=1.0)
+    assert p.strike("198.51.100.7", now=2.0)
+    assert p.blocked("198.51.100.7", now=2.0) and p.blocked("198.51.100.7", now=11.9)
+    assert not p.blocked("198.51.100.8", now=3.0)
+    assert not p.blocked("198.51.100.7", now=12.0)
+
+
+def test_strikes_far_apart_earn_no_penalty() -> None:
+    p = Penalties(strikes=2, duration=10.0)
+    assert not p.strike("198.51.100.7", now=0.0)
+    assert not p.strike("198.51.100.7", now=REFUSAL_PERIOD + 1)
+    assert not p.blocked("198.51.100.7", now=REFUSAL_PERIOD + 1)
+    assert not Penalties(strikes=0, duration=10.0).strike("198.51.100.7", now=0.0)
+
+
+def test_many_sources_keep_the_tables_bounded() -> None:
+    p = Penalties(strikes=1, duration=1000.0)
+    for i in range(MAX_TRACKED_SOURCES + 100):
+        p.strike(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now=0.0)
+    assert p.tracked <= MAX_TRACKED_SOURCES
+    p = Penalties(strikes=5, duration=1000.0)
+    for i in range(MAX_TRACKED_SOURCES + 100):
+        p.strike(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now=0.0)
+    assert p.tracked <= MAX_TRACKED_SOURCES

@@ -103,7 +103,8 @@ class EdgeMetrics(FlowMetrics):
         self.tunnel_handshakes = Counter(
             "ramp_tunnel_handshake_events",
             "Tunnel listener handshake admission: retry_sent, handshake_timeout (half-open "
-            "connection dropped), token_invalid_<why>.",
+            "connection dropped), token_invalid_<why>, source_penalized (shut out after "
+            "refused registrations).",
             ["event"],
             registry=self.registry,
         )

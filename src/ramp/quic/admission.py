@@ -10,7 +10,9 @@ fresh connection ids fills it and a real connector cannot register. The rules, i
   counted apart, so a forger using a connector's address cannot use up the connector's share;
   an unvalidated source over its share gets a Retry, a validated one is dropped.
 
-Entries live at most `timeout` seconds (the endpoint enforces it).
+Entries live at most `timeout` seconds (the endpoint enforces it). A source whose
+registrations keep being refused (a wrong secret tried over and over) is not answered at all
+for a while: each of its attempts would cost a full TLS handshake.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class HandshakeLimits:
     per_source: int = 16  # 0 = no per-source share
     timeout: float = 2.0
     token_lifetime: float = 10.0
+    refusals_per_source: int = 20  # refused registrations before the penalty; 0 = none
+    refusal_penalty: float = 10.0  # seconds a penalized source is not answered
 
 
 DEFAULT_LIMITS = HandshakeLimits()
@@ -81,3 +85,55 @@ def decide(
     if validated is not None:
         return Admit(validated[0], validated[1])
     return Admit(dcid, None)
+
+
+REFUSAL_PERIOD = 10.0  # seconds in which `refusals_per_source` refusals earn the penalty
+MAX_TRACKED_SOURCES = 4096
+
+
+class Penalties:
+    """Sources shut out for `duration` seconds after `strikes` strikes within REFUSAL_PERIOD
+    (0 strikes = never). Both tables are bounded: past MAX_TRACKED_SOURCES the strike counts
+    start over and no new penalty is recorded, so memory stays fixed under any number of
+    sources."""
+
+    def __init__(self, strikes: int, duration: float) -> None:
+        self.strikes = strikes
+        self.duration = duration
+        self._counts: dict[str, tuple[float, int]] = {}  # source -> (window start, strikes)
+        self._until: dict[str, float] = {}
+
+    @property
+    def tracked(self) -> int:
+        """Sources remembered (with strikes or a penalty)."""
+        return len(self._counts) + len(self._until)
+
+    def blocked(self, source: str, now: float) -> bool:
+        until = self._until.get(source)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._until[source]
+        return False
+
+    def strike(self, source: str, now: float) -> bool:
+        """Count one strike; True when it earns `source` its penalty now."""
+        if not self.strikes:
+            return False
+        start, n = self._counts.get(source, (now, 0))
+        if now - start >= REFUSAL_PERIOD:
+            start, n = now, 0
+        n += 1
+        if n < self.strikes:
+            if source not in self._counts and len(self._counts) >= MAX_TRACKED_SOURCES:
+                self._counts.clear()
+            self._counts[source] = (start, n)
+            return False
+        self._counts.pop(source, None)
+        if len(self._until) >= MAX_TRACKED_SOURCES:
+            self._until = {s: t for s, t in self._until.items() if t > now}
+            if len(self._until) >= MAX_TRACKED_SOURCES:
+                return False
+        self._until[source] = now + self.duration
+        return True

@@ -23,7 +23,14 @@ from qh3.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_versi
 
 from ramp.net.sockopts import set_buffers
 from ramp.quic import qh3compat
-from ramp.quic.admission import DEFAULT_LIMITS, Drop, HandshakeLimits, SendRetry, decide
+from ramp.quic.admission import (
+    DEFAULT_LIMITS,
+    Drop,
+    HandshakeLimits,
+    Penalties,
+    SendRetry,
+    decide,
+)
 from ramp.quic.retry import InvalidToken, RetryTokens
 from ramp.wire.tunnel import (
     MAX_STREAM_DATAGRAM,
@@ -383,6 +390,7 @@ class TunnelServer(qh3compat.Server):
         self._on_drop = on_drop
         self._on_event = on_event
         self._tokens = RetryTokens(limits.token_lifetime)
+        self._penalties = Penalties(limits.refusals_per_source, limits.refusal_penalty)
         # connection -> (its source share key, its half-open timer)
         self._handshaking: dict[QuicConnectionProtocol, tuple[_SourceKey, asyncio.TimerHandle]]
         self._handshaking = {}
@@ -453,8 +461,11 @@ class TunnelServer(qh3compat.Server):
     def _admit(
         self, version: int, dcid: bytes, scid: bytes, token: bytes, addr: Any
     ) -> QuicConnectionProtocol | None:
-        ip = str(addr[0]).removeprefix("::ffff:")
+        ip = _source(addr)
         now = time.monotonic()
+        if self._penalties.blocked(ip, now):
+            self._on_drop("penalized")
+            return None
         validated = None
         if token:
             try:
@@ -494,6 +505,18 @@ class TunnelServer(qh3compat.Server):
             retry_scid=decision.retry_scid,
         )
 
+    def registration_refused(self, addr: Any) -> None:
+        """A peer at `addr` failed to register: enough of those and its source is shut out."""
+        ip = _source(addr)
+        if self._penalties.strike(ip, time.monotonic()):
+            self._on_event("source_penalized")
+            log.warning(
+                "no new tunnel connections from %s for %.0f s: %d refused registrations",
+                ip,
+                self.limits.refusal_penalty,
+                self.limits.refusals_per_source,
+            )
+
     def _track_handshake(self, key: _SourceKey, protocol: QuicConnectionProtocol) -> None:
         timer = self._timers.call_later(self.limits.timeout, self._half_open, protocol)
         self._handshaking[protocol] = (key, timer)
@@ -529,6 +552,10 @@ class TunnelServer(qh3compat.Server):
 
 
 _SourceKey = tuple[str, bool]  # (source IP, whether a Retry token proved it)
+
+
+def _source(addr: Any) -> str:
+    return str(addr[0]).removeprefix("::ffff:")
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:

@@ -108,8 +108,11 @@ def _read_answers(sock: socket.socket, answers: dict[str, int]) -> None:
         answers[kind] = answers.get(kind, 0) + 1
 
 
-async def flood_registrations(token: Token, count: int, concurrency: int = 4) -> dict[str, int]:
-    """Register `count` times with `token` (a wrong secret, say), `concurrency` at once."""
+async def flood_registrations(
+    token: Token, count: int, concurrency: int = 4, timeout: float = 10.0
+) -> dict[str, int]:
+    """Register `count` times with `token` (a wrong secret, say), `concurrency` at once, each
+    attempt given up after `timeout` seconds."""
     outcomes: dict[str, int] = {}
     host, port = parse_hostport(token.edges[0])
     client = TunnelClient(
@@ -132,7 +135,8 @@ async def flood_registrations(token: Token, count: int, concurrency: int = 4) ->
     async def worker() -> None:
         for i in todo:
             try:
-                conn = await client._connect(host, port, i)
+                async with asyncio.timeout(timeout):
+                    conn = await client._connect(host, port, i)
             except RegistrationRefused as e:
                 outcome = f"refused_{e.code.name.lower()}"
             except (OSError, ConnectionError, TimeoutError) as e:
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     register.add_argument("--wrong-secret", action="store_true", help="replace its secret")
     register.add_argument("--count", type=int, default=100)
     register.add_argument("--concurrency", type=int, default=4)
+    register.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
     args = parser.parse_args(argv)
     if args.what == "initials":
         stopped: list[int] = []
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         token = Token.decode(args.token)
         if args.wrong_secret:
             token = dataclasses.replace(token, secret=os.urandom(len(token.secret)))
-        result = asyncio.run(flood_registrations(token, args.count, args.concurrency))
+        result = asyncio.run(flood_registrations(token, args.count, args.concurrency, args.timeout))
     print(json.dumps(result), flush=True)
     return 0
 

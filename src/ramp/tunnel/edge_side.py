@@ -209,6 +209,8 @@ class TunnelEdge:
 
     def refused(self, conn: EdgeConnection, reason: str, message: str) -> None:
         self._on_refused(reason, conn.peer, message)
+        if self.server is not None and conn.peer_addr:
+            self.server.registration_refused(conn.peer_addr)
         source = conn.peer_addr[0] if conn.peer_addr else "?"
         if self._refusal_log.allow(source) and self._refusal_log_all.allow(None):
             left_out = self._refusal_log.suppressed + self._refusal_log_all.suppressed
