@@ -75,15 +75,14 @@ _GOOD = _TOKENS.issue("2001:db8::7", ODCID, RSCID, now=0.0)
 @given(
     st.one_of(
         st.binary(max_size=200),
+        # a real token with one byte changed, cut short or lengthened
         st.builds(
-            lambda cut, flip, extra: (
-                _GOOD[:cut]
-                + bytes([_GOOD[cut] ^ flip]) * (cut < len(_GOOD))
-                + _GOOD[cut + 1 :]
-                + extra
+            lambda at, flip, keep, extra: (
+                (_GOOD[:at] + bytes([_GOOD[at] ^ flip]) + _GOOD[at + 1 :])[:keep] + extra
             ),
+            st.integers(0, len(_GOOD) - 1),
+            st.integers(0, 255),
             st.integers(0, len(_GOOD)),
-            st.integers(1, 255),
             st.binary(max_size=8),
         ),
     ),
