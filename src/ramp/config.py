@@ -29,6 +29,7 @@ from ramp.config_lines import (
     read_yaml_file,
 )
 from ramp.onramps.registry import OnRampOptions, parse_entry
+from ramp.quic.admission import DEFAULT_LIMITS
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -186,41 +187,45 @@ class EdgeConfig(_Base):
     )
     # the tunnel listener's handshake table (ramp.quic.admission)
     quic_max_handshakes: int = Field(
-        256,
+        DEFAULT_LIMITS.max_handshakes,
         ge=1,
         description="QUIC handshakes the tunnel listener runs at once; past it new "
         "connections are dropped (ramp_tunnel_bad_packets{reason=handshake_limit}).",
     )
     quic_retry_threshold: int = Field(
-        128,
+        DEFAULT_LIMITS.retry_threshold,
         ge=0,
         description="Handshakes in progress past which a new connector must prove its "
         "address with a QUIC Retry first; 0 = always.",
     )
     quic_handshakes_per_source: int = Field(
-        16,
+        DEFAULT_LIMITS.per_source,
         ge=0,
         description="QUIC handshakes one source IP may have in progress; past it its new "
         "connections are dropped (reason=source_limit); 0 = no limit.",
     )
     quic_handshake_timeout: float = Field(
-        2.0,
+        DEFAULT_LIMITS.timeout,
         gt=0,
         description="Seconds a QUIC handshake may take on the tunnel listener before the "
         "half-open connection is dropped without a reply.",
     )
     quic_retry_token_lifetime: float = Field(
-        10.0, gt=0, description="Seconds a QUIC Retry token stays valid."
+        DEFAULT_LIMITS.token_lifetime,
+        gt=0,
+        description="Seconds a QUIC Retry token stays valid.",
     )
     quic_refusals_per_source: int = Field(
-        20,
+        DEFAULT_LIMITS.refusals_per_source,
         ge=0,
         description="Refused registrations (a wrong secret, say) from one source IP within "
         "10 s after which the tunnel listener ignores it for quic_refusal_penalty seconds "
         "(ramp_tunnel_bad_packets{reason=penalized}); 0 = never.",
     )
     quic_refusal_penalty: float = Field(
-        10.0, gt=0, description="Seconds a source shut out for refused registrations waits."
+        DEFAULT_LIMITS.refusal_penalty,
+        gt=0,
+        description="Seconds a source shut out for refused registrations waits.",
     )
 
     dns_listen: str = Field("off", description="DNS listener HOST:PORT (UDP and TCP), or 'off'.")

@@ -86,6 +86,8 @@ OUTRO = """\
 |---|---|---|
 | QUIC idle timeout (tunnel connection declared dead) | 5 s | `quic_idle_timeout`, both roles |
 | QUIC PING when nothing was received for | 1 s | `keepalive_interval`, connector |
+| QUIC handshake on the tunnel listener (half-open connection dropped) | 2 s | `quic_handshake_timeout`, edge |
+| QUIC Retry token valid for | 10 s | `quic_retry_token_lifetime`, edge |
 | registration must arrive within | 10 s | fixed |
 | connector dial to an origin | 10 s | `connect_timeout`, connector |
 | edge waits for a flow's outbound leg | 15 s | `connect_timeout`, edge |
