@@ -31,7 +31,7 @@ from ramp.wire.tunnel import (
 
 log = logging.getLogger("ramp.edge.tunnel")
 
-REFUSAL_LOG_BURST = 5  # log lines about refused registrations, per source and period
+REFUSAL_LOG_BURST = 5  # log lines about refused registrations, per source, reason and period
 REFUSAL_LOG_PERIOD = 10.0
 
 
@@ -174,7 +174,8 @@ class TunnelEdge:
         self.limits = limits
         self._on_handshake_event = on_handshake_event
         # a client retrying a wrong secret as fast as it can must not flood the log: a few
-        # lines per source, and a few in all for many sources (the counter counts every one)
+        # lines per source and reason, and a few in all for many sources (the counter counts
+        # every one)
         self._refusal_log = LogLimiter(burst=REFUSAL_LOG_BURST, period=REFUSAL_LOG_PERIOD)
         self._refusal_log_all = LogLimiter(burst=4 * REFUSAL_LOG_BURST, period=REFUSAL_LOG_PERIOD)
         self.check = check
@@ -212,7 +213,7 @@ class TunnelEdge:
         if self.server is not None and conn.peer_addr:
             self.server.registration_refused(conn.peer_addr)
         source = conn.peer_addr[0] if conn.peer_addr else "?"
-        if self._refusal_log.allow(source) and self._refusal_log_all.allow(None):
+        if self._refusal_log.allow((source, reason)) and self._refusal_log_all.allow(None):
             left_out = self._refusal_log.suppressed + self._refusal_log_all.suppressed
             log.warning(
                 "refused tunnel registration from %s: %s (%s)%s",
