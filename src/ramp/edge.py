@@ -154,6 +154,9 @@ class Edge:
         )
         host, port = parse_hostport(self.config.tunnel_listen)
         await self.tunnels.start(host, port)
+        listener = self.tunnels.server
+        assert listener is not None
+        self.metrics.tunnel_handshaking.set_function(lambda: listener.handshaking)
         m = self.metrics
         self.sessions = EdgeSessions(
             self.tunnels,

@@ -38,6 +38,8 @@ MIN_DOWNLOADS = 5
 WRONG_SECRET_REGISTRATIONS = 40
 REFUSALS_BEFORE_PENALTY = EdgeConfig.model_fields["quic_refusals_per_source"].default
 FD_SLACK = 4
+# the flood's share of unproved handshakes plus the new connector's four
+MAX_HELD = EdgeConfig.model_fields["quic_handshakes_per_source"].default + 4
 
 
 def _fds(proc: LabProcess) -> int:
@@ -106,11 +108,12 @@ def test_an_initial_flood_leaves_room_for_connectors_and_users(
         second = lab.start_connector(lab.tokens["corp"], "--connect-timeout", "2")
         lab.wait_tunnel_connections("corp", int(connections_before) + 4)
         assert flood.alive(), "the flood ended before the connector registered: no proof"
-        # users download all along the flood
+        # users download all along the flood, and the flood never holds more than its share
         downloads = 0
         while flood.alive() or downloads < MIN_DOWNLOADS:
             assert _download_ok(lab, payload), lab.log_tails(20)
             downloads += 1
+            assert edge.metrics().value("ramp_tunnel_handshakes_active") <= MAX_HELD
     finally:
         if flood.alive():
             flood.signal(signal.SIGTERM)

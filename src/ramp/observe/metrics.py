@@ -100,6 +100,11 @@ class EdgeMetrics(FlowMetrics):
             ["reason"],
             registry=self.registry,
         )
+        self.tunnel_handshaking = Gauge(
+            "ramp_tunnel_handshakes_active",
+            "QUIC handshakes in progress on the tunnel listener.",
+            registry=self.registry,
+        )
         self.tunnel_handshakes = Counter(
             "ramp_tunnel_handshake_events",
             "Tunnel listener handshake admission: retry_sent, handshake_timeout (half-open "
