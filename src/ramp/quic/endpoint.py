@@ -371,6 +371,13 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         self.mark_closed()
 
 
+_SourceKey = tuple[str, bool]  # (source IP, whether a Retry token proved it)
+
+
+def _source(addr: Any) -> str:
+    return str(addr[0]).removeprefix("::ffff:")
+
+
 class TunnelServer(qh3compat.Server):
     """qh3's server with datagram batching per connection, counters for dropped packets, and
     the handshake admission rules of ramp.quic.admission."""
@@ -395,7 +402,6 @@ class TunnelServer(qh3compat.Server):
         self._handshaking: dict[QuicConnectionProtocol, tuple[_SourceKey, asyncio.TimerHandle]]
         self._handshaking = {}
         self._held: dict[_SourceKey, int] = {}
-        self._timers = asyncio.get_running_loop()
 
     @property
     def handshaking(self) -> int:
@@ -518,7 +524,8 @@ class TunnelServer(qh3compat.Server):
             )
 
     def _track_handshake(self, key: _SourceKey, protocol: QuicConnectionProtocol) -> None:
-        timer = self._timers.call_later(self.limits.timeout, self._half_open, protocol)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.limits.timeout, self._half_open, protocol)
         self._handshaking[protocol] = (key, timer)
         self._held[key] = self._held.get(key, 0) + 1
         if isinstance(protocol, TunnelConnection):
@@ -549,13 +556,6 @@ class TunnelServer(qh3compat.Server):
 
     def connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         self._handshake_over(protocol)
-
-
-_SourceKey = tuple[str, bool]  # (source IP, whether a Retry token proved it)
-
-
-def _source(addr: Any) -> str:
-    return str(addr[0]).removeprefix("::ffff:")
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
