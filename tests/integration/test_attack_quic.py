@@ -33,7 +33,7 @@ from ramp.tunnel.edge_side import REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD
 ATTACKER = "192.0.2.66"  # a second address in the private network, on the edge's side
 FLOOD = [sys.executable, "-m", "ramp.testing.quic_flood"]
 FLOOD_RATE = 5000  # Initials per second, each with fresh connection ids
-FLOOD_SECONDS = 8
+FLOOD_SECONDS = 10
 MIN_DOWNLOADS = 5
 WRONG_SECRET_REGISTRATIONS = 40
 REFUSALS_BEFORE_PENALTY = EdgeConfig.model_fields["quic_refusals_per_source"].default
@@ -181,7 +181,8 @@ def test_a_wrong_secret_flood_is_counted_logged_in_part_and_shut_out(
         what="the edge to count every refusal",
     )
     assert refused() == refused_before + refusals
-    assert _handshake_events(edge, "source_penalized") == 1
+    penalties = _handshake_events(edge, "source_penalized")
+    assert penalties >= 1
     assert edge.metrics().value("ramp_tunnel_bad_packets_total", reason="penalized") > 0
 
     stderr = edge.stderr()
@@ -190,7 +191,7 @@ def test_a_wrong_secret_flood_is_counted_logged_in_part_and_shut_out(
     windows = math.ceil(elapsed / REFUSAL_LOG_PERIOD) + 1
     assert 1 <= len(lines) <= REFUSAL_LOG_BURST * windows, lines
     assert len(lines) < refusals
-    assert stderr.count("no new tunnel connections from") == 1
+    assert stderr.count("no new tunnel connections from") == penalties
     # the connector shares the address, but its live connections were never disturbed
     assert edge.metrics().value("ramp_tunnel_connections", tunnel="corp") == 4
     assert _download_ok(lab, payload)
