@@ -202,6 +202,44 @@ class EdgeConfig(_Base):
     max_udp_sessions: int = Field(
         4096, gt=0, description="Concurrent UDP sessions; past it new ones are refused."
     )
+    # Fair shares of UDP and the expiry of what nobody uses (issue 12)
+    max_udp_sessions_per_source: int = Field(
+        512,
+        ge=0,
+        description="UDP sessions one client address may hold; past it a datagram to a new "
+        "destination is dropped (ramp_udp_sessions_refused{reason=source_share}); 0 = no share.",
+    )
+    max_udp_sessions_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="UDP sessions one authenticated user may hold, over all its addresses "
+        "(ramp_udp_sessions_refused{reason=identity_share}); 0 = no share.",
+    )
+    udp_unreplied_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a UDP session the origin never answered may stay idle (like "
+        "conntrack's unreplied entries); answered ones keep udp_idle_timeout.",
+    )
+    max_udp_associations_per_source: int = Field(
+        256,
+        ge=0,
+        description="SOCKS5 UDP associations one client address may hold; past it UDP "
+        "ASSOCIATE gets reply 0x01 (general failure) and "
+        "ramp_udp_associations_refused{reason=source_share} counts it; 0 = no share.",
+    )
+    max_udp_associations_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="SOCKS5 UDP associations one authenticated user may hold, over all its "
+        "addresses (reason=identity_share); 0 = no share.",
+    )
+    udp_association_idle_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a SOCKS5 UDP association may carry no datagram (either way) "
+        "before it is closed with its control connection (ramp_udp_associations_expired).",
+    )
 
     onramps: list[Annotated[OnRampOptions, BeforeValidator(_onramp_entry)]] = Field(
         default_factory=list,
@@ -317,6 +355,27 @@ class ConnectorConfig(_Base):
     )
     udp_idle_timeout: float = Field(
         210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
+    )
+    # Fair shares of UDP sessions, keyed by the client address and identity the edge reports
+    # with each session (issue 12)
+    max_udp_sessions_per_source: int = Field(
+        512,
+        ge=0,
+        description="UDP sessions one client address (as the edge reports it, per edge) may "
+        "hold; past it the session is refused (ramp_udp_sessions_refused{reason=source_share}); "
+        "0 = no share.",
+    )
+    max_udp_sessions_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="UDP sessions one authenticated user (as the edge reports it, per edge) "
+        "may hold (reason=identity_share); 0 = no share.",
+    )
+    udp_unreplied_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a UDP session the origin never answered may stay idle (like "
+        "conntrack's unreplied entries); answered ones keep udp_idle_timeout.",
     )
     dns_resolver: str = Field(
         "",

@@ -149,6 +149,11 @@ class Connector:
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
             metrics_active=m.udp_sessions_active.set,
             bad_input=self._bad_datagram,
+            unreplied_timeout=self.config.udp_unreplied_timeout,
+            per_source=self.config.max_udp_sessions_per_source,
+            per_identity=self.config.max_udp_sessions_per_identity,
+            metrics_refused=m.udp_session_refused,
+            metrics_expired=m.udp_session_expired,
         )
         if self.resolver.address is None:
             log.warning("no DNS resolver (no --dns-resolver, none in /etc/resolv.conf)")

@@ -152,6 +152,11 @@ class Edge:
             metrics_datagram=m.count_datagram,
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
             on_bad_input=lambda reason: self.bad_input("tunnel", "malformed_datagram"),
+            unreplied_timeout=self.config.udp_unreplied_timeout,
+            per_source=self.config.max_udp_sessions_per_source,
+            per_identity=self.config.max_udp_sessions_per_identity,
+            metrics_refused=m.udp_session_refused,
+            metrics_expired=m.udp_session_expired,
         )
         self.tunnels.sessions = self.sessions
         timeout = self.config.connect_timeout
