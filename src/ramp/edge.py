@@ -26,6 +26,7 @@ from ramp.offramps.direct import DirectOffRamp
 from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
+from ramp.onramps.socks5_udp import AssociationLimits
 from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_hooks
 from ramp.policy.pipeline import FlowPipeline
@@ -175,7 +176,7 @@ class Edge:
             self.metrics.flows_rejected.labels("direct_egress_denied").inc,
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
-        ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome)
+        ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome, self._udp_associations())
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
@@ -201,6 +202,17 @@ class Edge:
             await self.status.close()
         self.store.close()
         self.audit.close()
+
+    def _udp_associations(self) -> AssociationLimits:
+        m, c = self.metrics, self.config
+        return AssociationLimits(
+            c.max_udp_associations_per_source,
+            c.max_udp_associations_per_identity,
+            c.udp_association_idle_timeout,
+            on_refused=lambda reason: m.udp_associations_refused.labels(reason).inc(),
+            on_expired=m.udp_associations_expired.inc,
+            on_active=m.udp_associations_active.set,
+        )
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         assert self.tunnels is not None
