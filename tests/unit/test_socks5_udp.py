@@ -722,3 +722,25 @@ def test_idle_association_is_closed_with_its_control_connection() -> None:
         assert expired == [True]
 
     run(main)
+
+
+def test_association_share_per_identity_spans_connections_of_that_user() -> None:
+    async def main() -> None:
+        opener = UdpOpener()
+        refused: list[str] = []
+        async with serving(opener, users={"alice": "a-pw", "bob": "b-pw"}) as server:
+            server.associations = AssociationLimits(per_identity=1, on_refused=refused.append)
+
+            def client() -> None:
+                with control(server.port) as a, udp_socket() as u:
+                    relay = socks5_udp_associate(a, user="alice", password="a-pw")
+                    with control(server.port) as b, pytest.raises(ProxyError, match="0x1"):
+                        socks5_udp_associate(b, user="alice", password="a-pw")
+                    with control(server.port) as c:
+                        socks5_udp_associate(c, user="bob", password="b-pw")
+                    echo(u, relay, "192.0.2.7", 7, b"alice still relays")
+
+            await asyncio.to_thread(client)
+        assert refused == ["identity_share"]
+
+    run(main)

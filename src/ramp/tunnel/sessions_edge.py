@@ -36,6 +36,7 @@ from ramp.wire.tunnel import (
 
 log = logging.getLogger("ramp.edge.udp")
 
+INTERNAL_SOURCE = "edge"  # the source address of flows the edge opens itself (dns_edge.py)
 PENDING_LIMIT = 64  # datagrams held per session while it (re)registers
 MIGRATE_TIMEOUT = 5.0
 
@@ -46,7 +47,7 @@ class UdpSessionBase:
 
     conn: EdgeLink | None = None
     replied = False  # the origin answered at least once: the long idle timeout applies
-    shares_held: tuple[str, str | None] | None = None  # (source, identity) it counts against
+    shares_held: tuple[str | None, str | None] | None = None  # the (source, identity) it counts on
 
     def __init__(
         self,
@@ -249,7 +250,8 @@ class EdgeSessions:
     def _take_share(self, session: UdpSessionBase) -> None:
         """Count `session` against its client's shares, or refuse it (FlowError)."""
         flow = session.flow
-        keys = (flow.source[0], flow.user)
+        # the edge's own sessions (its DNS client, one per tunnel) have no client to share with
+        keys = (None if flow.source[0] == INTERNAL_SOURCE else flow.source[0], flow.user)
         refused = self.shares.try_take(*keys)
         if refused is not None:
             self._metrics_refused(refused)
