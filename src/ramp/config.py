@@ -169,7 +169,40 @@ class EdgeConfig(_Base):
         10.0, gt=0, description="Seconds a proxy client has to finish its request."
     )
     max_flows: int = Field(
-        10000, gt=0, description="Concurrent flows; past it new requests get an error."
+        10000,
+        gt=0,
+        description="Concurrent flows; past it new requests get an error. Lowered at start "
+        "when the descriptor limit (RLIMIT_NOFILE, raised to its hard limit) cannot hold them.",
+    )
+    # fair shares: one client cannot take what the limits above guard from everyone else
+    max_flows_per_source: int = Field(
+        2500,
+        ge=0,
+        description="Concurrent flows one client address may hold; past it its new requests "
+        "get 'busy' (SOCKS5 0x01, HTTP 503 connection_limit_reached); 0 = no share.",
+    )
+    max_flows_per_identity: int = Field(
+        5000, ge=0, description="Concurrent flows one authenticated user may hold; 0 = no share."
+    )
+    max_opening_flows_per_source: int = Field(
+        256,
+        ge=0,
+        description="Flows one client address may have opening at once (resolving, waiting "
+        "for a stream slot or for the origin to answer); 0 = no share.",
+    )
+    max_opening_flows_per_identity: int = Field(
+        512, ge=0, description="Flows one authenticated user may have opening; 0 = no share."
+    )
+    max_handshakes: int = Field(
+        1024,
+        gt=0,
+        description="Proxy connections per on-ramp still in their handshake (SOCKS5 greeting, "
+        "HTTP request head); past it new connections are closed at once.",
+    )
+    max_handshakes_per_source: int = Field(
+        128,
+        ge=0,
+        description="Of those, how many one client address may hold; 0 = no share.",
     )
     users: dict[str, str] = Field(
         default_factory=dict,

@@ -28,6 +28,7 @@ REP_FOR_RESULT: dict[FlowResult, Rep] = {
     FlowResult.ERROR: Rep.GENERAL_FAILURE,
     FlowResult.RESET: Rep.GENERAL_FAILURE,
     FlowResult.BAD_DESTINATION: Rep.HOST_UNREACHABLE,
+    FlowResult.BUSY: Rep.GENERAL_FAILURE,
 }
 
 
@@ -121,7 +122,7 @@ class Socks5Server(TcpOnRamp):
 
 
 def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
-    return Socks5Server(ctx.config, ctx.opener, options)
+    return Socks5Server(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
 
 
 register("socks5", OnRampOptions, _build, "SOCKS5 proxy (RFC 1928): CONNECT and UDP ASSOCIATE")
