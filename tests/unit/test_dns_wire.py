@@ -49,6 +49,7 @@ REJECTIONS = {
     ("formerr", "malformed"): True,
     ("notimp", None): True,
     ("formerr", "question_count"): True,
+    ("badvers", None): True,  # a mutated OPT record with an EDNS version we do not speak
 }
 
 
