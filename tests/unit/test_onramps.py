@@ -404,8 +404,10 @@ def test_socks5_max_flows() -> None:
 def test_one_address_holds_only_its_share_of_handshake_slots() -> None:
     async def main() -> None:
         opener = FakeOpener()
-        async with serving(Socks5Server, opener, max_handshakes_per_source=2) as server:
-            # two clients from 127.0.0.1 that never finish their greeting
+        config = {"max_handshakes": 4, "max_handshakes_per_source": 1}
+        async with serving(Socks5Server, opener, **config) as server:
+            # clients from 127.0.0.1 that never finish their greeting: the first two get in
+            # (the slots are not half taken yet), then the share binds
             slow = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
             while server.handshakes < 2:
                 await asyncio.sleep(0.01)
@@ -418,7 +420,13 @@ def test_one_address_holds_only_its_share_of_handshake_slots() -> None:
             _, w, rep = await socks_open(server.port, "192.0.2.1", 80, source="127.0.0.2")
             assert rep == Rep.SUCCEEDED
             w.close()
-            for _, sw in slow:  # the slow ones leave: their address may handshake again
+            # the others' half is theirs: a second address fills it
+            other = await asyncio.open_connection(
+                "127.0.0.1", server.port, local_addr=("127.0.0.3", 0)
+            )
+            while server.handshakes < 3:
+                await asyncio.sleep(0.01)
+            for _, sw in [*slow, other]:  # the slow ones leave: their address may come back
                 sw.close()
             while server.handshakes:
                 await asyncio.sleep(0.01)

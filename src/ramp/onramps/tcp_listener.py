@@ -161,7 +161,10 @@ class TcpOnRamp:
             conn.close()
             self.opener.bad_input(self.onramp, "too_many_handshakes", peer)
             return
-        if not self.handshake_sources.try_take(peer[0]):
+        # shares bind once half the slots are taken: a burst from one address (a browser, an
+        # office behind NAT) may use the idle half; a flood cannot take the other
+        pressed = self.handshakes >= self.config.max_handshakes // 2
+        if not self.handshake_sources.try_take(peer[0], enforce=pressed):
             conn.close()
             self.opener.bad_input(self.onramp, "too_many_handshakes_from_source", peer)
             return
