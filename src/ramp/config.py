@@ -113,6 +113,21 @@ class _Base(BaseModel):
         5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
 
+    # both roles resolve destination names the same way (net.resolve), bounded alike
+    resolve_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to wait for the A and AAAA answers of a destination name "
+        "(resolved with /etc/hosts and DNS, never getaddrinfo); the connector asks its "
+        "--dns-resolver.",
+    )
+    resolve_max_concurrent: int = Field(
+        64,
+        ge=1,
+        description="Name lookups kept in flight; past it a flow to a name fails at once (host "
+        "unreachable, 'resolver busy') and ramp_flows_rejected{reason=resolver_busy} counts it.",
+    )
+
 
 def _onramp_entry(entry: Any) -> OnRampOptions:
     parsed = parse_entry(entry)
@@ -263,20 +278,6 @@ class EdgeConfig(_Base):
         description="Seconds an async hook may take before it fails closed (hook_error); "
         "sync hooks slower than this are logged and counted.",
     )
-    resolve_timeout: float = Field(
-        5.0,
-        gt=0,
-        description="Seconds the edge waits for the A and AAAA answers of a destination name "
-        "(resolved with /etc/hosts and the nameservers of /etc/resolv.conf, never getaddrinfo).",
-    )
-    resolve_max_concurrent: int = Field(
-        64,
-        ge=1,
-        description="Name lookups the edge keeps in flight; past it a flow to a name fails at "
-        "once (host unreachable, 'resolver busy') and ramp_flows_rejected{reason=resolver_busy} "
-        "counts it.",
-    )
-
     max_streams_per_connection: int = Field(
         10000,
         ge=1,

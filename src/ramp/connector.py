@@ -65,7 +65,12 @@ class Connector:
             ).inc(),
             max_streams_bidi=config.max_streams_per_connection,
         )
-        self.resolver = Resolver(config.dns_resolver)
+        self.resolver = Resolver(
+            config.dns_resolver,
+            config.resolve_timeout,
+            config.resolve_max_concurrent,
+            on_busy=self.metrics.flows_rejected.labels("resolver_busy").inc,
+        )
         self.client.resolver = self.resolver
         self.status: Any = None
         self.audit = AuditLog(
