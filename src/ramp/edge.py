@@ -12,6 +12,7 @@ import dns.exception
 import dns.message
 
 from ramp.config import ConfigError, EdgeConfig, parse_hostport
+from ramp.fdbudget import apply_budget, limits_in_force
 from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
@@ -64,11 +65,15 @@ class Edge:
         self.status: Any = None
         self._poller: asyncio.Task[None] | None = None
         m = self.metrics
+        for key, value in limits_in_force(config).items():
+            m.limits.labels(key).set(value)
         self.table = FlowTable(
             config.max_flows,
             reporters=[self._report],
             on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
             on_count=m.flows_active.set,
+            per_source=config.max_flows_per_source,
+            per_identity=config.max_flows_per_identity,
         )
         self.policy = PolicyHook()
         self.hooks = self._make_hooks(load_hooks(hook_specs(config)))
@@ -102,6 +107,9 @@ class Edge:
             on_setup=m.flow_setup.observe,
             on_revoked=m.flows_revoked.inc,
             on_open=self._opened,
+            on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+            opening_per_source=config.max_opening_flows_per_source,
+            opening_per_identity=config.max_opening_flows_per_identity,
         )
         self._groups = _invert_groups(config.groups)
 
@@ -176,7 +184,13 @@ class Edge:
             self.metrics.flows_rejected.labels("direct_egress_denied").inc,
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
-        ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome, self._udp_associations())
+        ctx = OnRampContext(
+            self.config,
+            self.pipeline,
+            self._dns_outcome,
+            accept_error=lambda onramp, what: self.metrics.accept_errors.labels(onramp, what).inc(),
+            udp_associations=self._udp_associations(),
+        )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
@@ -516,6 +530,8 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
     from ramp.runtime import run_until_signal
 
     queue: asyncio.Queue[Callable[[], EdgeConfig]] | None = None
+
+    apply_budget(config)
 
     async def main(stop: asyncio.Event) -> int:
         nonlocal queue

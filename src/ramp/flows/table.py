@@ -1,6 +1,8 @@
 """The flow table: owns every flow of a role from accept to end.
 
-Admission is bounded (past the limit a flow gets a clear error and a counter moves), and the end
+Admission is bounded (past the limit a flow gets a clear error and a counter moves), each source
+address and each identity may hold only its share of the table (so one client cannot fill it
+for everyone), and the end
 of every flow, whatever kind and however it ends, is reported from here and only here: the
 reporters (metrics, the audit log, `flow_end` hooks) see each flow exactly once.
 """
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ramp.flows.flow import Flow, FlowError, FlowResult, FlowState
+from ramp.flows.shares import Shares
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +28,14 @@ class FlowTable:
         reporters: list[Reporter] | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_count: Callable[[int], None] | None = None,
+        *,
+        per_source: int = 0,
+        per_identity: int = 0,
     ) -> None:
         self.limit = limit
+        # 0 = no share (the connector's table: its flows all come from the edge)
+        self.sources: Shares[str] = Shares(per_source)
+        self.identities: Shares[str] = Shares(per_identity)
         self.reporters: list[Reporter] = list(reporters or ())
         self._on_reject = on_reject
         self._on_count = on_count
@@ -46,19 +55,26 @@ class FlowTable:
         return self._flows.get(flow_id)
 
     def admit(self, flow: Flow) -> None:
-        """Take `flow` into the table, or refuse it (FlowError) when the table is full.
-
-        A refused flow is reported like any other: the client sees an error, the audit and
-        metrics see the flow and why it never started."""
+        """Take `flow` into the table, or refuse it (FlowError) when the table is full or its
+        source or identity holds its whole share."""
         if flow.id in self._flows:
             return
         if len(self._flows) >= self.limit:
-            if self._on_reject is not None:
-                self._on_reject("flow_table_full")
-            error = FlowError(FlowResult.ERROR, f"at the limit of {self.limit} concurrent flows")
-            flow.fail(error.result, error.reason)
-            self._report(flow)
-            raise error
+            self._refuse(flow, "flow_table_full", f"at the limit of {self.limit} concurrent flows")
+        source, user = flow.source[0], flow.user
+        if not self.sources.try_take(source):
+            self._refuse(
+                flow,
+                "source_share",
+                f"{source} already has {self.sources.limit} flows open (its share of the edge)",
+            )
+        if user is not None and not self.identities.try_take(user):
+            self.sources.release(source)
+            self._refuse(
+                flow,
+                "identity_share",
+                f"{user} already has {self.identities.limit} flows open (its share of the edge)",
+            )
         self._flows[flow.id] = flow
         if self._on_count is not None:
             self._on_count(len(self._flows))
@@ -67,9 +83,23 @@ class FlowTable:
         """Report `flow` as finished, once; later calls for the same flow do nothing."""
         if flow.state is FlowState.ENDED:
             return
-        if self._flows.pop(flow.id, None) is not None and self._on_count is not None:
-            self._on_count(len(self._flows))
+        if self._flows.pop(flow.id, None) is not None:
+            self.sources.release(flow.source[0])
+            if flow.user is not None:
+                self.identities.release(flow.user)
+            if self._on_count is not None:
+                self._on_count(len(self._flows))
         self._report(flow)
+
+    def _refuse(self, flow: Flow, reason: str, message: str) -> None:
+        """Refuse `flow` (FlowError, BUSY): reported like any other, so the audit and metrics
+        see the flow and why it never started."""
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        error = FlowError(FlowResult.BUSY, message)
+        flow.fail(error.result, error.reason)
+        self._report(flow)
+        raise error
 
     def _report(self, flow: Flow) -> None:
         flow.state = FlowState.ENDED

@@ -42,6 +42,18 @@ class FlowMetrics:
             ["onramp", "reason"],
             registry=registry,
         )
+        self.accept_errors = Counter(
+            "ramp_accept_errors",
+            "Failed accept(2) calls by listener and errno (EMFILE: out of descriptors).",
+            ["onramp", "error"],
+            registry=registry,
+        )
+        self.limits = Gauge(
+            "ramp_limit",
+            "Limits in force, after sizing them to the descriptor limit (RLIMIT_NOFILE).",
+            ["limit"],
+            registry=registry,
+        )
         self.udp_sessions_active = Gauge(
             "ramp_udp_sessions_active", "UDP sessions open now.", registry=registry
         )

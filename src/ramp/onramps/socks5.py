@@ -28,6 +28,7 @@ REP_FOR_RESULT: dict[FlowResult, Rep] = {
     FlowResult.ERROR: Rep.GENERAL_FAILURE,
     FlowResult.RESET: Rep.GENERAL_FAILURE,
     FlowResult.BAD_DESTINATION: Rep.HOST_UNREACHABLE,
+    FlowResult.BUSY: Rep.GENERAL_FAILURE,
 }
 
 
@@ -155,7 +156,7 @@ class Socks5Server(TcpOnRamp):
 
 
 def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
-    server = Socks5Server(ctx.config, ctx.opener, options)
+    server = Socks5Server(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
     server.associations = ctx.udp_associations
     return server
 
