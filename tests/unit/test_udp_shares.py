@@ -17,6 +17,7 @@ from ramp.flows.flow import Destination, Flow, FlowError, Identity
 from ramp.observe.metrics import FlowMetrics
 from ramp.testing.loopback import run, tunnel, udp_echo_origin
 from ramp.testing.wait import until
+from ramp.tunnel.sessions_connector import share_keys
 
 
 def udp_flow(port: int, source: str = "127.0.0.1", user: str | None = None) -> Flow:
@@ -154,3 +155,14 @@ def test_unreplied_sessions_expire_and_answered_ones_stay(tmp_path: Path, side: 
         transport.close()
 
     run(main())
+
+
+def test_connector_share_keys_come_from_the_register_metadata() -> None:
+    meta = {"src": "2001:db8::7:40000", "identity": "alice", "onramp": "socks5-udp"}
+    assert share_keys("edge-1", meta) == (("edge-1", "2001:db8::7"), ("edge-1", "alice"))
+    assert share_keys("edge-2", {"src": "203.0.113.2:5353"}) == (
+        ("edge-2", "203.0.113.2"),
+        None,
+    )
+    # an edge that says nothing of the source gets no per-source share here
+    assert share_keys("edge-1", {}) == (None, None)
