@@ -917,11 +917,18 @@ UseDNS no
             *extra,
         ]
 
-    def start_edge(self, *extra: str, wait: bool = True, timeout: float = 30.0) -> LabProcess:
-        """Start `ramp edge` in E; with `wait`, return once all its listeners are bound."""
+    def start_edge(
+        self,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 30.0,
+        wrapper: Sequence[str] = (),
+    ) -> LabProcess:
+        """Start `ramp edge` in E; with `wait`, return once all its listeners are bound.
+        `wrapper` is a command that execs the edge, e.g. `prlimit --nofile=1024:1024`."""
         if self.edge is not None and self.edge.alive():
             raise LabError("an edge is already running; stop it first")
-        args = self.edge_command(*extra)
+        args = [*wrapper, *self.edge_command(*extra)]
         self._edge_args = list(extra)
         edge = self.start_process(
             "edge", self.edge_ns, args, metrics_addr=(EDGE_PUBLIC_ADDR, EDGE_METRICS_PORT)
