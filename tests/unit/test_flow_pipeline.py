@@ -214,7 +214,7 @@ def test_one_source_or_user_holds_only_its_share_of_the_table() -> None:
         assert rejected == ["source_share", "identity_share"]
         p.flow_finished(a)  # the share comes back with the flow's end
         await p.open_tcp(flow())
-        assert p.table.sources.held("192.0.2.3") == 1  # the refused alice flow took nothing
+        assert p.table.shares.sources.held("192.0.2.3") == 1  # the refused alice flow took nothing
 
     asyncio.run(main())
 
@@ -252,7 +252,7 @@ def test_flows_still_opening_are_capped_per_source_and_come_back() -> None:
         await asyncio.sleep(0)
         stuck.release.set()
         await asyncio.gather(hanging[1], other, late)
-        assert len(p.opening_sources) == 0 and len(p.opening_identities) == 0
+        assert len(p.opening.sources) == 0 and len(p.opening.identities) == 0
 
     asyncio.run(main())
 

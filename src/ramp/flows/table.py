@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
 from ramp.flows.flow import Flow, FlowError, FlowResult, FlowState
-from ramp.flows.shares import Shares
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ class FlowTable:
     ) -> None:
         self.limit = limit
         # 0 = no share (the connector's table: its flows all come from the edge)
-        self.sources: Shares[str] = Shares(per_source)
-        self.identities: Shares[str] = Shares(per_identity)
+        self.shares: ClientShares[str] = ClientShares(per_source, per_identity)
         self.reporters: list[Reporter] = list(reporters or ())
         self._on_reject = on_reject
         self._on_count = on_count
@@ -61,19 +60,15 @@ class FlowTable:
             return
         if len(self._flows) >= self.limit:
             self._refuse(flow, "flow_table_full", f"at the limit of {self.limit} concurrent flows")
-        source, user = flow.source[0], flow.user
-        if not self.sources.try_take(source):
-            self._refuse(
-                flow,
-                "source_share",
-                f"{source} already has {self.sources.limit} flows open (its share of the edge)",
+        why = self.shares.try_take(flow.source[0], flow.user)
+        if why is not None:
+            who, share = (
+                (flow.source[0], self.shares.sources)
+                if why == SOURCE_SHARE
+                else (flow.user, self.shares.identities)
             )
-        if user is not None and not self.identities.try_take(user):
-            self.sources.release(source)
             self._refuse(
-                flow,
-                "identity_share",
-                f"{user} already has {self.identities.limit} flows open (its share of the edge)",
+                flow, why, f"{who} already has {share.limit} flows open (its share of the edge)"
             )
         self._flows[flow.id] = flow
         if self._on_count is not None:
@@ -84,9 +79,7 @@ class FlowTable:
         if flow.state is FlowState.ENDED:
             return
         if self._flows.pop(flow.id, None) is not None:
-            self.sources.release(flow.source[0])
-            if flow.user is not None:
-                self.identities.release(flow.user)
+            self.shares.release(flow.source[0], flow.user)
             if self._on_count is not None:
                 self._on_count(len(self._flows))
         self._report(flow)

@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
 from ramp.flows.flow import Decision, Flow, FlowError, FlowKind, FlowResult, FlowState, Identity
 from ramp.flows.opener import TcpLeg, UdpSession
-from ramp.flows.shares import Shares
 from ramp.flows.table import FlowTable
 from ramp.offramps.base import OffRamp
 from ramp.policy.engine import PolicyHook
@@ -67,8 +67,7 @@ class FlowPipeline:
         # Flows still opening (resolving, deciding, waiting for a stream slot, waiting for the
         # connector's dial) hold the scarce things: resolver slots, stream slots, the origin's
         # patience. A client flooding a blackholed address keeps its flows here the longest.
-        self.opening_sources: Shares[str] = Shares(opening_per_source)
-        self.opening_identities: Shares[str] = Shares(opening_per_identity)
+        self.opening: ClientShares[str] = ClientShares(opening_per_source, opening_per_identity)
 
     # -- the path ---------------------------------------------------------------------------
 
@@ -124,28 +123,20 @@ class FlowPipeline:
     def _opening(self, flow: Flow) -> Iterator[None]:
         """Hold one of the source's and the identity's opening slots while the flow opens."""
         source, user = flow.source[0], flow.user
-        if not self.opening_sources.try_take(source):
-            self._busy(
-                "source_opening_share",
-                f"{source} already has {self.opening_sources.limit} flows opening",
+        why = self.opening.try_take(source, user)
+        if why is not None:
+            who, share = (
+                (source, self.opening.sources)
+                if why == SOURCE_SHARE
+                else (user, self.opening.identities)
             )
-        if user is not None and not self.opening_identities.try_take(user):
-            self.opening_sources.release(source)
-            self._busy(
-                "identity_opening_share",
-                f"{user} already has {self.opening_identities.limit} flows opening",
-            )
+            if self._on_reject is not None:
+                self._on_reject(why.replace("_share", "_opening_share"))
+            raise FlowError(FlowResult.BUSY, f"{who} already has {share.limit} flows opening")
         try:
             yield
         finally:
-            self.opening_sources.release(source)
-            if user is not None:
-                self.opening_identities.release(user)
-
-    def _busy(self, reason: str, message: str) -> None:
-        if self._on_reject is not None:
-            self._on_reject(reason)
-        raise FlowError(FlowResult.BUSY, message)
+            self.opening.release(source, user)
 
     @staticmethod
     def _deny(flow: Flow, decision: Decision) -> None:
