@@ -21,7 +21,8 @@
   (`start_upstream_dns`), a second dnsmasq in E on 127.0.0.53:53 plays the edge's public
   upstream resolver (`www.example.net`).
 - Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
-  client-facing address of the edge (203.0.113.3, source-address tests),
+  client-facing address of the edge (203.0.113.3, source-address tests), `add_client_address`
+  for a second source address in C (203.0.113.4, a legitimate client beside an attacker),
   `add_private_network` for another private network behind its own veth to E (198.18.N.0/24)
   with an origin at the same address 198.51.100.10 (tenants, virtual networks), `start_sshd`
   for OpenSSH on 198.51.100.10:22 (key login as root; `Lab.ssh` is the client in C).
@@ -78,6 +79,7 @@ BLACKHOLE = "198.51.100.99"
 OUTSIDE = "192.0.2.200"  # in no route: nothing may ever dial it
 
 CLIENT_ADDR6 = "2001:db8:203::2"
+CLIENT_ADDR2 = "203.0.113.4"  # see `Lab.add_client_address`
 EDGE_PUBLIC_ADDR6 = "2001:db8:203::1"
 EDGE_TUNNEL_ADDR6 = "2001:db8:192::1"
 PRIVATE_ADDR6 = "2001:db8:192::2"
@@ -694,6 +696,10 @@ class Lab:
         """Another address on the edge's client-facing veth, in the prefix of the first."""
         self.edge_ns.add_address("to-client", f"{address}/{64 if ':' in address else 24}")
 
+    def add_client_address(self, address: str = CLIENT_ADDR2) -> None:
+        """Another source address for C (a second client, told apart by its address)."""
+        self.client.add_address("to-edge", f"{address}/{64 if ':' in address else 24}")
+
     def add_private_network(self, role: str, root: Path) -> Netns:
         """Another private network behind the edge, built like P: its own namespace with a
         veth to E (E 198.18.N.1/24, it 198.18.N.2/24, N = 1, 2, ...), the same origin
@@ -911,11 +917,18 @@ UseDNS no
             *extra,
         ]
 
-    def start_edge(self, *extra: str, wait: bool = True, timeout: float = 30.0) -> LabProcess:
-        """Start `ramp edge` in E; with `wait`, return once all its listeners are bound."""
+    def start_edge(
+        self,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 30.0,
+        wrapper: Sequence[str] = (),
+    ) -> LabProcess:
+        """Start `ramp edge` in E; with `wait`, return once all its listeners are bound.
+        `wrapper` is a command that execs the edge, e.g. `prlimit --nofile=1024:1024`."""
         if self.edge is not None and self.edge.alive():
             raise LabError("an edge is already running; stop it first")
-        args = self.edge_command(*extra)
+        args = [*wrapper, *self.edge_command(*extra)]
         self._edge_args = list(extra)
         edge = self.start_process(
             "edge", self.edge_ns, args, metrics_addr=(EDGE_PUBLIC_ADDR, EDGE_METRICS_PORT)

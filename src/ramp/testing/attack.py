@@ -1,0 +1,371 @@
+"""A legitimate client and a resource gauge, for attacks on a lab's edge and connector.
+
+    lab.add_client_address()                     # the legitimate client's own source address
+    usage = ProcessUsage(lab.edge)
+    start = usage.sample()
+    legit = LegitClient(lab)                     # SOCKS5, HTTP proxy and UDP, until stopped
+    legit.start()
+    ...                                          # the attack, from CLIENT_ADDR
+    legit.wait_requests(3)                       # it kept fetching while the attack was on
+    summary = legit.stop()
+    assert summary.all_ok, summary.describe()
+    usage.wait_back_to(start)
+
+- `LegitClient(lab, source=CLIENT_ADDR2, kinds=KINDS, deadline=30.0, pause=0.05)`: one
+  thread per kind in C, each fetching in a loop until `stop()`; every request has `deadline`
+  seconds (an upper bound for a stuck request, not an expectation of speed).
+  - "socks5": SOCKS5 CONNECT to the HTTP origin, GET of the small payload file, size and sha256
+    checked.
+  - "http": the same file through the HTTP proxy, alternately by CONNECT and absolute-form GET.
+  - "udp": a SOCKS5 UDP ASSOCIATE and one datagram to the origin's UDP echo, sent again each
+    second (as a DNS client would) until the echo comes back intact.
+  `start()`, `wait_requests(n, timeout)` (every kind finished `n` more requests), `outcomes()`
+  and `stop() -> Summary`.
+- `Summary`: per kind a `KindSummary` (ok and failed counts, the failures' reasons, latency
+  p50/p99 in seconds); `all_ok`, `describe()`. `percentile(values, p)` is nearest-rank.
+- `ProcessUsage(proc)`: `sample() -> Usage` (open descriptors from /proc/PID/fd, VmRSS in KiB)
+  and `wait_back_to(start, fd_slack=..., rss_slack_kib=..., timeout=...)`, which waits until
+  both are back within the slack of `start` and raises TimeoutError naming what stayed up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ramp.testing.clients import (
+    REP_SUCCEEDED,
+    ProxyError,
+    http_connect,
+    http_forward_get,
+    parse_status,
+    recv_until_eof,
+    socks5_connect,
+    socks5_udp_associate,
+    udp_unwrap,
+    udp_wrap,
+)
+from ramp.testing.lab import (
+    CLIENT_ADDR2,
+    EDGE_PUBLIC_ADDR,
+    HTTP_PORT,
+    HTTP_PROXY_PORT,
+    ORIGIN,
+    SOCKS_PORT,
+    UDP_ECHO_PORT,
+    FileInfo,
+    Lab,
+    LabProcess,
+    wait_until,
+)
+from ramp.testing.wait import DEADLINE
+
+KINDS = ("socks5", "http", "udp")
+UDP_RESEND = 1.0  # seconds between copies of an unanswered datagram
+
+
+# --- outcomes and their summary ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request of the legitimate client."""
+
+    kind: str
+    ok: bool
+    seconds: float
+    reason: str = ""  # why it failed
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (`p` in 0..100) of `values`; NaN when there are none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(frozen=True)
+class KindSummary:
+    ok: int
+    failed: int
+    failures: tuple[str, ...]  # reasons, in order
+    p50: float  # seconds, of the successful requests
+    p99: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    kinds: dict[str, KindSummary] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, outcomes: Iterable[Outcome], kinds: Sequence[str] = KINDS) -> Summary:
+        by_kind: dict[str, list[Outcome]] = {k: [] for k in kinds}
+        for o in outcomes:
+            by_kind.setdefault(o.kind, []).append(o)
+        result = {}
+        for kind, items in by_kind.items():
+            good = [o.seconds for o in items if o.ok]
+            bad = tuple(o.reason for o in items if not o.ok)
+            result[kind] = KindSummary(
+                len(good), len(bad), bad, percentile(good, 50), percentile(good, 99)
+            )
+        return cls(result)
+
+    @property
+    def all_ok(self) -> bool:
+        """Every kind made at least one request and none failed."""
+        return bool(self.kinds) and all(s.ok > 0 and s.failed == 0 for s in self.kinds.values())
+
+    def describe(self) -> str:
+        lines = []
+        for kind, s in self.kinds.items():
+            lines.append(
+                f"{kind}: {s.ok} ok, {s.failed} failed, "
+                f"p50 {s.p50 * 1000:.1f} ms, p99 {s.p99 * 1000:.1f} ms"
+            )
+            lines.extend(f"  failed: {reason}" for reason in s.failures[:10])
+        return "\n".join(lines)
+
+
+# --- the legitimate client --------------------------------------------------------------------
+
+
+def _file_info(path: Path) -> FileInfo:
+    data = path.read_bytes()
+    return FileInfo(path.name, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _check_body(response: bytes, want: FileInfo) -> None:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        raise ProxyError(f"no complete response head: {response[:80]!r}")
+    status = parse_status(head + sep)
+    if status != 200:
+        raise ProxyError(f"origin answered {status}")
+    if len(body) != want.size or hashlib.sha256(body).hexdigest() != want.sha256:
+        raise ProxyError(f"body of {len(body)} bytes does not match {want.name}")
+
+
+class LegitClient:
+    """Fetches through the edge from `source` in C until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        source: str = CLIENT_ADDR2,
+        kinds: Sequence[str] = KINDS,
+        deadline: float = DEADLINE,
+        pause: float = 0.05,
+    ) -> None:
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {KINDS}")
+        self.lab = lab
+        self.source = source
+        self.kinds = tuple(kinds)
+        self.deadline = deadline
+        self.pause = pause
+        self.file = lab.payload.small if lab.payload else _file_info(lab.workdir / "www/small.bin")
+        self._outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # running
+
+    def start(self) -> LegitClient:
+        if self._threads:
+            raise RuntimeError("already started")
+        for kind in self.kinds:
+            # The whole loop runs inside C, so every socket it makes belongs there.
+            t = threading.Thread(
+                target=self.lab.client.call, args=(self._loop, kind), name=f"legit-{kind}"
+            )
+            t.daemon = True
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __enter__(self) -> LegitClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> Summary:
+        """Finish the requests under way (each within its deadline) and summarise all."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.deadline + 10)
+        return self.summary()
+
+    def outcomes(self) -> list[Outcome]:
+        with self._lock:
+            return list(self._outcomes)
+
+    def summary(self) -> Summary:
+        return Summary.of(self.outcomes(), self.kinds)
+
+    def counts(self) -> dict[str, int]:
+        found = dict.fromkeys(self.kinds, 0)
+        for o in self.outcomes():
+            found[o.kind] += 1
+        return found
+
+    def wait_requests(self, n: int = 1, timeout: float = 4 * DEADLINE) -> None:
+        """Until every kind finished `n` more requests than when this was called."""
+        before = self.counts()
+
+        def done() -> bool:
+            if not any(t.is_alive() for t in self._threads):
+                raise RuntimeError("the legitimate client is not running")
+            now = self.counts()
+            return all(now[k] - before[k] >= n for k in self.kinds)
+
+        wait_until(
+            done,
+            timeout,
+            interval=0.05,
+            what=lambda: f"{n} more legitimate requests of each kind ({self.counts()})",
+        )
+
+    def _loop(self, kind: str) -> None:
+        request = {"socks5": self._socks5, "http": self._http, "udp": self._udp}[kind]
+        turn = 0
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                request(t0 + self.deadline, turn)
+            except Exception as e:  # every failure is an outcome the summary shows
+                outcome = Outcome(kind, False, time.monotonic() - t0, f"{type(e).__name__}: {e}")
+            else:
+                outcome = Outcome(kind, True, time.monotonic() - t0)
+            with self._lock:
+                self._outcomes.append(outcome)
+            turn += 1
+            self._stop.wait(self.pause)
+
+    # one request of each kind
+
+    def _tcp(self, port: int, end: float) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.1, end - time.monotonic()))
+            sock.bind((self.source, 0))
+            sock.connect((EDGE_PUBLIC_ADDR, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _get(self) -> bytes:
+        return (
+            f"GET /{self.file.name} HTTP/1.1\r\nHost: {ORIGIN}\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+    def _socks5(self, end: float, turn: int) -> None:
+        with self._tcp(SOCKS_PORT, end) as sock:
+            rep = socks5_connect(sock, ORIGIN, HTTP_PORT)
+            if rep != REP_SUCCEEDED:
+                raise ProxyError(f"SOCKS5 CONNECT answered REP {rep:#x}")
+            sock.sendall(self._get())
+            _check_body(recv_until_eof(sock), self.file)
+
+    def _http(self, end: float, turn: int) -> None:
+        with self._tcp(HTTP_PROXY_PORT, end) as sock:
+            if turn % 2 == 0:
+                status, _ = http_connect(sock, ORIGIN, HTTP_PORT)
+                if status != 200:
+                    raise ProxyError(f"CONNECT answered {status}")
+                sock.sendall(self._get())
+                _check_body(recv_until_eof(sock), self.file)
+            else:
+                status, head = http_forward_get(sock, ORIGIN, HTTP_PORT, f"/{self.file.name}")
+                _check_body(head + recv_until_eof(sock), self.file)
+
+    def _udp(self, end: float, turn: int) -> None:
+        with (
+            self._tcp(SOCKS_PORT, end) as ctrl,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+        ):
+            udp.bind((self.source, 0))
+            relay = socks5_udp_associate(ctrl, *udp.getsockname())
+            udp.connect(relay)
+            data = os.urandom(64)
+            packet = udp_wrap(ORIGIN, UDP_ECHO_PORT, data)
+            while (left := end - time.monotonic()) > 0:
+                udp.send(packet)
+                udp.settimeout(min(UDP_RESEND, left))
+                try:
+                    if udp_unwrap(udp.recv(70000)) == (ORIGIN, UDP_ECHO_PORT, data):
+                        return
+                except TimeoutError:
+                    continue
+            raise TimeoutError("no echo of the datagram")
+
+
+# --- descriptors and memory -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    fds: int
+    rss_kib: int
+
+
+class ProcessUsage:
+    """Open descriptors and resident memory of one lab process."""
+
+    def __init__(self, proc: LabProcess) -> None:
+        self.proc = proc
+
+    def sample(self) -> Usage:
+        self.proc.check_alive()
+        pid = self.proc.pid
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        rss = 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+        return Usage(fds, rss)
+
+    def wait_back_to(
+        self,
+        start: Usage,
+        *,
+        fd_slack: int = 8,
+        rss_slack_kib: int = 32 * 1024,
+        timeout: float = DEADLINE,
+    ) -> Usage:
+        """Until descriptors and RSS are within the slack of `start`; returns that sample.
+
+        The slack is for what a process legitimately keeps (a pooled connection, a grown
+        allocator arena): an attack's leftovers are hundreds of descriptors, megabytes more.
+        """
+        last: list[Usage] = []
+
+        def back() -> Usage | None:
+            now = self.sample()
+            last[:] = [now]
+            ok = now.fds <= start.fds + fd_slack and now.rss_kib <= start.rss_kib + rss_slack_kib
+            return now if ok else None
+
+        return wait_until(
+            back,
+            timeout,
+            interval=0.2,
+            what=lambda: (
+                f"{self.proc.role} back to {start.fds} fds / {start.rss_kib} KiB "
+                f"(+{fd_slack} / +{rss_slack_kib} KiB); now {last[0] if last else '?'}"
+            ),
+        )
