@@ -246,7 +246,7 @@ class EdgeConfig(_Base):
         description="Handshakes in progress past which a new connector must prove its "
         "address with a QUIC Retry first; 0 = always.",
     )
-    quic_handshakes_per_source: int = Field(
+    quic_max_handshakes_per_source: int = Field(
         DEFAULT_LIMITS.per_source,
         ge=0,
         description="QUIC handshakes one source IP may have in progress; past it its new "

@@ -153,7 +153,7 @@ class Edge:
             limits=HandshakeLimits(
                 max_handshakes=self.config.quic_max_handshakes,
                 retry_threshold=self.config.quic_retry_threshold,
-                per_source=self.config.quic_handshakes_per_source,
+                per_source=self.config.quic_max_handshakes_per_source,
                 timeout=self.config.quic_handshake_timeout,
                 token_lifetime=self.config.quic_retry_token_lifetime,
                 refusals_per_source=self.config.quic_refusals_per_source,

@@ -48,7 +48,7 @@ def test_connectors_register_through_a_retry(tmp_path: Path) -> None:
 def test_a_flood_from_one_source_holds_only_its_share_and_expires(tmp_path: Path) -> None:
     async def main() -> None:
         async with tunnel(
-            tmp_path, ha=1, quic_handshakes_per_source=4, quic_handshake_timeout=0.5
+            tmp_path, ha=1, quic_max_handshakes_per_source=4, quic_handshake_timeout=0.5
         ) as t:
             server = t.edge.tunnels.server  # type: ignore[union-attr]
             assert server is not None
@@ -79,7 +79,7 @@ def test_a_source_that_answers_retries_is_capped_at_its_share(tmp_path: Path) ->
 
     async def main() -> None:
         async with tunnel(
-            tmp_path, ha=1, quic_retry_threshold=0, quic_handshakes_per_source=4
+            tmp_path, ha=1, quic_retry_threshold=0, quic_max_handshakes_per_source=4
         ) as t:
             assert t.edge.tunnels is not None and t.edge.tunnels.server is not None
             server = t.edge.tunnels.server
