@@ -24,9 +24,10 @@ NOFILE_CAP = 1 << 20  # when the hard limit is unlimited, do not ask for more th
 
 # Descriptors each unit holds. An edge flow through a tunnel holds its client socket; a direct
 # flow also its origin socket and two splice pipes (two descriptors each). A SOCKS5 UDP
-# association holds its control connection and its UDP socket. A connector flow holds its
-# origin socket; a UDP session its connected socket.
+# association, which counts as a flow, holds its control connection and its UDP socket. A
+# connector flow holds its origin socket; a UDP session its connected socket.
 FDS_TUNNEL_FLOW = 1
+FDS_ASSOCIATION = 2
 FDS_DIRECT_FLOW = 6
 FDS_HANDSHAKE = 1
 FDS_CONNECTOR_FLOW = 1
@@ -70,8 +71,16 @@ def fit(needs: list[Need], nofile: int, reserve: int = RESERVE) -> dict[str, int
 
 
 def edge_needs(config: EdgeConfig) -> list[Need]:
-    tcp_onramps = sum(1 for o in config.effective_onramps() if o.type != "dns")
-    per_flow = FDS_DIRECT_FLOW if config.allow_direct_egress else FDS_TUNNEL_FLOW
+    onramps = config.effective_onramps()
+    tcp_onramps = sum(1 for o in onramps if o.type != "dns")
+    associations = any(o.type == "socks5" for o in onramps)
+    per_flow = (
+        FDS_DIRECT_FLOW
+        if config.allow_direct_egress
+        else FDS_ASSOCIATION
+        if associations
+        else FDS_TUNNEL_FLOW
+    )
     return [
         Need("max_flows", config.max_flows, per_flow),
         Need("max_handshakes", config.max_handshakes, FDS_HANDSHAKE * max(tcp_onramps, 1)),

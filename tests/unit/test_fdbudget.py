@@ -32,7 +32,7 @@ def test_an_edge_under_a_1024_descriptor_limit_lowers_its_limits_and_shares(
     with caplog.at_level(logging.INFO, logger="ramp.fdbudget"):
         apply_budget(config)
     tcp_onramps = 2  # socks5 and http by default
-    used = config.max_flows + config.max_handshakes * tcp_onramps
+    used = config.max_flows * fdbudget.FDS_ASSOCIATION + config.max_handshakes * tcp_onramps
     assert used <= 1024 - fdbudget.RESERVE
     assert config.max_flows < 10000 and config.max_handshakes < 1024
     # the shares shrink with their totals: one client still cannot hold everything
@@ -47,12 +47,12 @@ def test_an_edge_under_a_1024_descriptor_limit_lowers_its_limits_and_shares(
 
 
 def test_direct_egress_flows_cost_more_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fdbudget, "raise_nofile", lambda: 20000)
+    monkeypatch.setattr(fdbudget, "raise_nofile", lambda: 30000)
     tunnel_only, direct = EdgeConfig(), EdgeConfig(allow_direct_egress=True)
     apply_budget(tunnel_only)
     apply_budget(direct)
-    assert tunnel_only.max_flows == 10000
-    assert direct.max_flows < 20000 // fdbudget.FDS_DIRECT_FLOW
+    assert tunnel_only.max_flows == 10000  # 2 descriptors each (a UDP association) fit
+    assert direct.max_flows < 30000 // fdbudget.FDS_DIRECT_FLOW
 
 
 def test_a_connector_sizes_its_stream_slots_and_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
