@@ -23,6 +23,14 @@
   and `stop() -> Summary`.
 - `Summary`: per kind a `KindSummary` (ok and failed counts, the failures' reasons, latency
   p50/p99 in seconds); `all_ok`, `describe()`. `percentile(values, p)` is nearest-rank.
+- The attacker, from `source` (default `ATTACKER`, the lab's first client address):
+  `flood(lab, asks, leave=False) -> Counter` sends every `Ask(via, host, port)` (a SOCKS5 or
+  HTTP CONNECT) at once and counts the answers ("rep 0x04", "http 403 REASON", "closed",
+  ...; `answers()` drops the reasons); with `leave` each client hangs up right after its
+  request. `FloodInBackground(lab, asks)` is the same in a thread (`join()` for the counts).
+  `SlowHandshakes(lab, count)` holds `count` connections that send a first byte and nothing
+  more, opening a new one for each the edge closes, until `stop()`; it counts `open`,
+  `closed_by_edge` and `connect_errors`.
 - `ProcessUsage(proc)`: `sample() -> Usage` (open descriptors from /proc/PID/fd, VmRSS in KiB)
   and `wait_back_to(start, fd_slack=..., rss_slack_kib=..., timeout=...)`, which waits until
   both are back within the slack of `start` and raises TimeoutError naming what stayed up.
@@ -30,12 +38,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +58,14 @@ from ramp.testing.clients import (
     parse_status,
     recv_until_eof,
     socks5_connect,
+    socks5_greeting,
+    socks5_request,
     socks5_udp_associate,
     udp_unwrap,
     udp_wrap,
 )
 from ramp.testing.lab import (
+    CLIENT_ADDR,
     CLIENT_ADDR2,
     EDGE_PUBLIC_ADDR,
     HTTP_PORT,
@@ -68,6 +81,7 @@ from ramp.testing.lab import (
 from ramp.testing.wait import DEADLINE
 
 KINDS = ("socks5", "http", "udp")
+ATTACKER = CLIENT_ADDR  # the lab's first client address; the legitimate client has its own
 UDP_RESEND = 1.0  # seconds between copies of an unanswered datagram
 
 
@@ -312,6 +326,178 @@ class LegitClient:
                 except TimeoutError:
                     continue
             raise TimeoutError("no echo of the datagram")
+
+
+# --- the attacker ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One attacking request: CONNECT to host:port by SOCKS5 or through the HTTP proxy."""
+
+    via: str  # "socks5" or "http"
+    host: str
+    port: int
+
+
+def _request_bytes(ask: Ask) -> bytes:
+    if ask.via == "socks5":
+        return socks5_greeting(None) + socks5_request(ask.host, ask.port)
+    host = f"[{ask.host}]" if ":" in ask.host else ask.host
+    return f"CONNECT {host}:{ask.port} HTTP/1.1\r\nHost: {host}:{ask.port}\r\n\r\n".encode()
+
+
+async def _read_answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, via: str) -> str:
+    """ "rep 0x04", "http 403 ...reason...", or "closed"."""
+    data = b""
+    want = 12 if via == "socks5" else 0  # method reply + an IPv4 reply
+    while True:
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            break
+        data += chunk
+        if via == "socks5" and len(data) >= want:
+            return f"rep {data[3]:#04x}"
+        if via == "http" and b"\r\n\r\n" in data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            status = head.split(b" ", 2)[1].decode()
+            # the reason the edge gives is in the body: read what the head announces
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            while len(body) < length and (chunk := await loop.sock_recv(sock, 4096)):
+                body += chunk
+            return f"http {status} {body.decode(errors='replace').strip()}"
+    if via == "socks5" and len(data) >= 4:
+        return f"rep {data[3]:#04x}"
+    return "closed"
+
+
+async def _ask(ask: Ask, *, source: str, leave: bool, timeout: float) -> str:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.bind((source, 0))
+        port = SOCKS_PORT if ask.via == "socks5" else HTTP_PROXY_PORT
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, port))
+            await loop.sock_sendall(sock, _request_bytes(ask))
+            if leave:
+                return "left"
+            return await _read_answer(loop, sock, ask.via)
+    except TimeoutError:
+        return "no answer"
+    except OSError as e:
+        return f"error {e.strerror or e}"
+    finally:
+        sock.close()
+
+
+def flood(
+    lab: Lab,
+    asks: Sequence[Ask],
+    *,
+    source: str = ATTACKER,
+    leave: bool = False,
+    timeout: float = 2 * DEADLINE,
+) -> Counter[str]:
+    """All `asks` at once from `source` in C; what each got, counted ("rep 0x04", "http 403
+    REASON", "closed", "no answer", "left"). With `leave` each client closes right after
+    sending its request."""
+
+    async def run() -> list[str]:
+        return await asyncio.gather(
+            *(_ask(a, source=source, leave=leave, timeout=timeout) for a in asks)
+        )
+
+    return Counter(lab.client.call(asyncio.run, run()))
+
+
+def answers(got: Counter[str]) -> Counter[str]:
+    """`got` by reply code alone ("http 502"), without the reason text of each."""
+    found: Counter[str] = Counter()
+    for answer, n in got.items():
+        found[" ".join(answer.split()[:2])] += n
+    return found
+
+
+class FloodInBackground:
+    """`flood` in a thread, so the test can watch the edge while the answers are pending."""
+
+    def __init__(self, lab: Lab, asks: Sequence[Ask], **kwargs: object) -> None:
+        self.result: Counter[str] | None = None
+        self._thread = threading.Thread(target=self._run, args=(lab, asks, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, lab: Lab, asks: Sequence[Ask], kwargs: dict[str, object]) -> None:
+        self.result = flood(lab, asks, **kwargs)  # type: ignore[arg-type]
+
+    def join(self, timeout: float = 4 * DEADLINE) -> Counter[str]:
+        self._thread.join(timeout)
+        assert self.result is not None, "the attacker's requests did not finish"
+        return self.result
+
+
+class SlowHandshakes:
+    """`count` connections to the proxy listeners that send a first byte and then nothing;
+    each one the edge closes is opened again, until `stop`."""
+
+    def __init__(self, lab: Lab, count: int, *, source: str = ATTACKER) -> None:
+        self.lab = lab
+        self.count = count
+        self.source = source
+        self.open = 0
+        self.closed_by_edge = 0
+        self.connect_errors: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=lab.client.call, args=(asyncio.run, self._run()), daemon=True
+        )
+        self._thread.start()
+
+    async def _one(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        port, first = (SOCKS_PORT, b"\x05") if index % 2 else (HTTP_PROXY_PORT, b"CONNECT ")
+        while not self._stop.is_set():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.bind((self.source, 0))
+                async with asyncio.timeout(DEADLINE):
+                    await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, port))
+                await loop.sock_sendall(sock, first)
+                self.open += 1
+                try:
+                    while not self._stop.is_set():
+                        try:
+                            async with asyncio.timeout(0.5):
+                                if not await loop.sock_recv(sock, 4096):
+                                    break
+                        except TimeoutError:
+                            continue
+                    else:
+                        return
+                    self.closed_by_edge += 1
+                finally:
+                    self.open -= 1
+            except (OSError, TimeoutError) as e:
+                self.connect_errors[type(e).__name__] += 1
+                await asyncio.sleep(0.1)  # pacing between a refused connect and the next
+            finally:
+                sock.close()
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._one(i) for i in range(self.count)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2 * DEADLINE)
 
 
 # --- descriptors and memory -------------------------------------------------------------------
