@@ -1,4 +1,4 @@
-"""A legitimate client and a resource gauge, for attacks on a lab's edge and connector.
+"""A legitimate client, attackers and a resource gauge, for attacks on a lab's edge and connector.
 
     lab.add_client_address()                     # the legitimate client's own source address
     usage = ProcessUsage(lab.edge)
@@ -530,13 +530,14 @@ class ProcessUsage:
         start: Usage,
         *,
         fd_slack: int = 8,
-        rss_slack_kib: int = 32 * 1024,
+        rss_slack_kib: int = 16 * 1024,
         timeout: float = DEADLINE,
     ) -> Usage:
         """Until descriptors and RSS are within the slack of `start`; returns that sample.
 
-        The slack is for what a process legitimately keeps (a pooled connection, a grown
-        allocator arena): an attack's leftovers are hundreds of descriptors, megabytes more.
+        The slack is for what a process legitimately keeps (a pooled connection, allocator
+        arenas grown for the attack's flows: about 5 MiB after 500 flows in the lab); an
+        attack's leftovers are hundreds of descriptors, tens of megabytes.
         """
         last: list[Usage] = []
 
