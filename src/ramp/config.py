@@ -113,6 +113,21 @@ class _Base(BaseModel):
         5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
 
+    # both roles resolve destination names the same way (net.resolve), bounded alike
+    resolve_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to wait for the A and AAAA answers of a destination name "
+        "(resolved with /etc/hosts and DNS, never getaddrinfo); the connector asks its "
+        "--dns-resolver.",
+    )
+    resolve_max_concurrent: int = Field(
+        64,
+        ge=1,
+        description="Name lookups kept in flight; past it a flow to a name fails at once (host "
+        "unreachable, 'resolver busy') and ramp_flows_rejected{reason=resolver_busy} counts it.",
+    )
+
 
 def _onramp_entry(entry: Any) -> OnRampOptions:
     parsed = parse_entry(entry)
@@ -169,7 +184,40 @@ class EdgeConfig(_Base):
         10.0, gt=0, description="Seconds a proxy client has to finish its request."
     )
     max_flows: int = Field(
-        10000, gt=0, description="Concurrent flows; past it new requests get an error."
+        10000,
+        gt=0,
+        description="Concurrent flows; past it new requests get an error. Lowered at start "
+        "when the descriptor limit (RLIMIT_NOFILE, raised to its hard limit) cannot hold them.",
+    )
+    # fair shares: one client cannot take what the limits above guard from everyone else
+    max_flows_per_source: int = Field(
+        2500,
+        ge=0,
+        description="Concurrent flows one client address may hold; past it its new requests "
+        "get 'busy' (SOCKS5 0x01, HTTP 503 connection_limit_reached); 0 = no share.",
+    )
+    max_flows_per_identity: int = Field(
+        5000, ge=0, description="Concurrent flows one authenticated user may hold; 0 = no share."
+    )
+    max_opening_flows_per_source: int = Field(
+        256,
+        ge=0,
+        description="Flows one client address may have opening at once (resolving, waiting "
+        "for a stream slot or for the origin to answer); 0 = no share.",
+    )
+    max_opening_flows_per_identity: int = Field(
+        512, ge=0, description="Flows one authenticated user may have opening; 0 = no share."
+    )
+    max_handshakes: int = Field(
+        1024,
+        gt=0,
+        description="Proxy connections per on-ramp still in their handshake (SOCKS5 greeting, "
+        "HTTP request head); past it new connections are closed at once.",
+    )
+    max_handshakes_per_source: int = Field(
+        128,
+        ge=0,
+        description="Of those, how many one client address may hold; 0 = no share.",
     )
     users: dict[str, str] = Field(
         default_factory=dict,
@@ -202,6 +250,44 @@ class EdgeConfig(_Base):
     max_udp_sessions: int = Field(
         4096, gt=0, description="Concurrent UDP sessions; past it new ones are refused."
     )
+    # Fair shares of UDP and the expiry of what nobody uses (issue 12)
+    max_udp_sessions_per_source: int = Field(
+        512,
+        ge=0,
+        description="UDP sessions one client address may hold; past it a datagram to a new "
+        "destination is dropped (ramp_udp_sessions_refused{reason=source_share}); 0 = no share.",
+    )
+    max_udp_sessions_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="UDP sessions one authenticated user may hold, over all its addresses "
+        "(ramp_udp_sessions_refused{reason=identity_share}); 0 = no share.",
+    )
+    udp_unreplied_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a UDP session the origin never answered may stay idle (like "
+        "conntrack's unreplied entries); answered ones keep udp_idle_timeout.",
+    )
+    max_udp_associations_per_source: int = Field(
+        256,
+        ge=0,
+        description="SOCKS5 UDP associations one client address may hold; past it UDP "
+        "ASSOCIATE gets reply 0x01 (general failure) and "
+        "ramp_udp_associations_refused{reason=source_share} counts it; 0 = no share.",
+    )
+    max_udp_associations_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="SOCKS5 UDP associations one authenticated user may hold, over all its "
+        "addresses (reason=identity_share); 0 = no share.",
+    )
+    udp_association_idle_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a SOCKS5 UDP association may carry no datagram (either way) "
+        "before it is closed with its control connection (ramp_udp_associations_expired).",
+    )
 
     onramps: list[Annotated[OnRampOptions, BeforeValidator(_onramp_entry)]] = Field(
         default_factory=list,
@@ -230,20 +316,6 @@ class EdgeConfig(_Base):
         description="Seconds an async hook may take before it fails closed (hook_error); "
         "sync hooks slower than this are logged and counted.",
     )
-    resolve_timeout: float = Field(
-        5.0,
-        gt=0,
-        description="Seconds the edge waits for the A and AAAA answers of a destination name "
-        "(resolved with /etc/hosts and the nameservers of /etc/resolv.conf, never getaddrinfo).",
-    )
-    resolve_max_concurrent: int = Field(
-        64,
-        ge=1,
-        description="Name lookups the edge keeps in flight; past it a flow to a name fails at "
-        "once (host unreachable, 'resolver busy') and ramp_flows_rejected{reason=resolver_busy} "
-        "counts it.",
-    )
-
     max_streams_per_connection: int = Field(
         10000,
         ge=1,
@@ -317,6 +389,27 @@ class ConnectorConfig(_Base):
     )
     udp_idle_timeout: float = Field(
         210.0, gt=0, description="Seconds a UDP session may stay idle before it is closed."
+    )
+    # Fair shares of UDP sessions, keyed by the client address and identity the edge reports
+    # with each session (issue 12)
+    max_udp_sessions_per_source: int = Field(
+        512,
+        ge=0,
+        description="UDP sessions one client address (as the edge reports it, per edge) may "
+        "hold; past it the session is refused (ramp_udp_sessions_refused{reason=source_share}); "
+        "0 = no share.",
+    )
+    max_udp_sessions_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="UDP sessions one authenticated user (as the edge reports it, per edge) "
+        "may hold (reason=identity_share); 0 = no share.",
+    )
+    udp_unreplied_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a UDP session the origin never answered may stay idle (like "
+        "conntrack's unreplied entries); answered ones keep udp_idle_timeout.",
     )
     dns_resolver: str = Field(
         "",

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from ramp.config import ConnectorConfig, parse_hostport
+from ramp.fdbudget import apply_budget, limits_in_force
 from ramp.flows.flow import Destination, Flow, FlowKind, Identity, Route
 from ramp.flows.table import FlowTable
 from ramp.observe.audit import AuditLog
@@ -42,6 +43,8 @@ class Connector:
         self.config = config
         self.token = token
         self.metrics = ConnectorMetrics()
+        for key, value in limits_in_force(config).items():
+            self.metrics.limits.labels(key).set(value)
         edges = config.edge or token.edges
         self.edges = [parse_hostport(e) for e in edges]
         self.client = TunnelClient(
@@ -62,7 +65,12 @@ class Connector:
             ).inc(),
             max_streams_bidi=config.max_streams_per_connection,
         )
-        self.resolver = Resolver(config.dns_resolver)
+        self.resolver = Resolver(
+            config.dns_resolver,
+            config.resolve_timeout,
+            config.resolve_max_concurrent,
+            on_busy=self.metrics.flows_rejected.labels("resolver_busy").inc,
+        )
         self.client.resolver = self.resolver
         self.status: Any = None
         self.audit = AuditLog(
@@ -149,6 +157,11 @@ class Connector:
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
             metrics_active=m.udp_sessions_active.set,
             bad_input=self._bad_datagram,
+            unreplied_timeout=self.config.udp_unreplied_timeout,
+            per_source=self.config.max_udp_sessions_per_source,
+            per_identity=self.config.max_udp_sessions_per_identity,
+            metrics_refused=m.udp_session_refused,
+            metrics_expired=m.udp_session_expired,
         )
         if self.resolver.address is None:
             log.warning("no DNS resolver (no --dns-resolver, none in /etc/resolv.conf)")
@@ -247,6 +260,7 @@ def run_connector(config: ConnectorConfig) -> int:
         print(f"ramp: invalid token: {e}", file=sys.stderr)
         return EXIT_BAD_TOKEN
 
+    apply_budget(config)
     running: list[Connector] = []
 
     async def main(stop: asyncio.Event) -> int:

@@ -12,6 +12,7 @@ import dns.exception
 import dns.message
 
 from ramp.config import ConfigError, EdgeConfig, parse_hostport
+from ramp.fdbudget import apply_budget, limits_in_force
 from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
@@ -26,6 +27,7 @@ from ramp.offramps.direct import DirectOffRamp
 from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
+from ramp.onramps.socks5_udp import AssociationLimits
 from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_hooks
 from ramp.policy.pipeline import FlowPipeline
@@ -63,11 +65,15 @@ class Edge:
         self.status: Any = None
         self._poller: asyncio.Task[None] | None = None
         m = self.metrics
+        for key, value in limits_in_force(config).items():
+            m.limits.labels(key).set(value)
         self.table = FlowTable(
             config.max_flows,
             reporters=[self._report],
             on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
             on_count=m.flows_active.set,
+            per_source=config.max_flows_per_source,
+            per_identity=config.max_flows_per_identity,
         )
         self.policy = PolicyHook()
         self.hooks = self._make_hooks(load_hooks(hook_specs(config)))
@@ -101,6 +107,9 @@ class Edge:
             on_setup=m.flow_setup.observe,
             on_revoked=m.flows_revoked.inc,
             on_open=self._opened,
+            on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+            opening_per_source=config.max_opening_flows_per_source,
+            opening_per_identity=config.max_opening_flows_per_identity,
         )
         self._groups = _invert_groups(config.groups)
 
@@ -152,6 +161,11 @@ class Edge:
             metrics_datagram=m.count_datagram,
             metrics_drop=lambda reason: m.udp_drops.labels(reason).inc(),
             on_bad_input=lambda reason: self.bad_input("tunnel", "malformed_datagram"),
+            unreplied_timeout=self.config.udp_unreplied_timeout,
+            per_source=self.config.max_udp_sessions_per_source,
+            per_identity=self.config.max_udp_sessions_per_identity,
+            metrics_refused=m.udp_session_refused,
+            metrics_expired=m.udp_session_expired,
         )
         self.tunnels.sessions = self.sessions
         timeout = self.config.connect_timeout
@@ -170,7 +184,13 @@ class Edge:
             self.metrics.flows_rejected.labels("direct_egress_denied").inc,
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
-        ctx = OnRampContext(self.config, self.pipeline, self._dns_outcome)
+        ctx = OnRampContext(
+            self.config,
+            self.pipeline,
+            self._dns_outcome,
+            accept_error=lambda onramp, what: self.metrics.accept_errors.labels(onramp, what).inc(),
+            udp_associations=self._udp_associations(),
+        )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
@@ -196,6 +216,17 @@ class Edge:
             await self.status.close()
         self.store.close()
         self.audit.close()
+
+    def _udp_associations(self) -> AssociationLimits:
+        m, c = self.metrics, self.config
+        return AssociationLimits(
+            c.max_udp_associations_per_source,
+            c.max_udp_associations_per_identity,
+            c.udp_association_idle_timeout,
+            on_refused=lambda reason: m.udp_associations_refused.labels(reason).inc(),
+            on_expired=m.udp_associations_expired.inc,
+            on_active=m.udp_associations_active.set,
+        )
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         assert self.tunnels is not None
@@ -499,6 +530,8 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
     from ramp.runtime import run_until_signal
 
     queue: asyncio.Queue[Callable[[], EdgeConfig]] | None = None
+
+    apply_budget(config)
 
     async def main(stop: asyncio.Event) -> int:
         nonlocal queue

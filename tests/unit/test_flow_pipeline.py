@@ -78,10 +78,20 @@ def build(
     user_hooks: list[LoadedHook] = (),  # type: ignore[assignment]
     limit: int = 100,
     direct: bool = False,
+    per_source: int = 0,
+    per_identity: int = 0,
+    opening_per_source: int = 0,
+    opening_per_identity: int = 0,
 ) -> tuple[FlowPipeline, list[Flow], dict[str, FakeOffRamp], list[str]]:
     reported: list[Flow] = []
     rejected: list[str] = []
-    table = FlowTable(limit, reporters=[reported.append], on_reject=rejected.append)
+    table = FlowTable(
+        limit,
+        reporters=[reported.append],
+        on_reject=rejected.append,
+        per_source=per_source,
+        per_identity=per_identity,
+    )
     policy = PolicyHook(Policy(validate(r) for r in rules))
     hooks = Hooks([policy.as_hook(), *user_hooks], timeout=0.05)
     router = Router(_resolve, allow_direct=direct, replicas=lambda tid: ["c1", "c2"])
@@ -91,15 +101,28 @@ def build(
     router.tables = {"default": RouteTable(entries)}
     offramps = {"tunnel": FakeOffRamp("tunnel", table), "direct": FakeOffRamp("direct", table)}
     pipeline = FlowPipeline(
-        table, hooks, policy, router, offramps, groups=lambda n: frozenset({"staff"})
+        table,
+        hooks,
+        policy,
+        router,
+        offramps,
+        groups=lambda n: frozenset({"staff"}),
+        on_reject=rejected.append,
+        opening_per_source=opening_per_source,
+        opening_per_identity=opening_per_identity,
     )
     return pipeline, reported, offramps, rejected
 
 
-def flow(user: str | None = "alice", host: str = "198.51.100.10", port: int = 8000) -> Flow:
+def flow(
+    user: str | None = "alice",
+    host: str = "198.51.100.10",
+    port: int = 8000,
+    source: str = "192.0.2.1",
+) -> Flow:
     return Flow(
         onramp="socks5",
-        source=("192.0.2.1", 40000),
+        source=(source, 40000),
         destination=Destination(host, port),
         identity=Identity(user) if user else None,
     )
@@ -169,6 +192,67 @@ def test_a_full_table_refuses_reports_and_counts() -> None:
         assert rejected == ["flow_table_full"] and reported == [c]
         p.flow_finished(a)
         await p.open_tcp(flow())  # a slot came back
+
+    asyncio.run(main())
+
+
+def test_one_source_or_user_holds_only_its_share_of_the_table() -> None:
+    async def main() -> None:
+        p, reported, _, rejected = build(ALLOW_ALL, per_source=2, per_identity=3)
+        a, b = flow(), flow()
+        await p.open_tcp(a)
+        await p.open_tcp(b)
+        third = flow()
+        with pytest.raises(FlowError, match=r"192\.0\.2\.1 already has 2 flows") as e:
+            await p.open_tcp(third)
+        assert e.value.result is FlowResult.BUSY and reported == [third]
+        # another address is not affected; the user's own share still binds across addresses
+        await p.open_tcp(flow(source="192.0.2.2"))
+        with pytest.raises(FlowError, match="alice already has 3 flows"):
+            await p.open_tcp(flow(source="192.0.2.3"))
+        await p.open_tcp(flow(user="bob", source="192.0.2.3"))
+        assert rejected == ["source_share", "identity_share"]
+        p.flow_finished(a)  # the share comes back with the flow's end
+        await p.open_tcp(flow())
+        assert p.table.shares.sources.held("192.0.2.3") == 1  # the refused alice flow took nothing
+
+    asyncio.run(main())
+
+
+class StuckOffRamp(FakeOffRamp):
+    """An off-ramp whose opens hang, like dials to a blackholed address."""
+
+    def __init__(self, name: str, table: FlowTable) -> None:
+        super().__init__(name, table)
+        self.release = asyncio.Event()
+
+    async def open_stream(self, flow: Flow, route: Route) -> FakeLeg:
+        await self.release.wait()
+        return await super().open_stream(flow, route)
+
+
+def test_flows_still_opening_are_capped_per_source_and_come_back() -> None:
+    async def main() -> None:
+        p, _, offramps, rejected = build(ALLOW_ALL, opening_per_source=2, opening_per_identity=3)
+        stuck = StuckOffRamp("tunnel", p.table)
+        offramps["tunnel"] = stuck
+        hanging = [asyncio.create_task(p.open_tcp(flow())) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(FlowError, match="2 flows opening") as e:
+            await p.open_tcp(flow())
+        assert e.value.result is FlowResult.BUSY
+        other = asyncio.create_task(p.open_tcp(flow(source="192.0.2.2")))
+        await asyncio.sleep(0)
+        with pytest.raises(FlowError, match="alice already has 3 flows opening"):
+            await p.open_tcp(flow(source="192.0.2.3"))
+        assert rejected == ["source_opening_share", "identity_opening_share"]
+        hanging[0].cancel()  # a client that went away gives its opening slot back
+        await asyncio.gather(hanging[0], return_exceptions=True)
+        late = asyncio.create_task(p.open_tcp(flow()))
+        await asyncio.sleep(0)
+        stuck.release.set()
+        await asyncio.gather(hanging[1], other, late)
+        assert len(p.opening.sources) == 0 and len(p.opening.identities) == 0
 
     asyncio.run(main())
 

@@ -154,9 +154,10 @@ async def socks_open(
     auth: tuple[bytes, bytes] | None = None,
     command: int = Command.CONNECT,
     early: bytes = b"",
+    source: str = "127.0.0.1",
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
     """Handshake up to the reply; returns the stream and REP."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     methods = [Method.USERNAME_PASSWORD] if auth else [Method.NO_AUTH]
     writer.write(socks5.build_greeting(methods))
     assert socks5.parse_method_selection(await reader.readexactly(2)) == methods[0]
@@ -231,6 +232,7 @@ def test_socks5_early_data_goes_to_the_leg_first() -> None:
         (FlowResult.REFUSED, 0x05),
         (FlowResult.TIMEOUT, 0x04),
         (FlowResult.ERROR, 0x01),
+        (FlowResult.BUSY, 0x01),
     ],
 )
 def test_socks5_flow_errors_map_to_rep(result: FlowResult, rep: int) -> None:
@@ -399,6 +401,43 @@ def test_socks5_max_flows() -> None:
     run(main)
 
 
+def test_one_address_holds_only_its_share_of_handshake_slots() -> None:
+    async def main() -> None:
+        opener = FakeOpener()
+        config = {"max_handshakes": 4, "max_handshakes_per_source": 1}
+        async with serving(Socks5Server, opener, **config) as server:
+            # clients from 127.0.0.1 that never finish their greeting: the first two get in
+            # (the slots are not half taken yet), then the share binds
+            slow = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+            while server.handshakes < 2:
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            assert await read_eof(reader) == b""  # closed at once, nothing read
+            writer.close()
+            await opener.wait_bad()
+            assert opener.bad == [("socks5", "too_many_handshakes_from_source")]
+            # another address still gets in
+            _, w, rep = await socks_open(server.port, "192.0.2.1", 80, source="127.0.0.2")
+            assert rep == Rep.SUCCEEDED
+            w.close()
+            # the others' half is theirs: a second address fills it
+            other = await asyncio.open_connection(
+                "127.0.0.1", server.port, local_addr=("127.0.0.3", 0)
+            )
+            while server.handshakes < 3:
+                await asyncio.sleep(0.01)
+            for _, sw in [*slow, other]:  # the slow ones leave: their address may come back
+                sw.close()
+            while server.handshakes:
+                await asyncio.sleep(0.01)
+            _, w, rep = await socks_open(server.port, "192.0.2.1", 80)
+            assert rep == Rep.SUCCEEDED
+            w.close()
+            await opener.wait_finished(2)
+
+    run(main)
+
+
 def test_close_ends_open_flows_once() -> None:
     async def main() -> None:
         opener = FakeOpener()
@@ -499,6 +538,7 @@ def test_http_connect_relays_with_leftover(loop: str, target: bytes, host: str, 
         (FlowResult.REFUSED, 502),
         (FlowResult.TIMEOUT, 504),
         (FlowResult.ERROR, 502),
+        (FlowResult.BUSY, 503),
     ],
 )
 @pytest.mark.parametrize("form", ["connect", "absolute"])

@@ -207,3 +207,24 @@ def test_invalid_names_get_400_and_socks5_host_unreachable(tmp_path: Path, name:
         assert "host name" in audit
 
     run(main())
+
+
+def test_the_connectors_resolver_is_bounded_like_the_edges() -> None:
+    from ramp.tunnel.resolver import Resolver
+
+    async def main() -> None:
+        server, port = await nameserver(answer=False)
+        busy: list[int] = []
+        r = Resolver(f"127.0.0.1:{port}", 1.0, 2, on_busy=lambda: busy.append(1))
+        assert r.address == ("127.0.0.1", port)
+        hung = [asyncio.ensure_future(r.resolve(f"hang{i}.corp")) for i in range(2)]
+        for _ in range(4):
+            await server.queries.get()
+        with pytest.raises(FlowError, match="resolver busy"):
+            await r.resolve("third.corp")
+        assert busy == [1]
+        assert await r.resolve("10.0.0.5") == ["10.0.0.5"]  # literals never wait
+        await asyncio.gather(*hung, return_exceptions=True)
+        assert r.in_flight == 0
+
+    run(main())

@@ -22,6 +22,16 @@ def test_released_keys_are_forgotten() -> None:
     assert len(shares) == 0 and shares.held("a") == 0
 
 
+def test_a_share_not_enforced_still_counts() -> None:
+    shares: Shares[str] = Shares(1)
+    assert shares.try_take("a", enforce=False) and shares.try_take("a", enforce=False)
+    assert shares.held("a") == 2 and not shares.try_take("a")
+    shares.release("a")
+    assert not shares.try_take("a")  # still at its share
+    shares.release("a")
+    assert shares.try_take("a")
+
+
 def test_limit_zero_means_no_share() -> None:
     shares: Shares[str] = Shares(0)
     assert all(shares.try_take("a") for _ in range(1000))

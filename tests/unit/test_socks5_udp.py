@@ -21,7 +21,7 @@ import pytest
 from ramp.config import EdgeConfig
 from ramp.flows.flow import Flow, FlowError, FlowResult
 from ramp.onramps.socks5 import Socks5Server
-from ramp.onramps.socks5_udp import UdpAssociation
+from ramp.onramps.socks5_udp import AssociationLimits, IdleWatch, UdpAssociation
 from ramp.testing.clients import ProxyError, socks5_udp_associate, udp_unwrap, udp_wrap
 from ramp.testing.loopback import LOOPS
 from ramp.testing.loopback import run_on_loop as run
@@ -653,5 +653,94 @@ def test_authenticated_user_is_the_sessions_identity() -> None:
             await asyncio.to_thread(client)
         (flow,) = opener.opened
         assert flow.user == "alice"
+
+    run(main)
+
+
+# -- shares and idle expiry -----------------------------------------------------------------
+
+
+def test_idle_watch_expires_only_after_a_quiet_timeout() -> None:
+    watch = IdleWatch(60.0, now=0.0)
+    assert watch.interval == 15.0
+    assert not watch.expired(45.0)
+    watch.active = True  # a datagram
+    assert not watch.expired(59.0)  # seen now: the timeout counts from here
+    assert not watch.expired(118.0)
+    assert watch.expired(119.0)
+
+
+def test_association_share_per_source_refuses_with_general_failure() -> None:
+    async def main() -> None:
+        opener = UdpOpener()
+        refused: list[str] = []
+        async with serving(opener) as server:
+            server.associations = AssociationLimits(per_source=2, on_refused=refused.append)
+
+            limits = server.associations
+
+            def crowd() -> None:
+                with control(server.port) as a, control(server.port) as b:
+                    socks5_udp_associate(a)
+                    socks5_udp_associate(b)
+                    with control(server.port) as c, pytest.raises(ProxyError, match="0x1"):
+                        socks5_udp_associate(c)
+
+            def back_in() -> None:
+                with control(server.port) as d, udp_socket() as u:
+                    echo(u, socks5_udp_associate(d), "192.0.2.7", 7, b"back in")
+
+            await asyncio.to_thread(crowd)
+            # the two ended: their units are free again
+            await until(lambda: limits.active == 0, "associations released")
+            await asyncio.to_thread(back_in)
+        assert refused == ["source_share"]
+        assert ("socks5", "udp_association_source_share") in opener.bad
+
+    run(main)
+
+
+def test_idle_association_is_closed_with_its_control_connection() -> None:
+    async def main() -> None:
+        opener = UdpOpener()
+        expired: list[bool] = []
+        async with serving(opener) as server:
+            server.associations = AssociationLimits(
+                idle_timeout=0.4, on_expired=lambda: expired.append(True)
+            )
+
+            def client() -> None:
+                with control(server.port) as ctl, udp_socket() as u:
+                    relay = socks5_udp_associate(ctl)
+                    echo(u, relay, "192.0.2.7", 7, b"used once")
+                    # then nothing: the edge closes the control connection (EOF here)
+                    assert ctl.recv(1) == b""
+
+            await asyncio.to_thread(client)
+            await until(lambda: server.flows == 0, "the association's slot freed")
+            await until(lambda: all(s.closed_by_client for s in opener.sessions), "sessions end")
+        assert expired == [True]
+
+    run(main)
+
+
+def test_association_share_per_identity_spans_connections_of_that_user() -> None:
+    async def main() -> None:
+        opener = UdpOpener()
+        refused: list[str] = []
+        async with serving(opener, users={"alice": "a-pw", "bob": "b-pw"}) as server:
+            server.associations = AssociationLimits(per_identity=1, on_refused=refused.append)
+
+            def client() -> None:
+                with control(server.port) as a, udp_socket() as u:
+                    relay = socks5_udp_associate(a, user="alice", password="a-pw")
+                    with control(server.port) as b, pytest.raises(ProxyError, match="0x1"):
+                        socks5_udp_associate(b, user="alice", password="a-pw")
+                    with control(server.port) as c:
+                        socks5_udp_associate(c, user="bob", password="b-pw")
+                    echo(u, relay, "192.0.2.7", 7, b"alice still relays")
+
+            await asyncio.to_thread(client)
+        assert refused == ["identity_share"]
 
     run(main)

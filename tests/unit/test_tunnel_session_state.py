@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from ramp.flows.client_shares import ClientShares
 from ramp.flows.flow import FlowResult
 from ramp.tunnel import session_state as ss
 from ramp.tunnel.interfaces import STALE_AFTER
@@ -127,6 +128,7 @@ def test_a_zero_timeout_fails_at_once() -> None:
 @dataclass
 class Sess:
     last_active: float
+    replied: bool = True
 
 
 def test_sweep_expires_idle_sessions_and_moves_off_silent_connections() -> None:
@@ -208,3 +210,73 @@ def test_answers_are_session_control_datagrams() -> None:
     [act] = a.opened("k", 9)
     assert isinstance(act, ss.Answer)
     assert act.data == encode_session_control(SessionRegistered(9))
+
+
+def test_unreplied_sessions_expire_after_the_short_timeout() -> None:
+    # both idle for 40 s: only the one the origin never answered is past its 30 s
+    answered, unanswered = Sess(60.0, replied=True), Sess(60.0, replied=False)
+    idle, _ = sweep(100.0, 210.0, [(answered, None), (unanswered, None)], 30.0)
+    assert idle == [unanswered]
+    assert ss.expiry_reason(unanswered) == "unreplied"
+    # an answered session stays until the long timeout
+    idle, _ = sweep(270.5, 210.0, [(answered, None)], 30.0)
+    assert idle == [answered]
+    assert ss.expiry_reason(answered) == "idle"
+    # the sweep runs often enough for the shorter of the two
+    assert ss.sweep_interval(210.0, 1.0, 2.0) == 0.5
+
+
+def test_an_unreplied_timeout_longer_than_the_idle_one_changes_nothing() -> None:
+    s = Sess(60.0, replied=False)
+    assert sweep(100.0, 30.0, [(s, None)], 300.0)[0] == [s]
+
+
+def shared_admission(limit: int = 100) -> SessionAdmission[int, str]:
+    return SessionAdmission(limit, ClientShares(per_source=2, per_identity=3))
+
+
+def refusal(actions: list[object]) -> tuple[str, SessionError]:
+    dropped = [a for a in actions if isinstance(a, ss.Dropped)]
+    answers = [a for a in actions if isinstance(a, ss.Answer)]
+    msg = parse_datagram(answers[0].data)
+    assert isinstance(msg, SessionRefused)
+    return dropped[0].reason, msg.code
+
+
+def test_admission_source_share_refuses_only_that_source() -> None:
+    a = shared_admission()
+    assert a.register(1, "c", 1, "10.0.0.1") == [ss.OpenOrigin(1)]
+    assert a.register(2, "c", 2, "10.0.0.1") == [ss.OpenOrigin(2)]
+    assert refusal(a.register(3, "c", 3, "10.0.0.1")) == (
+        "source_share",
+        SessionError.TOO_MANY_SESSIONS,
+    )
+    # another source still gets in
+    assert a.register(4, "c", 4, "10.0.0.2") == [ss.OpenOrigin(4)]
+    # a session that ends (opened then closed, or failed to open) gives its unit back
+    a.opened(1, 1)
+    assert a.closed(1)
+    a.open_failed(2, 2, SessionError.UNREACHABLE, "no")
+    assert a.register(5, "c", 5, "10.0.0.1") == [ss.OpenOrigin(5)]
+    assert a.register(6, "c", 6, "10.0.0.1") == [ss.OpenOrigin(6)]
+    a.abandoned(6)
+    assert a.shares.sources.held("10.0.0.1") == 1
+
+
+def test_admission_identity_share_spans_sources() -> None:
+    a = shared_admission()
+    for key, src in enumerate(("10.0.0.1", "10.0.0.2", "10.0.0.3")):
+        assert a.register(key, "c", key, src, "alice") == [ss.OpenOrigin(key)]
+    assert refusal(a.register(9, "c", 9, "10.0.0.4", "alice"))[0] == "identity_share"
+    # the refused one took nothing from its source's share
+    assert a.shares.sources.held("10.0.0.4") == 0
+    assert a.register(10, "c", 10, "10.0.0.4", "bob") == [ss.OpenOrigin(10)]
+
+
+def test_a_repeated_register_takes_no_second_unit() -> None:
+    a = shared_admission()
+    assert a.register(1, "c", 1, "10.0.0.1") == [ss.OpenOrigin(1)]
+    assert a.register(1, "c2", 1, "10.0.0.1") == []
+    a.opened(1, 1)
+    assert len(a.register(1, "c", 1, "10.0.0.1")) == 1  # answered again
+    assert a.shares.sources.held("10.0.0.1") == 1

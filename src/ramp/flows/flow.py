@@ -51,6 +51,7 @@ class FlowResult(enum.Enum):
     ERROR = "error"  # anything else (protocol error, internal error)
     RESET = "reset"  # an established flow was reset by one side
     BAD_DESTINATION = "bad_destination"  # not a host name one could resolve (e.g. "a..b")
+    BUSY = "busy"  # a limit of this edge, or the client's fair share of it, is used up
 
 
 class FlowError(Exception):

@@ -29,10 +29,12 @@ class Shares(Generic[K]):
     def held(self, key: K) -> int:
         return self._held.get(key, 0)
 
-    def try_take(self, key: K) -> bool:
-        """Take one unit for `key`; False (and nothing taken) when its share is used up."""
+    def try_take(self, key: K, *, enforce: bool = True) -> bool:
+        """Take one unit for `key`; False (and nothing taken) when its share is used up.
+        With `enforce` False (the resource is far from full) the unit is taken regardless:
+        a burst from one client may use room nobody else needs, and is counted all the same."""
         n = self._held.get(key, 0)
-        if self.limit and n >= self.limit:
+        if enforce and self.limit and n >= self.limit:
             self.refused += 1
             return False
         self._held[key] = n + 1

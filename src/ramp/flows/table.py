@@ -1,6 +1,8 @@
 """The flow table: owns every flow of a role from accept to end.
 
-Admission is bounded (past the limit a flow gets a clear error and a counter moves), and the end
+Admission is bounded (past the limit a flow gets a clear error and a counter moves), each source
+address and each identity may hold only its share of the table (so one client cannot fill it
+for everyone), and the end
 of every flow, whatever kind and however it ends, is reported from here and only here: the
 reporters (metrics, the audit log, `flow_end` hooks) see each flow exactly once.
 """
@@ -11,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
 from ramp.flows.flow import Flow, FlowError, FlowResult, FlowState
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,13 @@ class FlowTable:
         reporters: list[Reporter] | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_count: Callable[[int], None] | None = None,
+        *,
+        per_source: int = 0,
+        per_identity: int = 0,
     ) -> None:
         self.limit = limit
+        # 0 = no share (the connector's table: its flows all come from the edge)
+        self.shares: ClientShares[str] = ClientShares(per_source, per_identity)
         self.reporters: list[Reporter] = list(reporters or ())
         self._on_reject = on_reject
         self._on_count = on_count
@@ -46,19 +54,22 @@ class FlowTable:
         return self._flows.get(flow_id)
 
     def admit(self, flow: Flow) -> None:
-        """Take `flow` into the table, or refuse it (FlowError) when the table is full.
-
-        A refused flow is reported like any other: the client sees an error, the audit and
-        metrics see the flow and why it never started."""
+        """Take `flow` into the table, or refuse it (FlowError) when the table is full or its
+        source or identity holds its whole share."""
         if flow.id in self._flows:
             return
         if len(self._flows) >= self.limit:
-            if self._on_reject is not None:
-                self._on_reject("flow_table_full")
-            error = FlowError(FlowResult.ERROR, f"at the limit of {self.limit} concurrent flows")
-            flow.fail(error.result, error.reason)
-            self._report(flow)
-            raise error
+            self._refuse(flow, "flow_table_full", f"at the limit of {self.limit} concurrent flows")
+        why = self.shares.try_take(flow.source[0], flow.user)
+        if why is not None:
+            who, share = (
+                (flow.source[0], self.shares.sources)
+                if why == SOURCE_SHARE
+                else (flow.user, self.shares.identities)
+            )
+            self._refuse(
+                flow, why, f"{who} already has {share.limit} flows open (its share of the edge)"
+            )
         self._flows[flow.id] = flow
         if self._on_count is not None:
             self._on_count(len(self._flows))
@@ -67,9 +78,21 @@ class FlowTable:
         """Report `flow` as finished, once; later calls for the same flow do nothing."""
         if flow.state is FlowState.ENDED:
             return
-        if self._flows.pop(flow.id, None) is not None and self._on_count is not None:
-            self._on_count(len(self._flows))
+        if self._flows.pop(flow.id, None) is not None:
+            self.shares.release(flow.source[0], flow.user)
+            if self._on_count is not None:
+                self._on_count(len(self._flows))
         self._report(flow)
+
+    def _refuse(self, flow: Flow, reason: str, message: str) -> None:
+        """Refuse `flow` (FlowError, BUSY): reported like any other, so the audit and metrics
+        see the flow and why it never started."""
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        error = FlowError(FlowResult.BUSY, message)
+        flow.fail(error.result, error.reason)
+        self._report(flow)
+        raise error
 
     def _report(self, flow: Flow) -> None:
         flow.state = FlowState.ENDED

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 async def tcp_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -24,3 +30,72 @@ async def tcp_listen_socket(host: str, port: int, backlog: int = 1024) -> socket
         sock.close()
         raise
     return sock
+
+
+# accept(2) failures that last (out of descriptors or kernel memory) rather than concern
+# one connection (ECONNABORTED: the client gave up while it waited in the backlog)
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_FIRST = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+
+
+class AcceptErrors:
+    """How an accept loop rides out accept(2) failures.
+
+    Out of descriptors, a loop that retries at once spins and logs without end; one that gives
+    up stops serving. This one pauses, doubling the pause while the failures go on, keeps
+    serving the connections it has (closing them is what frees descriptors), and says so once
+    per episode: one warning when it starts, one line when accepting works again. Every
+    failure is still counted (`on_error(errno name)`).
+    """
+
+    def __init__(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self._on_error = on_error
+        self.failures = 0  # in the current episode
+        self.delay = 0.0
+
+    def failed(self, e: OSError) -> float:
+        """Seconds to wait before accepting again."""
+        what = errno.errorcode.get(e.errno or 0, "unknown")
+        if self._on_error is not None:
+            self._on_error(what)
+        if e.errno not in _RESOURCE_ERRORS:
+            log.debug("%s: accept failed: %s", self.name, e)
+            return 0.0
+        if self.failures == 0:
+            log.warning(
+                "%s: cannot accept connections: %s; pausing accepts until descriptors free "
+                "up (open connections keep being served; ramp_accept_errors_total counts)",
+                self.name,
+                e.strerror or e,
+            )
+        self.failures += 1
+        self.delay = min(ACCEPT_BACKOFF_MAX, max(ACCEPT_BACKOFF_FIRST, self.delay * 2))
+        return self.delay
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning("%s: accepting again after %d failed accepts", self.name, self.failures)
+            self.failures = 0
+            self.delay = 0.0
+
+
+async def accept_loop(
+    lsock: socket.socket,
+    handle: Callable[[socket.socket, Any], None],
+    errors: AcceptErrors,
+) -> None:
+    """Accept connections on `lsock` for ever, handing each (non-blocking) to `handle`."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            conn, addr = await loop.sock_accept(lsock)
+        except OSError as e:
+            delay = errors.failed(e)
+            if delay:
+                await asyncio.sleep(delay)
+            continue
+        errors.succeeded()
+        conn.setblocking(False)
+        handle(conn, addr)

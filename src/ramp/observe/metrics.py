@@ -42,6 +42,18 @@ class FlowMetrics:
             ["onramp", "reason"],
             registry=registry,
         )
+        self.accept_errors = Counter(
+            "ramp_accept_errors",
+            "Failed accept(2) calls by listener and errno (EMFILE: out of descriptors).",
+            ["onramp", "error"],
+            registry=registry,
+        )
+        self.limits = Gauge(
+            "ramp_limit",
+            "Limits in force, after sizing them to the descriptor limit (RLIMIT_NOFILE).",
+            ["limit"],
+            registry=registry,
+        )
         self.udp_sessions_active = Gauge(
             "ramp_udp_sessions_active", "UDP sessions open now.", registry=registry
         )
@@ -63,6 +75,20 @@ class FlowMetrics:
             ["reason"],
             registry=registry,
         )
+        self.udp_sessions_refused = Counter(
+            "ramp_udp_sessions_refused",
+            "UDP sessions refused because their client's share was used up, by reason "
+            "(source_share, identity_share).",
+            ["reason"],
+            registry=registry,
+        )
+        self.udp_sessions_expired = Counter(
+            "ramp_udp_sessions_expired",
+            "UDP sessions closed for idling, by reason (idle: past udp_idle_timeout; unreplied: "
+            "never answered, past udp_unreplied_timeout).",
+            ["reason"],
+            registry=registry,
+        )
         # per-datagram hot path: bind the labelled children once
         self._dgram_children = {
             d: (self.udp_datagrams.labels(d), self.udp_bytes.labels(d)) for d in ("up", "down")
@@ -78,6 +104,12 @@ class FlowMetrics:
         datagrams, nbytes = self._dgram_children[direction]
         datagrams.inc()
         nbytes.inc(size)
+
+    def udp_session_refused(self, reason: str) -> None:
+        self.udp_sessions_refused.labels(reason).inc()
+
+    def udp_session_expired(self, reason: str) -> None:
+        self.udp_sessions_expired.labels(reason).inc()
 
 
 class EdgeMetrics(FlowMetrics):
@@ -135,6 +167,23 @@ class EdgeMetrics(FlowMetrics):
             "Synchronous hook calls that took longer than the hook timeout (they block the "
             "event loop).",
             ["hook", "point"],
+            registry=self.registry,
+        )
+        self.udp_associations_active = Gauge(
+            "ramp_udp_associations_active",
+            "SOCKS5 UDP associations open now.",
+            registry=self.registry,
+        )
+        self.udp_associations_refused = Counter(
+            "ramp_udp_associations_refused",
+            "SOCKS5 UDP ASSOCIATE requests refused because their client's share was used up, "
+            "by reason (source_share, identity_share).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.udp_associations_expired = Counter(
+            "ramp_udp_associations_expired",
+            "SOCKS5 UDP associations closed after udp_association_idle_timeout without a datagram.",
             registry=self.registry,
         )
         self.config_reloads = Counter(

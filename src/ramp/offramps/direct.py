@@ -79,7 +79,7 @@ class DirectOffRamp:
         assert flow.resolved is not None
         table = self.sessions
         session = DirectSession(table, table.new_id(), flow, receive, closed)
-        with table.reserving():
+        with table.reserving(session):
             session.origin = await open_udp_origin(
                 flow.resolved,
                 flow.destination.port,

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +36,7 @@ from pydantic import field_validator
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import FlowError
 from ramp.flows.opener import FlowOpener
-from ramp.net.listen import tcp_listen_socket
+from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
 from ramp.net.pktinfo import Address, PktinfoEndpoint
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.wire.dns import (
@@ -87,8 +89,13 @@ class DnsServer:
         max_tcp_connections: int = MAX_TCP_CONNECTIONS,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
         on_outcome: Callable[[str], None] | None = None,
+        accept_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
+        self.accept_errors = AcceptErrors(
+            "dns on-ramp (tcp)",
+            (lambda what: accept_error(self.onramp, what)) if accept_error is not None else None,
+        )
         self._on_outcome = on_outcome
         self.opener = opener
         self.max_inflight = max_inflight
@@ -102,7 +109,7 @@ class DnsServer:
         self.inflight = 0
         self.tcp_connections = 0
         self._udp: PktinfoEndpoint | None = None
-        self._tcp: asyncio.Server | None = None
+        self._tcp: asyncio.Task[None] | None = None  # the TCP accept loop
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -123,13 +130,29 @@ class DnsServer:
             break
         log.info("dns on-ramp listening on %s:%d (udp, tcp)", *self.address)
 
-    async def _listen_tcp(self, host: str, port: int) -> asyncio.Server:
+    async def _listen_tcp(self, host: str, port: int) -> asyncio.Task[None]:
         sock = await tcp_listen_socket(host, port)
-        try:
-            return await asyncio.start_server(self._serve_tcp, sock=sock, backlog=1024)
-        except BaseException:
-            sock.close()
-            raise
+
+        async def serve() -> None:
+            try:
+                await accept_loop(sock, self._accepted_tcp, self.accept_errors)
+            finally:
+                sock.close()
+
+        return asyncio.create_task(serve())
+
+    def _accepted_tcp(self, conn: socket.socket, addr: object) -> None:
+        async def serve() -> None:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except OSError:
+                conn.close()
+                return
+            await self._serve_tcp(reader, writer)
+
+        task = asyncio.create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -146,7 +169,9 @@ class DnsServer:
             self._udp.close()
             self._udp = None
         if self._tcp is not None:
-            self._tcp.close()
+            self._tcp.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tcp
             self._tcp = None
         tasks = list(self._tasks)
         for t in tasks:
@@ -279,9 +304,6 @@ class DnsServer:
             self.opener.bad_input(self.onramp, "too_many_connections", peer)
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         self.tcp_connections += 1
         slots = asyncio.Semaphore(MAX_PIPELINE)
         lock = asyncio.Lock()
@@ -298,7 +320,6 @@ class DnsServer:
             for t in pending:
                 t.cancel()
             self.tcp_connections -= 1
-            self._tasks.discard(task)
             writer.close()
 
     async def _read_tcp_query(
@@ -382,7 +403,9 @@ class DnsOptions(OnRampOptions):
 
 
 def _build(ctx: OnRampContext, options: OnRampOptions) -> DnsServer:
-    return DnsServer(ctx.config, ctx.opener, on_outcome=ctx.dns_outcome)
+    return DnsServer(
+        ctx.config, ctx.opener, on_outcome=ctx.dns_outcome, accept_error=ctx.accept_error
+    )
 
 
 register(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 
 from pydantic import Field, field_validator
 
@@ -45,8 +46,14 @@ class ForwardOptions(OnRampOptions):
 class ForwardServer(TcpOnRamp):
     onramp = "forward"
 
-    def __init__(self, config: object, opener: object, options: ForwardOptions) -> None:
-        super().__init__(config, opener, options)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        config: object,
+        opener: object,
+        options: ForwardOptions,
+        accept_error: Callable[[str, str], None] | None = None,
+    ) -> None:
+        super().__init__(config, opener, options, accept_error=accept_error)  # type: ignore[arg-type]
         self.destination = Destination(*_split(options.to))
         if getattr(config, "users", None):
             log.warning(
@@ -67,7 +74,7 @@ class ForwardServer(TcpOnRamp):
 
 
 def _build(ctx: OnRampContext, options: ForwardOptions) -> ForwardServer:
-    return ForwardServer(ctx.config, ctx.opener, options)
+    return ForwardServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
 
 
 register("forward", ForwardOptions, _build, "every connection goes to one fixed destination")

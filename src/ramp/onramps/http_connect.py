@@ -56,6 +56,7 @@ _FAILURES: dict[FlowResult, tuple[int, str, str]] = {
     FlowResult.ERROR: (502, "proxy error", "proxy_internal_error"),
     FlowResult.RESET: (502, "connection reset", "connection_terminated"),
     FlowResult.BAD_DESTINATION: (400, "not a valid host name", "destination_not_found"),
+    FlowResult.BUSY: (503, "too many flows", "connection_limit_reached"),
 }
 
 
@@ -235,7 +236,7 @@ def hook_reply(reply: Reply) -> bytes:
 
 
 def _build(ctx: OnRampContext, options: OnRampOptions) -> HttpConnectServer:
-    return HttpConnectServer(ctx.config, ctx.opener, options)
+    return HttpConnectServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
 
 
 register("http", OnRampOptions, _build, "HTTP/1.1 proxy: CONNECT and absolute-form requests")

@@ -47,6 +47,9 @@ class OnRampContext:
     config: Any  # EdgeConfig
     opener: Any  # FlowOpener
     dns_outcome: Callable[[str], None] | None = None
+    # (on-ramp type, errno name) for each failed accept(2): the role counts them
+    accept_error: Callable[[str, str], None] | None = None
+    udp_associations: Any = None  # socks5_udp.AssociationLimits, shared by SOCKS5 listeners
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]

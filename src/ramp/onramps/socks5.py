@@ -10,7 +10,7 @@ from functools import partial
 
 from ramp.flows.flow import Destination, FlowResult
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
-from ramp.onramps.socks5_udp import UdpAssociation, run_association
+from ramp.onramps.socks5_udp import AssociationLimits, UdpAssociation, run_association
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
 from ramp.wire import socks5
 from ramp.wire.socks5 import NEED_DATA, Command, Rep, Socks5Error
@@ -28,6 +28,7 @@ REP_FOR_RESULT: dict[FlowResult, Rep] = {
     FlowResult.ERROR: Rep.GENERAL_FAILURE,
     FlowResult.RESET: Rep.GENERAL_FAILURE,
     FlowResult.BAD_DESTINATION: Rep.HOST_UNREACHABLE,
+    FlowResult.BUSY: Rep.GENERAL_FAILURE,
 }
 
 
@@ -40,6 +41,8 @@ class Socks5Server(TcpOnRamp):
     `port`, `await close()`."""
 
     onramp = "socks5"
+    # the edge's, shared by its SOCKS5 listeners (set by the builder); none: no shares
+    associations: AssociationLimits | None = None
 
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
         users = self.config.users
@@ -100,9 +103,35 @@ class Socks5Server(TcpOnRamp):
         identity: str | None,
         request: socks5.Request,
     ) -> None:
-        """One UDP association, for as long as its control connection `sock` lives."""
+        """One UDP association, for as long as its control connection `sock` lives (and
+        carries datagrams: an idle one is closed)."""
+        if self.associations is None:
+            self.associations = AssociationLimits()
+        limits = self.associations
+        refused = limits.admit(peer[0], identity)
+        if refused is not None:
+            # 0x01, not 0x02 ("not allowed by ruleset"): the client is over a resource share,
+            # no rule denies it, and it may try again once it holds fewer associations
+            self.opener.bad_input(self.onramp, f"udp_association_{refused}", peer)
+            await self.send_final(sock, socks5.build_reply(Rep.GENERAL_FAILURE))
+            return
         try:
-            assoc = UdpAssociation(self.opener, sock, identity, (request.host, request.port))
+            await self._associate(sock, peer, identity, request, limits)
+        finally:
+            limits.release(peer[0], identity)
+
+    async def _associate(
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        identity: str | None,
+        request: socks5.Request,
+        limits: AssociationLimits,
+    ) -> None:
+        try:
+            assoc = UdpAssociation(
+                self.opener, sock, identity, (request.host, request.port), limits.idle_timeout
+            )
             assoc.vnet = self.options.vnet if self.options is not None else None
         except OSError as e:
             log.warning("socks5 %s: cannot open a UDP relay socket: %s", peer, e)
@@ -113,7 +142,13 @@ class Socks5Server(TcpOnRamp):
             log.debug("socks5 %s: UDP association on %s:%d", peer, host, port)
             async with asyncio.timeout(self.config.handshake_timeout):
                 await self.send(sock, socks5.build_reply(Rep.SUCCEEDED, host, port))
-            await run_association(assoc, sock)
+            if await run_association(assoc, sock):
+                limits.on_expired()
+                log.debug(
+                    "socks5 %s: UDP association closed: no datagram for %gs",
+                    peer,
+                    limits.idle_timeout,
+                )
         except (OSError, TimeoutError) as e:
             log.debug("socks5 %s: UDP association ended: %s", peer, e)
         finally:
@@ -121,7 +156,9 @@ class Socks5Server(TcpOnRamp):
 
 
 def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
-    return Socks5Server(ctx.config, ctx.opener, options)
+    server = Socks5Server(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
+    server.associations = ctx.udp_associations
+    return server
 
 
 register("socks5", OnRampOptions, _build, "SOCKS5 proxy (RFC 1928): CONNECT and UDP ASSOCIATE")

@@ -17,10 +17,12 @@ import ipaddress
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from ramp.flows.client_shares import ClientShares
 from ramp.flows.flow import Destination, Flow, FlowError, Identity
 from ramp.flows.opener import FlowOpener, UdpSession
 from ramp.net.gso import GsoSender
@@ -41,6 +43,64 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 5
 
 Key = tuple[AddressType, str, int]
+
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+
+class IdleWatch:
+    """Whether an association carried a datagram within its idle time. The datagram path
+    only sets `active` (no clock read per datagram); `expired(now)`, called every `interval`,
+    does the rest, so an idle association ends at most one interval after its time."""
+
+    def __init__(self, timeout: float, now: float) -> None:
+        self.timeout = timeout
+        self.interval = timeout / 4
+        self.active = False
+        self._seen = now
+
+    def expired(self, now: float) -> bool:
+        if self.active:
+            self.active = False
+            self._seen = now
+            return False
+        return now - self._seen >= self.timeout
+
+
+class AssociationLimits:
+    """What all SOCKS5 UDP associations of an edge share: each client's share of them, their
+    idle timeout, and their counters. Each association holds two descriptors (its control
+    connection and its relay socket), so idle ones must not pile up."""
+
+    def __init__(
+        self,
+        per_source: int = 0,
+        per_identity: int = 0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        on_refused: Callable[[str], None] = lambda reason: None,
+        on_expired: Callable[[], None] = lambda: None,
+        on_active: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.shares: ClientShares[str] = ClientShares(per_source, per_identity)
+        self.idle_timeout = idle_timeout
+        self.on_refused = on_refused
+        self.on_expired = on_expired
+        self._on_active = on_active
+        self.active = 0
+
+    def admit(self, source: str, identity: str | None) -> str | None:
+        """Take a unit of the client's shares; None when taken, else the reason it is not."""
+        refused = self.shares.try_take(source, identity)
+        if refused is not None:
+            self.on_refused(refused)
+            return refused
+        self.active += 1
+        self._on_active(self.active)
+        return None
+
+    def release(self, source: str, identity: str | None) -> None:
+        self.shares.release(source, identity)
+        self.active -= 1
+        self._on_active(self.active)
 
 
 @dataclass(eq=False, slots=True)
@@ -93,6 +153,7 @@ class UdpAssociation:
         control: socket.socket,
         identity: str | None,
         announced: tuple[str, int] = ("0.0.0.0", 0),
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.opener = opener
         self.identity = identity
@@ -117,6 +178,7 @@ class UdpAssociation:
         self._holdoff: dict[Key, float] = {}
         self._opening: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self.watch = IdleWatch(idle_timeout, self._loop.time())
         self._reading = False
         self.closed = False
 
@@ -183,6 +245,7 @@ class UdpAssociation:
             # Reassembly is optional in RFC 1928 and nobody sends fragments in practice.
             self._bad("fragment", src)
             return
+        self.watch.active = True
         if self.client_addr is None:
             self.client_port = src[1]
             self.client_addr = addr
@@ -268,6 +331,7 @@ class UdpAssociation:
         addr = self.client_addr
         if self.closed or addr is None:
             return
+        self.watch.active = True
         # batched per loop turn with GSO; a full send buffer drops (drop-tail, as UDP does)
         self._sender.send(dest.header + payload, addr)
 
@@ -284,16 +348,36 @@ class UdpAssociation:
         self.opener.bad_input(ONRAMP, reason, src)
 
 
-async def run_association(assoc: UdpAssociation, control: socket.socket) -> None:
-    """Relay until the control connection ends (EOF, error, or cancellation), then close."""
+async def _drain(control: socket.socket) -> None:
+    """RFC 1928 gives the control connection no further use: read and ignore until it ends."""
     loop = asyncio.get_running_loop()
-    enable_keepalive(control)
     try:
-        assoc.start()
-        # RFC 1928 gives the control connection no further use: read and ignore until it ends.
         while await loop.sock_recv(control, 4096):
             pass
     except OSError as e:
         log.debug("%s: control connection ended: %s", ONRAMP, e)
+
+
+async def run_association(assoc: UdpAssociation, control: socket.socket) -> bool:
+    """Relay until the control connection ends (EOF, error, or cancellation) or the
+    association idles past its timeout, then close it. True if it expired idle (the caller
+    then closes the control connection)."""
+    loop = asyncio.get_running_loop()
+    enable_keepalive(control)
+    drain = loop.create_task(_drain(control))
+    try:
+        assoc.start()
+        while True:
+            done, _ = await asyncio.wait({drain}, timeout=assoc.watch.interval)
+            if done:
+                return False
+            if assoc.watch.expired(loop.time()):
+                break
+        # let the read on the control socket go before its owner closes it
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        return True
     finally:
+        drain.cancel()
         assoc.close()

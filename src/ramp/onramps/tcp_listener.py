@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ramp.flows.endpoint import StreamEndpoint
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
 from ramp.flows.opener import FlowOpener, TcpLeg
-from ramp.net.listen import tcp_listen_socket
+from ramp.flows.shares import Shares
+from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
 
 if TYPE_CHECKING:
     from ramp.config import EdgeConfig
@@ -35,7 +36,6 @@ RECV_SIZE = 16384
 # closing with unread data does not turn into an RST that destroys the reply in flight.
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 65536
-ACCEPT_BACKOFF = 0.1
 CLIENT_GONE = "client went away while opening"
 
 
@@ -97,7 +97,12 @@ class TcpOnRamp:
     onramp = "tcp"
 
     def __init__(
-        self, config: EdgeConfig, opener: FlowOpener, options: OnRampOptions | None = None
+        self,
+        config: EdgeConfig,
+        opener: FlowOpener,
+        options: OnRampOptions | None = None,
+        *,
+        accept_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
         self.opener = opener
@@ -105,7 +110,13 @@ class TcpOnRamp:
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.accept_errors = AcceptErrors(
+            f"{self.onramp} on-ramp",
+            (lambda what: accept_error(self.onramp, what)) if accept_error is not None else None,
+        )
         self.handshakes = 0  # connections still in their handshake
+        # a slow-handshake flood from one address must not hold every handshake slot
+        self.handshake_sources: Shares[str] = Shares(config.max_handshakes_per_source)
         self.flows = 0  # connections holding a flow
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -114,7 +125,8 @@ class TcpOnRamp:
         """Listen on host:port (port 0 picks one: see `port`) and start accepting."""
         sock = await tcp_listen_socket(host, port)
         self._sock = sock
-        self._accept_task = asyncio.create_task(self._accept_loop(sock))
+        loop = accept_loop(sock, self._accepted, self.accept_errors)
+        self._accept_task = asyncio.create_task(loop)
         log.info("%s on-ramp listening on %s", self.onramp, self.address)
 
     @property
@@ -143,27 +155,23 @@ class TcpOnRamp:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, addr = await loop.sock_accept(lsock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as e:
-                # EMFILE and friends: keep serving the connections we have, retry soon.
-                log.warning("%s accept failed: %s", self.onramp, e)
-                await asyncio.sleep(ACCEPT_BACKOFF)
-                continue
-            peer = peer_of(addr)
-            if self.handshakes >= self.config.max_flows:
-                conn.close()
-                self.opener.bad_input(self.onramp, "too_many_handshakes", peer)
-                continue
-            conn.setblocking(False)
-            task = asyncio.create_task(self._serve_conn(conn, peer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _accepted(self, conn: socket.socket, addr: object) -> None:
+        peer = peer_of(addr)
+        if self.handshakes >= self.config.max_handshakes:
+            conn.close()
+            self.opener.bad_input(self.onramp, "too_many_handshakes", peer)
+            return
+        # shares bind once half the slots are taken: a burst from one address (a browser, an
+        # office behind NAT) may use the idle half; a flood cannot take the other
+        pressed = self.handshakes >= self.config.max_handshakes // 2
+        if not self.handshake_sources.try_take(peer[0], enforce=pressed):
+            conn.close()
+            self.opener.bad_input(self.onramp, "too_many_handshakes_from_source", peer)
+            return
+        self.handshakes += 1
+        task = asyncio.create_task(self._serve_conn(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- one connection -------------------------------------------------------------------
 
@@ -176,8 +184,9 @@ class TcpOnRamp:
         return b""
 
     async def _serve_conn(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Serve one connection; it holds a handshake slot (taken by `_accepted`) until its
+        request is read."""
         try:
-            self.handshakes += 1
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
                     plan = await self._handshake(sock, peer)
@@ -195,6 +204,7 @@ class TcpOnRamp:
                 return
             finally:
                 self.handshakes -= 1
+                self.handshake_sources.release(peer[0])
             if plan is None:
                 return
             if self.flows >= self.config.max_flows:

@@ -9,11 +9,13 @@ off-ramps) and never sits on the path itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
 from ramp.flows.flow import Decision, Flow, FlowError, FlowKind, FlowResult, FlowState, Identity
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
@@ -44,6 +46,9 @@ class FlowPipeline:
         on_setup: Callable[[float], None] | None = None,
         on_revoked: Callable[[], None] | None = None,
         on_open: Callable[[Flow], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+        opening_per_source: int = 0,
+        opening_per_identity: int = 0,
     ) -> None:
         self.table = table
         self.hooks = hooks
@@ -58,6 +63,11 @@ class FlowPipeline:
         self._on_setup = on_setup
         self._on_revoked = on_revoked
         self._on_open = on_open
+        self._on_reject = on_reject
+        # Flows still opening (resolving, deciding, waiting for a stream slot, waiting for the
+        # connector's dial) hold the scarce things: resolver slots, stream slots, the origin's
+        # patience. A client flooding a blackholed address keeps its flows here the longest.
+        self.opening: ClientShares[str] = ClientShares(opening_per_source, opening_per_identity)
 
     # -- the path ---------------------------------------------------------------------------
 
@@ -109,6 +119,25 @@ class FlowPipeline:
             raise FlowError(FlowResult.ERROR, f"no off-ramp {route.offramp!r} on this edge")
         return route, offramp
 
+    @contextlib.contextmanager
+    def _opening(self, flow: Flow) -> Iterator[None]:
+        """Hold one of the source's and the identity's opening slots while the flow opens."""
+        source, user = flow.source[0], flow.user
+        why = self.opening.try_take(source, user)
+        if why is not None:
+            who, share = (
+                (source, self.opening.sources)
+                if why == SOURCE_SHARE
+                else (user, self.opening.identities)
+            )
+            if self._on_reject is not None:
+                self._on_reject(why.replace("_share", "_opening_share"))
+            raise FlowError(FlowResult.BUSY, f"{who} already has {share.limit} flows opening")
+        try:
+            yield
+        finally:
+            self.opening.release(source, user)
+
     @staticmethod
     def _deny(flow: Flow, decision: Decision) -> None:
         flow.decision = decision
@@ -121,8 +150,9 @@ class FlowPipeline:
     async def open_tcp(self, flow: Flow) -> TcpLeg:
         started = time.monotonic()
         self._admit(flow)
-        route, offramp = await self._decide_and_route(flow)
-        leg: TcpLeg = await offramp.open_stream(flow, route)
+        with self._opening(flow):
+            route, offramp = await self._decide_and_route(flow)
+            leg: TcpLeg = await offramp.open_stream(flow, route)
         flow.advance(FlowState.OPENED)
         if self._on_open is not None:
             self._on_open(flow)
@@ -137,8 +167,9 @@ class FlowPipeline:
         flow.kind = FlowKind.DATAGRAM
         try:
             self._admit(flow)
-            route, offramp = await self._decide_and_route(flow)
-            session: UdpSession = await offramp.open_datagram(flow, route, receive, closed)
+            with self._opening(flow):
+                route, offramp = await self._decide_and_route(flow)
+                session: UdpSession = await offramp.open_datagram(flow, route, receive, closed)
         except FlowError as e:
             # a datagram flow that fails while opening is reported here: the on-ramp only
             # sees the exception

@@ -33,11 +33,12 @@ RESULT_TO_CODE = {
     # the edge refuses bad names before they reach a tunnel; a connector that finds one
     # answers with a code every edge already knows
     FlowResult.BAD_DESTINATION: ConnectCode.HOST_UNREACHABLE,
+    FlowResult.BUSY: ConnectCode.ERROR,
 }
 CODE_TO_RESULT = {
     code: result
     for result, code in RESULT_TO_CODE.items()
-    if result not in (FlowResult.RESET, FlowResult.BAD_DESTINATION)
+    if result not in (FlowResult.RESET, FlowResult.BAD_DESTINATION, FlowResult.BUSY)
 }
 
 

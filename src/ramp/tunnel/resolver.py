@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
 from ramp.config import parse_hostport
-from ramp.flows.flow import FlowError, FlowResult
+from ramp.flows.flow import FlowError, FlowResult, parse_ip
+from ramp.net.resolve import AsyncResolver
 
 log = logging.getLogger("ramp.connector.dns")
 
@@ -36,18 +34,30 @@ def system_nameserver(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | Non
     return None
 
 
-class Resolver:
-    def __init__(self, address: str = "", timeout: float = 5.0) -> None:
+class Resolver(AsyncResolver):
+    """The edge's resolver (bounded in time and in queries in flight, no getaddrinfo), asking
+    one nameserver inside the private network."""
+
+    def __init__(
+        self,
+        address: str = "",
+        timeout: float = 5.0,
+        max_concurrent: int = 64,
+        *,
+        on_busy: Callable[[], None] | None = None,
+    ) -> None:
         if address:
             self.host, self.port = parse_hostport(address, default_port=53)
         else:
             ns = system_nameserver()
             self.host, self.port = (ns, 53) if ns else ("", 53)
-        self._resolver = dns.asyncresolver.Resolver(configure=False)
-        if self.host:
-            self._resolver.nameservers = [self.host]
-            self._resolver.port = self.port
-        self._resolver.lifetime = timeout
+        super().__init__(
+            timeout,
+            max_concurrent,
+            on_busy=on_busy,
+            nameservers=[self.host] if self.host else [],
+            port=self.port,
+        )
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -55,19 +65,6 @@ class Resolver:
 
     async def resolve(self, name: str) -> list[str]:
         """IPv4 addresses first, then IPv6; FlowError(HOST_UNREACHABLE) when there are none."""
-        if not self.host:
+        if not self.host and parse_ip(name) is None:
             raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
-        addrs: list[str] = []
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = await self._resolver.resolve(name, rdtype, search=False)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                continue
-            except dns.exception.DNSException as e:
-                raise FlowError(FlowResult.HOST_UNREACHABLE, f"cannot resolve {name}: {e}") from e
-            addrs += [r.to_text() for r in answer]
-            if addrs:
-                break
-        if not addrs:
-            raise FlowError(FlowResult.HOST_UNREACHABLE, f"{name} does not resolve")
-        return addrs
+        return await super().resolve(name)

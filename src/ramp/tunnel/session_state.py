@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
 from ramp.flows.flow import FlowResult
 from ramp.tunnel.interfaces import STALE_AFTER
 from ramp.wire.tunnel import (
@@ -162,28 +163,48 @@ class Sweepable(Protocol):
     @property
     def last_active(self) -> float: ...
 
+    @property
+    def replied(self) -> bool:
+        """Whether the origin has answered at least once."""
+        ...
+
 
 S = TypeVar("S", bound=Sweepable)
 
 
-def sweep_interval(idle_timeout: float, cap: float) -> float:
+def sweep_interval(
+    idle_timeout: float, cap: float, unreplied_timeout: float | None = None
+) -> float:
     """How often to sweep: often enough that idle sessions end close to their timeout."""
-    return min(cap, idle_timeout / 4)
+    shortest = idle_timeout if unreplied_timeout is None else min(idle_timeout, unreplied_timeout)
+    return min(cap, shortest / 4)
+
+
+def expiry_reason(session: Sweepable) -> str:
+    """The label an expired session is counted under."""
+    return "idle" if session.replied else "unreplied"
 
 
 def sweep(
-    now: float, idle_timeout: float, sessions: Iterable[tuple[S, float | None]]
+    now: float,
+    idle_timeout: float,
+    sessions: Iterable[tuple[S, float | None]],
+    unreplied_timeout: float | None = None,
 ) -> tuple[list[S], list[S]]:
-    """(sessions idle past the timeout, sessions to move off a silent connection).
+    """(sessions idle past their timeout, sessions to move off a silent connection).
 
     Each entry is a session and the last time its connection heard the peer, or None if it
-    rides no registered connection (or needs none: direct egress).
+    rides no registered connection (or needs none: direct egress). A session the origin never
+    answered may only stay idle for `unreplied_timeout` (conntrack's unreplied UDP entries):
+    datagrams sprayed at many destinations that never answer must not hold the table for the
+    long timeout that real conversations get.
     """
     cutoff = now - idle_timeout
+    short = cutoff if unreplied_timeout is None else now - min(idle_timeout, unreplied_timeout)
     idle: list[S] = []
     stale: list[S] = []
     for session, link_rx in sessions:
-        if session.last_active < cutoff:
+        if session.last_active < (cutoff if session.replied else short):
             idle.append(session)
         elif link_rx is not None and now - link_rx > STALE_AFTER:
             # a killed connector is noticed here in about 2.5 s, long before QUIC's idle timeout
@@ -230,13 +251,24 @@ class SessionAdmission(Generic[K, L]):
     latest answer went on.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, shares: ClientShares[Hashable] | None = None) -> None:
         self.limit = limit
         self.open: set[K] = set()
         self.opening: dict[K, L] = {}  # key -> the newest connection the edge asked on
         self.draining = False
+        self.shares: ClientShares[Hashable] = shares or ClientShares(0, 0)
+        self._holders: dict[K, tuple[Hashable | None, Hashable | None]] = {}
 
-    def register(self, key: K, link: L, session_id: int) -> list[AdmitAction[L, K]]:
+    def register(
+        self,
+        key: K,
+        link: L,
+        session_id: int,
+        source: Hashable | None = None,
+        identity: Hashable | None = None,
+    ) -> list[AdmitAction[L, K]]:
+        """`source` and `identity` name whose shares the session counts against (None: no
+        share of that kind)."""
         if key in self.open:
             return [Answer(link, encode_session_control(SessionRegistered(session_id)))]
         if key in self.opening:
@@ -258,6 +290,19 @@ class SessionAdmission(Generic[K, L]):
                     f"limit of {self.limit} sessions",
                 ),
             ]
+        refused = self.shares.try_take(source, identity)
+        if refused is not None:
+            share = self.shares.sources if refused == SOURCE_SHARE else self.shares.identities
+            return [
+                Dropped(refused),
+                self._refusal(
+                    link,
+                    session_id,
+                    SessionError.TOO_MANY_SESSIONS,
+                    f"{refused.replace('_', ' ')} of {share.limit} sessions",
+                ),
+            ]
+        self._holders[key] = (source, identity)
         self.opening[key] = link
         return [OpenOrigin(key)]
 
@@ -274,18 +319,26 @@ class SessionAdmission(Generic[K, L]):
         self, key: K, session_id: int, code: SessionError, why: str
     ) -> list[AdmitAction[L, K]]:
         link = self.opening.pop(key)
+        self._release(key)
         return [self._refusal(link, session_id, code, why)]
 
     def abandoned(self, key: K) -> None:
         """The open was cancelled (shutdown)."""
-        self.opening.pop(key, None)
+        if self.opening.pop(key, None) is not None:
+            self._release(key)
 
     def closed(self, key: K) -> bool:
         """The session ended; False if it was not open (ended already)."""
         if key not in self.open:
             return False
         self.open.discard(key)
+        self._release(key)
         return True
+
+    def _release(self, key: K) -> None:
+        holder = self._holders.pop(key, None)
+        if holder is not None:
+            self.shares.release(*holder)
 
     @staticmethod
     def _refusal(link: L, session_id: int, code: SessionError, why: str) -> Answer[L]:

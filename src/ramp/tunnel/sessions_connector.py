@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from ramp.flows.client_shares import IDENTITY_SHARE, SOURCE_SHARE, ClientShares
 from ramp.flows.flow import FlowError, FlowResult
+from ramp.observe.loglimit import LogLimiter
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.tunnel import session_state as ss
 from ramp.tunnel.interfaces import ConnectorLink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
-from ramp.tunnel.session_state import SessionAdmission, sweep, sweep_interval
+from ramp.tunnel.session_state import SessionAdmission, expiry_reason, sweep, sweep_interval
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
@@ -27,6 +29,18 @@ from ramp.wire.tunnel import (
 )
 
 log = logging.getLogger("ramp.connector.udp")
+
+
+def share_keys(edge_id: str, metadata: dict[str, str]) -> tuple[Hashable | None, Hashable | None]:
+    """Whose shares a session from `edge_id` counts against: the client's address and
+    identity as the edge reported them in SESSION_REGISTER (one edge's clients are not
+    another's, so the edge is part of each key). An edge that reports no source gets no
+    per-source share here: it enforces its own."""
+    src = metadata.get("src")
+    source = (edge_id, src.rsplit(":", 1)[0]) if src else None
+    ident = metadata.get("identity")
+    return source, (edge_id, ident) if ident else None
+
 
 _ERRORS = {
     FlowResult.NOT_PERMITTED: SessionError.NOT_PERMITTED,
@@ -67,6 +81,7 @@ class ConnectorSession:
         self.origin: UdpOrigin | None = None
         self.started = manager.now()
         self.last_active = self.started
+        self.replied = False
         self.packets_up = self.packets_down = self.bytes_up = self.bytes_down = 0
 
     def to_origin(self, payload: bytes) -> None:
@@ -79,6 +94,7 @@ class ConnectorSession:
 
     def to_edge(self, payload: bytes) -> None:
         self.last_active = self.manager.now()
+        self.replied = True
         self.packets_down += 1
         self.bytes_down += len(payload)
         self.manager.metrics_datagram("down", len(payload))
@@ -104,10 +120,19 @@ class ConnectorSessions:
         metrics_drop: Callable[[str], None],
         metrics_active: Callable[[int], None],
         bad_input: Callable[[str], None],
+        unreplied_timeout: float | None = None,
+        per_source: int = 0,
+        per_identity: int = 0,
+        metrics_refused: Callable[[str], None] = lambda reason: None,
+        metrics_expired: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.resolver = resolver
         self.limit = limit
         self.idle_timeout = idle_timeout
+        self.unreplied_timeout = unreplied_timeout
+        self._metrics_refused = metrics_refused
+        self._metrics_expired = metrics_expired
+        self._refusal_log = LogLimiter()  # refusals come at the rate a client chooses
         self._on_end = on_end
         self.metrics_datagram = metrics_datagram
         self.metrics_drop = metrics_drop
@@ -115,7 +140,9 @@ class ConnectorSessions:
         self._bad_input = bad_input
         self.sessions: dict[tuple[str, int], ConnectorSession] = {}
         # which registrations to take and where to answer: the sans-I/O part
-        self.admission: SessionAdmission[tuple[str, int], ConnectorLink] = SessionAdmission(limit)
+        self.admission: SessionAdmission[tuple[str, int], ConnectorLink] = SessionAdmission(
+            limit, ClientShares(per_source, per_identity)
+        )
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -155,7 +182,8 @@ class ConnectorSessions:
             self._bad_input(f"unexpected {type(msg).__name__} from the edge")
 
     def _on_register(self, conn: ConnectorLink, key: tuple[str, int], msg: SessionRegister) -> None:
-        self._run(self.admission.register(key, conn, msg.session_id), key, msg)
+        source, identity = share_keys(conn.edge_id, msg.metadata)
+        self._run(self.admission.register(key, conn, msg.session_id, source, identity), key, msg)
 
     def _run(
         self,
@@ -170,7 +198,18 @@ class ConnectorSessions:
                     session.conn = a.link  # replies go where the latest answer went
                 a.link.send_datagram(a.data)
             elif isinstance(a, ss.Dropped):
-                self.metrics_drop(a.reason)
+                if a.reason in (SOURCE_SHARE, IDENTITY_SHARE):
+                    self._metrics_refused(a.reason)
+                    if self._refusal_log.allow(a.reason):
+                        log.info(
+                            "udp session to %s:%d from %s refused: its %s is used up",
+                            msg.host,
+                            msg.port,
+                            msg.metadata.get("src", "-"),
+                            a.reason.replace("_", " "),
+                        )
+                else:
+                    self.metrics_drop(a.reason)
             elif isinstance(a, ss.OpenOrigin):
                 task = asyncio.ensure_future(self._open(key, msg))
                 self._tasks.add(task)
@@ -254,13 +293,15 @@ class ConnectorSessions:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(sweep_interval(self.idle_timeout, 1.0))
+            await asyncio.sleep(sweep_interval(self.idle_timeout, 1.0, self.unreplied_timeout))
             now = self.now()
             # each session has its own timeout (the edge may ask for a shorter one)
             for s in list(self.sessions.values()):
-                idle, _ = sweep(now, s.idle_timeout, [(s, None)])
+                idle, _ = sweep(now, s.idle_timeout, [(s, None)], self.unreplied_timeout)
                 if idle:
-                    self._end(s, "idle timeout", notify=True)
+                    reason = expiry_reason(s)
+                    self._metrics_expired(reason)
+                    self._end(s, f"{reason} timeout", notify=True)
 
     def close(self) -> None:
         self.admission.draining = True

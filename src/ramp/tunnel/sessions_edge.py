@@ -11,10 +11,17 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 
+from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
 from ramp.flows.flow import Flow, FlowError, FlowResult
+from ramp.observe.loglimit import LogLimiter
 from ramp.tunnel import session_state as ss
 from ramp.tunnel.interfaces import EdgeLink, LinkDirectory
-from ramp.tunnel.session_state import SessionRegistration, sweep, sweep_interval
+from ramp.tunnel.session_state import (
+    SessionRegistration,
+    expiry_reason,
+    sweep,
+    sweep_interval,
+)
 from ramp.wire.tunnel import (
     ProtocolError,
     SessionClose,
@@ -29,6 +36,7 @@ from ramp.wire.tunnel import (
 
 log = logging.getLogger("ramp.edge.udp")
 
+INTERNAL_SOURCE = "edge"  # the source address of flows the edge opens itself (dns_edge.py)
 PENDING_LIMIT = 64  # datagrams held per session while it (re)registers
 MIGRATE_TIMEOUT = 5.0
 
@@ -38,6 +46,8 @@ class UdpSessionBase:
     exactly once with the flow reported."""
 
     conn: EdgeLink | None = None
+    replied = False  # the origin answered at least once: the long idle timeout applies
+    shares_held: tuple[str | None, str | None] | None = None  # the (source, identity) it counts on
 
     def __init__(
         self,
@@ -66,6 +76,7 @@ class UdpSessionBase:
         if self.finished:
             return
         self.last_active = self.manager.now()
+        self.replied = True
         self.flow.packets_down += 1
         self.flow.bytes_down += len(payload)
         self.manager.metrics_datagram("down", len(payload))
@@ -202,10 +213,20 @@ class EdgeSessions:
         metrics_datagram: Callable[[str, int], None],
         metrics_drop: Callable[[str], None],
         on_bad_input: Callable[[str], None],
+        unreplied_timeout: float | None = None,
+        per_source: int = 0,
+        per_identity: int = 0,
+        metrics_refused: Callable[[str], None] = lambda reason: None,
+        metrics_expired: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.tunnels = tunnels
         self.idle_timeout = idle_timeout
+        self.unreplied_timeout = unreplied_timeout
         self.limit = limit
+        self.shares: ClientShares[str] = ClientShares(per_source, per_identity)
+        self._metrics_refused = metrics_refused
+        self._metrics_expired = metrics_expired
+        self._refusal_log = LogLimiter()  # refusals come at the rate a client chooses
         # Sessions opened outside the tunnel (direct egress) are in `sessions` only once their
         # socket is open; until then they hold a slot here (`reserving`).
         self._opening_direct = 0
@@ -226,6 +247,26 @@ class EdgeSessions:
             self.metrics_drop("too_many_sessions")
             raise FlowError(FlowResult.ERROR, f"edge at its limit of {self.limit} UDP sessions")
 
+    def _take_share(self, session: UdpSessionBase) -> None:
+        """Count `session` against its client's shares, or refuse it (FlowError)."""
+        flow = session.flow
+        # the edge's own sessions (its DNS client, one per tunnel) have no client to share with
+        keys = (None if flow.source[0] == INTERNAL_SOURCE else flow.source[0], flow.user)
+        refused = self.shares.try_take(*keys)
+        if refused is not None:
+            self._metrics_refused(refused)
+            share = self.shares.sources if refused == SOURCE_SHARE else self.shares.identities
+            why = f"{refused.replace('_', ' ')} of {share.limit} UDP sessions used up"
+            if self._refusal_log.allow(refused):
+                log.info("udp session from %s to %s refused: %s", keys[0], flow.destination, why)
+            raise FlowError(FlowResult.ERROR, why)
+        session.shares_held = keys
+
+    def _release_share(self, session: UdpSessionBase) -> None:
+        keys, session.shares_held = session.shares_held, None
+        if keys is not None:
+            self.shares.release(*keys)
+
     async def open(
         self,
         flow: Flow,
@@ -237,12 +278,14 @@ class EdgeSessions:
     ) -> EdgeSession:
         self._check_limit()
         session = EdgeSession(self, next(self._ids), flow, tunnel_id, host, receive, closed)
+        self._take_share(session)
         self.sessions[session.id] = session
         try:
             await self.register(session, timeout)
         except BaseException:
             session.finished = True
             self.sessions.pop(session.id, None)
+            self._release_share(session)
             raise
         return session
 
@@ -250,13 +293,18 @@ class EdgeSessions:
         return next(self._ids)
 
     @contextlib.contextmanager
-    def reserving(self) -> Iterator[None]:
-        """Hold a slot under the cap while a session that is not in the table yet opens (a
-        direct session's socket), so concurrent opens cannot overshoot the limit."""
+    def reserving(self, session: UdpSessionBase) -> Iterator[None]:
+        """Hold a slot under the cap while `session`, not in the table yet, opens (a direct
+        session's socket), so concurrent opens cannot overshoot the limit. Its share is taken
+        here too and kept once it opens (`add`)."""
         self._check_limit()
+        self._take_share(session)
         self._opening_direct += 1
         try:
             yield
+        except BaseException:
+            self._release_share(session)
+            raise
         finally:
             self._opening_direct -= 1
 
@@ -355,6 +403,7 @@ class EdgeSessions:
 
     def forget(self, session: UdpSessionBase) -> None:
         self.sessions.pop(session.id, None)
+        self._release_share(session)
         if session.conn is not None:
             session.conn.sessions.pop(session.id, None)
         self._on_finished(session.flow)
@@ -363,11 +412,13 @@ class EdgeSessions:
         """Close sessions idle for longer than the idle timeout, and move sessions off
         connections that went silent (session_state.sweep decides which)."""
         while True:
-            await asyncio.sleep(sweep_interval(self.idle_timeout, 0.5))
+            await asyncio.sleep(sweep_interval(self.idle_timeout, 0.5, self.unreplied_timeout))
             entries = [(s, self._link_rx(s)) for s in self.sessions.values()]
-            idle, stale = sweep(self.now(), self.idle_timeout, entries)
+            idle, stale = sweep(self.now(), self.idle_timeout, entries, self.unreplied_timeout)
             for s in idle:
-                s._finish(FlowResult.OK, "idle timeout", notify_peer=SessionCloseReason.IDLE)
+                reason = expiry_reason(s)
+                self._metrics_expired(reason)
+                s._finish(FlowResult.OK, f"{reason} timeout", notify_peer=SessionCloseReason.IDLE)
             for s in stale:
                 if s.finished or s.conn is None:
                     continue  # ended meanwhile (a close callback above may end others)
