@@ -29,8 +29,8 @@
   ...; `answers()` drops the reasons); with `leave` each client hangs up right after its
   request. `FloodInBackground(lab, asks)` is the same in a thread (`join()` for the counts).
   `SlowHandshakes(lab, count)` holds `count` connections that send a first byte and nothing
-  more, opening a new one for each the edge closes, until `stop()`; it counts `open`,
-  `closed_by_edge` and `connect_errors`.
+  more, opening a new one for each the edge ends, until `stop()`; it counts `attempts`,
+  `open` (held now) and `outcomes` ("closed", "reset", "connect: ERROR"; `closed_by_edge`).
 - `ProcessUsage(proc)`: `sample() -> Usage` (open descriptors from /proc/PID/fd, VmRSS in KiB)
   and `wait_back_to(start, fd_slack=..., rss_slack_kib=..., timeout=...)`, which waits until
   both are back within the slack of `start` and raises TimeoutError naming what stayed up.
@@ -446,51 +446,63 @@ class FloodInBackground:
 
 class SlowHandshakes:
     """`count` connections to the proxy listeners that send a first byte and then nothing;
-    each one the edge closes is opened again, until `stop`."""
+    each one the edge ends is opened again after a pause, until `stop`."""
+
+    RECONNECT_PAUSE = 0.2  # the attacker's pacing: a tighter loop only measures its own CPU
 
     def __init__(self, lab: Lab, count: int, *, source: str = ATTACKER) -> None:
         self.lab = lab
         self.count = count
         self.source = source
-        self.open = 0
-        self.closed_by_edge = 0
-        self.connect_errors: Counter[str] = Counter()
+        self.open = 0  # connections held now
+        self.attempts = 0
+        self.outcomes: Counter[str] = Counter()  # "closed", "reset", "connect: ERROR"
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=lab.client.call, args=(asyncio.run, self._run()), daemon=True
         )
         self._thread.start()
 
+    @property
+    def closed_by_edge(self) -> int:
+        return self.outcomes["closed"] + self.outcomes["reset"]
+
     async def _one(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
         port, first = (SOCKS_PORT, b"\x05") if index % 2 else (HTTP_PROXY_PORT, b"CONNECT ")
         while not self._stop.is_set():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.attempts += 1
+            outcome = await self._hold(port, first)
+            if outcome is None:
+                return
+            self.outcomes[outcome] += 1
+            await asyncio.sleep(self.RECONNECT_PAUSE)
+
+    async def _hold(self, port: int, first: bytes) -> str | None:
+        """One connection until the edge ends it (how) or `stop` (None)."""
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setblocking(False)
             try:
                 sock.bind((self.source, 0))
                 async with asyncio.timeout(DEADLINE):
                     await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, port))
                 await loop.sock_sendall(sock, first)
-                self.open += 1
-                try:
-                    while not self._stop.is_set():
-                        try:
-                            async with asyncio.timeout(0.5):
-                                if not await loop.sock_recv(sock, 4096):
-                                    break
-                        except TimeoutError:
-                            continue
-                    else:
-                        return
-                    self.closed_by_edge += 1
-                finally:
-                    self.open -= 1
             except (OSError, TimeoutError) as e:
-                self.connect_errors[type(e).__name__] += 1
-                await asyncio.sleep(0.1)  # pacing between a refused connect and the next
+                return f"connect: {type(e).__name__}"
+            self.open += 1
+            try:
+                while not self._stop.is_set():
+                    try:
+                        async with asyncio.timeout(0.5):
+                            if not await loop.sock_recv(sock, 4096):
+                                return "closed"
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return "reset"
+                return None
             finally:
-                sock.close()
+                self.open -= 1
 
     async def _run(self) -> None:
         await asyncio.gather(*(self._one(i) for i in range(self.count)))
