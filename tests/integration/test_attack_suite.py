@@ -95,6 +95,11 @@ def edge_value(lab: Lab, name: str, **labels: str) -> float:
     return lab.edge_metrics().value(name, **labels)
 
 
+def attacker_records(lab: Lab) -> list[dict[str, object]]:
+    """The edge's audit records of the attacker's flows."""
+    return [r for r in lab.audit_records() if str(r.get("source", "")).startswith(ATTACKER + ":")]
+
+
 def failed_flows(lab: Lab, onramp: str) -> float:
     """Flows of `onramp` that ended any way but ok."""
     m = lab.edge_metrics()
@@ -164,6 +169,13 @@ def test_a_flood_to_a_blackholed_address_leaves_healthy_origins_reachable(
 # --- (ii) CONNECTs whose clients go away at once ----------------------------------------------
 
 
+def abandoned_why(record: dict[str, object]) -> str:
+    reason = str(record.get("reason"))
+    if reason == "client went away while opening":
+        return "went away"
+    return "share" if "flows opening" in reason else reason
+
+
 @pytest.mark.timeout(180)
 def test_clients_that_go_away_at_once_give_back_their_stream_slots(attack_lab: Lab) -> None:
     lab = attack_lab
@@ -197,13 +209,11 @@ def test_clients_that_go_away_at_once_give_back_their_stream_slots(attack_lab: L
     # flows reached the connector (they held slots) and it dropped their dials; how many get
     # that far before the edge sees their client gone depends on the machine's load
     assert connector.metrics().value("ramp_flows_total") - opened > 0
-    gone = [
-        r
-        for r in lab.audit_records()
-        if str(r.get("source", "")).startswith(ATTACKER + ":")
-        and r.get("reason") == "client went away while opening"
-    ]
-    assert len(gone) == 500, Counter(str(r.get("reason")) for r in lab.audit_records())
+    # each abandoned flow was let go while it opened, or refused at once past the source's
+    # opening share (its client gone by the time the answer was written)
+    reasons = Counter(abandoned_why(r) for r in attacker_records(lab))
+    assert reasons.keys() <= {"went away", "share"} and sum(reasons.values()) == 500, reasons
+    assert reasons["went away"] > 0, reasons
     # the next real flows are served (a held slot would keep them waiting past the deadline)
     watch.legit.wait_requests(3)
     watch.finish()
@@ -244,12 +254,7 @@ def test_names_whose_resolver_never_answers_do_not_hold_up_dials_to_addresses(
         got = answers(attack.join())
         assert got == Counter({f"rep {REP_HOST_UNREACHABLE:#04x}": 150, "http 502": 50}), got
         # the reason is the audit's: the attacker's lookups were refused, not lost
-        refused = [
-            r
-            for r in lab.audit_records()
-            if str(r.get("source", "")).startswith(ATTACKER + ":")
-            and "resolver busy" in str(r.get("reason"))
-        ]
+        refused = [r for r in attacker_records(lab) if "resolver busy" in str(r.get("reason"))]
         assert len(refused) >= len(asks) - 16, len(refused)
         watch.finish()
     finally:
