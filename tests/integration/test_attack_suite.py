@@ -21,6 +21,8 @@ import pytest
 
 from ramp.testing.attack import (
     ATTACKER,
+    DNS_TCP,
+    KINDS,
     Ask,
     FloodInBackground,
     LegitClient,
@@ -34,10 +36,14 @@ from ramp.testing.attack import (
 from ramp.testing.clients import REP_GENERAL_FAILURE, REP_HOST_UNREACHABLE, REP_NOT_ALLOWED
 from ramp.testing.lab import (
     BLACKHOLE,
+    DNS_PORT,
+    DNS_ZONE,
+    EDGE_DNS,
     EDGE_METRICS_PORT,
     EDGE_PUBLIC_ADDR,
     HTTP_PORT,
     ORIGIN_PREFIX,
+    PRIVATE_DNS,
     UPSTREAM_DNS_ADDR,
     Lab,
     Payload,
@@ -57,8 +63,11 @@ def start(
     connector_args: Sequence[str] = ("--connect-timeout", "2"),
     wrapper: Sequence[str] = (),
     connections: int = 4,
+    dns_zone: str | None = None,
 ) -> None:
     token = lab.create_tunnel("corp", [ORIGIN_PREFIX])
+    if dns_zone is not None:
+        lab.add_dns_route(dns_zone, "corp")
     lab.start_edge(*edge_args, wrapper=wrapper)
     lab.start_connector(token, *connector_args, "--ha-connections", str(connections))
     lab.wait_tunnel_connections("corp", connections)
@@ -68,9 +77,9 @@ def start(
 class Watch:
     """The legitimate client, and the edge's and connector's usage from before the attack."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, kinds: Sequence[str] = KINDS) -> None:
         self.lab = lab
-        self.legit = LegitClient(lab).start()
+        self.legit = LegitClient(lab, kinds=kinds).start()
         # warm first (threads, pooled connections, allocator arenas), then take the start
         self.legit.wait_requests(2)
         self.usage = [ProcessUsage(p) for p in (lab.edge, *lab.connectors) if p is not None]
@@ -351,3 +360,41 @@ def test_slow_handshakes_against_a_low_descriptor_limit_leave_the_proxies_servin
         if "accept" in line and "Too many open files" in line
     ]
     assert len(emfile) <= 4, f"{len(emfile)} accept warnings:\n" + "\n".join(emfile[:10])
+
+
+# --- (vi) DNS over TCP held by one client -----------------------------------------------------
+
+DNS_TCP_CAP = 512  # the DNS listener's TCP connections, all clients together
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="no per-source cap for DNS over TCP yet (issue 12, part 9): one client holding the "
+    "listener's 512 connections refuses everyone else's",
+)
+def test_one_client_holding_dns_tcp_connections_leaves_room_for_others(attack_lab: Lab) -> None:
+    lab = attack_lab
+    start(
+        lab,
+        edge_args=("--dns-listen", EDGE_DNS),
+        connector_args=("--connect-timeout", "2", "--dns-resolver", PRIVATE_DNS),
+        dns_zone=DNS_ZONE,
+    )
+    watch = Watch(lab, kinds=(*KINDS, DNS_TCP))
+    refused = edge_value(lab, "ramp_bad_input_total", reason="too_many_connections")
+    # connections that send half a length prefix and wait; each one ended is opened again
+    attack = SlowHandshakes(lab, DNS_TCP_CAP + 100, targets=[(DNS_PORT, b"\x00")])
+    try:
+        wait_until(
+            lambda: attack.attempts >= DNS_TCP_CAP + 100 and attack.closed_by_edge > 0,
+            2 * DEADLINE,
+            what=lambda: f"the DNS connections to be held ({attack.outcomes}, {attack.open})",
+        )
+        watch.legit.wait_requests(3)
+    finally:
+        attack.stop()
+    assert edge_value(lab, "ramp_bad_input_total", reason="too_many_connections") > refused
+    watch.finish()

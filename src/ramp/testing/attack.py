@@ -19,6 +19,8 @@
   - "http": the same file through the HTTP proxy, alternately by CONNECT and absolute-form GET.
   - "udp": a SOCKS5 UDP ASSOCIATE and one datagram to the origin's UDP echo, sent again each
     second (as a DNS client would) until the echo comes back intact.
+  - "dns-tcp" (`DNS_TCP`, only when asked for): app.corp.example over TCP from the edge's DNS
+    listener on port 53, which must answer 198.51.100.10 (a DNS route of the zone).
   `start()`, `wait_requests(n, timeout)` (every kind finished `n` more requests), `outcomes()`
   and `stop() -> Summary`.
 - `Summary`: per kind a `KindSummary` (ok and failed counts, the failures' reasons, latency
@@ -50,6 +52,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.message
+import dns.query
+import dns.rcode
+from dns.rdatatype import A
+
 from ramp.testing.clients import (
     REP_SUCCEEDED,
     ProxyError,
@@ -65,6 +72,7 @@ from ramp.testing.clients import (
     udp_wrap,
 )
 from ramp.testing.lab import (
+    APP_NAME,
     CLIENT_ADDR,
     CLIENT_ADDR2,
     EDGE_PUBLIC_ADDR,
@@ -81,6 +89,7 @@ from ramp.testing.lab import (
 from ramp.testing.wait import DEADLINE
 
 KINDS = ("socks5", "http", "udp")
+DNS_TCP = "dns-tcp"  # not in KINDS: needs the edge's DNS listener and a routed zone
 ATTACKER = CLIENT_ADDR  # the lab's first client address; the legitimate client has its own
 UDP_RESEND = 1.0  # seconds between copies of an unanswered datagram
 
@@ -181,9 +190,9 @@ class LegitClient:
         deadline: float = DEADLINE,
         pause: float = 0.05,
     ) -> None:
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - {*KINDS, DNS_TCP}
         if unknown:
-            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {KINDS}")
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {(*KINDS, DNS_TCP)}")
         self.lab = lab
         self.source = source
         self.kinds = tuple(kinds)
@@ -254,7 +263,12 @@ class LegitClient:
         )
 
     def _loop(self, kind: str) -> None:
-        request = {"socks5": self._socks5, "http": self._http, "udp": self._udp}[kind]
+        request = {
+            "socks5": self._socks5,
+            "http": self._http,
+            "udp": self._udp,
+            DNS_TCP: self._dns_tcp,
+        }[kind]
         turn = 0
         while not self._stop.is_set():
             t0 = time.monotonic()
@@ -326,6 +340,15 @@ class LegitClient:
                 except TimeoutError:
                     continue
             raise TimeoutError("no echo of the datagram")
+
+    def _dns_tcp(self, end: float, turn: int) -> None:
+        query = dns.message.make_query(APP_NAME, "A")
+        answer = dns.query.tcp(
+            query, EDGE_PUBLIC_ADDR, timeout=max(0.1, end - time.monotonic()), source=self.source
+        )
+        found = [r.address for rrset in answer.answer for r in rrset if r.rdtype == A]
+        if found != [ORIGIN]:
+            raise ProxyError(f"{APP_NAME} answered {dns.rcode.to_text(answer.rcode())} {found}")
 
 
 # --- the attacker ----------------------------------------------------------------------------
@@ -445,15 +468,27 @@ class FloodInBackground:
 
 
 class SlowHandshakes:
-    """`count` connections to the proxy listeners that send a first byte and then nothing;
-    each one the edge ends is opened again after a pause, until `stop`."""
+    """`count` connections to the edge (by default its proxy listeners, in turn) that send a
+    first byte and then nothing; each one the edge ends is opened again after a pause, until
+    `stop`. `targets` are (port, first bytes) on the edge's client-facing address."""
 
     RECONNECT_PAUSE = 0.2  # the attacker's pacing: a tighter loop only measures its own CPU
 
-    def __init__(self, lab: Lab, count: int, *, source: str = ATTACKER) -> None:
+    # (port, first bytes): half a SOCKS5 greeting, the start of an HTTP request line
+    PROXIES = ((SOCKS_PORT, b"\x05"), (HTTP_PROXY_PORT, b"CONNECT "))
+
+    def __init__(
+        self,
+        lab: Lab,
+        count: int,
+        *,
+        source: str = ATTACKER,
+        targets: Sequence[tuple[int, bytes]] = PROXIES,
+    ) -> None:
         self.lab = lab
         self.count = count
         self.source = source
+        self.targets = tuple(targets)
         self.open = 0  # connections held now
         self.attempts = 0
         self.outcomes: Counter[str] = Counter()  # "closed", "reset", "connect: ERROR"
@@ -468,7 +503,7 @@ class SlowHandshakes:
         return self.outcomes["closed"] + self.outcomes["reset"]
 
     async def _one(self, index: int) -> None:
-        port, first = (SOCKS_PORT, b"\x05") if index % 2 else (HTTP_PROXY_PORT, b"CONNECT ")
+        port, first = self.targets[index % len(self.targets)]
         while not self._stop.is_set():
             self.attempts += 1
             outcome = await self._hold(port, first)
