@@ -1,4 +1,4 @@
-"""A legitimate client and a resource gauge, for attacks on a lab's edge and connector.
+"""A legitimate client, attackers and a resource gauge, for attacks on a lab's edge and connector.
 
     lab.add_client_address()                     # the legitimate client's own source address
     usage = ProcessUsage(lab.edge)
@@ -19,10 +19,20 @@
   - "http": the same file through the HTTP proxy, alternately by CONNECT and absolute-form GET.
   - "udp": a SOCKS5 UDP ASSOCIATE and one datagram to the origin's UDP echo, sent again each
     second (as a DNS client would) until the echo comes back intact.
+  - "dns-tcp" (`DNS_TCP`, only when asked for): app.corp.example over TCP from the edge's DNS
+    listener on port 53, which must answer 198.51.100.10 (a DNS route of the zone).
   `start()`, `wait_requests(n, timeout)` (every kind finished `n` more requests), `outcomes()`
   and `stop() -> Summary`.
 - `Summary`: per kind a `KindSummary` (ok and failed counts, the failures' reasons, latency
   p50/p99 in seconds); `all_ok`, `describe()`. `percentile(values, p)` is nearest-rank.
+- The attacker, from `source` (default `ATTACKER`, the lab's first client address):
+  `flood(lab, asks, leave=False) -> Counter` sends every `Ask(via, host, port)` (a SOCKS5 or
+  HTTP CONNECT) at once and counts the answers ("rep 0x04", "http 403 REASON", "closed",
+  ...; `answers()` drops the reasons); with `leave` each client hangs up right after its
+  request. `FloodInBackground(lab, asks)` is the same in a thread (`join()` for the counts).
+  `SlowHandshakes(lab, count)` holds `count` connections that send a first byte and nothing
+  more, opening a new one for each the edge ends, until `stop()`; it counts `attempts`,
+  `open` (held now) and `outcomes` ("closed", "reset", "connect: ERROR"; `closed_by_edge`).
 - `ProcessUsage(proc)`: `sample() -> Usage` (open descriptors from /proc/PID/fd, VmRSS in KiB)
   and `wait_back_to(start, fd_slack=..., rss_slack_kib=..., timeout=...)`, which waits until
   both are back within the slack of `start` and raises TimeoutError naming what stayed up.
@@ -30,15 +40,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+from dns.rdatatype import A
 
 from ramp.testing.clients import (
     REP_SUCCEEDED,
@@ -48,11 +65,15 @@ from ramp.testing.clients import (
     parse_status,
     recv_until_eof,
     socks5_connect,
+    socks5_greeting,
+    socks5_request,
     socks5_udp_associate,
     udp_unwrap,
     udp_wrap,
 )
 from ramp.testing.lab import (
+    APP_NAME,
+    CLIENT_ADDR,
     CLIENT_ADDR2,
     EDGE_PUBLIC_ADDR,
     HTTP_PORT,
@@ -68,6 +89,8 @@ from ramp.testing.lab import (
 from ramp.testing.wait import DEADLINE
 
 KINDS = ("socks5", "http", "udp")
+DNS_TCP = "dns-tcp"  # not in KINDS: needs the edge's DNS listener and a routed zone
+ATTACKER = CLIENT_ADDR  # the lab's first client address; the legitimate client has its own
 UDP_RESEND = 1.0  # seconds between copies of an unanswered datagram
 
 
@@ -167,9 +190,9 @@ class LegitClient:
         deadline: float = DEADLINE,
         pause: float = 0.05,
     ) -> None:
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - {*KINDS, DNS_TCP}
         if unknown:
-            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {KINDS}")
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {(*KINDS, DNS_TCP)}")
         self.lab = lab
         self.source = source
         self.kinds = tuple(kinds)
@@ -240,7 +263,12 @@ class LegitClient:
         )
 
     def _loop(self, kind: str) -> None:
-        request = {"socks5": self._socks5, "http": self._http, "udp": self._udp}[kind]
+        request = {
+            "socks5": self._socks5,
+            "http": self._http,
+            "udp": self._udp,
+            DNS_TCP: self._dns_tcp,
+        }[kind]
         turn = 0
         while not self._stop.is_set():
             t0 = time.monotonic()
@@ -313,6 +341,211 @@ class LegitClient:
                     continue
             raise TimeoutError("no echo of the datagram")
 
+    def _dns_tcp(self, end: float, turn: int) -> None:
+        query = dns.message.make_query(APP_NAME, "A")
+        answer = dns.query.tcp(
+            query, EDGE_PUBLIC_ADDR, timeout=max(0.1, end - time.monotonic()), source=self.source
+        )
+        found = [r.address for rrset in answer.answer for r in rrset if r.rdtype == A]
+        if found != [ORIGIN]:
+            raise ProxyError(f"{APP_NAME} answered {dns.rcode.to_text(answer.rcode())} {found}")
+
+
+# --- the attacker ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One attacking request: CONNECT to host:port by SOCKS5 or through the HTTP proxy."""
+
+    via: str  # "socks5" or "http"
+    host: str
+    port: int
+
+
+def _request_bytes(ask: Ask) -> bytes:
+    if ask.via == "socks5":
+        return socks5_greeting(None) + socks5_request(ask.host, ask.port)
+    host = f"[{ask.host}]" if ":" in ask.host else ask.host
+    return f"CONNECT {host}:{ask.port} HTTP/1.1\r\nHost: {host}:{ask.port}\r\n\r\n".encode()
+
+
+async def _read_answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, via: str) -> str:
+    """ "rep 0x04", "http 403 ...reason...", or "closed"."""
+    data = b""
+    want = 12 if via == "socks5" else 0  # method reply + an IPv4 reply
+    while True:
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            break
+        data += chunk
+        if via == "socks5" and len(data) >= want:
+            return f"rep {data[3]:#04x}"
+        if via == "http" and b"\r\n\r\n" in data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            status = head.split(b" ", 2)[1].decode()
+            # the reason the edge gives is in the body: read what the head announces
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            while len(body) < length and (chunk := await loop.sock_recv(sock, 4096)):
+                body += chunk
+            return f"http {status} {body.decode(errors='replace').strip()}"
+    if via == "socks5" and len(data) >= 4:
+        return f"rep {data[3]:#04x}"
+    return "closed"
+
+
+async def _ask(ask: Ask, *, source: str, leave: bool, timeout: float) -> str:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.bind((source, 0))
+        port = SOCKS_PORT if ask.via == "socks5" else HTTP_PROXY_PORT
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, port))
+            await loop.sock_sendall(sock, _request_bytes(ask))
+            if leave:
+                return "left"
+            return await _read_answer(loop, sock, ask.via)
+    except TimeoutError:
+        return "no answer"
+    except OSError as e:
+        return f"error {e.strerror or e}"
+    finally:
+        sock.close()
+
+
+def flood(
+    lab: Lab,
+    asks: Sequence[Ask],
+    *,
+    source: str = ATTACKER,
+    leave: bool = False,
+    timeout: float = 2 * DEADLINE,
+) -> Counter[str]:
+    """All `asks` at once from `source` in C; what each got, counted ("rep 0x04", "http 403
+    REASON", "closed", "no answer", "left"). With `leave` each client closes right after
+    sending its request."""
+
+    async def run() -> list[str]:
+        return await asyncio.gather(
+            *(_ask(a, source=source, leave=leave, timeout=timeout) for a in asks)
+        )
+
+    return Counter(lab.client.call(asyncio.run, run()))
+
+
+def answers(got: Counter[str]) -> Counter[str]:
+    """`got` by reply code alone ("http 502"), without the reason text of each."""
+    found: Counter[str] = Counter()
+    for answer, n in got.items():
+        found[" ".join(answer.split()[:2])] += n
+    return found
+
+
+class FloodInBackground:
+    """`flood` in a thread, so the test can watch the edge while the answers are pending."""
+
+    def __init__(self, lab: Lab, asks: Sequence[Ask], **kwargs: object) -> None:
+        self.result: Counter[str] | None = None
+        self._thread = threading.Thread(target=self._run, args=(lab, asks, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, lab: Lab, asks: Sequence[Ask], kwargs: dict[str, object]) -> None:
+        self.result = flood(lab, asks, **kwargs)  # type: ignore[arg-type]
+
+    def join(self, timeout: float = 4 * DEADLINE) -> Counter[str]:
+        self._thread.join(timeout)
+        assert self.result is not None, "the attacker's requests did not finish"
+        return self.result
+
+
+class SlowHandshakes:
+    """`count` connections to the edge (by default its proxy listeners, in turn) that send a
+    first byte and then nothing; each one the edge ends is opened again after a pause, until
+    `stop`. `targets` are (port, first bytes) on the edge's client-facing address."""
+
+    RECONNECT_PAUSE = 0.2  # the attacker's pacing: a tighter loop only measures its own CPU
+
+    # (port, first bytes): half a SOCKS5 greeting, the start of an HTTP request line
+    PROXIES = ((SOCKS_PORT, b"\x05"), (HTTP_PROXY_PORT, b"CONNECT "))
+
+    def __init__(
+        self,
+        lab: Lab,
+        count: int,
+        *,
+        source: str = ATTACKER,
+        targets: Sequence[tuple[int, bytes]] = PROXIES,
+    ) -> None:
+        self.lab = lab
+        self.count = count
+        self.source = source
+        self.targets = tuple(targets)
+        self.open = 0  # connections held now
+        self.attempts = 0
+        self.outcomes: Counter[str] = Counter()  # "closed", "reset", "connect: ERROR"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=lab.client.call, args=(asyncio.run, self._run()), daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def closed_by_edge(self) -> int:
+        return self.outcomes["closed"] + self.outcomes["reset"]
+
+    async def _one(self, index: int) -> None:
+        port, first = self.targets[index % len(self.targets)]
+        while not self._stop.is_set():
+            self.attempts += 1
+            outcome = await self._hold(port, first)
+            if outcome is None:
+                return
+            self.outcomes[outcome] += 1
+            await asyncio.sleep(self.RECONNECT_PAUSE)
+
+    async def _hold(self, port: int, first: bytes) -> str | None:
+        """One connection until the edge ends it (how) or `stop` (None)."""
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            try:
+                sock.bind((self.source, 0))
+                async with asyncio.timeout(DEADLINE):
+                    await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, port))
+                await loop.sock_sendall(sock, first)
+            except (OSError, TimeoutError) as e:
+                return f"connect: {type(e).__name__}"
+            self.open += 1
+            try:
+                while not self._stop.is_set():
+                    try:
+                        async with asyncio.timeout(0.5):
+                            if not await loop.sock_recv(sock, 4096):
+                                return "closed"
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return "reset"
+                return None
+            finally:
+                self.open -= 1
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._one(i) for i in range(self.count)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2 * DEADLINE)
+
 
 # --- descriptors and memory -------------------------------------------------------------------
 
@@ -344,13 +577,14 @@ class ProcessUsage:
         start: Usage,
         *,
         fd_slack: int = 8,
-        rss_slack_kib: int = 32 * 1024,
+        rss_slack_kib: int = 16 * 1024,
         timeout: float = DEADLINE,
     ) -> Usage:
         """Until descriptors and RSS are within the slack of `start`; returns that sample.
 
-        The slack is for what a process legitimately keeps (a pooled connection, a grown
-        allocator arena): an attack's leftovers are hundreds of descriptors, megabytes more.
+        The slack is for what a process legitimately keeps (a pooled connection, allocator
+        arenas grown for the attack's flows: about 5 MiB after 500 flows in the lab); an
+        attack's leftovers are hundreds of descriptors, tens of megabytes.
         """
         last: list[Usage] = []
 
