@@ -31,11 +31,12 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import FlowError
 from ramp.flows.opener import FlowOpener
+from ramp.flows.shares import Shares
 from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
 from ramp.net.pktinfo import Address, PktinfoEndpoint
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 1024  # queries being answered at once, UDP and TCP together
 MAX_TCP_CONNECTIONS = 512
+# once half the connections are taken, one address may hold only this many: a client that
+# keeps refreshing idle connections cannot hold the listener for everyone
+TCP_CONNECTIONS_PER_SOURCE = 32
 MAX_PIPELINE = 32  # queries in flight on one TCP connection before reading pauses
 TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 6.2.3: seconds, not minutes
 UDP_BUFFER = 1 << 20
@@ -87,6 +91,7 @@ class DnsServer:
         *,
         max_inflight: int = MAX_INFLIGHT,
         max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+        tcp_connections_per_source: int = TCP_CONNECTIONS_PER_SOURCE,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
         on_outcome: Callable[[str], None] | None = None,
         accept_error: Callable[[str, str], None] | None = None,
@@ -100,6 +105,7 @@ class DnsServer:
         self.opener = opener
         self.max_inflight = max_inflight
         self.max_tcp_connections = max_tcp_connections
+        self.tcp_sources: Shares[str] = Shares(tcp_connections_per_source)
         self.tcp_idle_timeout = tcp_idle_timeout
         self.upstream: tuple[str, int] | None = (
             parse_hostport(config.dns_upstream, default_port=53) if config.dns_upstream else None
@@ -304,6 +310,11 @@ class DnsServer:
             self.opener.bad_input(self.onramp, "too_many_connections", peer)
             writer.transport.abort()
             return
+        pressed = self.tcp_connections >= self.max_tcp_connections // 2
+        if not self.tcp_sources.try_take(peer[0], enforce=pressed):
+            self.opener.bad_input(self.onramp, "too_many_connections_from_source", peer)
+            writer.transport.abort()
+            return
         self.tcp_connections += 1
         slots = asyncio.Semaphore(MAX_PIPELINE)
         lock = asyncio.Lock()
@@ -320,6 +331,7 @@ class DnsServer:
             for t in pending:
                 t.cancel()
             self.tcp_connections -= 1
+            self.tcp_sources.release(peer[0])
             writer.close()
 
     async def _read_tcp_query(
@@ -393,6 +405,13 @@ __all__ = ["DnsServer", "header_reply", "truncate", "udp_limit"]
 
 
 class DnsOptions(OnRampOptions):
+    tcp_connections_per_source: int = Field(
+        TCP_CONNECTIONS_PER_SOURCE,
+        ge=0,
+        description="DNS-over-TCP connections one client address may hold once half of the "
+        f"listener's {MAX_TCP_CONNECTIONS} are taken; 0 = no share.",
+    )
+
     @field_validator("vnet")
     @classmethod
     def _default_vnet_only(cls, v: str | None) -> str | None:
@@ -402,9 +421,13 @@ class DnsOptions(OnRampOptions):
         return v
 
 
-def _build(ctx: OnRampContext, options: OnRampOptions) -> DnsServer:
+def _build(ctx: OnRampContext, options: DnsOptions) -> DnsServer:
     return DnsServer(
-        ctx.config, ctx.opener, on_outcome=ctx.dns_outcome, accept_error=ctx.accept_error
+        ctx.config,
+        ctx.opener,
+        tcp_connections_per_source=options.tcp_connections_per_source,
+        on_outcome=ctx.dns_outcome,
+        accept_error=ctx.accept_error,
     )
 
 
