@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ramp.flows.budget import MemoryBudget, make_budget
+
 
 class FlowMetrics:
     """Flow counters both roles have."""
@@ -73,6 +75,29 @@ class FlowMetrics:
             ["reason"],
             registry=registry,
         )
+
+        self.flow_memory_budget = Gauge(
+            "ramp_flow_memory_budget_bytes",
+            "Bytes all flows' windows may take together (flow_memory_budget).",
+            registry=registry,
+        )
+        self.flow_memory_reserved = Gauge(
+            "ramp_flow_memory_reserved_bytes",
+            "Bytes of the flow memory budget the open flows' windows hold now.",
+            registry=registry,
+        )
+        self.flow_windows_reduced = Counter(
+            "ramp_flow_windows_reduced",
+            "Flows given a smaller window than the default because the budget ran low.",
+            registry=registry,
+        )
+
+    def flow_budget(self, setting: int) -> MemoryBudget:
+        """The flow memory budget for the `flow_memory_budget` setting, exported here."""
+        budget = make_budget(setting, on_reduced=self.flow_windows_reduced.inc)
+        self.flow_memory_budget.set(budget.total)
+        self.flow_memory_reserved.set_function(lambda: budget.reserved)
+        return budget
 
     def count_datagram(self, direction: str, size: int) -> None:
         datagrams, nbytes = self._dgram_children[direction]
