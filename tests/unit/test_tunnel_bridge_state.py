@@ -35,6 +35,16 @@ def test_sends_only_what_the_peer_granted() -> None:
     assert s.credit == 4
 
 
+def test_reading_stops_when_the_credit_is_used_up_exactly_and_resumes_with_more() -> None:
+    # a stalled peer then leaves nothing held back here: the bytes wait in the kernel
+    s = BridgeState(send_credit=10, window=100)
+    s.tcp_attached_event()
+    assert s.tcp_data(b"0123456789") == [bs.SendStream(b"0123456789"), bs.PauseTcpReading()]
+    assert s.pending_out == 0
+    assert s.add_credit(5) == [bs.ResumeTcpReading()]
+    assert s.tcp_data(b"abc") == [bs.SendStream(b"abc")]
+
+
 def test_grants_in_quarters_once_bytes_left_for_the_kernel() -> None:
     s = BridgeState(send_credit=0, window=100)
     s.tcp_attached_event()

@@ -153,6 +153,10 @@ class BridgeState:
             self._pending_out += data
             return self._flush_out()
         self.credit -= len(data)
+        if self.credit == 0 and self.tcp_attached and not self.tcp_eof:
+            # stop before the next read rather than after: a stalled flow then holds no read
+            # chunk here, its bytes wait in the kernel and TCP pushes back on the sender
+            return [SendStream(data), PauseTcpReading()]
         return [SendStream(data)]
 
     def tcp_eof_event(self) -> list[BridgeAction]:
