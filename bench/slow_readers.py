@@ -15,12 +15,11 @@ import argparse
 import json
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.servers import start_in
 from bench.tcp_tunnel import BASE_PORT, rss_kib, socks5_handshake
 from ramp.testing.lab import EDGE_PUBLIC_ADDR, ORIGIN, SOCKS_PORT, Lab
 
@@ -57,15 +56,7 @@ def main() -> int:
 
     results: dict[str, float | None] = {"flows": flows}
     with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp, Lab(Path(tmp)) as lab:
-        repo = Path(__file__).resolve().parent.parent
-        proc = lab.private.popen(
-            [sys.executable, "-m", "bench.servers", ORIGIN, str(BASE_PORT)],
-            cwd=repo,
-            stdout=subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
-            raise RuntimeError("bench origin did not start")
+        start_in(lab.private, ORIGIN, BASE_PORT)
         lab.start_standard(
             connector_args=("--log-level", "warning", *extra),
             edge_args=("--log-level", "warning", "--audit-log", "/dev/null", *extra),
