@@ -6,7 +6,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from ramp.flows.budget import MemoryBudget, reserve
+from ramp.flows.budget import MemoryBudget, reserve, unbudgeted
 from ramp.flows.endpoint import StreamEndpoint, as_endpoint
 from ramp.flows.flow import Flow, FlowError, FlowResult, Route
 from ramp.flows.opener import UdpSession
@@ -42,7 +42,7 @@ async def open_tunnel_flow(
     except BaseException:
         reservation.release()
         raise
-    leg.bridge.done.add_done_callback(reservation.release_when_done)
+    leg.reservation = reservation
     return leg
 
 
@@ -129,11 +129,21 @@ class TunnelLeg:
     def __init__(self, flow: Flow, bridge: StreamBridge) -> None:
         self.flow = flow
         self.bridge = bridge
+        self.relaying = False
+        # the flow's window in the memory budget: held until the last bytes left for the
+        # client (after `done`, up to a window may still wait in the socket's write buffer)
+        self.reservation = unbudgeted(0)
+        bridge.done.add_done_callback(self._done)
+
+    def _done(self, _: object) -> None:
+        if not self.relaying:  # never attached to a client: nothing left to drain
+            self.reservation.release()
 
     async def relay(self, client: socket.socket | StreamEndpoint, initial: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
         bridge = self.bridge
         endpoint = as_endpoint(client)
+        self.relaying = True
         try:
             await endpoint.attach(lambda: bridge)
             bridge.feed_initial(initial)
@@ -152,6 +162,7 @@ class TunnelLeg:
             bridge.abort()
             endpoint.close()
         finally:
+            self.reservation.release()
             self.flow.bytes_up += bridge.bytes_tcp_to_quic
             self.flow.bytes_down += bridge.bytes_quic_to_tcp
             if bridge.reset_by is not None and self.flow.result is None:
