@@ -441,3 +441,49 @@ def test_edge_and_connector_write_the_same_record_of_a_flow(tmp_path: Path) -> N
         assert edge_rec["result"] == conn_rec["result"] == "ok"
 
     run(main())
+
+
+def test_a_flow_keeps_its_window_in_the_budget_until_its_tail_reached_the_client(
+    tmp_path: Path,
+) -> None:
+    """The origin's answer fits in one window and the flow ends while the edge still holds it
+    for a client that does not read: the window is counted until the client has it all."""
+    payload = os.urandom(960 * 1024)
+
+    async def main() -> None:
+        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(payload)
+            await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(origin, "127.0.0.1", 0)
+        oport = srv.sockets[0].getsockname()[1]
+        async with tunnel(tmp_path) as t:
+            edge_budget = t.edge.offramps["tunnel"].budget
+            connector_budget = t.connector.client.budget
+            assert edge_budget is not None and connector_budget is not None
+            # small fixed kernel buffers on both ends of the client's connection (accepted
+            # sockets inherit the listener's), so the tail cannot all hide in the kernel
+            listener = t.edge.onramps[0]._sock
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", t.socks_port))
+            r, w = await asyncio.open_connection(sock=sock, limit=65536)
+            w.write(b"\x05\x01\x00")
+            await r.readexactly(2)
+            w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", oport))
+            assert (await r.readexactly(10))[1] == 0
+            w.write_eof()
+            # the connector's side is over once the origin's FIN went through the tunnel
+            await until(lambda: connector_budget.reserved == 0, what="the connector's flow end")
+            assert edge_budget.reserved > 0  # the tail still waits for the client
+            got = bytearray()
+            while chunk := await r.read(65536):
+                got += chunk
+            assert got == payload
+            await until(lambda: edge_budget.reserved == 0, what="the edge's window back")
+            w.close()
+        srv.close()
+
+    run(main())
