@@ -3,9 +3,14 @@ process, as in `ramp up`)."""
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ramp.flows.budget import MemoryBudget, make_budget
+from ramp.observe.loglimit import LogLimiter
+
+log = logging.getLogger("ramp.flows")
 
 
 class FlowMetrics:
@@ -94,7 +99,21 @@ class FlowMetrics:
 
     def flow_budget(self, setting: int) -> MemoryBudget:
         """The flow memory budget for the `flow_memory_budget` setting, exported here."""
-        budget = make_budget(setting, on_reduced=self.flow_windows_reduced.inc)
+        # whoever opens the flows sets the rate: one line a minute says the budget is tight
+        limiter = LogLimiter(burst=1, period=60.0)
+
+        def reduced() -> None:
+            self.flow_windows_reduced.inc()
+            if limiter.allow("reduced"):
+                log.warning(
+                    "flow memory budget low (%d of %d bytes reserved by %d flows): new flows "
+                    "get smaller windows",
+                    budget.reserved,
+                    budget.total,
+                    budget.flows,
+                )
+
+        budget = make_budget(setting, on_reduced=reduced)
         self.flow_memory_budget.set(budget.total)
         self.flow_memory_reserved.set_function(lambda: budget.reserved)
         return budget
