@@ -80,7 +80,7 @@ def budget_lab(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_slow_readers_stay_within_the_budget_and_a_legitimate_fetch_is_intact(
+def test_slow_readers_stay_within_the_budget_and_a_legitimate_download_is_intact(
     budget_lab: Lab, payload: Payload
 ) -> None:
     lab = budget_lab
@@ -107,11 +107,12 @@ def test_slow_readers_stay_within_the_budget_and_a_legitimate_fetch_is_intact(
             assert m.value(RESERVED) <= BUDGET, name
             assert m.value("ramp_flow_windows_reduced_total") > 0, name
 
+        # 100 MiB through windows at the floor: every grant waits on this client's drain
         got = lab.curl_digest(
-            *lab.proxy_args("socks5"), f"http://{ORIGIN}/{payload.small.name}", timeout=60
+            *lab.proxy_args("socks5"), f"http://{ORIGIN}/{payload.big.name}", timeout=200
         )
         assert got.returncode == 0, got.stderr
-        assert got.sha256 == payload.small.sha256
+        assert got.sha256 == payload.big.sha256
 
         for name, proc in roles.items():
             assert proc.metrics().value(RESERVED) <= BUDGET, name
@@ -129,33 +130,3 @@ def test_slow_readers_stay_within_the_budget_and_a_legitimate_fetch_is_intact(
             4 * DEADLINE,
             what=lambda p=proc, n=name: f"the {n}'s fds back to {fds_before[n]} ({_fds(p)})",
         )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    reason="known bug: with the budget spent, a 100 MiB download through the same tunnel "
-    "often stops after 6-30 MB and never resumes (not yet diagnosed)",
-    strict=False,
-)
-def test_a_big_download_completes_while_slow_readers_hold_the_budget(
-    budget_lab: Lab, payload: Payload
-) -> None:
-    lab = budget_lab
-    assert lab.edge is not None
-    with ExitStack() as readers:
-        for _ in range(SLOW_READERS):
-            readers.enter_context(_slow_reader(lab, payload.big.name))
-        wait_until(
-            lambda: (
-                lab.edge is not None
-                and lab.edge.metrics().value(RESERVED) >= SLOW_READERS * WINDOW_FLOOR
-            ),
-            4 * DEADLINE,
-            what="every slow reader to hold a window",
-        )
-        got = lab.curl_digest(
-            *lab.proxy_args("socks5"), f"http://{ORIGIN}/{payload.big.name}", timeout=60
-        )
-        assert got.returncode == 0, got.stderr
-        assert got.sha256 == payload.big.sha256
