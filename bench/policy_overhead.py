@@ -37,7 +37,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import timeit
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flow_path import run_to_end
+from bench.servers import start_in
 from bench.tcp_tunnel import BASE_PORT, CONCURRENCY, cpu_seconds, setups
 from ramp.flows.flow import Destination, Flow, Identity
 from ramp.observe.audit import flow_record
@@ -423,16 +423,8 @@ def main() -> int:
             json.dumps({"users": {USER: PASSWORD}, "groups": GROUPS})  # JSON is YAML
         )
         with Lab(tmp / "lab", private_dns=False) as lab:
-            repo = Path(__file__).resolve().parent.parent
             lab.private.ip("route", "add", "local", ANY_IP_NET, "dev", "lo")
-            proc = lab.private.popen(
-                [sys.executable, "-m", "bench.servers", "0.0.0.0", str(BASE_PORT)],
-                cwd=repo,
-                stdout=subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != b"ready":
-                raise RuntimeError("bench origin did not start")
+            start_in(lab.private, "0.0.0.0", BASE_PORT)
             lab.create_tunnel(TUNNEL, [ORIGIN_PREFIX, ANY_IP_NET])
             stores = {name: tmp / f"store-{name}" for name in ("none", "rules")}
             for path in stores.values():

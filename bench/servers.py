@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 CHUNK = b"\0" * (1 << 20)
 
@@ -48,6 +51,18 @@ async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         pass
     finally:
         w.close()
+
+
+def start_in(ns: Any, host: str, base: int) -> None:
+    """Run these origins in lab namespace `ns` (a Netns) and wait until they listen."""
+    proc = ns.popen(
+        [sys.executable, "-m", "bench.servers", host, str(base)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        raise RuntimeError("bench origin did not start")
 
 
 async def main(host: str, base: int) -> None:

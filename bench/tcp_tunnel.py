@@ -22,13 +22,12 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.servers import start_in
 from ramp.testing.lab import (
     EDGE_PUBLIC_ADDR,
     EDGE_TUNNEL_ADDR,
@@ -167,16 +166,8 @@ def main() -> int:
 
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ramp-bench-") as tmp, Lab(Path(tmp)) as lab:
-        repo = Path(__file__).resolve().parent.parent
         for ns, host in ((lab.private, ORIGIN), (lab.edge_ns, EDGE_TUNNEL_ADDR)):
-            proc = ns.popen(
-                [sys.executable, "-m", "bench.servers", host, str(BASE_PORT)],
-                cwd=repo,
-                stdout=subprocess.PIPE,
-            )
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != b"ready":
-                raise RuntimeError("bench origin did not start")
+            start_in(ns, host, BASE_PORT)
         lab.start_standard(
             connector_args=("--log-level", "warning"),
             edge_args=("--log-level", "warning", "--audit-log", "/dev/null"),

@@ -113,6 +113,15 @@ class _Base(BaseModel):
     audit_log_backups: int = Field(
         5, ge=0, description="Rotated audit log files kept (FILE.1 ... FILE.N); 0 = none."
     )
+    # both roles buffer flow bytes the same way (tunnel/bridge.py), so they share the budget
+    flow_memory_budget: int = Field(
+        0,
+        ge=0,
+        description="Bytes all flows' windows may take together (what slow readers can make "
+        "the process hold); as it runs low, new flows get smaller windows, down to 64 KiB, "
+        "instead of failing. 0 = sized to the machine: 1/16 of the memory (or the cgroup's "
+        "limit), between 16 MiB and 1 GiB.",
+    )
 
     # both roles resolve destination names the same way (net.resolve), bounded alike
     resolve_timeout: float = Field(

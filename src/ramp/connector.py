@@ -64,6 +64,7 @@ class Connector:
                 where, reason
             ).inc(),
             max_streams_bidi=config.max_streams_per_connection,
+            budget=self.metrics.flow_budget(config.flow_memory_budget),
         )
         self.resolver = Resolver(
             config.dns_resolver,

@@ -189,6 +189,7 @@ class Edge:
             timeout,
             max_waiting=self.config.max_waiting_flows,
             on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+            budget=m.flow_budget(self.config.flow_memory_budget),
         )
         self.offramps["direct"] = DirectOffRamp(
             self.sessions,

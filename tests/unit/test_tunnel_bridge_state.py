@@ -35,6 +35,28 @@ def test_sends_only_what_the_peer_granted() -> None:
     assert s.credit == 4
 
 
+def test_reading_stops_when_the_credit_is_used_up_exactly_and_resumes_with_more() -> None:
+    # a stalled peer then leaves nothing held back here: the bytes wait in the kernel
+    s = BridgeState(send_credit=10, window=100)
+    s.tcp_attached_event()
+    assert s.tcp_data(b"0123456789") == [bs.SendStream(b"0123456789"), bs.PauseTcpReading()]
+    assert s.pending_out == 0
+    assert s.add_credit(5) == [bs.ResumeTcpReading()]
+    assert s.tcp_data(b"abc") == [bs.SendStream(b"abc")]
+
+
+def test_a_small_window_gets_credit_back_once_a_paused_client_drains() -> None:
+    # the client stopped reading for a moment: everything granted sits in the write buffer,
+    # the peer has no credit left, and only the drain (resume_writing) can grant more
+    window = 64 * 1024
+    s = BridgeState(send_credit=0, window=window)
+    s.tcp_attached_event()
+    s.stream_bytes(b"x" * window)
+    assert s.tcp_buffer(window) == []
+    assert window > s.write_high  # so the transport did call pause_writing
+    assert s.tcp_buffer(s.write_low) == [bs.Grant(window - s.write_low)]
+
+
 def test_grants_in_quarters_once_bytes_left_for_the_kernel() -> None:
     s = BridgeState(send_credit=0, window=100)
     s.tcp_attached_event()

@@ -45,6 +45,34 @@ async def echo_server() -> tuple[asyncio.Server, int]:
     return srv, srv.sockets[0].getsockname()[1]
 
 
+async def payload_origin(payload: bytes) -> tuple[asyncio.Server, int]:
+    """An origin that sends `payload` to each client and closes: (server, port)."""
+
+    async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(payload)
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(origin, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def slow_socks_client(
+    socks_port: int, oport: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A SOCKS5 flow to the loopback origin on `oport` whose client reads through a tiny
+    receive buffer, so the kernel cannot hide a stall."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", socks_port))
+    r, w = await asyncio.open_connection(sock=sock, limit=65536)
+    w.write(b"\x05\x01\x00")
+    await r.readexactly(2)
+    w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", oport))
+    assert (await r.readexactly(10))[1] == 0
+    return r, w
+
+
 def test_bulk_transfer_and_echo(tmp_path: Path) -> None:
     payload = os.urandom(8 * 1024 * 1024)
 
@@ -292,22 +320,9 @@ def test_slow_reader_gets_the_whole_tail_after_the_origin_closes(tmp_path: Path)
     payload = os.urandom(3 * 1024 * 1024)
 
     async def main() -> None:
-        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            w.write(payload)
-            await w.drain()
-            w.close()
-
-        srv = await asyncio.start_server(origin, "127.0.0.1", 0)
-        oport = srv.sockets[0].getsockname()[1]
+        srv, oport = await payload_origin(payload)
         async with tunnel(tmp_path) as t:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", t.socks_port))
-            r, w = await asyncio.open_connection(sock=sock, limit=65536)
-            w.write(b"\x05\x01\x00")
-            await r.readexactly(2)
-            w.write(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", oport))
-            assert (await r.readexactly(10))[1] == 0
+            r, w = await slow_socks_client(t.socks_port, oport)
             w.write_eof()  # the client is done sending: the flow ends when the origin is
             got = bytearray()
             while chunk := await r.read(32768):
@@ -439,5 +454,38 @@ def test_edge_and_connector_write_the_same_record_of_a_flow(tmp_path: Path) -> N
         assert conn_rec["offramp"] == "origin" and conn_rec["vnet"] == "default"
         assert edge_rec["bytes_up"] == conn_rec["bytes_up"] == 4
         assert edge_rec["result"] == conn_rec["result"] == "ok"
+
+    run(main())
+
+
+def test_a_flow_keeps_its_window_in_the_budget_until_its_tail_reached_the_client(
+    tmp_path: Path,
+) -> None:
+    """The origin's answer fits in one window and the flow ends while the edge still holds it
+    for a client that does not read: the window is counted until the client has it all."""
+    payload = os.urandom(960 * 1024)
+
+    async def main() -> None:
+        srv, oport = await payload_origin(payload)
+        async with tunnel(tmp_path) as t:
+            edge_budget = t.edge.offramps["tunnel"].budget
+            connector_budget = t.connector.client.budget
+            assert edge_budget is not None and connector_budget is not None
+            # small fixed kernel buffers on both ends of the client's connection (accepted
+            # sockets inherit the listener's), so the tail cannot all hide in the kernel
+            listener = t.edge.onramps[0]._sock
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            r, w = await slow_socks_client(t.socks_port, oport)
+            w.write_eof()
+            # the connector's side is over once the origin's FIN went through the tunnel
+            await until(lambda: connector_budget.reserved == 0, what="the connector's flow end")
+            assert edge_budget.reserved > 0  # the tail still waits for the client
+            got = bytearray()
+            while chunk := await r.read(65536):
+                got += chunk
+            assert got == payload
+            await until(lambda: edge_budget.reserved == 0, what="the edge's window back")
+            w.close()
+        srv.close()
 
     run(main())

@@ -3,7 +3,14 @@ process, as in `ramp up`)."""
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ramp.flows.budget import MemoryBudget, make_budget
+from ramp.observe.loglimit import LogLimiter
+
+log = logging.getLogger("ramp.flows")
 
 
 class FlowMetrics:
@@ -99,6 +106,43 @@ class FlowMetrics:
             ["reason"],
             registry=registry,
         )
+
+        self.flow_memory_budget = Gauge(
+            "ramp_flow_memory_budget_bytes",
+            "Bytes all flows' windows may take together (flow_memory_budget).",
+            registry=registry,
+        )
+        self.flow_memory_reserved = Gauge(
+            "ramp_flow_memory_reserved_bytes",
+            "Bytes of the flow memory budget the open flows' windows hold now.",
+            registry=registry,
+        )
+        self.flow_windows_reduced = Counter(
+            "ramp_flow_windows_reduced",
+            "Flows given a smaller window than the default because the budget ran low.",
+            registry=registry,
+        )
+
+    def flow_budget(self, setting: int) -> MemoryBudget:
+        """The flow memory budget for the `flow_memory_budget` setting, exported here."""
+        # whoever opens the flows sets the rate: one line a minute says the budget is tight
+        limiter = LogLimiter(burst=1, period=60.0)
+
+        def reduced() -> None:
+            self.flow_windows_reduced.inc()
+            if limiter.allow("reduced"):
+                log.warning(
+                    "flow memory budget low (%d of %d bytes reserved by %d flows): new flows "
+                    "get smaller windows",
+                    budget.reserved,
+                    budget.total,
+                    budget.flows,
+                )
+
+        budget = make_budget(setting, on_reduced=reduced)
+        self.flow_memory_budget.set(budget.total)
+        self.flow_memory_reserved.set_function(lambda: budget.reserved)
+        return budget
 
     def count_datagram(self, direction: str, size: int) -> None:
         datagrams, nbytes = self._dgram_children[direction]

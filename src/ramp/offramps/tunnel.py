@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+from ramp.flows.budget import MemoryBudget, reserve, unbudgeted
 from ramp.flows.endpoint import StreamEndpoint, as_endpoint
 from ramp.flows.flow import Flow, FlowError, FlowResult, Route
 from ramp.flows.opener import UdpSession
@@ -29,11 +30,24 @@ DEFAULT_MAX_WAITING = 10000  # flows per tunnel waiting for a stream slot
 DRAIN_TIMEOUT = 60.0  # a client that stops reading after the end of a flow is cut after this
 
 
-async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> TunnelLeg:
+async def open_tunnel_flow(
+    conn: EdgeConnection, flow: Flow, timeout: float, budget: MemoryBudget | None = None
+) -> TunnelLeg:
     """Ask the connector behind `conn` to dial `flow.destination`; raises FlowError."""
     if conn.closed or not conn.can_open_stream():
         raise ConnectionGone()  # checked right before opening: a refused open burns a slot
-    pending = _PendingFlow(FLOW_WINDOW)
+    reservation = reserve(budget, FLOW_WINDOW)
+    try:
+        leg = await _open(conn, flow, timeout, reservation.window)
+    except BaseException:
+        reservation.release()
+        raise
+    leg.reservation = reservation
+    return leg
+
+
+async def _open(conn: EdgeConnection, flow: Flow, timeout: float, window: int) -> TunnelLeg:
+    pending = _PendingFlow(window)
     stream_id = conn.open_stream(pending)
     host = flow.resolved or flow.destination.host
     meta = {"src": f"{flow.source[0]}:{flow.source[1]}", "onramp": flow.onramp}
@@ -43,7 +57,7 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
         meta["vnet"] = flow.vnet
     if flow.resolved and flow.resolved != flow.destination.host:
         meta["host"] = flow.destination.host
-    header = ConnectTcp(flow.id, host, flow.destination.port, FLOW_WINDOW, meta)
+    header = ConnectTcp(flow.id, host, flow.destination.port, window, meta)
     conn.send(stream_id, encode_frame(header))
     try:
         answer = await _await_answer(conn, pending.result, timeout)
@@ -61,7 +75,9 @@ async def open_tunnel_flow(conn: EdgeConnection, flow: Flow, timeout: float) -> 
     if answer.code != ConnectCode.OK:
         conn.reset(stream_id, StreamError.FLOW_ABORT)
         raise FlowError(CODE_TO_RESULT[answer.code], answer.message or answer.code.name.lower())
-    bridge = StreamBridge(conn, stream_id, send_credit=answer.window, grant=conn.send_window)
+    bridge = StreamBridge(
+        conn, stream_id, send_credit=answer.window, grant=conn.send_window, window=window
+    )
     conn.handlers[stream_id] = TunnelSide(bridge)
     conn.bridges[stream_id] = bridge
     bridge.done.add_done_callback(lambda _: conn.bridges.pop(stream_id, None))
@@ -113,11 +129,21 @@ class TunnelLeg:
     def __init__(self, flow: Flow, bridge: StreamBridge) -> None:
         self.flow = flow
         self.bridge = bridge
+        self.relaying = False
+        # the flow's window in the memory budget: held until the last bytes left for the
+        # client (after `done`, up to a window may still wait in the socket's write buffer)
+        self.reservation = unbudgeted(0)
+        bridge.done.add_done_callback(self._done)
+
+    def _done(self, _: object) -> None:
+        if not self.relaying:  # never attached to a client: nothing left to drain
+            self.reservation.release()
 
     async def relay(self, client: socket.socket | StreamEndpoint, initial: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
         bridge = self.bridge
         endpoint = as_endpoint(client)
+        self.relaying = True
         try:
             await endpoint.attach(lambda: bridge)
             bridge.feed_initial(initial)
@@ -136,6 +162,7 @@ class TunnelLeg:
             bridge.abort()
             endpoint.close()
         finally:
+            self.reservation.release()
             self.flow.bytes_up += bridge.bytes_tcp_to_quic
             self.flow.bytes_down += bridge.bytes_quic_to_tcp
             if bridge.reset_by is not None and self.flow.result is None:
@@ -159,7 +186,9 @@ class TunnelOffRamp:
         connect_timeout: float,
         max_waiting: int = DEFAULT_MAX_WAITING,
         on_reject: Callable[[str], None] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
+        self.budget = budget
         self.tunnels = tunnels
         self.sessions = sessions
         self.connect_timeout = connect_timeout
@@ -228,7 +257,7 @@ class TunnelOffRamp:
                     if remaining <= 0:
                         break
                     try:
-                        return await open_tunnel_flow(conn, flow, remaining)
+                        return await open_tunnel_flow(conn, flow, remaining, self.budget)
                     except ConnectionGone:
                         continue  # that connection died under us: the next one may be alive
             if loop.time() >= deadline:

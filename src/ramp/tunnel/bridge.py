@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from ramp.tunnel import bridge_state as bs
-from ramp.tunnel.bridge_state import FLOW_WINDOW, WRITE_HIGH, WRITE_LOW, BridgeState
+from ramp.tunnel.bridge_state import FLOW_WINDOW, BridgeState
 from ramp.wire.tunnel import StreamError
 
 log = logging.getLogger("ramp.relay")
@@ -73,7 +73,7 @@ class StreamBridge(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        transport.set_write_buffer_limits(high=self.state.write_high, low=self.state.write_low)
         self._run(self.state.tcp_attached_event())
         if not self.state.finished:
             self._report_buffer()

@@ -110,6 +110,12 @@ class BridgeState:
 
     def __init__(self, send_credit: int, window: int = FLOW_WINDOW) -> None:
         self.window = window
+        # grants withheld for bytes in the TCP write buffer are made when it drains, and only
+        # a buffer that went above `write_high` reports draining (resume_writing): with a
+        # window smaller than WRITE_HIGH the marks must scale down with it, or a flow whose
+        # client paused once would wait forever for credit
+        self.write_high = min(WRITE_HIGH, window // 2)
+        self.write_low = min(WRITE_LOW, window // 8)
         self.credit = send_credit  # bytes we may still send on the stream
         self.granted = window  # total the peer may send us
         self.received = 0  # total the peer sent us
@@ -153,6 +159,10 @@ class BridgeState:
             self._pending_out += data
             return self._flush_out()
         self.credit -= len(data)
+        if self.credit == 0 and self.tcp_attached and not self.tcp_eof:
+            # stop before the next read rather than after: a stalled flow then holds no read
+            # chunk here, its bytes wait in the kernel and TCP pushes back on the sender
+            return [SendStream(data), PauseTcpReading()]
         return [SendStream(data)]
 
     def tcp_eof_event(self) -> list[BridgeAction]:
@@ -174,7 +184,7 @@ class BridgeState:
     def tcp_buffer(self, buffered: int) -> list[BridgeAction]:
         """The TCP write buffer holds `buffered` bytes (after writes, or when it drained):
         grant the peer credit for what left for the kernel."""
-        if self.fin_received or self.finished or buffered > WRITE_HIGH:
+        if self.fin_received or self.finished or buffered > self.write_high:
             return []
         increment = self.received - buffered + self.window - self.granted
         # grant in quarters of the window: one WINDOW frame per 256 KiB, not per packet

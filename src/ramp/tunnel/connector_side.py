@@ -19,6 +19,7 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
 from ramp import __version__
+from ramp.flows.budget import MemoryBudget, reserve
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
@@ -214,7 +215,11 @@ class _IncomingFlow:
     def _run(self, actions: list[fs.AcceptAction]) -> None:
         for a in actions:
             if isinstance(a, fs.DialRequested):
+                # the window CONNECT_RESULT grants comes out of the budget for the flow's life
+                reservation = reserve(self.conn.owner.budget, self.state.window)
+                self.state.window = reservation.window
                 self.task = asyncio.ensure_future(self.conn.owner.serve_flow(self))
+                self.task.add_done_callback(reservation.release_when_done)
                 self.conn.flow_tasks.add(self.task)
                 self.task.add_done_callback(self.conn.flow_tasks.discard)
             elif isinstance(a, fs.AcceptError):
@@ -250,7 +255,9 @@ class TunnelClient:
         on_dial_failure: Callable[[str], None],
         metrics_bad_input: Callable[[str, str], None],
         max_streams_bidi: int = endpoint.DEFAULT_MAX_STREAMS,
+        budget: MemoryBudget | None = None,
     ) -> None:
+        self.budget = budget  # flow windows across all connections
         self.tunnel_id = uuid.UUID(tunnel_id)
         self.secret = secret
         self.ca_fingerprint = ca_fingerprint
@@ -406,7 +413,11 @@ class TunnelClient:
                 result, reason = FlowResult.ERROR, "edge gave up before the origin answered"
                 return
             bridge = StreamBridge(
-                conn, flow.stream_id, send_credit=header.window, grant=conn.send_window
+                conn,
+                flow.stream_id,
+                send_credit=header.window,
+                grant=conn.send_window,
+                window=flow.state.window,
             )
             flow.bridge = bridge
             answer, early, fin = flow.state.succeeded()
