@@ -143,10 +143,18 @@ def test_a_flood_to_a_blackholed_address_leaves_healthy_origins_reachable(
 ) -> None:
     lab = attack_lab
     # the connector dials longer than the edge waits: the edge's answer is what the attacker
-    # gets; the opening share is set so the numbers below do not follow the defaults
+    # gets; the opening share is set so the numbers below do not follow the defaults, and
+    # max_flows so that the descriptor budget leaves all 1,024 handshake slots in place
     start(
         lab,
-        edge_args=("--connect-timeout", "12", "--max-opening-flows-per-source", str(SHARE)),
+        edge_args=(
+            "--connect-timeout",
+            "12",
+            "--max-opening-flows-per-source",
+            str(SHARE),
+            "--max-flows",
+            "5000",
+        ),
         connector_args=("--connect-timeout", "60", *streams),
     )
     watch = Watch(lab)
