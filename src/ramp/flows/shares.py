@@ -33,8 +33,10 @@ class Shares(Generic[K]):
         """Take one unit for `key`; False (and nothing taken) when its share is used up.
         With `enforce` False (the resource is far from full) the unit is taken regardless:
         a burst from one client may use room nobody else needs, and is counted all the same."""
+        if not self.limit:
+            return True  # no share: nothing to count
         n = self._held.get(key, 0)
-        if enforce and self.limit and n >= self.limit:
+        if enforce and n >= self.limit:
             self.refused += 1
             return False
         self._held[key] = n + 1

@@ -9,10 +9,9 @@ off-ramps) and never sits on the path itself.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
@@ -119,24 +118,24 @@ class FlowPipeline:
             raise FlowError(FlowResult.ERROR, f"no off-ramp {route.offramp!r} on this edge")
         return route, offramp
 
-    @contextlib.contextmanager
-    def _opening(self, flow: Flow) -> Iterator[None]:
-        """Hold one of the source's and the identity's opening slots while the flow opens."""
-        source, user = flow.source[0], flow.user
-        why = self.opening.try_take(source, user)
-        if why is not None:
-            who, share = (
-                (source, self.opening.sources)
-                if why == SOURCE_SHARE
-                else (user, self.opening.identities)
-            )
-            if self._on_reject is not None:
-                self._on_reject(why.replace("_share", "_opening_share"))
-            raise FlowError(FlowResult.BUSY, f"{who} already has {share.limit} flows opening")
-        try:
-            yield
-        finally:
-            self.opening.release(source, user)
+    def _take_opening(self, flow: Flow) -> None:
+        """Take one of the source's and the identity's opening slots (FlowError BUSY when
+        either share is used up); `_release_opening` gives it back. Not a context manager:
+        this is on the path of every flow."""
+        why = self.opening.try_take(flow.source[0], flow.user)
+        if why is None:
+            return
+        who, share = (
+            (flow.source[0], self.opening.sources)
+            if why == SOURCE_SHARE
+            else (flow.user, self.opening.identities)
+        )
+        if self._on_reject is not None:
+            self._on_reject(why.replace("_share", "_opening_share"))
+        raise FlowError(FlowResult.BUSY, f"{who} already has {share.limit} flows opening")
+
+    def _release_opening(self, flow: Flow) -> None:
+        self.opening.release(flow.source[0], flow.user)
 
     @staticmethod
     def _deny(flow: Flow, decision: Decision) -> None:
@@ -150,9 +149,12 @@ class FlowPipeline:
     async def open_tcp(self, flow: Flow) -> TcpLeg:
         started = time.monotonic()
         self._admit(flow)
-        with self._opening(flow):
+        self._take_opening(flow)
+        try:
             route, offramp = await self._decide_and_route(flow)
             leg: TcpLeg = await offramp.open_stream(flow, route)
+        finally:
+            self._release_opening(flow)
         flow.advance(FlowState.OPENED)
         if self._on_open is not None:
             self._on_open(flow)
@@ -167,9 +169,12 @@ class FlowPipeline:
         flow.kind = FlowKind.DATAGRAM
         try:
             self._admit(flow)
-            with self._opening(flow):
+            self._take_opening(flow)
+            try:
                 route, offramp = await self._decide_and_route(flow)
                 session: UdpSession = await offramp.open_datagram(flow, route, receive, closed)
+            finally:
+                self._release_opening(flow)
         except FlowError as e:
             # a datagram flow that fails while opening is reported here: the on-ramp only
             # sees the exception
