@@ -334,6 +334,12 @@ class EdgeConfig(_Base):
         description="SOCKS5 UDP associations one authenticated user may hold, over all its "
         "addresses (reason=identity_share); 0 = no share.",
     )
+    max_udp_destinations_per_association: int = Field(
+        256,
+        ge=1,
+        description="Destinations (UDP sessions) one SOCKS5 UDP association may use at once; "
+        "a datagram to one more is dropped (ramp_bad_input{reason=too_many_sessions}).",
+    )
     udp_association_idle_timeout: float = Field(
         60.0,
         gt=0,

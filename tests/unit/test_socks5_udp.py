@@ -588,12 +588,10 @@ def test_datagrams_wait_in_a_bounded_queue_while_the_session_opens(
     run(main)
 
 
-def test_sessions_per_association_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(UdpAssociation, "max_sessions", 2)
-
+def test_sessions_per_association_are_capped() -> None:
     async def main() -> None:
         opener = UdpOpener()
-        async with serving(opener) as server:
+        async with serving(opener, max_udp_destinations_per_association=2) as server:
             with control(server.port) as ctl, udp_socket() as u:
                 relay = await asyncio.to_thread(socks5_udp_associate, ctl)
                 await asyncio.to_thread(echo, u, relay, "192.0.2.1", 7, b"a")

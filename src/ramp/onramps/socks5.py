@@ -133,6 +133,7 @@ class Socks5Server(TcpOnRamp):
                 self.opener, sock, identity, (request.host, request.port), limits.idle_timeout
             )
             assoc.vnet = self.options.vnet if self.options is not None else None
+            assoc.max_sessions = self.config.max_udp_destinations_per_association
         except OSError as e:
             log.warning("socks5 %s: cannot open a UDP relay socket: %s", peer, e)
             await self.send_final(sock, socks5.build_reply(Rep.GENERAL_FAILURE))

@@ -142,7 +142,7 @@ class UdpAssociation:
     """The relay socket and the sessions of one association. `start()`, then `close()`."""
 
     # Limits (class attributes so that tests can lower them).
-    max_sessions = 256  # destinations per association
+    max_sessions = 256  # destinations per association (max_udp_destinations_per_association)
     open_queue = 64  # datagrams held per destination while its session opens
     retry_interval = 1.0  # seconds before a destination whose open failed is tried again
     holdoff_limit = 1024  # failed destinations remembered for `retry_interval`
