@@ -1,0 +1,163 @@
+"""MASQUE framing, sans-I/O: capsules and HTTP Datagrams (RFC 9297), connect-udp payloads and
+its URI template (RFC 9298).
+
+A connect-udp request carries UDP payloads two ways. In a QUIC DATAGRAM frame the HTTP Datagram
+is `Quarter Stream ID (i), Context ID (i), payload`; where datagrams cannot be used (the peer
+did not negotiate them, or the payload is too big for the path) the same `Context ID, payload`
+travels on the request stream in a DATAGRAM capsule. Context id 0 is UDP; other ids belong to
+extensions this endpoint does not speak, and are skipped (and counted) by the caller.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from ramp.wire.varint import MAX_VARINT, decode_varint, encode_varint
+
+CAPSULE_DATAGRAM = 0x00  # RFC 9297 section 3.5
+CONTEXT_UDP = 0  # RFC 9298 section 4: the UDP payload context
+MAX_CAPSULE = 65536 + 64  # a UDP payload of up to 65,527 bytes and its headers, with room
+DEFAULT_UDP_TEMPLATE = "/.well-known/masque/udp/{target_host}/{target_port}/"
+
+
+class MasqueError(ValueError):
+    """Malformed MASQUE framing: the request stream is to be aborted (H3_DATAGRAM_ERROR)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capsule:
+    type: int
+    value: bytes
+
+
+def encode_capsule(capsule_type: int, value: bytes) -> bytes:
+    return encode_varint(capsule_type) + encode_varint(len(value)) + value
+
+
+class CapsuleDecoder:
+    """Capsules out of a request stream's bytes, fed as they arrive. A capsule longer than
+    `limit` is an error before its value is buffered: a peer cannot make us hold it."""
+
+    def __init__(self, limit: int = MAX_CAPSULE) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished capsule held."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Capsule]:
+        self._buf += data
+        out: list[Capsule] = []
+        pos = 0
+        buf = self._buf
+        while True:
+            head = decode_varint(buf, pos)
+            if head is None:
+                break
+            ctype, at = head
+            length = decode_varint(buf, at)
+            if length is None:
+                break
+            size, at = length
+            if size > self.limit:
+                raise MasqueError(f"capsule of {size} bytes (limit {self.limit})")
+            if at + size > len(buf):
+                break
+            out.append(Capsule(ctype, bytes(buf[at : at + size])))
+            pos = at + size
+        del buf[:pos]
+        return out
+
+    def end(self) -> None:
+        """The stream ended: a capsule cut short is an error (RFC 9297 section 3.3)."""
+        if self._buf:
+            raise MasqueError(f"stream ended inside a capsule ({len(self._buf)} bytes)")
+
+
+def encode_context(context_id: int, payload: bytes) -> bytes:
+    """An HTTP Datagram payload of connect-udp: `Context ID (i), payload`."""
+    return encode_varint(context_id) + payload
+
+
+def decode_context(data: bytes) -> tuple[int, bytes]:
+    got = decode_varint(data)
+    if got is None:
+        raise MasqueError("empty HTTP Datagram: no context id")
+    context_id, at = got
+    return context_id, data[at:]
+
+
+def encode_quic_datagram(stream_id: int, context_id: int, payload: bytes) -> bytes:
+    """The body of a QUIC DATAGRAM frame for request stream `stream_id` (a client-initiated
+    bidirectional stream: its id is a multiple of 4)."""
+    return encode_varint(stream_id // 4) + encode_context(context_id, payload)
+
+
+def decode_quic_datagram(data: bytes) -> tuple[int, int, bytes]:
+    """(request stream id, context id, payload) of a QUIC DATAGRAM frame's body."""
+    got = decode_varint(data)
+    if got is None:
+        raise MasqueError("empty QUIC DATAGRAM: no quarter stream id")
+    quarter, at = got
+    if quarter > MAX_VARINT // 4:
+        raise MasqueError(f"quarter stream id {quarter} out of range")
+    context_id, payload = decode_context(data[at:])
+    return quarter * 4, context_id, payload
+
+
+@dataclass(frozen=True, slots=True)
+class UdpTarget:
+    host: str  # a name, or an IP address without brackets
+    port: int
+
+
+class UdpTemplate:
+    """The server side of a connect-udp URI template (RFC 9298 section 2): a path with the
+    variables `{target_host}` and `{target_port}`, each a whole path segment."""
+
+    def __init__(self, template: str = DEFAULT_UDP_TEMPLATE) -> None:
+        path = template.split("?", 1)[0]
+        if "://" in path:  # a full URI: only its path is matched
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
+        self.path = path
+        self.segments = path.split("/")
+        for var in ("{target_host}", "{target_port}"):
+            if self.segments.count(var) != 1:
+                raise ValueError(f"URI template {template!r} needs {var} once, as a path segment")
+        self.template = template
+
+    def match(self, path: str) -> UdpTarget | None:
+        """The target named by a request's `:path`, or None when the path is not this
+        template's (MasqueError when it is, with a bad host or port)."""
+        parts = path.split("?", 1)[0].split("/")
+        if len(parts) != len(self.segments):
+            return None
+        host = port = None
+        for seg, got in zip(self.segments, parts, strict=True):
+            if seg == "{target_host}":
+                host = unquote(got)
+            elif seg == "{target_port}":
+                port = got
+            elif seg != got:
+                return None
+        assert host is not None and port is not None
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            raise MasqueError(f"bad target port {port[:16]!r}")
+        if not host:
+            raise MasqueError("empty target host")
+        if ":" in host:  # RFC 9298: an IPv6 literal, percent-encoded colons, no brackets
+            try:
+                host = str(ipaddress.IPv6Address(host))
+            except ValueError:
+                raise MasqueError(f"bad IPv6 target {host[:64]!r}") from None
+        return UdpTarget(host, int(port))
+
+    def expand(self, host: str, port: int) -> str:
+        """The request `:path` a client sends for (host, port)."""
+        return self.path.replace("{target_host}", host.replace(":", "%3A")).replace(
+            "{target_port}", str(port)
+        )
