@@ -8,7 +8,6 @@ once the readers go the budget and the descriptors come back.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ramp.flows.budget import WINDOW_FLOOR
+from ramp.testing.attack import LegitClient, ProcessUsage
 from ramp.testing.clients import REP_SUCCEEDED, socks5_connect
 from ramp.testing.lab import (
     EDGE_PUBLIC_ADDR,
@@ -24,7 +24,6 @@ from ramp.testing.lab import (
     ORIGIN,
     SOCKS_PORT,
     Lab,
-    LabProcess,
     Payload,
     wait_until,
 )
@@ -33,17 +32,6 @@ from ramp.testing.wait import DEADLINE
 BUDGET = 32 * 1024 * 1024
 SLOW_READERS = 100
 RESERVED = "ramp_flow_memory_reserved_bytes"
-
-
-def _fds(proc: LabProcess) -> int:
-    return len(os.listdir(f"/proc/{proc.pid}/fd"))
-
-
-def _rss(proc: LabProcess) -> int:
-    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {proc!r}")
 
 
 def _slow_reader(lab: Lab, path: str) -> socket.socket:
@@ -88,8 +76,12 @@ def test_slow_readers_stay_within_the_budget_and_a_legitimate_download_is_intact
     roles = {"edge": lab.edge, "connector": lab.connectors[0]}
     for proc in roles.values():
         assert proc.metrics().value("ramp_flow_memory_budget_bytes") == BUDGET
-    fds_before = {name: _fds(p) for name, p in roles.items()}
-    rss_before = {name: _rss(p) for name, p in roles.items()}
+    # SOCKS5, HTTP and UDP from their own address, all through the attack
+    lab.add_client_address()
+    legit = LegitClient(lab).start()
+    legit.wait_requests(2)
+    usage = {name: ProcessUsage(p) for name, p in roles.items()}
+    before = {name: u.sample() for name, u in usage.items()}
 
     with ExitStack() as readers:
         for _ in range(SLOW_READERS):
@@ -114,19 +106,20 @@ def test_slow_readers_stay_within_the_budget_and_a_legitimate_download_is_intact
         assert got.returncode == 0, got.stderr
         assert got.sha256 == payload.big.sha256
 
+        legit.wait_requests(3)
         for name, proc in roles.items():
             assert proc.metrics().value(RESERVED) <= BUDGET, name
             # loosely: the windows, not the origin's 100 MiB per reader, are what is held
-            assert _rss(proc) - rss_before[name] < 3 * BUDGET, name
+            assert usage[name].sample().rss_kib - before[name].rss_kib < 3 * BUDGET // 1024, name
 
+    summary = legit.stop()  # its own flows hold windows too
+    assert summary.all_ok, summary.describe()
     for name, proc in roles.items():
         wait_until(
             lambda p=proc: p.metrics().value(RESERVED) == 0,
             4 * DEADLINE,
             what=f"the {name}'s flow windows to be released",
         )
-        wait_until(
-            lambda p=proc, n=name: _fds(p) <= fds_before[n],
-            4 * DEADLINE,
-            what=lambda p=proc, n=name: f"the {n}'s fds back to {fds_before[n]} ({_fds(p)})",
-        )
+    for name, u in usage.items():
+        # descriptors back to their start; memory only loosely (Python keeps freed arenas)
+        u.wait_back_to(before[name], rss_slack_kib=3 * BUDGET // 1024, timeout=4 * DEADLINE)
