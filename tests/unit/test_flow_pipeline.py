@@ -214,7 +214,9 @@ def test_one_source_or_user_holds_only_its_share_of_the_table() -> None:
         assert rejected == ["source_share", "identity_share"]
         p.flow_finished(a)  # the share comes back with the flow's end
         await p.open_tcp(flow())
-        assert p.table.shares.sources.held("192.0.2.3") == 1  # the refused alice flow took nothing
+        # the refused alice flow took nothing from 192.0.2.3: its share of 2 still has room
+        await p.open_tcp(flow(user="carol", source="192.0.2.3"))
+        assert rejected == ["source_share", "identity_share"]
 
     asyncio.run(main())
 

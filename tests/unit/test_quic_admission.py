@@ -166,7 +166,12 @@ def test_strikes_far_apart_earn_no_penalty() -> None:
     assert not p.strike("198.51.100.7", now=0.0)
     assert not p.strike("198.51.100.7", now=REFUSAL_PERIOD + 1)
     assert not p.blocked("198.51.100.7", now=REFUSAL_PERIOD + 1)
-    assert not Penalties(strikes=0, duration=10.0).strike("198.51.100.7", now=0.0)
+
+
+def test_no_strikes_setting_means_no_source_is_ever_shut_out() -> None:
+    p = Penalties(strikes=0, duration=10.0)
+    results = [p.strike("198.51.100.7", now=0.0) for _ in range(100)]
+    assert not any(results) and not p.blocked("198.51.100.7", now=0.0)
 
 
 def test_many_sources_keep_the_tables_bounded() -> None:
