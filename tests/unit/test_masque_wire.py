@@ -111,6 +111,7 @@ def test_the_default_template_names_the_target(path: str, target: UdpTarget | No
         "/.well-known/masque/udp/192.0.2.6/0/",
         "/.well-known/masque/udp/192.0.2.6/65536/",
         "/.well-known/masque/udp/192.0.2.6/http/",
+        "/.well-known/masque/udp/192.0.2.6/\u00b2/",  # a digit to str, not to int()
         "/.well-known/masque/udp//53/",
         "/.well-known/masque/udp/2001%3Azz/53/",
     ],

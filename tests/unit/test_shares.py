@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ramp.flows.shares import Shares
+from ramp.flows.shares import POOL_FULL, POOL_SHARE, Pool, Shares
 
 
 def test_a_key_past_its_share_is_refused_and_others_are_not() -> None:
@@ -53,3 +53,13 @@ def test_counts_never_pass_the_limit_nor_go_negative(
             shares.release(key)
             model[key] -= 1
         assert shares.held(key) == model.get(key, 0) <= limit
+
+
+def test_a_pool_lets_one_key_burst_into_the_idle_half_only() -> None:
+    pool: Pool[str] = Pool(limit=4, per_key=1)
+    assert pool.try_take("a") is None and pool.try_take("a") is None  # under half: a burst
+    assert pool.try_take("a") == POOL_SHARE  # half taken: a's share binds
+    assert pool.try_take("b") is None and pool.try_take("c") is None
+    assert pool.try_take("d") == POOL_FULL and pool.used == 4
+    pool.release("a")
+    assert pool.try_take("d") is None

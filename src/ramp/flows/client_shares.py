@@ -36,6 +36,12 @@ class ClientShares(Generic[K]):
             return IDENTITY_SHARE
         return None
 
+    def over(self, why: str, source: K | None, identity: K | None) -> str:
+        """'WHO already has N', for the message of a refusal `try_take` gave as `why`."""
+        if why == SOURCE_SHARE:
+            return f"{source} already has {self.sources.limit}"
+        return f"{identity} already has {self.identities.limit}"
+
     def release(self, source: K | None, identity: K | None) -> None:
         if source is not None:
             self.sources.release(source)

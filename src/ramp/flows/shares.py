@@ -49,3 +49,31 @@ class Shares(Generic[K]):
             self._held.pop(key, None)
         else:
             self._held[key] = n - 1
+
+
+POOL_FULL = "full"
+POOL_SHARE = "share"
+
+
+class Pool(Generic[K]):
+    """A bounded pool of short-lived slots (handshakes, connections) whose per-key share binds
+    once half the pool is taken: a burst from one client may use room nobody else needs, a
+    flood from one client cannot take the other half."""
+
+    def __init__(self, limit: int, per_key: int) -> None:
+        self.limit = limit
+        self.shares: Shares[K] = Shares(per_key)
+        self.used = 0
+
+    def try_take(self, key: K) -> str | None:
+        """Take a slot for `key`: None when taken, else why not (POOL_FULL, POOL_SHARE)."""
+        if self.used >= self.limit:
+            return POOL_FULL
+        if not self.shares.try_take(key, enforce=self.used >= self.limit // 2):
+            return POOL_SHARE
+        self.used += 1
+        return None
+
+    def release(self, key: K) -> None:
+        self.used -= 1
+        self.shares.release(key)

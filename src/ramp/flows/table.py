@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
+from ramp.flows.client_shares import ClientShares
 from ramp.flows.flow import Flow, FlowError, FlowResult, FlowState
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,8 @@ class FlowTable:
             self._refuse(flow, "flow_table_full", f"at the limit of {self.limit} concurrent flows")
         why = self.shares.try_take(flow.source[0], flow.user)
         if why is not None:
-            who, share = (
-                (flow.source[0], self.shares.sources)
-                if why == SOURCE_SHARE
-                else (flow.user, self.shares.identities)
-            )
-            self._refuse(
-                flow, why, f"{who} already has {share.limit} flows open (its share of the edge)"
-            )
+            over = self.shares.over(why, flow.source[0], flow.user)
+            self._refuse(flow, why, f"{over} flows open (its share of the edge)")
         self._flows[flow.id] = flow
         if self._on_count is not None:
             self._on_count(len(self._flows))

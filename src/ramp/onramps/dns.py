@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 from ramp.config import EdgeConfig, parse_hostport
 from ramp.flows.flow import FlowError
 from ramp.flows.opener import FlowOpener
-from ramp.flows.shares import Shares
+from ramp.flows.shares import POOL_FULL, Pool
 from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
 from ramp.net.pktinfo import Address, PktinfoEndpoint
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
@@ -104,8 +104,7 @@ class DnsServer:
         self._on_outcome = on_outcome
         self.opener = opener
         self.max_inflight = max_inflight
-        self.max_tcp_connections = max_tcp_connections
-        self.tcp_sources: Shares[str] = Shares(tcp_connections_per_source)
+        self.tcp_slots: Pool[str] = Pool(max_tcp_connections, tcp_connections_per_source)
         self.tcp_idle_timeout = tcp_idle_timeout
         self.upstream: tuple[str, int] | None = (
             parse_hostport(config.dns_upstream, default_port=53) if config.dns_upstream else None
@@ -113,7 +112,6 @@ class DnsServer:
         # Outcomes by name: tunnel, upstream, refused, servfail, formerr, notimp, truncated ...
         self.stats: collections.Counter[str] = collections.Counter()
         self.inflight = 0
-        self.tcp_connections = 0
         self._udp: PktinfoEndpoint | None = None
         self._tcp: asyncio.Task[None] | None = None  # the TCP accept loop
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -165,6 +163,10 @@ class DnsServer:
         if self._udp is None:
             raise RuntimeError("not listening")
         return self._udp.address
+
+    @property
+    def tcp_connections(self) -> int:
+        return self.tcp_slots.used
 
     @property
     def port(self) -> int:
@@ -306,16 +308,15 @@ class DnsServer:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer.get_extra_info("peername"))
-        if self._tcp is None or self.tcp_connections >= self.max_tcp_connections:
-            self.opener.bad_input(self.onramp, "too_many_connections", peer)
+        why = self.tcp_slots.try_take(peer[0]) if self._tcp is not None else POOL_FULL
+        if why is not None:
+            self.opener.bad_input(
+                self.onramp,
+                "too_many_connections" if why == POOL_FULL else "too_many_connections_from_source",
+                peer,
+            )
             writer.transport.abort()
             return
-        pressed = self.tcp_connections >= self.max_tcp_connections // 2
-        if not self.tcp_sources.try_take(peer[0], enforce=pressed):
-            self.opener.bad_input(self.onramp, "too_many_connections_from_source", peer)
-            writer.transport.abort()
-            return
-        self.tcp_connections += 1
         slots = asyncio.Semaphore(MAX_PIPELINE)
         lock = asyncio.Lock()
         pending: set[asyncio.Task[None]] = set()
@@ -330,8 +331,7 @@ class DnsServer:
         finally:
             for t in pending:
                 t.cancel()
-            self.tcp_connections -= 1
-            self.tcp_sources.release(peer[0])
+            self.tcp_slots.release(peer[0])
             writer.close()
 
     async def _read_tcp_query(

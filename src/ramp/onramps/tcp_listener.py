@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ramp.flows.endpoint import StreamEndpoint
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
 from ramp.flows.opener import FlowOpener, TcpLeg
-from ramp.flows.shares import Shares
+from ramp.flows.shares import POOL_FULL, Pool
 from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
 
 if TYPE_CHECKING:
@@ -114,9 +114,11 @@ class TcpOnRamp:
             f"{self.onramp} on-ramp",
             (lambda what: accept_error(self.onramp, what)) if accept_error is not None else None,
         )
-        self.handshakes = 0  # connections still in their handshake
-        # a slow-handshake flood from one address must not hold every handshake slot
-        self.handshake_sources: Shares[str] = Shares(config.max_handshakes_per_source)
+        # connections still in their handshake; a slow-handshake flood from one address must
+        # not hold every slot
+        self.handshake_slots: Pool[str] = Pool(
+            config.max_handshakes, config.max_handshakes_per_source
+        )
         self.flows = 0  # connections holding a flow
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -128,6 +130,11 @@ class TcpOnRamp:
         loop = accept_loop(sock, self._accepted, self.accept_errors)
         self._accept_task = asyncio.create_task(loop)
         log.info("%s on-ramp listening on %s", self.onramp, self.address)
+
+    @property
+    def handshakes(self) -> int:
+        """Connections still in their handshake."""
+        return self.handshake_slots.used
 
     @property
     def address(self) -> tuple[str, int]:
@@ -157,18 +164,15 @@ class TcpOnRamp:
 
     def _accepted(self, conn: socket.socket, addr: object) -> None:
         peer = peer_of(addr)
-        if self.handshakes >= self.config.max_handshakes:
+        why = self.handshake_slots.try_take(peer[0])
+        if why is not None:
             conn.close()
-            self.opener.bad_input(self.onramp, "too_many_handshakes", peer)
+            self.opener.bad_input(
+                self.onramp,
+                "too_many_handshakes" if why == POOL_FULL else "too_many_handshakes_from_source",
+                peer,
+            )
             return
-        # shares bind once half the slots are taken: a burst from one address (a browser, an
-        # office behind NAT) may use the idle half; a flood cannot take the other
-        pressed = self.handshakes >= self.config.max_handshakes // 2
-        if not self.handshake_sources.try_take(peer[0], enforce=pressed):
-            conn.close()
-            self.opener.bad_input(self.onramp, "too_many_handshakes_from_source", peer)
-            return
-        self.handshakes += 1
         task = asyncio.create_task(self._serve_conn(conn, peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -203,8 +207,7 @@ class TcpOnRamp:
                 log.debug("%s %s: connection error during handshake: %s", self.onramp, peer, e)
                 return
             finally:
-                self.handshakes -= 1
-                self.handshake_sources.release(peer[0])
+                self.handshake_slots.release(peer[0])
             if plan is None:
                 return
             if self.flows >= self.config.max_flows:

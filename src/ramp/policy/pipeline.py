@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ramp.flows.client_shares import SOURCE_SHARE, ClientShares
+from ramp.flows.client_shares import ClientShares
 from ramp.flows.flow import Decision, Flow, FlowError, FlowKind, FlowResult, FlowState, Identity
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
@@ -125,14 +125,10 @@ class FlowPipeline:
         why = self.opening.try_take(flow.source[0], flow.user)
         if why is None:
             return
-        who, share = (
-            (flow.source[0], self.opening.sources)
-            if why == SOURCE_SHARE
-            else (flow.user, self.opening.identities)
-        )
         if self._on_reject is not None:
             self._on_reject(why.replace("_share", "_opening_share"))
-        raise FlowError(FlowResult.BUSY, f"{who} already has {share.limit} flows opening")
+        over = self.opening.over(why, flow.source[0], flow.user)
+        raise FlowError(FlowResult.BUSY, f"{over} flows opening")
 
     def _release_opening(self, flow: Flow) -> None:
         self.opening.release(flow.source[0], flow.user)

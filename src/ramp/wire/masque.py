@@ -145,7 +145,8 @@ class UdpTemplate:
             elif seg != got:
                 return None
         assert host is not None and port is not None
-        if not port.isdigit() or not 0 < int(port) <= 65535:
+        # isascii: str.isdigit() also takes digits int() refuses ("²")
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
             raise MasqueError(f"bad target port {port[:16]!r}")
         if not host:
             raise MasqueError("empty target host")
