@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
@@ -31,6 +31,7 @@ from ramp.quic.admission import (
     SendRetry,
     decide,
 )
+from ramp.quic.peer import QuicPeer
 from ramp.quic.retry import InvalidToken, RetryTokens
 from ramp.wire.tunnel import (
     MAX_STREAM_DATAGRAM,
@@ -49,8 +50,6 @@ logging.getLogger("quic").setLevel(logging.ERROR)
 QUIC_MIN_INITIAL_SIZE = 1200
 DEFAULT_MAX_STREAMS = qh3compat.QH3_MAX_STREAMS_BIDI  # what qh3 advertises by itself
 MAX_DATAGRAM_STREAM_BUFFER = 4 * 1024 * 1024  # bytes of large datagrams waiting on their stream
-DATAGRAM_QUEUE_LIMIT = 4096  # tunnel datagrams waiting for congestion window, per connection
-_DATAGRAM_OVERHEAD = 48  # QUIC short header, DATAGRAM frame header, AEAD tag (upper bound)
 
 
 class _DatagramStream:
@@ -97,28 +96,16 @@ class StreamHandler(Protocol):
     def connection_lost(self) -> None: ...
 
 
-class TunnelConnection(qh3compat.ConnectionProtocol):
+class TunnelConnection(QuicPeer):
     """One QUIC connection carrying a control stream and many flow streams."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic)
         self.handlers: dict[int, StreamHandler] = {}
-        self.last_rx = self.loop.time()
-        self.closed = False
-        self.close_reason = ""
-        self.peer_addr: Any = None
-        self.on_established: Callable[[TunnelConnection], None] | None = None
         self._peer_uni_stream: int | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
-        self._keepalive_interval = 0.0
-        self._dgram_queue: deque[bytes] = deque()
         self._dgram_stream: int | None = None
         self._peer_seen: set[int] = set()
         self._peer_seen_order: deque[int] = deque()
-        # set when someone waits for stream slots: each received batch then checks whether
-        # the peer's MAX_STREAMS rose (qh3 emits no event for it)
-        self.watch_stream_credit = False
-        self._bidi_limit = 0
 
     # -- hooks for subclasses -------------------------------------------------------------
 
@@ -126,20 +113,8 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         """A stream the peer opened has its first data. Return a handler or None to reset."""
         return None
 
-    def handshake_done(self, alpn: str | None) -> None:
-        pass
-
-    def terminated(self, error_code: int, reason: str) -> None:
-        pass
-
     def tunnel_datagram(self, data: bytes) -> None:
         """One tunnel datagram from the peer (from a DATAGRAM frame or the datagram stream)."""
-
-    def datagram_dropped(self, reason: str) -> None:
-        """A datagram was dropped on this connection (for counters)."""
-
-    def stream_credit(self) -> None:
-        """The peer raised its limit on our bidirectional streams (with watch_stream_credit)."""
 
     # -- API --------------------------------------------------------------------------------
 
@@ -147,20 +122,6 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
         stream_id = self.quic.get_next_available_stream_id(is_unidirectional=False)
         self.handlers[stream_id] = handler
         return stream_id
-
-    def can_open_stream(self) -> bool:
-        """Whether the peer's MAX_STREAMS leaves room for another bidirectional stream."""
-        return not self.closed and qh3compat.can_open_bidi_stream(self.quic)
-
-    def free_streams(self) -> int:
-        """Bidirectional streams the peer's MAX_STREAMS lets us open now."""
-        return 0 if self.closed else qh3compat.free_bidi_streams(self.quic)
-
-    def _check_stream_credit(self) -> None:
-        limit = qh3compat.bidi_stream_limit(self.quic)
-        if limit > self._bidi_limit:
-            self._bidi_limit = limit
-            self.stream_credit()
 
     def send(self, stream_id: int, data: bytes, fin: bool = False) -> None:
         if self.closed or qh3compat.is_closing(self.quic):
@@ -174,44 +135,8 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
             return
         self.transmit_soon()
 
-    def send_datagram(self, data: bytes) -> bool:
-        """Queue one tunnel datagram. Drop-tail when the queue is full (returns False)."""
-        if self.closed:
-            self.datagram_dropped("connection_closed")
-            return False
-        if len(self._dgram_queue) >= DATAGRAM_QUEUE_LIMIT:
-            self.datagram_dropped("queue_full")
-            return False
-        self._dgram_queue.append(data)
-        self.transmit_soon()
-        return True
-
-    def _flush_datagrams(self) -> None:
-        room = qh3compat.datagram_room(self.quic)
-        if room is None:
-            return
-        # hand qh3 only what the congestion window can take now, so the bounded queue above
-        # is the only place datagrams wait (qh3's own queue has no limit)
-        budget, path_max, remote = room
-        # what fits in one QUIC packet on the current path (qh3 only notices at packing time)
-        limit = path_max - _DATAGRAM_OVERHEAD
-        if remote is not None:
-            limit = min(limit, remote - 4)
-        queue = self._dgram_queue
-        while queue and budget > 0:
-            data = queue.popleft()
-            if len(data) > limit:
-                budget -= len(data)
-                self._send_on_datagram_stream(data)
-                continue
-            budget -= len(data) + _DATAGRAM_OVERHEAD
-            try:
-                self.quic.send_datagram_frame(data)
-            except (QuicConnectionError, ValueError) as e:
-                log.debug("datagram dropped: %s", e)
-                self.datagram_dropped("send_error")
-
-    def _send_on_datagram_stream(self, data: bytes) -> None:
+    def oversize_datagram(self, data: bytes) -> None:
+        # too big for a DATAGRAM frame on this path: the tunnel's datagram stream carries it
         if self._dgram_stream is None:
             self._dgram_stream = self.quic.get_next_available_stream_id(is_unidirectional=True)
         elif self.quic.get_send_buffer_size(self._dgram_stream) > MAX_DATAGRAM_STREAM_BUFFER:
@@ -223,75 +148,15 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
             log.debug("datagram stream send failed: %s", e)
             self.datagram_dropped("send_error")
 
-    def transmit(self) -> None:
-        if self._dgram_queue:
-            self._flush_datagrams()
-        super().transmit()
-
     def reset(self, stream_id: int, code: int) -> None:
         """Abort both directions of a stream."""
         self.handlers.pop(stream_id, None)
-        if self.closed or qh3compat.is_closing(self.quic):
-            return
-        try:
-            if qh3compat.stream_can_send(self.quic, stream_id):
-                self.quic.reset_stream(stream_id, code)
-            self.quic.stop_stream(stream_id, code)
-        except Exception as e:  # a stream qh3 already forgot: nothing left to abort
-            log.debug("reset of stream %d ignored: %s", stream_id, e)
-        self.transmit_soon()
+        reset_stream(self, stream_id, code)
 
     def forget(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
 
-    def close_with(self, code: int, reason: str) -> None:
-        if self.closed:
-            return
-        self.quic.close(error_code=code, reason_phrase=reason)
-        self.transmit()
-
-    def start_keepalive(self, interval: float) -> None:
-        """Send a PING when nothing was received for `interval`, so NATs and idle timers
-        see traffic and a dead peer is noticed within the idle timeout."""
-        self._keepalive_interval = interval
-        self._schedule_keepalive()
-
-    def _schedule_keepalive(self) -> None:
-        if self.closed or self._keepalive_interval <= 0:
-            return
-        self._keepalive = self.loop.call_later(self._keepalive_interval, self._keepalive_tick)
-
-    def _keepalive_tick(self) -> None:
-        if self.closed:
-            return
-        if self.loop.time() - self.last_rx >= self._keepalive_interval * 0.9:
-            self.quic.send_ping(0)
-            self.transmit()
-        self._schedule_keepalive()
-
     # -- qh3 plumbing -------------------------------------------------------------------------
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self.last_rx = self.loop_time()
-        self.peer_addr = addr
-        super().datagram_received(data, addr)
-        if self.watch_stream_credit:
-            self._check_stream_credit()
-
-    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
-        self.last_rx = self.loop_time()
-        self.peer_addr = addr
-        super().datagrams_received(data, addr)
-        if self.watch_stream_credit:
-            self._check_stream_credit()
-
-    @property
-    def peer(self) -> str:
-        addr = self.peer_addr
-        if not addr:
-            return "?"
-        host = str(addr[0]).removeprefix("::ffff:")
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.DatagramFrameReceived):
@@ -345,13 +210,7 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
             self._peer_seen.discard(self._peer_seen_order.popleft())
         return True
 
-    def _on_terminated(self, code: int, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.close_reason = reason or f"code {code}"
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+    def lose_streams(self) -> None:
         handlers = list(self.handlers.values())
         self.handlers.clear()
         for h in handlers:
@@ -359,18 +218,22 @@ class TunnelConnection(qh3compat.ConnectionProtocol):
                 h.connection_lost()
             except Exception:
                 log.exception("stream handler failed on connection loss")
-        self.terminated(code, reason)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # the UDP transport went away (client side): the QUIC connection is gone with it
-        self.abandon("transport closed")
-
-    def abandon(self, reason: str) -> None:
-        """The connection is gone without a close from either end."""
-        self._on_terminated(0, reason)
-        self.mark_closed()
 
 
+def reset_stream(conn: QuicPeer, stream_id: int, code: int) -> None:
+    """Abort both directions of a stream (whatever is left of it)."""
+    if conn.closed or qh3compat.is_closing(conn.quic):
+        return
+    try:
+        if qh3compat.stream_can_send(conn.quic, stream_id):
+            conn.quic.reset_stream(stream_id, code)
+        conn.quic.stop_stream(stream_id, code)
+    except Exception as e:  # a stream qh3 already forgot: nothing left to abort
+        log.debug("reset of stream %d ignored: %s", stream_id, e)
+    conn.transmit_soon()
+
+
+P = TypeVar("P", bound=QuicPeer)
 _SourceKey = tuple[str, bool]  # (source IP, whether a Retry token proved it)
 
 
@@ -528,7 +391,7 @@ class TunnelServer(qh3compat.Server):
         timer = loop.call_later(self.limits.timeout, self._half_open, protocol)
         self._handshaking[protocol] = (key, timer)
         self._held[key] = self._held.get(key, 0) + 1
-        if isinstance(protocol, TunnelConnection):
+        if isinstance(protocol, QuicPeer):
             protocol.on_established = self._handshake_over
 
     def _handshake_over(self, protocol: QuicConnectionProtocol) -> None:
@@ -551,7 +414,7 @@ class TunnelServer(qh3compat.Server):
         self._handshake_over(protocol)
         self._on_event("handshake_timeout")
         self.forget(protocol)
-        if isinstance(protocol, TunnelConnection):
+        if isinstance(protocol, QuicPeer):
             protocol.abandon("handshake timeout")
 
     def connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
@@ -589,7 +452,7 @@ async def serve(
     port: int,
     *,
     configuration: QuicConfiguration,
-    create_protocol: Callable[..., TunnelConnection],
+    create_protocol: Callable[..., QuicPeer],
     on_drop: Callable[[str], None],
     on_event: Callable[[str], None] = lambda event: None,
     limits: HandshakeLimits = DEFAULT_LIMITS,
@@ -618,9 +481,9 @@ async def dial(
     port: int,
     *,
     configuration: QuicConfiguration,
-    create_protocol: Callable[[QuicConnection], TunnelConnection],
+    create_protocol: Callable[[QuicConnection], P],
     max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
-) -> TunnelConnection:
+) -> P:
     """Open a QUIC connection that lets the peer open `max_streams_bidi` streams at once;
     returns once the handshake completed (or raises)."""
     loop = asyncio.get_running_loop()
@@ -631,7 +494,7 @@ async def dial(
         configuration=configuration, max_streams_bidi=max_streams_bidi
     )
     transport, protocol = await _datagram_endpoint(lambda: create_protocol(connection), sock)
-    assert isinstance(protocol, TunnelConnection)
+    assert isinstance(protocol, QuicPeer)
     protocol.connect(addr)
     try:
         await protocol.wait_connected()
