@@ -30,6 +30,7 @@ from ramp.config_lines import (
 )
 from ramp.onramps.registry import OnRampOptions, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
+from ramp.wire.masque import UdpTemplate
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -65,6 +66,11 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
     if not host:
         raise ValueError(f"bad address {value!r}: empty host")
     return host, int(port_s)
+
+
+def _check_template(value: str) -> str:
+    UdpTemplate(value)  # ValueError says what is wrong
+    return value
 
 
 def _check_listen(value: str) -> str:
@@ -166,7 +172,64 @@ class HookEntry(BaseModel):
         return self.path or self.module or ""
 
 
-class EdgeConfig(_Base):
+class _ProxyOnRamps(_Base):
+    """What every role running the proxy on-ramps (SOCKS5, HTTP) has: edge and client."""
+
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="Seconds a proxy client has to finish its request."
+    )
+    max_flows: int = Field(
+        10000,
+        gt=0,
+        description="Concurrent flows; past it new requests get an error. Lowered at start "
+        "when the descriptor limit (RLIMIT_NOFILE, raised to its hard limit) cannot hold them.",
+    )
+    max_handshakes: int = Field(
+        1024,
+        gt=0,
+        description="Proxy connections per on-ramp still in their handshake (SOCKS5 greeting, "
+        "HTTP request head); past it new connections are closed at once.",
+    )
+    max_handshakes_per_source: int = Field(
+        128,
+        ge=0,
+        description="Of those, how many one client address may hold; 0 = no share.",
+    )
+    users: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Proxy credentials, user name to password. When set, SOCKS5 requires "
+            "RFC 1929 username/password and HTTP requires Proxy-Authorization Basic."
+        ),
+    )
+    max_udp_associations_per_source: int = Field(
+        256,
+        ge=0,
+        description="SOCKS5 UDP associations one client address may hold; past it UDP "
+        "ASSOCIATE gets reply 0x01 (general failure) and "
+        "ramp_udp_associations_refused{reason=source_share} counts it; 0 = no share.",
+    )
+    max_udp_associations_per_identity: int = Field(
+        1024,
+        ge=0,
+        description="SOCKS5 UDP associations one authenticated user may hold, over all its "
+        "addresses (reason=identity_share); 0 = no share.",
+    )
+    max_udp_destinations_per_association: int = Field(
+        256,
+        ge=1,
+        description="Destinations (UDP sessions) one SOCKS5 UDP association may use at once; "
+        "a datagram to one more is dropped (ramp_bad_input{reason=too_many_sessions}).",
+    )
+    udp_association_idle_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a SOCKS5 UDP association may carry no datagram (either way) "
+        "before it is closed with its control connection (ramp_udp_associations_expired).",
+    )
+
+
+class EdgeConfig(_ProxyOnRamps):
     """The edge: on-ramps, routing to tunnels, direct egress."""
 
     tunnel_listen: str = Field(
@@ -177,6 +240,25 @@ class EdgeConfig(_Base):
     )
     http_listen: str = Field(
         "127.0.0.1:8080", description="HTTP CONNECT proxy listener HOST:PORT, or 'off'."
+    )
+    masque_listen: str = Field(
+        "0.0.0.0:443",
+        description="HTTP/3 proxy (MASQUE: CONNECT, connect-udp) UDP HOST:PORT, or 'off'. "
+        "Every request must carry a client identity's credentials.",
+    )
+    masque_udp_template: str = Field(
+        "/.well-known/masque/udp/{target_host}/{target_port}/",
+        description="connect-udp URI template path of the MASQUE listener.",
+    )
+    masque_idle_timeout: float = Field(
+        30.0, gt=0, description="Seconds without packets before a MASQUE client connection is dead."
+    )
+    masque_max_streams_per_connection: int = Field(
+        10000,
+        ge=1,
+        le=1 << 30,
+        description="Requests (CONNECT streams) a MASQUE client may have open at once on one "
+        "connection (the QUIC MAX_STREAMS the edge advertises), raised as streams close.",
     )
     metrics_listen: str = Field(
         "127.0.0.1:20241", description="HTTP listener for /metrics and /ready, or 'off'."
@@ -189,15 +271,6 @@ class EdgeConfig(_Base):
         15.0,
         gt=0,
         description="Seconds to wait for a flow's outbound leg (tunnel answer or direct dial).",
-    )
-    handshake_timeout: float = Field(
-        10.0, gt=0, description="Seconds a proxy client has to finish its request."
-    )
-    max_flows: int = Field(
-        10000,
-        gt=0,
-        description="Concurrent flows; past it new requests get an error. Lowered at start "
-        "when the descriptor limit (RLIMIT_NOFILE, raised to its hard limit) cannot hold them.",
     )
     # fair shares: one client cannot take what the limits above guard from everyone else
     max_flows_per_source: int = Field(
@@ -217,24 +290,6 @@ class EdgeConfig(_Base):
     )
     max_opening_flows_per_identity: int = Field(
         512, ge=0, description="Flows one authenticated user may have opening; 0 = no share."
-    )
-    max_handshakes: int = Field(
-        1024,
-        gt=0,
-        description="Proxy connections per on-ramp still in their handshake (SOCKS5 greeting, "
-        "HTTP request head); past it new connections are closed at once.",
-    )
-    max_handshakes_per_source: int = Field(
-        128,
-        ge=0,
-        description="Of those, how many one client address may hold; 0 = no share.",
-    )
-    users: dict[str, str] = Field(
-        default_factory=dict,
-        description=(
-            "Proxy credentials, user name to password. When set, SOCKS5 requires "
-            "RFC 1929 username/password and HTTP requires Proxy-Authorization Basic."
-        ),
     )
     store_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between checks of the store for CLI changes."
@@ -321,31 +376,6 @@ class EdgeConfig(_Base):
         description="Seconds a UDP session the origin never answered may stay idle (like "
         "conntrack's unreplied entries); answered ones keep udp_idle_timeout.",
     )
-    max_udp_associations_per_source: int = Field(
-        256,
-        ge=0,
-        description="SOCKS5 UDP associations one client address may hold; past it UDP "
-        "ASSOCIATE gets reply 0x01 (general failure) and "
-        "ramp_udp_associations_refused{reason=source_share} counts it; 0 = no share.",
-    )
-    max_udp_associations_per_identity: int = Field(
-        1024,
-        ge=0,
-        description="SOCKS5 UDP associations one authenticated user may hold, over all its "
-        "addresses (reason=identity_share); 0 = no share.",
-    )
-    max_udp_destinations_per_association: int = Field(
-        256,
-        ge=1,
-        description="Destinations (UDP sessions) one SOCKS5 UDP association may use at once; "
-        "a datagram to one more is dropped (ramp_bad_input{reason=too_many_sessions}).",
-    )
-    udp_association_idle_timeout: float = Field(
-        60.0,
-        gt=0,
-        description="Seconds a SOCKS5 UDP association may carry no datagram (either way) "
-        "before it is closed with its control connection (ramp_udp_associations_expired).",
-    )
 
     onramps: list[Annotated[OnRampOptions, BeforeValidator(_onramp_entry)]] = Field(
         default_factory=list,
@@ -389,8 +419,16 @@ class EdgeConfig(_Base):
     )
 
     _v_listen = field_validator(
-        "tunnel_listen", "socks5_listen", "http_listen", "metrics_listen", "dns_listen"
+        "tunnel_listen",
+        "socks5_listen",
+        "http_listen",
+        "metrics_listen",
+        "dns_listen",
+        "masque_listen",
     )(classmethod(lambda cls, v: _check_listen(v)))
+    _v_template = field_validator("masque_udp_template")(
+        classmethod(lambda cls, v: _check_template(v))
+    )
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
 
     def effective_onramps(self) -> list[OnRampOptions]:
@@ -401,12 +439,72 @@ class EdgeConfig(_Base):
             ("socks5", "socks5_listen"),
             ("http", "http_listen"),
             ("dns", "dns_listen"),
+            ("masque", "masque_listen"),
         ):
             value = getattr(self, key)
             if value == "off" or (self.onramps and key not in self.model_fields_set):
                 continue
-            found.append(parse_entry({"type": kind, "listen": value}))
+            entry = {"type": kind, "listen": value}
+            if kind == "masque":
+                entry["udp_template"] = self.masque_udp_template
+            found.append(parse_entry(entry))
         return found
+
+
+class ClientConfig(_ProxyOnRamps):
+    """The client (`ramp client run`): local SOCKS5 and HTTP proxies whose flows go to an
+    edge's MASQUE endpoint, one HTTP/3 CONNECT stream or connect-udp request each."""
+
+    token: str = Field("", description="Client token from `ramp client token NAME`.")
+    token_file: Path | None = Field(
+        None,
+        description="File holding the client token, readable by its owner only; unlike "
+        "`token` on the command line it does not show in `ps`.",
+    )
+    edge: list[str] = Field(
+        default_factory=list,
+        description="Edge MASQUE HOST:PORT addresses; when set they replace those in the token.",
+    )
+    hop: list[str] = Field(
+        default_factory=list,
+        description="Nested proxying: client tokens of edges to pass through, outermost "
+        "first. The QUIC connection to each next edge runs inside connect-udp on the one "
+        "before, so the first edge never sees the destination and the last never sees the "
+        "client's address. Without it the token's edge is the only hop.",
+    )
+    socks5_listen: str = Field(
+        "127.0.0.1:1080", description="Local SOCKS5 proxy listener HOST:PORT, or 'off'."
+    )
+    http_listen: str = Field(
+        "127.0.0.1:8080", description="Local HTTP proxy listener HOST:PORT, or 'off'."
+    )
+    metrics_listen: str = Field(
+        "127.0.0.1:20243",
+        description="HTTP listener for /metrics and /ready (the edge connection's state, "
+        "RTT and flows), or 'off'.",
+    )
+    connect_timeout: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds a flow waits for the edge's answer (and for the edge connection).",
+    )
+    idle_timeout: float = Field(
+        30.0, gt=0, description="Seconds without packets before the edge connection is dead."
+    )
+    keepalive_interval: float = Field(
+        10.0, gt=0, description="Seconds of silence after which the client pings the edge."
+    )
+
+    _v_listen = field_validator("socks5_listen", "http_listen", "metrics_listen")(
+        classmethod(lambda cls, v: _check_listen(v))
+    )
+
+    def effective_onramps(self) -> list[OnRampOptions]:
+        return [
+            parse_entry({"type": kind, "listen": value})
+            for kind, value in (("socks5", self.socks5_listen), ("http", self.http_listen))
+            if value != "off"
+        ]
 
 
 class ConnectorConfig(_Base):

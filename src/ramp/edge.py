@@ -204,7 +204,9 @@ class Edge:
             self.pipeline,
             self._dns_outcome,
             accept_error=lambda onramp, what: self.metrics.accept_errors.labels(onramp, what).inc(),
-            udp_associations=self._udp_associations(),
+            udp_associations=AssociationLimits.for_role(self.config, m),
+            tls=(ident.leaf_cert_pem + ident.ca_cert_pem, ident.leaf_key_pem),
+            datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
         )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
@@ -231,17 +233,6 @@ class Edge:
             await self.status.close()
         self.store.close()
         self.audit.close()
-
-    def _udp_associations(self) -> AssociationLimits:
-        m, c = self.metrics, self.config
-        return AssociationLimits(
-            c.max_udp_associations_per_source,
-            c.max_udp_associations_per_identity,
-            c.udp_association_idle_timeout,
-            on_refused=lambda reason: m.udp_associations_refused.labels(reason).inc(),
-            on_expired=m.udp_associations_expired.inc,
-            on_active=m.udp_associations_active.set,
-        )
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         assert self.tunnels is not None

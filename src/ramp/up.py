@@ -63,6 +63,7 @@ async def serve_up(data_dir: Path, log_level: str, stop: asyncio.Event) -> int:
         data_dir=data_dir,
         log_level=log_level,  # type: ignore[arg-type]
         tunnel_listen="127.0.0.1:7844",
+        masque_listen="127.0.0.1:4433",
     )
     token = _ensure_tunnel(data_dir, edge_cfg.tunnel_listen)
     conn_cfg = ConnectorConfig(

@@ -9,6 +9,7 @@ import importlib
 import pytest
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.asyncio.server import QuicServer
+from qh3.h3.connection import H3Connection
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
@@ -37,6 +38,7 @@ def _owners() -> dict[str, object]:
     finally:
         loop.close()
     return {
+        "H3Connection": H3Connection,
         "QuicConnection": quic,
         "QuicConnectionCore": core,
         "QuicConnectionProtocol": proto,

@@ -156,7 +156,30 @@ class FlowMetrics:
         self.udp_sessions_expired.labels(reason).inc()
 
 
-class EdgeMetrics(FlowMetrics):
+class ProxyMetrics(FlowMetrics):
+    """What roles running the SOCKS5 on-ramp count besides flows (edge and client)."""
+
+    def add_association_metrics(self) -> None:
+        self.udp_associations_active = Gauge(
+            "ramp_udp_associations_active",
+            "SOCKS5 UDP associations open now.",
+            registry=self.registry,
+        )
+        self.udp_associations_refused = Counter(
+            "ramp_udp_associations_refused",
+            "SOCKS5 UDP ASSOCIATE requests refused because their client's share was used up, "
+            "by reason (source_share, identity_share).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.udp_associations_expired = Counter(
+            "ramp_udp_associations_expired",
+            "SOCKS5 UDP associations closed after udp_association_idle_timeout without a datagram.",
+            registry=self.registry,
+        )
+
+
+class EdgeMetrics(ProxyMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry or CollectorRegistry())
         self.tunnel_connections = Gauge(
@@ -226,23 +249,7 @@ class EdgeMetrics(FlowMetrics):
             ["hook", "point"],
             registry=self.registry,
         )
-        self.udp_associations_active = Gauge(
-            "ramp_udp_associations_active",
-            "SOCKS5 UDP associations open now.",
-            registry=self.registry,
-        )
-        self.udp_associations_refused = Counter(
-            "ramp_udp_associations_refused",
-            "SOCKS5 UDP ASSOCIATE requests refused because their client's share was used up, "
-            "by reason (source_share, identity_share).",
-            ["reason"],
-            registry=self.registry,
-        )
-        self.udp_associations_expired = Counter(
-            "ramp_udp_associations_expired",
-            "SOCKS5 UDP associations closed after udp_association_idle_timeout without a datagram.",
-            registry=self.registry,
-        )
+        self.add_association_metrics()
         self.config_reloads = Counter(
             "ramp_config_reloads",
             "SIGHUP reloads by result (ok, failed).",
@@ -269,3 +276,24 @@ class ConnectorMetrics(FlowMetrics):
             ["reason"],
             registry=self.registry,
         )
+
+
+class ClientMetrics(ProxyMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry or CollectorRegistry())
+        self.edge_connected = Gauge(
+            "ramp_client_edge_connected",
+            "1 while the QUIC connection to the edge is up.",
+            registry=self.registry,
+        )
+        self.edge_connects = Counter(
+            "ramp_client_edge_connects",
+            "Times the connection to the edge came up (more than once: it was redialled).",
+            registry=self.registry,
+        )
+        self.edge_rtt = Gauge(
+            "ramp_client_edge_rtt_seconds",
+            "Smoothed round-trip time of the edge connection.",
+            registry=self.registry,
+        )
+        self.add_association_metrics()

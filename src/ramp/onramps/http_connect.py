@@ -30,6 +30,7 @@ from ramp.flows.answers import ProxyRequest as HookRequest
 from ramp.flows.answers import Reply
 from ramp.flows.endpoint import ProtocolFactory, SocketEndpoint, StreamEndpoint
 from ramp.flows.flow import Destination, FlowResult
+from ramp.flows.http_errors import failure, proxy_status
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
 from ramp.wire.http import (
@@ -46,23 +47,10 @@ from ramp.wire.http import (
 
 log = logging.getLogger(__name__)
 
-# (status, words for the body, RFC 9209 Proxy-Status error type)
-_FAILURES: dict[FlowResult, tuple[int, str, str]] = {
-    FlowResult.NOT_PERMITTED: (403, "not permitted by policy", "http_request_denied"),
-    FlowResult.NET_UNREACHABLE: (502, "network unreachable", "destination_ip_unroutable"),
-    FlowResult.HOST_UNREACHABLE: (502, "host unreachable", "destination_unavailable"),
-    FlowResult.REFUSED: (502, "connection refused", "connection_refused"),
-    FlowResult.TIMEOUT: (504, "connection timed out", "connection_timeout"),
-    FlowResult.ERROR: (502, "proxy error", "proxy_internal_error"),
-    FlowResult.RESET: (502, "connection reset", "connection_terminated"),
-    FlowResult.BAD_DESTINATION: (400, "not a valid host name", "destination_not_found"),
-    FlowResult.BUSY: (503, "too many flows", "connection_limit_reached"),
-}
-
 
 def failure_response(result: FlowResult, dest: Destination) -> bytes:
-    status, words, error = _FAILURES.get(result, _FAILURES[FlowResult.ERROR])
-    return response(status, f"ramp: {dest}: {words}", (("Proxy-Status", f"ramp; error={error}"),))
+    status, words, error = failure(result)
+    return response(status, f"ramp: {dest}: {words}", (("Proxy-Status", proxy_status(error)),))
 
 
 class HttpConnectServer(TcpOnRamp):

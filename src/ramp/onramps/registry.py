@@ -50,6 +50,11 @@ class OnRampContext:
     # (on-ramp type, errno name) for each failed accept(2): the role counts them
     accept_error: Callable[[str, str], None] | None = None
     udp_associations: Any = None  # socks5_udp.AssociationLimits, shared by SOCKS5 listeners
+    # (certificate chain PEM, key PEM) of the role, for on-ramps that speak TLS
+    tls: tuple[bytes, bytes] | None = None
+    credentials: Any = None  # policy.identities.ClientCredentials: client identities
+    # the reason for each datagram an on-ramp dropped: the role counts them
+    datagram_dropped: Callable[[str], None] | None = None
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]

@@ -87,6 +87,18 @@ class AssociationLimits:
         self._on_active = on_active
         self.active = 0
 
+    @classmethod
+    def for_role(cls, config: Any, metrics: Any) -> AssociationLimits:
+        """The limits a role's config sets, counted in its metrics (ProxyMetrics)."""
+        return cls(
+            config.max_udp_associations_per_source,
+            config.max_udp_associations_per_identity,
+            config.udp_association_idle_timeout,
+            on_refused=lambda reason: metrics.udp_associations_refused.labels(reason).inc(),
+            on_expired=metrics.udp_associations_expired.inc,
+            on_active=metrics.udp_associations_active.set,
+        )
+
     def admit(self, source: str, identity: str | None) -> str | None:
         """Take a unit of the client's shares; None when taken, else the reason it is not."""
         refused = self.shares.try_take(source, identity)

@@ -22,6 +22,7 @@ from qh3._hazmat import QuicConnectionCore as _QuicConnectionCore
 from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.asyncio.server import QuicServer
+from qh3.h3.connection import H3Connection, Setting
 from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicTransportParameters
 
@@ -49,6 +50,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("QuicConnectionCore", "congestion_window"),
     ("QuicConnectionCore", "bytes_in_flight"),
     ("QuicConnectionCore", "active_path"),
+    ("QuicConnectionCore", "smoothed_rtt"),
     ("QuicConnectionProtocol", "_quic"),
     ("QuicConnectionProtocol", "_loop"),
     ("QuicConnectionProtocol", "_loop_time"),
@@ -66,6 +68,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("QuicServer", "_connection_id_issued"),
     ("QuicServer", "_connection_id_retired"),
     ("QuicServer", "_connection_terminated"),
+    ("H3Connection", "_get_local_settings"),
 )
 
 # index of the path's maximum datagram size in the core's `active_path` tuple
@@ -191,6 +194,15 @@ def datagram_room(quic: QuicConnection) -> tuple[int, int, int | None] | None:
     return budget, core.active_path[_PATH_MAX_DATAGRAM], quic._remote_max_datagram_frame_size
 
 
+def smoothed_rtt(quic: QuicConnection) -> float | None:
+    """The connection's smoothed round-trip time in seconds (None before a sample)."""
+    core = quic._core
+    if core is None:
+        return None
+    rtt = core.smoothed_rtt
+    return float(rtt) if rtt is not None else None
+
+
 def stream_can_send(quic: QuicConnection, stream_id: int) -> bool:
     return bool(quic._stream_can_send(stream_id))
 
@@ -295,3 +307,17 @@ class Server(QuicServer):
 
     def connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         """A connection ended (for subclasses)."""
+
+
+# -- HTTP/3 -------------------------------------------------------------------------------------
+
+
+class ExtendedConnectH3(H3Connection):
+    """qh3's HTTP/3 connection advertising extended CONNECT (RFC 9220) as well as HTTP
+    Datagrams: qh3 sends SETTINGS_H3_DATAGRAM itself but has no switch for
+    SETTINGS_ENABLE_CONNECT_PROTOCOL, without which no client may send `:protocol`."""
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings[Setting.ENABLE_CONNECT_PROTOCOL] = 1
+        return settings

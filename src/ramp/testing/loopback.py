@@ -45,12 +45,13 @@ def make_token(data_dir: Path, name: str, edge_port: int) -> str:
 
 def loopback_edge_config(data_dir: Path, **overrides: Any) -> EdgeConfig:
     """An edge for in-process tests: tunnel and SOCKS5 on loopback with ports the system picks,
-    no HTTP or metrics listener, the audit log in `data_dir`; `overrides` change any key."""
+    no HTTP, MASQUE or metrics listener, the audit log in `data_dir`; `overrides` change any key."""
     values: dict[str, Any] = {
         "data_dir": data_dir,
         "tunnel_listen": "127.0.0.1:0",
         "socks5_listen": "127.0.0.1:0",
         "http_listen": "off",
+        "masque_listen": "off",
         "metrics_listen": "off",
         "audit_log": str(data_dir / "audit.log"),
     }

@@ -4,7 +4,6 @@ opens, and keep `ha_connections` connections per edge alive with backoff."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import socket
@@ -14,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography import x509
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
@@ -23,6 +21,7 @@ from ramp.flows.budget import MemoryBudget, reserve
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
+from ramp.quic.pin import PinError, check_pin
 from ramp.tunnel import control_state as cs
 from ramp.tunnel import flow_state as fs
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
@@ -50,10 +49,6 @@ REGISTER_TIMEOUT = 10.0
 EDGE_SERVER_NAME = "ramp-edge"
 
 
-class PinError(Exception):
-    """The edge's certificate is not signed by the CA the token names."""
-
-
 class RegistrationRefused(Exception):
     def __init__(self, code: RegisterError, message: str) -> None:
         super().__init__(f"{code.name.lower()}: {message}")
@@ -74,35 +69,6 @@ class FlowEnd:
     bytes_down: int
     duration: float
     metadata: dict[str, str] = field(default_factory=dict)  # what the edge said of the flow
-
-
-def check_pin(conn: QuicConnection, ca_fingerprint: str) -> None:
-    """Accept the edge only if its leaf certificate was issued by the pinned CA (or is it)."""
-    want = ca_fingerprint.lower()
-    leaf_h = conn.get_peercert()
-    if leaf_h is None:
-        raise PinError("the edge sent no certificate")
-    leaf_der = leaf_h.public_bytes()
-    if hashlib.sha256(leaf_der).hexdigest() == want:
-        return
-    try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
-    except ValueError as e:
-        raise PinError(f"the edge sent an unreadable certificate: {e}") from e
-    for cert_h in conn.get_issuercerts():
-        der = cert_h.public_bytes()
-        if hashlib.sha256(der).hexdigest() != want:
-            continue
-        ca = x509.load_der_x509_certificate(der)
-        try:
-            leaf.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, Exception) as e:
-            raise PinError(f"edge certificate not signed by the pinned CA: {e}") from e
-        return
-    raise PinError(
-        "the edge's certificate does not match the CA fingerprint in the token "
-        "(wrong edge address, or a token from another edge)"
-    )
 
 
 def client_configuration(idle_timeout: float) -> QuicConfiguration:

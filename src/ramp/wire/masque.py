@@ -14,6 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from ramp.wire.http import BadTarget, parse_authority
 from ramp.wire.varint import MAX_VARINT, decode_varint, encode_varint
 
 CAPSULE_DATAGRAM = 0x00  # RFC 9297 section 3.5
@@ -162,3 +163,89 @@ class UdpTemplate:
         return self.path.replace("{target_host}", host.replace(":", "%3A")).replace(
             "{target_port}", str(port)
         )
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class RequestRefused(ValueError):
+    """A request the proxy answers itself: `status`, and an RFC 9209 error type."""
+
+    def __init__(self, status: int, error: str, words: str, *, bad_input: str | None = None):
+        super().__init__(words)
+        self.status = status
+        self.error = error
+        self.words = words
+        self.bad_input = bad_input  # the counter's reason when the request was malformed
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """CONNECT (RFC 9114 section 4.4): a TCP stream to host:port."""
+
+    host: str
+    port: int
+    authorization: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class UdpRequest:
+    """Extended CONNECT with `:protocol = connect-udp` (RFC 9298)."""
+
+    host: str
+    port: int
+    authorization: bytes | None
+    authority: str
+    path: str
+
+
+def parse_request(
+    headers: list[tuple[bytes, bytes]], template: UdpTemplate
+) -> ConnectRequest | UdpRequest:
+    """What a proxy request on an HTTP/3 stream asks for, or RequestRefused."""
+    pseudo: dict[bytes, bytes] = {}
+    authorization = None
+    for name, value in headers:
+        if name.startswith(b":"):
+            pseudo[name] = value
+        elif name == b"proxy-authorization" and authorization is None:
+            authorization = value
+    method = pseudo.get(b":method")
+    if method != b"CONNECT":
+        raise RequestRefused(405, "http_request_denied", "this proxy only serves CONNECT")
+    protocol = pseudo.get(b":protocol")
+    authority = pseudo.get(b":authority", b"")
+    if protocol is None:
+        if b":scheme" in pseudo or b":path" in pseudo:
+            raise RequestRefused(
+                400, "http_request_error", "CONNECT has no :scheme or :path", bad_input="malformed"
+            )
+        try:
+            host, port = parse_authority(authority)
+        except BadTarget as e:
+            raise RequestRefused(
+                400, "destination_not_found", f"bad CONNECT target: {e}", bad_input="bad_target"
+            ) from None
+        return ConnectRequest(host, port, authorization)
+    if protocol != b"connect-udp":
+        raise RequestRefused(501, "http_request_denied", f"unsupported :protocol {protocol[:32]!r}")
+    path = pseudo.get(b":path", b"")
+    if pseudo.get(b":scheme") != b"https" or not path or not authority:
+        raise RequestRefused(
+            400,
+            "http_request_error",
+            "connect-udp needs :scheme https, :authority and :path",
+            bad_input="malformed",
+        )
+    try:
+        text = path.decode("ascii")
+        target = template.match(text)
+    except UnicodeDecodeError:
+        target = None
+    except MasqueError as e:
+        raise RequestRefused(400, "destination_not_found", str(e), bad_input="bad_target") from None
+    if target is None:
+        raise RequestRefused(404, "http_request_denied", "no connect-udp template at this path")
+    return UdpRequest(
+        target.host, target.port, authorization, authority.decode("latin-1"), path.decode()
+    )

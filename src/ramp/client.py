@@ -1,0 +1,169 @@
+"""The client role (`ramp client run`): the edge's own SOCKS5 and HTTP on-ramps on loopback,
+with the MASQUE off-ramp: every TCP flow one HTTP/3 CONNECT stream, every UDP flow one
+connect-udp request, all on one QUIC connection to the edge (proxy mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ramp.config import ClientConfig, parse_hostport
+from ramp.flows.flow import Flow
+from ramp.flows.single_route import SingleRoute
+from ramp.flows.table import FlowTable
+from ramp.observe.audit import AuditLog, flow_record
+from ramp.observe.metrics import ClientMetrics
+from ramp.observe.status import start_status_server
+from ramp.offramps.masque import EdgeTarget, MasqueLink, MasqueOffRamp
+from ramp.offramps.nested import nested_dialer
+from ramp.onramps.registry import OnRampContext
+from ramp.onramps.registry import lookup as lookup_onramp
+from ramp.onramps.socks5_udp import AssociationLimits
+
+log = logging.getLogger("ramp.client")
+
+
+class Client:
+    def __init__(
+        self,
+        config: ClientConfig,
+        target: EdgeTarget,
+        hops: list[EdgeTarget] | None = None,
+        *,
+        metrics: ClientMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = m = metrics or ClientMetrics()
+        self.audit = AuditLog(
+            config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
+        )
+        self.table = FlowTable(
+            config.max_flows,
+            reporters=[self._report],
+            on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
+            on_count=m.flows_active.set,
+        )
+        # the edge the flows exit at is the last hop; the ones before carry its packets
+        self.hops = [*(hops or []), target]
+        dialer, self.hop_links = nested_dialer(
+            self.hops[:-1],
+            idle_timeout=config.idle_timeout,
+            keepalive=config.keepalive_interval,
+            connect_timeout=config.connect_timeout,
+        )
+        self.link = MasqueLink(
+            self.hops[-1],
+            idle_timeout=config.idle_timeout,
+            keepalive=config.keepalive_interval,
+            dialer=dialer,
+            on_state=self._state,
+            on_drop=lambda reason: m.udp_drops.labels(reason).inc(),
+        )
+        self.offramp = MasqueOffRamp(self.link, config.connect_timeout, self.table.end)
+        self.opener = SingleRoute(self.table, self.offramp, bad_input=self._bad_input)
+        self.onramps: list[Any] = []
+        self.status: Any = None
+        m.edge_rtt.set_function(lambda: self.link.rtt or 0.0)
+
+    async def start(self) -> None:
+        for hop in self.hop_links:
+            hop.start()
+        self.link.start()
+        ctx = OnRampContext(
+            self.config,
+            self.opener,
+            accept_error=lambda onramp, what: self.metrics.accept_errors.labels(onramp, what).inc(),
+            udp_associations=AssociationLimits.for_role(self.config, self.metrics),
+        )
+        for options in self.config.effective_onramps():
+            server = lookup_onramp(options.type).build(ctx, options)
+            host, port = parse_hostport(options.listen)
+            await server.start(host, port)
+            self.onramps.append(server)
+        self.status = await start_status_server(
+            self.config.metrics_listen, self.metrics.registry, self.ready
+        )
+
+    async def close(self) -> None:
+        for server in self.onramps:
+            await server.close()
+        await self.link.close()
+        for hop in reversed(self.hop_links):
+            await hop.close()
+        if self.status is not None:
+            await self.status.close()
+        self.audit.close()
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        link = self.link
+        up = link.state == "connected"
+        connected_at = link.connected_at
+        return up, {
+            "status": link.state,
+            "edge": link.peer.peer if link.peer is not None else None,
+            "hops": len(self.hops),
+            "rtt_ms": round(link.rtt * 1000, 2) if link.rtt is not None else None,
+            "connected_for": round(time.monotonic() - connected_at, 1) if connected_at else None,
+            "last_error": link.error or None,
+            "flows": len(self.table),
+            "listeners": {s.onramp: s.port for s in self.onramps},
+        }
+
+    def _state(self, state: str) -> None:
+        up = state == "connected"
+        self.metrics.edge_connected.set(1 if up else 0)
+        if up:
+            self.metrics.edge_connects.inc()
+
+    def _bad_input(self, onramp: str, reason: str, peer: tuple[str, int] | None) -> None:
+        self.metrics.bad_input.labels(onramp, reason).inc()
+
+    def _report(self, flow: Flow) -> None:
+        m = self.metrics
+        assert flow.result is not None
+        m.flows.labels(flow.onramp, flow.result.value).inc()
+        if flow.bytes_up:
+            m.flow_bytes.labels("up").inc(flow.bytes_up)
+        if flow.bytes_down:
+            m.flow_bytes.labels("down").inc(flow.bytes_down)
+        self.audit.write_record(flow_record(flow))
+
+
+async def serve_client(
+    config: ClientConfig, target: EdgeTarget, hops: list[EdgeTarget], stop: asyncio.Event
+) -> int:
+    client = Client(config, target, hops)
+    try:
+        await client.start()
+    except OSError as e:
+        log.error("cannot start the client: %s", e)
+        await client.close()
+        return 1
+    listeners = ", ".join(f"{s.onramp} {config_listen(s)}" for s in client.onramps)
+    log.info("client ready: %s -> MASQUE %s", listeners, ", ".join(target.addresses))
+    try:
+        await stop.wait()
+    finally:
+        await client.close()
+    return 0
+
+
+def config_listen(server: Any) -> str:
+    host, port = server.address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run_client(config: ClientConfig, target: EdgeTarget, hops: list[EdgeTarget]) -> int:
+    """`ramp client run`: until SIGINT/SIGTERM."""
+    from ramp.runtime import run_until_signal
+
+    async def main(stop: asyncio.Event) -> int:
+        return await serve_client(config, target, hops, stop)
+
+    return run_until_signal(main, None)
+
+
+__all__ = ["Client", "run_client", "serve_client"]
