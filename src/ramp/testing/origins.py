@@ -3,8 +3,9 @@
     python -m ramp.testing.origins --root DIR --http 198.51.100.10:80 --echo 198.51.100.10:7 \\
         --udp-echo 198.51.100.10:7 ...
 
-- `--http`: HTTP/1.1 static files from `--root` (GET and HEAD, keep-alive, origin-form and
-  absolute-form request targets; files go out with sendfile). `/` answers a short text.
+- `--http`: HTTP/1.1 static files from `--root` and its subdirectories (GET and HEAD,
+  keep-alive, origin-form and absolute-form request targets; files go out with sendfile, typed
+  by suffix: .html, .png, ... else application/octet-stream). `/` answers a short text.
 - `--echo`: echoes every byte; end of input is passed on as end of output (half-close).
 - `--hello-echo`: first writes "HOST PORT\\n" (the peer as the origin sees it), then echoes, so a
   test can tell which process on the other side opened the connection.
@@ -39,6 +40,13 @@ UDP_MAX = 65535
 UDP_BUFFER = 8 * 2**20  # bursts of a benchmark must not overflow the echo's socket
 SO_SNDBUFFORCE = 32  # Linux; not exported by the socket module
 SO_RCVBUFFORCE = 33
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+}
 
 
 def half_close_reply(data: bytes) -> bytes:
@@ -136,17 +144,25 @@ async def _http_one(root: Path, reader: asyncio.StreamReader, writer: asyncio.St
     if not name:
         await _respond(writer, 200, INDEX_BODY, keep=keep, head_only=method == "HEAD")
         return keep
-    file = root / name
-    if "/" in name or name.startswith(".") or not file.is_file():
+    segments = name.split("/")
+    file = root.joinpath(*segments)
+    # No empty or dot segments: nothing outside `root` (no "..") and no hidden files.
+    if any(not seg or seg.startswith(".") for seg in segments) or not file.is_file():
         await _respond(writer, 404, b"not found\n", keep=keep)
         return keep
     size = file.stat().st_size
-    writer.write(_status_head(200, size, keep, "application/octet-stream"))
+    writer.write(_status_head(200, size, keep, _content_type(file)))
     await writer.drain()
     if method == "GET":
         with file.open("rb") as f:
             await asyncio.get_running_loop().sendfile(writer.transport, f)
     return keep
+
+
+def _content_type(file: Path) -> str:
+    # A browser renders HTML and images only when they are labelled as such; the random
+    # payloads of the download tests stay application/octet-stream.
+    return _CONTENT_TYPES.get(file.suffix.lower(), "application/octet-stream")
 
 
 def _status_head(status: int, length: int, keep: bool, ctype: str) -> bytes:
