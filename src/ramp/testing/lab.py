@@ -115,6 +115,10 @@ SOCKS_PORT = 1080
 HTTP_PROXY_PORT = 8080
 EDGE_METRICS_PORT = 20241
 CONNECTOR_METRICS_BASE_PORT = 20300
+MASQUE_PORT = 443
+CLIENT_SOCKS_PORT = 1080  # `ramp client run`'s listeners, on the client's loopback
+CLIENT_HTTP_PORT = 8080
+CLIENT_METRICS_PORT = 20243
 
 HTTP_PORT = 80
 ECHO_PORT = 7
@@ -128,6 +132,9 @@ DNS_PORT = 53
 
 EDGE_TUNNEL = f"{EDGE_TUNNEL_ADDR}:{TUNNEL_PORT}"
 SOCKS_PROXY = f"{EDGE_PUBLIC_ADDR}:{SOCKS_PORT}"
+EDGE_MASQUE = f"{EDGE_PUBLIC_ADDR}:{MASQUE_PORT}"  # the edge's HTTP/3 proxy (UDP)
+CLIENT_SOCKS = f"127.0.0.1:{CLIENT_SOCKS_PORT}"
+CLIENT_HTTP = f"127.0.0.1:{CLIENT_HTTP_PORT}"
 EDGE_DNS = f"{EDGE_PUBLIC_ADDR}:{DNS_PORT}"  # the usual --dns-listen in tests
 HTTP_PROXY = f"{EDGE_PUBLIC_ADDR}:{HTTP_PROXY_PORT}"
 
@@ -491,6 +498,7 @@ class Lab:
         self.processes: list[LabProcess] = []
         self.edge: LabProcess | None = None
         self.connectors: list[LabProcess] = []
+        self.clients: list[LabProcess] = []  # `ramp client run` processes
         self.origins: LabProcess | None = None
         self.dns_server: LabProcess | None = None  # dnsmasq in P
         self.upstream_dns: LabProcess | None = None  # dnsmasq in E
@@ -912,6 +920,8 @@ UseDNS no
             SOCKS_PROXY,
             "--http-listen",
             HTTP_PROXY,
+            "--masque-listen",
+            EDGE_MASQUE,
             "--metrics-listen",
             f"{EDGE_PUBLIC_ADDR}:{EDGE_METRICS_PORT}",
             *extra,
@@ -969,12 +979,15 @@ UseDNS no
             ("--http-listen", HTTP_PROXY),
             ("--metrics-listen", f"{EDGE_PUBLIC_ADDR}:{EDGE_METRICS_PORT}"),
             ("--dns-listen", "off"),
+            ("--masque-listen", EDGE_MASQUE),
         ):
             value = _last_flag(edge.args, flag, default)
             if value not in ("off", ""):
-                want.add(("tcp", value.replace("[", "").replace("]", "")))
-                if flag == "--dns-listen":
-                    want.add(("udp", value.replace("[", "").replace("]", "")))
+                bare = value.replace("[", "").replace("]", "")
+                if flag != "--masque-listen":
+                    want.add(("tcp", bare))
+                if flag in ("--dns-listen", "--masque-listen"):
+                    want.add(("udp", bare))
 
         def bound() -> bool:
             edge.check_alive()
@@ -1109,6 +1122,54 @@ UseDNS no
         self.start_connector(token, *extra)
         self.wait_tunnel_connections(tunnel, 1)
         return token
+
+    # --- ramp client (MASQUE proxy mode) ----------------------------------------------------
+
+    def client_token(self, name: str, edge: str = EDGE_MASQUE) -> str:
+        """Create client identity `name` (unless it exists) and return its token."""
+        listed = self.ramp("client", "list").stdout
+        if not any(line.split()[:1] == [name] for line in listed.splitlines()):
+            self.ramp("client", "create", name)
+        return self.ramp("client", "token", name, "--edge", edge).stdout.strip()
+
+    def start_client(
+        self,
+        token: str,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 30.0,
+        ns: Netns | None = None,
+        metrics_port: int = CLIENT_METRICS_PORT,
+    ) -> LabProcess:
+        """Start `ramp client run` in C (token in a file, as users should pass it); with
+        `wait`, return once its /ready is 200 (connected to the edge)."""
+        index = len(self.clients) + 1
+        token_file = self.workdir / f"client-{index}.token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        args = [
+            *RAMP,
+            "client",
+            "run",
+            "--token-file",
+            str(token_file),
+            "--data-dir",
+            str(self.workdir / f"client-{index}-data"),
+            "--socks5-listen",
+            CLIENT_SOCKS,
+            "--http-listen",
+            CLIENT_HTTP,
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+            *extra,
+        ]
+        proc = self.start_process(
+            "client", ns or self.client, args, metrics_addr=("127.0.0.1", metrics_port)
+        )
+        self.clients.append(proc)
+        if wait:
+            self.wait_ready(proc, timeout)
+        return proc
 
     # --- clients -------------------------------------------------------------------------
 
