@@ -7,6 +7,7 @@ no further code; only flags actually given override the config file.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import logging
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from ramp import __version__
+from ramp.client_token import ClientToken
 from ramp.config import (
     ConfigError,
     ConnectorConfig,
@@ -41,6 +43,7 @@ from ramp.tunnel.token import Token, TokenError, token_text
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_EDGE = "127.0.0.1:7844"
+DEFAULT_MASQUE_PORT = 443
 DATA_DIR_DEFAULT_TEXT = "~/.local/share/ramp"
 _USER_ERRORS = (ConfigError, StoreError, TokenError, HookLoadError)
 
@@ -268,6 +271,8 @@ def main() -> None:
     Route a DNS zone to it:   ramp tunnel route dns add corp.example NAME
     Get its connector token:  ramp tunnel token NAME --edge EDGE_HOST:7844
     In the private network:   ramp tunnel run --token TOKEN
+    Create a client identity: ramp client create NAME
+    Get its client token:     ramp client token NAME --edge EDGE_HOST:443
     Everything on one host:   ramp up
     """
 
@@ -445,13 +450,47 @@ def route_dns_delete(zone: str, data_dir: Path | None, log_level: str) -> None:
     click.echo(f"Deleted DNS route {name}")
 
 
-def _check_edges(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
-    for edge_addr in value:
-        try:
-            parse_hostport(edge_addr)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-    return list(value) or [DEFAULT_EDGE]
+def _dialable(edge_addr: str) -> str:
+    """`edge_addr` if a connector or client can dial it; a wildcard is a listen address."""
+    try:
+        host, _port = parse_hostport(edge_addr)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False  # a host name
+    if wildcard:
+        raise click.BadParameter(
+            f"{edge_addr} is a listen address (any interface), not one to dial: give the "
+            "edge's address as the connector or client reaches it"
+        )
+    return edge_addr
+
+
+def _edges_or(default: Callable[[], str]) -> Callable[..., list[str]]:
+    def check(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+        return [_dialable(e) for e in value] or [default()]
+
+    return check
+
+
+_check_edges = _edges_or(lambda: DEFAULT_EDGE)
+
+
+def default_masque_edge() -> str:
+    """Where clients reach the edge's MASQUE endpoint when --edge is not given: the edge
+    config's `masque_listen` default when it has one, on loopback if that listens on every
+    interface (a wildcard cannot be dialled), else 127.0.0.1:443."""
+    field = EdgeConfig.model_fields.get("masque_listen")
+    listen = field.get_default(call_default_factory=True) if field is not None else None
+    if not isinstance(listen, str) or listen in ("", "off"):
+        return f"127.0.0.1:{DEFAULT_MASQUE_PORT}"
+    try:
+        return _dialable(listen)
+    except click.BadParameter:
+        _host, port = parse_hostport(listen)
+        return f"127.0.0.1:{port}"
 
 
 @tunnel.command("token")
@@ -510,6 +549,83 @@ def tunnel_run(config_file: Path | None, **flags: Any) -> None:
     from ramp.connector import run_connector
 
     raise SystemExit(run_connector(cfg))
+
+
+# -- client identities ------------------------------------------------------------------------
+
+
+@main.group()
+def client() -> None:
+    """Client identities and the local proxy (MASQUE proxy mode)."""
+
+
+def _ts_text(t: datetime.datetime | None) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else "-"
+
+
+@client.command("create")
+@click.argument("name")
+@_common
+@_user_errors
+def client_create(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Create the client identity NAME."""
+    with _open_store(data_dir, log_level) as store:
+        c = store.create_client(name)
+    click.echo(f"Created client {c.name}")
+    click.echo(f"Get its client token with: ramp client token {c.name} --edge EDGE_HOST:443")
+
+
+@client.command("list")
+@_common
+@_user_errors
+def client_list(data_dir: Path | None, log_level: str) -> None:
+    """List client identities, revoked ones too."""
+    with _open_store(data_dir, log_level) as store:
+        clients = store.list_clients()
+    rows = [[c.name, c.status, _ts_text(c.created_at), _ts_text(c.revoked_at)] for c in clients]
+    click.echo(_table(["NAME", "STATUS", "CREATED", "REVOKED"], rows))
+
+
+@client.command("revoke")
+@click.argument("name")
+@_common
+@_user_errors
+def client_revoke(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Revoke the client identity NAME.
+
+    Its tokens stop working at once and its open flows end; the name is never reused."""
+    with _open_store(data_dir, log_level) as store:
+        was = store.get_client(name)
+        c = store.revoke_client(name)
+    if was is not None and was.revoked_at is not None:
+        click.echo(f"Client {c.name} was already revoked ({_ts_text(c.revoked_at)})")
+    else:
+        click.echo(f"Revoked client {c.name}")
+
+
+@client.command("token")
+@click.argument("name")
+@click.option(
+    "--edge",
+    "edges",
+    multiple=True,
+    metavar="HOST:PORT",
+    callback=_edges_or(default_masque_edge),
+    help="Edge MASQUE endpoint address the client dials. Repeatable. "
+    f"[default: {default_masque_edge()}]",
+)
+@_common
+@_user_errors
+def client_token(name: str, edges: list[str], data_dir: Path | None, log_level: str) -> None:
+    """Print the client token of NAME (and nothing else)."""
+    with _open_store(data_dir, log_level) as store:
+        token = ClientToken(
+            name=name,
+            secret=store.client_secret(name),
+            edges=edges,
+            ca_fingerprint=store.edge_identity().ca_fingerprint,
+        )
+    click.echo(token.encode())
 
 
 # -- virtual networks -------------------------------------------------------------------------
