@@ -50,6 +50,9 @@ class OnRampContext:
     # (on-ramp type, errno name) for each failed accept(2): the role counts them
     accept_error: Callable[[str, str], None] | None = None
     udp_associations: Any = None  # socks5_udp.AssociationLimits, shared by SOCKS5 listeners
+    # ramp.policy.identities.ClientCredentials: the store's client identities, kept current by
+    # the role; on-ramps that authenticate accept them (None: config users only)
+    credentials: Any = None
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]
