@@ -232,8 +232,10 @@ class EdgeConfig(_Base):
     users: dict[str, str] = Field(
         default_factory=dict,
         description=(
-            "Proxy credentials, user name to password. When set, SOCKS5 requires "
-            "RFC 1929 username/password and HTTP requires Proxy-Authorization Basic."
+            "Proxy credentials, user name to password. When set, or when the store has an "
+            "active client identity (`ramp client create`), SOCKS5 requires RFC 1929 "
+            "username/password and HTTP requires Proxy-Authorization (Basic, or Bearer for "
+            "client identities)."
         ),
     )
     store_poll_interval: float = Field(
