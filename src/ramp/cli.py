@@ -7,12 +7,16 @@ no further code; only flags actually given override the config file.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import functools
 import ipaddress
 import logging
 import sys
 import textwrap
 import typing
+import urllib.error
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +27,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from ramp import __version__
+from ramp.client_token import ClientToken, decode_client_token
 from ramp.config import (
+    ClientConfig,
     ConfigError,
     ConnectorConfig,
     EdgeConfig,
@@ -39,8 +45,12 @@ from ramp.policy.rules import ACTIONS, PROTOCOLS, Facts, Policy, Rule
 from ramp.store.db import DEFAULT_VNET, Route, Store, StoreError
 from ramp.tunnel.token import Token, TokenError, token_text
 
+if typing.TYPE_CHECKING:
+    from ramp.offramps.masque import EdgeTarget
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_EDGE = "127.0.0.1:7844"
+DEFAULT_MASQUE_PORT = 443
 DATA_DIR_DEFAULT_TEXT = "~/.local/share/ramp"
 _USER_ERRORS = (ConfigError, StoreError, TokenError, HookLoadError)
 
@@ -219,8 +229,10 @@ def _load(model: type[M], config_file: Path | None, flags: dict[str, Any]) -> M:
 
 def default_yaml(model: type[BaseModel], data_dir: str = DATA_DIR_DEFAULT_TEXT) -> str:
     """Every key of `model` with its default, each preceded by its description as a comment."""
-    role = "edge" if model is EdgeConfig else "connector"
-    command = "ramp edge" if model is EdgeConfig else "ramp tunnel run"
+    role, command = {
+        EdgeConfig: ("edge", "ramp edge"),
+        ClientConfig: ("client", "ramp client run"),
+    }.get(model, ("connector", "ramp tunnel run"))
     defaults = model().model_dump(mode="json")
     lines = [
         f"# ramp {role} configuration, with every key at its default.",
@@ -268,6 +280,8 @@ def main() -> None:
     Route a DNS zone to it:   ramp tunnel route dns add corp.example NAME
     Get its connector token:  ramp tunnel token NAME --edge EDGE_HOST:7844
     In the private network:   ramp tunnel run --token TOKEN
+    Create a client identity: ramp client create NAME
+    Get its client token:     ramp client token NAME --edge EDGE_HOST:443
     Everything on one host:   ramp up
     """
 
@@ -445,13 +459,47 @@ def route_dns_delete(zone: str, data_dir: Path | None, log_level: str) -> None:
     click.echo(f"Deleted DNS route {name}")
 
 
-def _check_edges(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
-    for edge_addr in value:
-        try:
-            parse_hostport(edge_addr)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-    return list(value) or [DEFAULT_EDGE]
+def _dialable(edge_addr: str) -> str:
+    """`edge_addr` if a connector or client can dial it; a wildcard is a listen address."""
+    try:
+        host, _port = parse_hostport(edge_addr)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False  # a host name
+    if wildcard:
+        raise click.BadParameter(
+            f"{edge_addr} is a listen address (any interface), not one to dial: give the "
+            "edge's address as the connector or client reaches it"
+        )
+    return edge_addr
+
+
+def _edges_or(default: Callable[[], str]) -> Callable[..., list[str]]:
+    def check(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
+        return [_dialable(e) for e in value] or [default()]
+
+    return check
+
+
+_check_edges = _edges_or(lambda: DEFAULT_EDGE)
+
+
+def default_masque_edge() -> str:
+    """Where clients reach the edge's MASQUE endpoint when --edge is not given: the edge
+    config's `masque_listen` default when it has one, on loopback if that listens on every
+    interface (a wildcard cannot be dialled), else 127.0.0.1:443."""
+    field = EdgeConfig.model_fields.get("masque_listen")
+    listen = field.get_default(call_default_factory=True) if field is not None else None
+    if not isinstance(listen, str) or listen in ("", "off"):
+        return f"127.0.0.1:{DEFAULT_MASQUE_PORT}"
+    try:
+        return _dialable(listen)
+    except click.BadParameter:
+        _host, port = parse_hostport(listen)
+        return f"127.0.0.1:{port}"
 
 
 @tunnel.command("token")
@@ -510,6 +558,181 @@ def tunnel_run(config_file: Path | None, **flags: Any) -> None:
     from ramp.connector import run_connector
 
     raise SystemExit(run_connector(cfg))
+
+
+# -- client identities ------------------------------------------------------------------------
+
+
+@main.group()
+def client() -> None:
+    """Client identities and the local proxy (MASQUE proxy mode)."""
+
+
+def _ts_text(t: datetime.datetime | None) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else "-"
+
+
+@client.command("create")
+@click.argument("name")
+@_common
+@_user_errors
+def client_create(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Create the client identity NAME."""
+    with _open_store(data_dir, log_level) as store:
+        c = store.create_client(name)
+    click.echo(f"Created client {c.name}")
+    click.echo(f"Get its client token with: ramp client token {c.name} --edge EDGE_HOST:443")
+
+
+@client.command("list")
+@_common
+@_user_errors
+def client_list(data_dir: Path | None, log_level: str) -> None:
+    """List client identities, revoked ones too."""
+    with _open_store(data_dir, log_level) as store:
+        clients = store.list_clients()
+    rows = [[c.name, c.status, _ts_text(c.created_at), _ts_text(c.revoked_at)] for c in clients]
+    click.echo(_table(["NAME", "STATUS", "CREATED", "REVOKED"], rows))
+
+
+@client.command("revoke")
+@click.argument("name")
+@_common
+@_user_errors
+def client_revoke(name: str, data_dir: Path | None, log_level: str) -> None:
+    """Revoke the client identity NAME.
+
+    Its tokens stop working at once and its open flows end; the name is never reused."""
+    with _open_store(data_dir, log_level) as store:
+        was = store.get_client(name)
+        c = store.revoke_client(name)
+    if was is not None and was.revoked_at is not None:
+        click.echo(f"Client {c.name} was already revoked ({_ts_text(c.revoked_at)})")
+    else:
+        click.echo(f"Revoked client {c.name}")
+
+
+@client.command("token")
+@click.argument("name")
+@click.option(
+    "--edge",
+    "edges",
+    multiple=True,
+    metavar="HOST:PORT",
+    callback=_edges_or(default_masque_edge),
+    help="Edge MASQUE endpoint address the client dials. Repeatable. "
+    f"[default: {default_masque_edge()}]",
+)
+@_common
+@_user_errors
+def client_token(name: str, edges: list[str], data_dir: Path | None, log_level: str) -> None:
+    """Print the client token of NAME (and nothing else)."""
+    with _open_store(data_dir, log_level) as store:
+        token = ClientToken(
+            name=name,
+            secret=store.client_secret(name),
+            edges=edges,
+            ca_fingerprint=store.edge_identity().ca_fingerprint,
+        )
+    click.echo(token.encode())
+
+
+@client.command("run")
+@_model_options(ClientConfig, envvars={"token": "RAMP_CLIENT_TOKEN"})
+@_user_errors
+def client_run(config_file: Path | None, **flags: Any) -> None:
+    """Run the local proxy: SOCKS5 and HTTP listeners on loopback whose flows go to the edge
+    over one QUIC connection (MASQUE proxy mode: TCP as HTTP/3 CONNECT, UDP as connect-udp).
+
+    Give the token with --token-file FILE or the environment variable RAMP_CLIENT_TOKEN:
+    --token TOKEN works too, but shows in `ps` to every user of the machine. With --hop (a
+    client token or a masque://NAME.SECRET@HOST:PORT?pin=CA_SHA256 URL, repeatable) the
+    connection to the exit edge runs inside connect-udp on each hop in turn.
+    """
+    cfg = _load(ClientConfig, config_file, flags)
+    try:
+        text = token_text(cfg.token, cfg.token_file, envvar="RAMP_CLIENT_TOKEN")
+    except TokenError as e:
+        _fail(str(e))
+    hops = [_hop_target(h) for h in cfg.hop]
+    if not text and not hops:
+        _fail(
+            "no token: pass --token-file FILE, set RAMP_CLIENT_TOKEN or pass --token TOKEN "
+            "(see `ramp client token`)"
+        )
+    if text:
+        try:
+            target = _client_target(decode_client_token(text))
+        except TokenError as e:
+            _fail(f"invalid token: {e}")
+        if cfg.edge:
+            target = dataclasses.replace(target, addresses=tuple(cfg.edge))
+    else:
+        target, hops = hops[-1], hops[:-1]  # the last hop is the exit edge
+    cfg = cfg.model_copy(update={"token": "", "token_file": None})
+    setup_logging(cfg.log_level)
+    from ramp.client import run_client
+
+    raise SystemExit(run_client(cfg, target, hops))
+
+
+def _client_target(token: ClientToken) -> EdgeTarget:
+    from ramp.offramps.masque import EdgeTarget
+
+    return EdgeTarget(tuple(token.edges), token.ca_fingerprint, token.bearer)
+
+
+def _hop_target(value: str) -> EdgeTarget:
+    """A --hop: a client token, or masque://NAME.SECRET@HOST:PORT?pin=CA_SHA256."""
+    if value.startswith("masque://"):
+        url = urllib.parse.urlsplit(value)
+        pin = urllib.parse.parse_qs(url.query).get("pin", [""])[0].lower()
+        if not url.username or not url.hostname or not url.port or len(pin) != 64:
+            raise click.BadParameter(
+                "a hop URL is masque://NAME.SECRET@HOST:PORT?pin=CA_SHA256", param_hint="--hop"
+            )
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        bearer = urllib.parse.unquote(url.username)
+        from ramp.offramps.masque import EdgeTarget
+
+        return EdgeTarget((f"{host}:{url.port}",), pin, bearer)
+    try:
+        return _client_target(decode_client_token(value))
+    except TokenError as e:
+        raise click.BadParameter(f"not a client token: {e}", param_hint="--hop") from None
+
+
+@client.command("status")
+@click.option(
+    "--metrics-listen",
+    default="127.0.0.1:20243",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where the running client serves /ready (its --metrics-listen).",
+)
+@_user_errors
+def client_status(metrics_listen: str) -> None:
+    """Show the running client's edge connection (state, RTT) and flows; exit 1 when it is
+    not connected."""
+    import json
+    import urllib.request
+
+    host, port = parse_hostport(metrics_listen)
+    url = f"http://{host}:{port}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            code, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        code, body = e.code, e.read()
+    except OSError as e:
+        _fail(f"no client answers on {metrics_listen}: {e}")
+    try:
+        info = json.loads(body)
+    except ValueError:
+        _fail(f"{url} did not answer JSON")
+    for key, value in info.items():
+        click.echo(f"{key:14} {value}")
+    raise SystemExit(0 if code == 200 else 1)
 
 
 # -- virtual networks -------------------------------------------------------------------------
@@ -798,18 +1021,22 @@ def config() -> None:
 
 @config.command("default")
 @click.option(
-    "--role", type=click.Choice(["edge", "connector"]), required=True, help="Whose config."
+    "--role",
+    type=click.Choice(["edge", "connector", "client"]),
+    required=True,
+    help="Whose config.",
 )
 @_common
 def config_default(role: str, data_dir: Path | None, log_level: str) -> None:
     """Print the full default config of ROLE as YAML, every key commented."""
-    model: type[BaseModel] = EdgeConfig if role == "edge" else ConnectorConfig
+    model: type[BaseModel] = ROLE_MODELS[role]
     click.echo(default_yaml(model, str(data_dir) if data_dir else DATA_DIR_DEFAULT_TEXT), nl=False)
 
 
-ROLE_MODELS: dict[str, type[EdgeConfig] | type[ConnectorConfig]] = {
+ROLE_MODELS: dict[str, type[EdgeConfig] | type[ConnectorConfig] | type[ClientConfig]] = {
     "edge": EdgeConfig,
     "connector": ConnectorConfig,
+    "client": ClientConfig,
 }
 
 
@@ -875,6 +1102,7 @@ def config_docs_markdown() -> str:
     for title, command, model, cmd, role in (
         ("Edge", "ramp edge", EdgeConfig, edge, "edge"),
         ("Connector", "ramp tunnel run", ConnectorConfig, tunnel_run, "connector"),
+        ("Client", "ramp client run", ClientConfig, client_run, "client"),
     ):
         intro = f"Every key at its default, as `ramp config default --role {role}` prints it:"
         roles.append(RoleDoc(f"{title} (`{command}`)", model, cmd, intro, default_yaml(model)))

@@ -198,8 +198,10 @@ class _ProxyOnRamps(_Base):
     users: dict[str, str] = Field(
         default_factory=dict,
         description=(
-            "Proxy credentials, user name to password. When set, SOCKS5 requires "
-            "RFC 1929 username/password and HTTP requires Proxy-Authorization Basic."
+            "Proxy credentials, user name to password. When set, or when the store has an "
+            "active client identity (`ramp client create`), SOCKS5 requires RFC 1929 "
+            "username/password and HTTP requires Proxy-Authorization (Basic, or Bearer for "
+            "client identities)."
         ),
     )
     max_udp_associations_per_source: int = Field(

@@ -50,10 +50,11 @@ Each role reads its settings from three places, later ones winning:
    `--edge HOST:PORT`); the tables below name each key's flag.
 
 `--data-dir` defaults to `$RAMP_HOME`, else `~/.local/share/ramp`. The store there
-(`ramp.db`, SQLite, mode 0600) holds tunnels, routes, the master key tunnel secrets are derived
-from, and the edge's CA and certificate (made on first use). The tunnel-management commands
-(`ramp tunnel create|list|delete|route|token`) work on that store; a running edge picks their
-changes up within `store_poll_interval` (1 s).
+(`ramp.db`, SQLite, mode 0600) holds tunnels, routes, client identities, the master key tunnel
+and client secrets are derived from, and the edge's CA and certificate (made on first use). The
+tunnel- and client-management commands (`ramp tunnel create|list|delete|route|token`, `ramp
+client create|list|revoke|token`) work on that store; a running edge picks their changes up
+within `store_poll_interval` (1 s).
 
 The connector's token can also come from the environment variable `RAMP_TUNNEL_TOKEN`.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any
 
 import dns.exception
@@ -30,6 +30,7 @@ from ramp.onramps.registry import lookup as lookup_onramp
 from ramp.onramps.socks5_udp import AssociationLimits
 from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_hooks
+from ramp.policy.identities import ClientCredentials
 from ramp.policy.pipeline import FlowPipeline
 from ramp.policy.router import Router, VnetRoutes
 from ramp.policy.rules import Policy
@@ -61,6 +62,14 @@ class Edge:
         self._store_version = -1
         self._tunnel_names: dict[str, str] = {}
         self._vnet_assignments: dict[str, str] = {}
+        # Client identities: their credentials (the store answers for every check, so a
+        # revoked client is refused at once; `active` follows the store's polls), every name
+        # the store knows (the bounded label set of ramp_client_flows), and the revoked ones,
+        # None until the first load (revocations older than this process end nothing).
+        self.credentials = ClientCredentials(self.store.verify_client)
+        self._client_names: frozenset[str] = frozenset()
+        self._revoked_clients: frozenset[str] | None = None
+        self._on_revoked: list[Callable[[Set[str]], None]] = []
         self.tunnels: TunnelEdge | None = None
         self.onramps: list[Any] = []
         self.status: Any = None
@@ -207,6 +216,7 @@ class Edge:
             udp_associations=AssociationLimits.for_role(self.config, m),
             tls=(ident.leaf_cert_pem + ident.ca_cert_pem, ident.leaf_key_pem),
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
+            credentials=self.credentials,
         )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
@@ -309,6 +319,7 @@ class Edge:
                 if tid in gone or tid not in tunnels:
                     log.info("tunnel %s was deleted: closing its connections", tid)
                     self.tunnels.drop_tunnel(tid, CloseCode.TUNNEL_DELETED, "tunnel deleted")
+        self._reload_clients()
         revoked = self.pipeline.revoke_denied()
         log.debug(
             "store loaded: %d tunnels, %d rules, %d flows ended by policy",
@@ -316,6 +327,43 @@ class Edge:
             len(rules),
             revoked,
         )
+
+    # -- client identities -----------------------------------------------------------------------
+
+    @property
+    def revoked_clients(self) -> frozenset[str]:
+        """Names of the revoked client identities, as of the last store poll."""
+        return self._revoked_clients or frozenset()
+
+    def on_revoked(self, callback: Callable[[Set[str]], None]) -> None:
+        """Call `callback(names)` whenever client identities are revoked, after the edge
+        ended their flows: an on-ramp with connections of its own (MASQUE) closes them."""
+        self._on_revoked.append(callback)
+
+    def _reload_clients(self) -> None:
+        clients = self.store.list_clients()
+        self._client_names = frozenset(c.name for c in clients)
+        self.credentials.active = any(c.revoked_at is None for c in clients)
+        revoked = frozenset(c.name for c in clients if c.revoked_at is not None)
+        before, self._revoked_clients = self._revoked_clients, revoked
+        self.pipeline.revoked |= revoked
+        if before is None or not revoked - before:
+            return
+        newly = revoked - before
+        ended = self.pipeline.end_identity(newly)
+        self.metrics.client_flows_revoked.inc(ended)
+        log.info(
+            "client%s %s revoked: %d open flow%s ended",
+            "s" if len(newly) > 1 else "",
+            ", ".join(sorted(newly)),
+            ended,
+            "" if ended == 1 else "s",
+        )
+        for callback in list(self._on_revoked):
+            try:
+                callback(newly)
+            except Exception:
+                log.exception("a client revocation callback failed")
 
     async def _poll_store(self) -> None:
         while True:
@@ -405,6 +453,8 @@ class Edge:
                 m.flow_bytes.labels("up").inc(flow.bytes_up)
             if flow.bytes_down:
                 m.flow_bytes.labels("down").inc(flow.bytes_down)
+        if flow.user is not None and flow.user in self._client_names:
+            m.client_flows.labels(flow.user, flow.result.value).inc()
         record = flow_record(flow)
         self.audit.write_record(record)
         self.hooks.flow_end(record)

@@ -236,6 +236,19 @@ class EdgeMetrics(ProxyMetrics):
             "Open flows ended because a policy change denies them now.",
             registry=self.registry,
         )
+        self.client_flows_revoked = Counter(
+            "ramp_client_flows_revoked",
+            "Open flows ended because their client identity was revoked.",
+            registry=self.registry,
+        )
+        # Labelled by client name: only identities in the store's clients table, a set the
+        # operator controls, so the label set stays bounded.
+        self.client_flows = Counter(
+            "ramp_client_flows",
+            "Finished flows of client identities, by client and result.",
+            ["client", "result"],
+            registry=self.registry,
+        )
         self.hook_errors = Counter(
             "ramp_hook_errors",
             "Hook calls that raised or timed out (the flow is denied: hook_error).",

@@ -2,7 +2,8 @@
 
 `curl -x http://E:8080 http://10.1.2.3/` sends an absolute-form GET, not CONNECT (unless
 `--proxytunnel`), so both are served. What a request means is decided in `ramp.wire.http`;
-this module only reads, checks credentials against the config, and sends.
+this module only reads, checks credentials (the config's users, the store's client
+identities), and sends.
 
 An absolute-form request is one flow with its own origin connection, and the client
 connection serves that one request: the head goes to the origin rewritten to origin-form with
@@ -32,7 +33,7 @@ from ramp.flows.endpoint import ProtocolFactory, SocketEndpoint, StreamEndpoint
 from ramp.flows.flow import Destination, FlowResult
 from ramp.flows.http_errors import failure, proxy_status
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
-from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
+from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp
 from ramp.wire.http import (
     BadBody,
     RequestBody,
@@ -71,17 +72,24 @@ class HttpConnectServer(TcpOnRamp):
         await self.send_final(sock, rejected.reply)
         return None
 
+    def _proxy_user(self, value: bytes) -> str | None:
+        """The identity a Proxy-Authorization value proves: Basic for config users and
+        client identities, Bearer NAME.SECRET for client identities."""
+        scheme = value.strip().partition(b" ")[0].lower()
+        if scheme == b"bearer":
+            return self.credentials.check_bearer(value) if self.credentials is not None else None
+        creds = basic_credentials(value)
+        return self.authenticate(*creds) if creds else None
+
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
         reader = RequestReader()
         try:
             while (head := reader.next_request()) is None:
                 reader.receive_data(await self.recv(sock, reader.received > 0))
             identity: str | None = None
-            users = self.config.users
-            if users:
+            if self.auth_required():
                 value = proxy_authorization(head)
-                creds = basic_credentials(value) if value is not None else None
-                user = check_user(users, *creds) if creds else None
+                user = self._proxy_user(value) if value is not None else None
                 if user is None:
                     raise auth_challenge(value)
                 identity = user
@@ -224,7 +232,9 @@ def hook_reply(reply: Reply) -> bytes:
 
 
 def _build(ctx: OnRampContext, options: OnRampOptions) -> HttpConnectServer:
-    return HttpConnectServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
+    server = HttpConnectServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
+    server.credentials = ctx.credentials
+    return server
 
 
 register("http", OnRampOptions, _build, "HTTP/1.1 proxy: CONNECT and absolute-form requests")

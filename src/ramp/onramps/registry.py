@@ -52,7 +52,9 @@ class OnRampContext:
     udp_associations: Any = None  # socks5_udp.AssociationLimits, shared by SOCKS5 listeners
     # (certificate chain PEM, key PEM) of the role, for on-ramps that speak TLS
     tls: tuple[bytes, bytes] | None = None
-    credentials: Any = None  # policy.identities.ClientCredentials: client identities
+    # ramp.policy.identities.ClientCredentials: the store's client identities, kept current by
+    # the role; on-ramps that authenticate accept them (None: config users only)
+    credentials: Any = None
     # the reason for each datagram an on-ramp dropped: the role counts them
     datagram_dropped: Callable[[str], None] | None = None
 

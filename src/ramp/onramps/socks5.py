@@ -1,5 +1,5 @@
 """The SOCKS5 on-ramp: RFC 1928 CONNECT and UDP ASSOCIATE, RFC 1929 username/password when
-users are configured."""
+users are configured or client identities exist (a client's password is its secret)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from functools import partial
 from ramp.flows.flow import Destination, FlowResult
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.socks5_udp import AssociationLimits, UdpAssociation, run_association
-from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, check_user
+from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp
 from ramp.wire import socks5
 from ramp.wire.socks5 import NEED_DATA, Command, Rep, Socks5Error
 
@@ -45,8 +45,7 @@ class Socks5Server(TcpOnRamp):
     associations: AssociationLimits | None = None
 
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
-        users = self.config.users
-        hs = socks5.ServerHandshake(require_auth=bool(users))
+        hs = socks5.ServerHandshake(require_auth=self.auth_required())
         identity: str | None = None
         got = False
         request: socks5.Request | None = None
@@ -59,7 +58,7 @@ class Socks5Server(TcpOnRamp):
                 elif isinstance(ev, socks5.Greeting):
                     await self.send(sock, socks5.build_method_selection(ev.method))
                 elif isinstance(ev, socks5.AuthRequest):
-                    user = check_user(users, ev.username, ev.password)
+                    user = self.authenticate(ev.username, ev.password)
                     await self.send(sock, hs.auth_reply(user is not None))
                     if user is None:
                         self.opener.bad_input(self.onramp, "auth_failed", peer)
@@ -159,6 +158,7 @@ class Socks5Server(TcpOnRamp):
 def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
     server = Socks5Server(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
     server.associations = ctx.udp_associations
+    server.credentials = ctx.credentials
     return server
 
 

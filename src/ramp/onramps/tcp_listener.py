@@ -28,6 +28,7 @@ from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
 if TYPE_CHECKING:
     from ramp.config import EdgeConfig
     from ramp.onramps.registry import OnRampOptions
+    from ramp.policy.identities import ClientCredentials
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class TcpOnRamp:
     """Listener, limits and flow lifecycle for one TCP proxy on-ramp."""
 
     onramp = "tcp"
+    # The role's client identities (set by the builder), accepted besides the config's users;
+    # None: config users only.
+    credentials: ClientCredentials | None = None
 
     def __init__(
         self,
@@ -120,6 +124,21 @@ class TcpOnRamp:
             config.max_handshakes, config.max_handshakes_per_source
         )
         self.flows = 0  # connections holding a flow
+
+    # -- credentials ----------------------------------------------------------------------
+
+    def auth_required(self) -> bool:
+        """Whether a client must give credentials: once there is any configured user or any
+        active client identity, anonymous access would bypass them."""
+        return bool(self.config.users) or (self.credentials is not None and self.credentials.active)
+
+    def authenticate(self, username: bytes, password: bytes) -> str | None:
+        """The identity a username/password pair proves (a config user, or a client identity
+        with its secret as the password), else None."""
+        user = check_user(self.config.users, username, password)
+        if user is None and self.credentials is not None:
+            user = self.credentials.check_password(username, password)
+        return user
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ramp.flows.client_shares import ClientShares
@@ -67,10 +67,19 @@ class FlowPipeline:
         # connector's dial) hold the scarce things: resolver slots, stream slots, the origin's
         # patience. A client flooding a blackholed address keeps its flows here the longest.
         self.opening: ClientShares[str] = ClientShares(opening_per_source, opening_per_identity)
+        # Identities whose credentials were revoked (client identities): a flow that was
+        # still opening when its identity was revoked must not become established after.
+        self.revoked: set[str] = set()
 
     # -- the path ---------------------------------------------------------------------------
 
+    def _refuse_revoked(self, flow: Flow) -> None:
+        name = flow.user
+        if name is not None and name in self.revoked:
+            raise FlowError(FlowResult.NOT_PERMITTED, f"client {name} revoked")
+
     def _admit(self, flow: Flow) -> None:
+        self._refuse_revoked(flow)
         self.table.admit(flow)
         ident = flow.identity
         if ident is not None and not ident.groups:
@@ -151,6 +160,11 @@ class FlowPipeline:
             leg: TcpLeg = await offramp.open_stream(flow, route)
         finally:
             self._release_opening(flow)
+        try:
+            self._refuse_revoked(flow)  # revoked while the leg opened
+        except FlowError:
+            leg.abort()
+            raise
         flow.advance(FlowState.OPENED)
         if self._on_open is not None:
             self._on_open(flow)
@@ -171,6 +185,11 @@ class FlowPipeline:
                 session: UdpSession = await offramp.open_datagram(flow, route, receive, closed)
             finally:
                 self._release_opening(flow)
+            try:
+                self._refuse_revoked(flow)  # revoked while the session opened
+            except FlowError:
+                session.close()
+                raise
         except FlowError as e:
             # a datagram flow that fails while opening is reported here: the on-ramp only
             # sees the exception
@@ -230,4 +249,23 @@ class FlowPipeline:
             ended += 1
             if self._on_revoked is not None:
                 self._on_revoked()
+        return ended
+
+    def end_identity(self, names: Iterable[str]) -> int:
+        """End the open flows of identities `names` (revoked client identities) and refuse
+        their flows still opening; returns how many open flows were ended."""
+        gone = set(names)
+        if not gone:
+            return 0
+        self.revoked |= gone
+        ended = 0
+        for flow in list(self.table):
+            name = flow.user
+            if name is None or name not in gone or flow.stop is None:
+                continue
+            try:
+                flow.stop(FlowResult.NOT_PERMITTED, f"client {name} revoked")
+            except Exception:
+                log.exception("ending flow %d failed", flow.id)
+            ended += 1
         return ended

@@ -10,6 +10,10 @@ Tunnel secrets are never stored. Each is derived from a master key, so `ramp tun
 print the token again at any time, and only its SHA-256 is kept for the edge to verify against.
 Deleting a tunnel keeps a tombstone row so the edge can tell "deleted" from "unknown".
 
+Client identities (`ramp client ...`) work the same way: a secret derived from the master key
+and a stored hash. Revoking one keeps its row and its name for good, so that a client made
+later under the same name can never revive the old tokens.
+
 IP routes live in virtual networks (vnets): a CIDR is unique within one vnet only, so tenants
 can route the same private range to their own tunnels. The `default` vnet always exists, and
 holds every route of a store made before vnets (schema version 1), migrated on open.
@@ -49,6 +53,7 @@ DB_FILE = "ramp.db"
 log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 30.0
 SECRET_LABEL = b"ramp tunnel secret v1"
+CLIENT_SECRET_LABEL = b"ramp client secret v1"
 EDGE_SERVER_NAME = "ramp-edge"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A hostname label; underscores are allowed for service zones such as _tcp.corp.example.
@@ -96,6 +101,16 @@ _SCHEMA = (
         protocol   TEXT NOT NULL,
         created_at TEXT NOT NULL
     )""",
+    # Client identities; added to version 2 stores as they are opened (a new table needs no
+    # migration, and an older ramp simply does not see it). Rows are never deleted: a revoked
+    # client keeps its name.
+    """CREATE TABLE IF NOT EXISTS clients (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        secret_hash BLOB NOT NULL,
+        created_at  TEXT NOT NULL,
+        revoked_at  TEXT
+    )""",
     "INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)",
 )
 
@@ -127,6 +142,7 @@ _SCHEMA_V2 = (
 )
 
 TunnelStatus = Literal["active", "deleted", "unknown"]
+ClientStatus = Literal["active", "revoked"]
 
 
 class StoreError(Exception):
@@ -138,6 +154,20 @@ class Tunnel:
     id: str
     name: str
     created_at: dt.datetime  # UTC, timezone-aware
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A client identity: who `ramp client run` (or a proxy user with its token) is."""
+
+    id: str
+    name: str
+    created_at: dt.datetime  # UTC, timezone-aware
+    revoked_at: dt.datetime | None = None
+
+    @property
+    def status(self) -> ClientStatus:
+        return "active" if self.revoked_at is None else "revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +244,10 @@ def _check_name(kind: str, name: str) -> None:
 
 def check_tunnel_name(name: str) -> None:
     _check_name("tunnel", name)
+
+
+def check_client_name(name: str) -> None:
+    _check_name("client", name)
 
 
 def check_vnet_name(name: str) -> None:
@@ -490,6 +524,88 @@ class Store:
         if not rows:
             return "unknown"
         return "active" if rows[0][0] is None else "deleted"
+
+    # -- client identities ------------------------------------------------------------------
+
+    def _derive_client_secret(self, client_id: str) -> bytes:
+        # A label of its own: a client's secret can never equal a tunnel's.
+        return hmac.new(
+            self._master_key(), CLIENT_SECRET_LABEL + client_id.encode(), "sha256"
+        ).digest()
+
+    def _find_client(self, db: sqlite3.Connection, name: str) -> Client | None:
+        row = db.execute(
+            "SELECT id, name, created_at, revoked_at FROM clients WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else _client(row)
+
+    def create_client(self, name: str) -> Client:
+        check_client_name(name)
+        client_id = str(uuid.uuid4())
+        secret_hash = hashlib.sha256(self._derive_client_secret(client_id)).digest()
+        created = _now()
+        with self._write() as db:
+            found = self._find_client(db, name)
+            if found is not None and found.revoked_at is not None:
+                raise StoreError(
+                    f"client {name!r} was revoked: revoked names are not reused, so that its "
+                    "old tokens can never work again; choose another name"
+                )
+            if found is not None:
+                raise StoreError(f"a client named {name!r} already exists")
+            db.execute(
+                "INSERT INTO clients(id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+                (client_id, name, secret_hash, _ts(created)),
+            )
+        return Client(client_id, name, created)
+
+    def list_clients(self) -> list[Client]:
+        """Every client identity, revoked ones too, oldest first."""
+        rows = self._query(
+            "SELECT id, name, created_at, revoked_at FROM clients ORDER BY created_at, name"
+        )
+        return [_client(row) for row in rows]
+
+    def get_client(self, name: str) -> Client | None:
+        with self._lock:
+            try:
+                return self._find_client(self._db, name)
+            except sqlite3.Error as e:
+                raise StoreError(f"store {self.path}: {e}") from e
+
+    def revoke_client(self, name: str) -> Client:
+        """Revoke client `name`; revoking a revoked client again changes nothing."""
+        with self._write() as db:
+            found = self._find_client(db, name)
+            if found is None:
+                raise StoreError(f"unknown client {name!r}")
+            if found.revoked_at is not None:
+                return found
+            revoked = _now()
+            db.execute("UPDATE clients SET revoked_at = ? WHERE id = ?", (_ts(revoked), found.id))
+        return Client(found.id, found.name, found.created_at, revoked)
+
+    def client_secret(self, name: str) -> bytes:
+        """The secret client `name` proves; only for active clients."""
+        found = self.get_client(name)
+        if found is None:
+            raise StoreError(f"unknown client {name!r}")
+        if found.revoked_at is not None:
+            raise StoreError(f"client {name!r} was revoked")
+        return self._derive_client_secret(found.id)
+
+    def verify_client(self, name: str, secret: bytes) -> bool:
+        """True if `secret` is the secret of the active client `name`."""
+        rows = self._query(
+            "SELECT secret_hash FROM clients WHERE name = ? AND revoked_at IS NULL", (name,)
+        )
+        # Hash and compare even for unknown names, so that timing does not tell names apart.
+        expected = bytes(rows[0][0]) if rows else b"\0" * 32
+        ok = hmac.compare_digest(hashlib.sha256(secret).digest(), expected)
+        return ok and bool(rows)
+
+    def revoked_clients(self) -> set[str]:
+        return {n for (n,) in self._query("SELECT name FROM clients WHERE revoked_at IS NOT NULL")}
 
     # -- virtual networks -----------------------------------------------------------------
 
@@ -789,6 +905,11 @@ class Store:
             leaf_key_pem=bytes(found["edge_leaf_key"] or b""),
             ca_fingerprint=ca_fingerprint(ca_pem),
         )
+
+
+def _client(row: tuple) -> Client:
+    revoked = None if row[3] is None else _parse_ts(row[3])
+    return Client(row[0], row[1], _parse_ts(row[2]), revoked)
 
 
 def _ensure_default_vnet(db: sqlite3.Connection) -> None:
