@@ -496,6 +496,13 @@ class ClientConfig(_ProxyOnRamps):
     keepalive_interval: float = Field(
         10.0, gt=0, description="Seconds of silence after which the client pings the edge."
     )
+    # every local connection comes from this machine: shares per address would only cap it
+    max_handshakes_per_source: int = Field(
+        0, ge=0, description="Handshakes one local address may hold; 0 = no share."
+    )
+    max_udp_associations_per_source: int = Field(
+        0, ge=0, description="SOCKS5 UDP associations one local address may hold; 0 = no share."
+    )
 
     _v_listen = field_validator("socks5_listen", "http_listen", "metrics_listen")(
         classmethod(lambda cls, v: _check_listen(v))

@@ -26,10 +26,12 @@ from ramp.testing.browser import (
 )
 from ramp.testing.lab import (
     APP_NAME,
+    CLIENT_SOCKS,
     DNS_ZONE,
     EDGE_PUBLIC_ADDR,
     EDGE_PUBLIC_ADDR6,
     HTTP_PORT,
+    MASQUE_PORT,
     ORIGIN,
     ORIGIN_NAME,
     ORIGIN_PREFIX,
@@ -43,16 +45,24 @@ from ramp.testing.lab import (
 from ramp.testing.origins import INDEX_BODY
 
 IMAGES = 30
-PROXY = f"socks5://{SOCKS_PROXY}"
+PROXIES = {
+    "edge": (f"socks5://{SOCKS_PROXY}", "socks5"),  # the edge's own SOCKS5 on-ramp
+    "client": (f"socks5://{CLIENT_SOCKS}", "masque"),  # `ramp client run` in C, over MASQUE
+}
 PROBE_PORT = 9  # nothing listens there: the probe only has to leave C
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=list(PROXIES))
 def browser_lab(
-    tmp_path_factory: pytest.TempPathFactory, lab_opener: Callable[..., Any]
-) -> Iterator[tuple[Lab, EgressWatch]]:
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    lab_opener: Callable[..., Any],
+) -> Iterator[tuple[Lab, EgressWatch, str]]:
     """Tunnel "corp" for the origins and corp.example, an edge, a connector resolving with the
-    private dnsmasq; the gallery under /gallery/ of the origin; an egress watch on C."""
+    private dnsmasq; the gallery under /gallery/ of the origin; an egress watch on C. For
+    "client", `ramp client run` in C as well (a lab of its own: once a client identity
+    exists, the edge's SOCKS5 on-ramp wants credentials, which Chromium cannot give)."""
+    via: str = request.param
     # A small payload of its own: the session's 100 MiB file is of no use to a browser.
     payload = make_payload(tmp_path_factory.mktemp("www"), big_size=64 * 1024)
     write_files(payload.directory / "gallery", gallery_page(IMAGES))
@@ -73,13 +83,15 @@ def browser_lab(
             interval=0.2,
             what=f"{APP_NAME} to be reachable through the edge",
         )
+        if via == "client":
+            lab.start_client(lab.client_token("browser"))
         watch = watch_egress(
             lab.client,
-            [(EDGE_PUBLIC_ADDR, SOCKS_PORT)],
+            [(EDGE_PUBLIC_ADDR, SOCKS_PORT), (EDGE_PUBLIC_ADDR, MASQUE_PORT)],
             gateways=[EDGE_PUBLIC_ADDR, EDGE_PUBLIC_ADDR6],
         )
         _check_the_watch_sees(lab, watch)
-        yield lab, watch
+        yield lab, watch, via
 
 
 def _check_the_watch_sees(lab: Lab, watch: EgressWatch) -> None:
@@ -105,16 +117,17 @@ def _check_the_watch_sees(lab: Lab, watch: EgressWatch) -> None:
     ],
 )
 def test_chromium_loads_every_image_of_a_private_page(
-    browser_lab: tuple[Lab, EgressWatch], tmp_path: Path, host: str
+    browser_lab: tuple[Lab, EgressWatch, str], tmp_path: Path, host: str
 ) -> None:
-    lab, watch = browser_lab
+    lab, watch, via = browser_lab
+    proxy, onramp = PROXIES[via]
     watch.reset()
     flows_before = len(lab.audit_records())
     shot = tmp_path / "gallery.png"
 
     result = load_page(
         f"http://{host}/gallery/index.html",
-        PROXY,
+        proxy,
         screenshot=shot,
         timeout=60,
         netns=lab.client.name,
@@ -130,7 +143,7 @@ def test_chromium_loads_every_image_of_a_private_page(
     # ... and the proxy was asked for the page's host only (the edge logs a flow as it ends).
     want = f"{host}:{HTTP_PORT}"
     records = wait_until(
-        lambda: [r for r in lab.audit_records()[flows_before:] if r.get("onramp") == "socks5"],
+        lambda: [r for r in lab.audit_records()[flows_before:] if r.get("onramp") == onramp],
         30,
         what=f"the edge's audit records of the flows to {want}",
     )

@@ -46,13 +46,24 @@ class Association:
     """One UDP ASSOCIATE: the TCP control connection and the client's UDP socket, which is
     connected to the relay so that only the relay's datagrams reach it."""
 
-    def __init__(self, lab: Lab, *, timeout: float = 5.0) -> None:
-        self.ctrl = lab.connect_socks(timeout)
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        timeout: float = 5.0,
+        proxy: tuple[str, int] | None = None,
+        bind: str = CLIENT_ADDR,
+    ) -> None:
+        if proxy is None:
+            self.ctrl = lab.connect_socks(timeout)
+        else:  # another SOCKS5 proxy in C (`ramp client run`'s)
+            self.ctrl = lab.client_socket(timeout=timeout)
+            self.ctrl.connect(proxy)
         self.udp = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             with contextlib.suppress(OSError):
                 self.udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * 2**20)
-            self.udp.bind((CLIENT_ADDR, 0))
+            self.udp.bind((bind, 0))
             self.udp.settimeout(timeout)
             self.relay = socks5_udp_associate(self.ctrl, *self.udp.getsockname())
             self.udp.connect(self.relay)

@@ -128,10 +128,6 @@ class MasqueServer:
             self._transport.close()
             self._transport = None
 
-    def revoked(self, names: set[str]) -> None:
-        """Identities revoked in the store: their flows end (the flow path stops them), and
-        their next requests are refused by the credential check."""
-
     # -- connections ------------------------------------------------------------------------
 
     def _new_peer(self, quic: QuicConnection, stream_handler: Any = None) -> H3Peer:
