@@ -82,11 +82,13 @@ async def setups(
     seconds: float,
     *,
     auth: tuple[str, str] | None = None,
+    proxy: tuple[str, int] = (EDGE_PUBLIC_ADDR, SOCKS_PORT),
 ) -> tuple[int, int]:
     """Completed and failed flow setups in `seconds`, CONCURRENCY at a time.
 
     `addr` is the destination of every flow, or a function giving each flow its own; with
-    `auth` (user, password) the SOCKS5 handshake authenticates (RFC 1929)."""
+    `auth` (user, password) the SOCKS5 handshake authenticates (RFC 1929); `proxy` is the
+    SOCKS5 proxy's address (the edge's on-ramp by default)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     done = failed = 0
@@ -102,7 +104,7 @@ async def setups(
         dest = addr() if callable(addr) else addr
         try:
             if via_socks:
-                await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, SOCKS_PORT))
+                await loop.sock_connect(sock, proxy)
                 await loop.sock_sendall(sock, greeting)
                 await loop.sock_recv(sock, 2)
                 if login:

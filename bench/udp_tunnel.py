@@ -88,29 +88,46 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def socks5_udp_path(lab: Lab) -> UdpPath:
-    """UDP ASSOCIATE from C (RFC 1928 section 7) for datagrams to the echo in P."""
+def socks5_udp_path(
+    lab: Lab,
+    *,
+    proxy: tuple[str, int] = (EDGE_PUBLIC_ADDR, SOCKS_PORT),
+    bind: str = CLIENT_ADDR,
+    auth: tuple[str, str] | None = None,
+    name: str = "tunnel",
+) -> UdpPath:
+    """UDP ASSOCIATE from C (RFC 1928 section 7) for datagrams to the echo in P, through the
+    SOCKS5 proxy at `proxy` (with RFC 1929 `auth` when given)."""
     control = lab.client.socket()
     control.settimeout(10)
-    control.connect((EDGE_PUBLIC_ADDR, SOCKS_PORT))
+    control.connect(proxy)
     sock = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
     _big_buffers(sock)
-    sock.bind((CLIENT_ADDR, 0))
+    sock.bind((bind, 0))
     port = sock.getsockname()[1]
-    control.sendall(b"\x05\x01\x00")
-    if _recv_exact(control, 2) != b"\x05\x00":
-        raise RuntimeError("SOCKS5 greeting refused")
-    control.sendall(b"\x05\x03\x00\x01" + socket.inet_aton(CLIENT_ADDR) + struct.pack("!H", port))
+    if auth is None:
+        control.sendall(b"\x05\x01\x00")
+        if _recv_exact(control, 2) != b"\x05\x00":
+            raise RuntimeError("SOCKS5 greeting refused")
+    else:
+        user, password = (x.encode() for x in auth)
+        control.sendall(b"\x05\x01\x02")
+        if _recv_exact(control, 2) != b"\x05\x02":
+            raise RuntimeError("SOCKS5 proxy does not take a password")
+        control.sendall(bytes([1, len(user)]) + user + bytes([len(password)]) + password)
+        if _recv_exact(control, 2) != b"\x01\x00":
+            raise RuntimeError("SOCKS5 login refused")
+    control.sendall(b"\x05\x03\x00\x01" + socket.inet_aton(bind) + struct.pack("!H", port))
     reply = _recv_exact(control, 10)
     if reply[1] != 0 or reply[3] != 1:
         raise RuntimeError(f"UDP ASSOCIATE refused: {reply!r}")
     relay_host = socket.inet_ntoa(reply[4:8])
     if relay_host == "0.0.0.0":
-        relay_host = EDGE_PUBLIC_ADDR
+        relay_host = proxy[0]
     (relay_port,) = struct.unpack("!H", reply[8:10])
     sock.connect((relay_host, relay_port))
     header = b"\x00\x00\x00\x01" + socket.inet_aton(ORIGIN) + struct.pack("!H", UDP_ECHO_PORT)
-    return UdpPath("tunnel", sock, header, len(header), control)
+    return UdpPath(name, sock, header, len(header), control)
 
 
 def veth_path(lab: Lab) -> UdpPath:
