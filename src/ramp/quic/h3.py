@@ -48,6 +48,11 @@ SETTINGS_H3_DATAGRAM = 0x33
 
 WRITE_HIGH = 1024 * 1024  # bytes qh3 may hold for one stream before its writer is paused
 WRITE_LOW = 256 * 1024
+# What qh3 holds for a stream includes bytes in flight, as a kernel TCP socket's send buffer
+# does; a writer sizing its own buffer by get_write_buffer_size() (the tunnel bridge grants
+# credit by it) would otherwise cap the stream at one such window per round trip. This much of
+# it is not reported, as a socket's kernel buffer is not.
+IN_FLIGHT_ALLOWANCE = 2 * 1024 * 1024
 # qh3 grants QUIC flow-control credit as soon as it hands received data over, so QUIC alone
 # would let a peer fill our memory while a reader (a slow local client, a slow origin) lags.
 # Past HOLD_HIGH unread bytes on a connection, its incoming packets are held unprocessed (no
@@ -457,7 +462,9 @@ class H3Stream(asyncio.Transport):
         return True
 
     def get_write_buffer_size(self) -> int:
-        return 0 if self._lost else self.peer.send_buffered(self.stream_id)
+        if self._lost:
+            return 0
+        return max(0, self.peer.send_buffered(self.stream_id) - IN_FLIGHT_ALLOWANCE)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if high is not None:
