@@ -9,6 +9,7 @@ second sees the first edge's address, never the client's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from qh3.quic.configuration import QuicConfiguration
@@ -18,6 +19,8 @@ from ramp.flows.opener import UdpSession
 from ramp.offramps.masque import Dialer, EdgeTarget, MasqueLink, MasqueOffRamp, udp_dial
 from ramp.quic import qh3compat
 from ramp.quic.h3 import H3Peer
+
+INNER_PACKET_SIZE = 1200  # QUIC's minimum (RFC 9000 section 14)
 
 
 class SessionTransport(asyncio.DatagramTransport):
@@ -57,6 +60,8 @@ def through(link: MasqueLink, connect_timeout: float) -> Dialer:
 
     async def dial(host: str, port: int, configuration: QuicConfiguration, streams: int) -> H3Peer:
         transport = SessionTransport((host, port))
+        # the smallest packets QUIC allows, so each fits one DATAGRAM frame of the hop below
+        configuration = dataclasses.replace(configuration, max_datagram_size=INNER_PACKET_SIZE)
         connection = qh3compat.LimitedConnection(
             configuration=configuration, max_streams_bidi=streams
         )
