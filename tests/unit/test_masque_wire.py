@@ -10,7 +10,10 @@ from ramp.testing.mutate import mutated
 from ramp.wire.masque import (
     CAPSULE_DATAGRAM,
     CapsuleDecoder,
+    ConnectRequest,
     MasqueError,
+    RequestRefused,
+    UdpRequest,
     UdpTarget,
     UdpTemplate,
     decode_context,
@@ -18,6 +21,7 @@ from ramp.wire.masque import (
     encode_capsule,
     encode_context,
     encode_quic_datagram,
+    parse_request,
 )
 from ramp.wire.varint import MAX_VARINT
 
@@ -143,3 +147,72 @@ def test_expand_and_match_round_trip(host: str, port: int) -> None:
     got = template.match(template.expand(host, port))
     assert got is not None and got.port == port
     assert got.host == (str(__import__("ipaddress").ip_address(host)) if ":" in host else host)
+
+
+# -- proxy requests ---------------------------------------------------------------------------
+
+hosts = st.one_of(
+    st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True),
+    st.ip_addresses(v=4).map(str),
+)
+ports = st.integers(1, 65535)
+AUTH = (b"proxy-authorization", b"Bearer a.b")
+
+
+def _connect(host: str, port: int) -> list[tuple[bytes, bytes]]:
+    return [(b":method", b"CONNECT"), (b":authority", f"{host}:{port}".encode()), AUTH]
+
+
+def _udp(host: str, port: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"CONNECT"),
+        (b":protocol", b"connect-udp"),
+        (b":scheme", b"https"),
+        (b":authority", b"edge"),
+        (b":path", UdpTemplate().expand(host, port).encode()),
+        AUTH,
+    ]
+
+
+@given(hosts, ports)
+def test_connect_requests_name_their_target(host: str, port: int) -> None:
+    assert parse_request(_connect(host, port), UdpTemplate()) == ConnectRequest(
+        host, port, b"Bearer a.b"
+    )
+
+
+@given(hosts, ports)
+def test_connect_udp_requests_name_their_target(host: str, port: int) -> None:
+    req = parse_request(_udp(host, port), UdpTemplate())
+    assert isinstance(req, UdpRequest)
+    assert (req.host, req.port, req.authorization) == (host, port, b"Bearer a.b")
+
+
+@st.composite
+def damaged_requests(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
+    """A valid request with one header's name or value damaged, dropped or doubled."""
+    headers = draw(st.sampled_from([_connect, _udp]))(draw(hosts), draw(ports))
+    i = draw(st.integers(0, len(headers) - 1))
+    name, value = headers[i]
+    kind = draw(st.sampled_from(["value", "name", "drop", "double"]))
+    if kind == "value":
+        headers[i] = (name, draw(mutated(st.just(value))))
+    elif kind == "name":
+        headers[i] = (draw(mutated(st.just(name))), value)
+    elif kind == "drop":
+        del headers[i]
+    else:
+        headers.insert(i, (name, draw(st.binary(max_size=40))))
+    return headers
+
+
+@given(damaged_requests())
+def test_damaged_requests_parse_or_are_refused_with_a_status(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    try:
+        req = parse_request(headers, UdpTemplate())
+    except RequestRefused as e:
+        assert 400 <= e.status < 600 and e.error
+    else:
+        assert isinstance(req, ConnectRequest | UdpRequest) and 0 < req.port <= 65535
