@@ -28,6 +28,7 @@ from ramp.flows.http_errors import result_of
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.relay import relay_streams
 from ramp.quic import endpoint, qh3compat
+from ramp.quic.connect_udp import UdpStream
 from ramp.quic.h3 import (
     H3_NO_ERROR,
     H3_REQUEST_CANCELLED,
@@ -291,7 +292,7 @@ class MasqueLeg:
         self.stream.abort()
 
 
-class MasqueSession:
+class MasqueSession(UdpStream):
     """One connect-udp request: UDP payloads to the edge and back."""
 
     def __init__(
@@ -303,80 +304,48 @@ class MasqueSession:
         closed: Callable[[str], None],
         finished: Callable[[Flow], None],
     ) -> None:
+        super().__init__(peer, -1, bad=link.on_drop, drop=link.on_drop)
         self.link = link
-        self.peer = peer
         self.flow = flow
         self._receive = receive
         self._closed = closed
         self._finished = finished
-        self.stream_id = -1
-        self.decoder = masque.CapsuleDecoder()
         self.response: asyncio.Future[Headers] = peer.loop.create_future()
         self.opened = False  # answered 200: from now on this session reports the flow's end
-        self.done = False
 
     # -- UdpSession -----------------------------------------------------------------------
 
     def send(self, payload: bytes) -> None:
         if self.done:
             return
-        body = masque.encode_context(masque.CONTEXT_UDP, payload)
         self.flow.packets_up += 1
         self.flow.bytes_up += len(payload)
-        peer = self.peer
-        if peer.takes_datagrams() and len(body) + 8 <= peer.datagram_limit():
-            if not peer.send_http_datagram(self.stream_id, body):
-                self.flow.drops += 1
-        else:
-            self.oversize(body)
+        if not self.send_udp(payload):
+            self.flow.drops += 1
 
     def close(self) -> None:
         self._end(None)
 
-    # -- Request (from the edge) ----------------------------------------------------------
+    # -- from the edge --------------------------------------------------------------------
 
     def headers(self, headers: Headers, ended: bool) -> None:
         if not self.response.done():
             self.response.set_result(headers)
-        if ended:
-            self._end("the edge ended the session")
+            if ended:
+                self._end("the edge ended the session")
+            return
+        super().headers(headers, ended)
 
-    def data(self, data: bytes, ended: bool) -> None:
-        try:
-            capsules = self.decoder.feed(data) if data else []
-        except masque.MasqueError as e:
-            self.link.on_drop("malformed_capsule")
-            self.peer.reset_request(self.stream_id, 0x10E)
-            self._end(f"bad capsule from the edge: {e}")
-            return
-        for capsule in capsules:
-            if capsule.type == masque.CAPSULE_DATAGRAM:
-                self.datagram(capsule.value)
-            else:
-                self.link.on_drop("unknown_capsule")
-        if ended:
-            self._end("the edge ended the session")
-
-    def datagram(self, payload: bytes) -> None:
-        try:
-            context_id, data = masque.decode_context(payload)
-        except masque.MasqueError:
-            self.link.on_drop("malformed_datagram")
-            return
-        if context_id != masque.CONTEXT_UDP:
-            self.link.on_drop("unknown_context")
-            return
-        if self.done:
-            return
+    def udp_received(self, payload: bytes) -> None:
         self.flow.packets_down += 1
-        self.flow.bytes_down += len(data)
-        self._receive(data)
+        self.flow.bytes_down += len(payload)
+        self._receive(payload)
 
-    def oversize(self, payload: bytes) -> None:
-        if not self.done:
-            self.peer.send_data(
-                self.stream_id, masque.encode_capsule(masque.CAPSULE_DATAGRAM, payload)
-            )
+    def stream_ended(self) -> None:
+        self._end("the edge ended the session")
+
+    def stream_broken(self, why: str) -> None:
+        self._end(f"bad capsule from the edge: {why}")
 
     def reset(self, code: int) -> None:
         if not self.response.done():
@@ -394,13 +363,12 @@ class MasqueSession:
     def _end(self, why: str | None) -> None:
         if self.done:
             return
+        if why is None and self.opened:  # our close: FIN, and the edge ends the session
+            self.peer.send_data(self.stream_id, b"", end_stream=True)
         self.done = True
+        self.peer.forget(self.stream_id)
         if not self.opened:
             return  # open_datagram raises, and the flow path reports the flow
-        if self.stream_id >= 0:
-            if why is None:  # our close: finish the stream
-                self.peer.send_data(self.stream_id, b"", end_stream=True)
-            self.peer.reset_request(self.stream_id, H3_REQUEST_CANCELLED)
         if why is not None:
             self.flow.fail(FlowResult.OK, why)
             self._closed(why)

@@ -28,9 +28,9 @@ from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import CLIENT_GONE, check_user
 from ramp.quic import endpoint
 from ramp.quic.admission import HandshakeLimits
+from ramp.quic.connect_udp import UdpStream
 from ramp.quic.h3 import (
     H3_DATAGRAM_ERROR,
-    H3_MESSAGE_ERROR,
     H3_NO_ERROR,
     H3_REQUEST_CANCELLED,
     H3Peer,
@@ -309,19 +309,18 @@ class MasqueServer:
         peer.forget(stream.stream_id)
 
 
-class UdpRequest:
+class UdpRequest(UdpStream):
     """One connect-udp request: the `Request` handler of its stream and the client side of
     its UDP session."""
 
     def __init__(self, server: MasqueServer, peer: H3Peer, stream_id: int, flow: Flow) -> None:
+        super().__init__(
+            peer, stream_id, bad=lambda why: server._bad(why, peer), drop=server._dropped
+        )
         self.server = server
-        self.peer = peer
-        self.stream_id = stream_id
         self.flow = flow
-        self.decoder = masque.CapsuleDecoder()
         self.session: UdpSession | None = None
         self.pending: deque[bytes] = deque()
-        self.done = False
         self.answered = False
         self._task: asyncio.Task[None] | None = None
 
@@ -349,47 +348,21 @@ class UdpRequest:
 
     # -- from the client ------------------------------------------------------------------
 
-    def headers(self, headers: Headers, ended: bool) -> None:
-        if ended:
-            self.data(b"", True)
-
-    def data(self, data: bytes, ended: bool) -> None:
-        if self.done:
-            return
-        try:
-            capsules = self.decoder.feed(data) if data else []
-            if ended:
-                self.decoder.end()
-        except masque.MasqueError as e:
-            log.debug("connect-udp stream %d from %s: %s", self.stream_id, self.peer.peer, e)
-            self.server._bad("malformed_capsule", self.peer)
-            self.peer.reset_request(self.stream_id, H3_MESSAGE_ERROR)
-            self._end()
-            return
-        for capsule in capsules:
-            if capsule.type == masque.CAPSULE_DATAGRAM:
-                self.datagram(capsule.value)
-            else:  # RFC 9297 section 3.2: unknown capsule types are skipped
-                self.server._bad("unknown_capsule", self.peer)
-        if ended:  # the client is done with the session
-            self.peer.send_data(self.stream_id, b"", end_stream=True)
-            self._end()
-
-    def datagram(self, payload: bytes) -> None:
-        try:
-            context_id, data = masque.decode_context(payload)
-        except masque.MasqueError:
-            self.server._bad("malformed_datagram", self.peer)
-            return
-        if context_id != masque.CONTEXT_UDP:
-            self.server._dropped("unknown_context")
-            return
+    def udp_received(self, payload: bytes) -> None:
         if self.session is not None:
-            self.session.send(data)
-        elif len(self.pending) < PENDING_DATAGRAMS and not self.done:
-            self.pending.append(data)
+            self.session.send(payload)
+        elif len(self.pending) < PENDING_DATAGRAMS:
+            self.pending.append(payload)
         else:
             self.server._dropped("not_yet_open")
+
+    def stream_ended(self) -> None:  # the client is done with the session
+        self.peer.send_data(self.stream_id, b"", end_stream=True)
+        self._end()
+
+    def stream_broken(self, why: str) -> None:
+        log.debug("connect-udp stream %d from %s: %s", self.stream_id, self.peer.peer, why)
+        self._end()
 
     def reset(self, code: int) -> None:
         self._end()
@@ -403,20 +376,8 @@ class UdpRequest:
     # -- from the origin ------------------------------------------------------------------
 
     def _down(self, payload: bytes) -> None:
-        if self.done:
-            return
-        body = masque.encode_context(masque.CONTEXT_UDP, payload)
-        if self.peer.takes_datagrams() and len(body) + 8 <= self.peer.datagram_limit():
-            self.peer.send_http_datagram(self.stream_id, body)
-        else:
-            self.oversize(body)
-
-    def oversize(self, payload: bytes) -> None:
-        # too big for a DATAGRAM frame (or no datagrams negotiated): a capsule on the stream
-        if not self.done:
-            self.peer.send_data(
-                self.stream_id, masque.encode_capsule(masque.CAPSULE_DATAGRAM, payload)
-            )
+        if not self.send_udp(payload):
+            self.flow.drops += 1
 
     def _closed(self, reason: str) -> None:
         """The session ended on the edge's side (idle, tunnel gone): finish the stream."""
