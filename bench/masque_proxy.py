@@ -93,7 +93,11 @@ def main() -> int:
         name, secret = split_bearer(decode_client_token(token).bearer) or ("", b"")
         auth = (name, secret_text(secret))  # the edge's SOCKS5 wants the identity too now
         client = lab.start_client(token, *quiet)
-        pids = {"client": client.pid, "edge": lab.edge.pid if lab.edge else 0}
+        pids = {
+            "client": client.pid,
+            "edge": lab.edge.pid if lab.edge else 0,
+            "connector": lab.connectors[0].pid,
+        }
 
         def via(
             proxy: tuple[str, int], login: tuple[str, str] | None
@@ -123,6 +127,10 @@ def main() -> int:
             r[f"bulk_{key}_MBps"] = args.bytes / bulk(make, args.bytes) / MB
             for k, p in pids.items():
                 r[f"bulk_{key}_{k}_cpu_s_per_GB"] = (cpu_seconds(p) - cpu0[k]) / (args.bytes / 1e9)
+            # on two cores the ramp processes share the CPU: their sum per GB bounds throughput
+            r[f"bulk_{key}_ramp_cpu_s_per_GB"] = sum(
+                r[f"bulk_{key}_{k}_cpu_s_per_GB"] for k in pids
+            )
 
         setup_paths = {
             "proxy": (lab.client.sockets, True, LOCAL, None),
@@ -188,7 +196,9 @@ def main() -> int:
         print(
             f"  {key:12} {r[f'bulk_{key}_MBps']:8.1f} MB/s   CPU s/GB: client "
             f"{r[f'bulk_{key}_client_cpu_s_per_GB']:.2f}, "
-            f"edge {r[f'bulk_{key}_edge_cpu_s_per_GB']:.2f}"
+            f"edge {r[f'bulk_{key}_edge_cpu_s_per_GB']:.2f}, "
+            f"connector {r[f'bulk_{key}_connector_cpu_s_per_GB']:.2f}, "
+            f"all ramp {r[f'bulk_{key}_ramp_cpu_s_per_GB']:.2f}"
         )
     print(f"  proxy / edge SOCKS5 {r['bulk_ratio_proxy_vs_edge_socks5']:.3f}")
     print(f"flow setups ({CONCURRENCY} at a time, {args.seconds:g} s)")

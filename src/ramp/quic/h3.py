@@ -68,6 +68,7 @@ HOLD_PACKETS = 2048
 HOLD_MAX_SECONDS = 2.0
 # Bytes one stream may have unread. Past it the stream is reset (H3_EXCESSIVE_LOAD): its reader
 # has stopped for many hold rounds.
+DELIVER_CHUNK = 256 * 1024  # most bytes joined into one data_received call
 READ_LIMIT = 32 * 1024 * 1024
 
 
@@ -412,6 +413,14 @@ class H3Stream(asyncio.Transport):
                 self.protocol.eof_received()
                 self._maybe_done()
                 continue
+            if queue and queue[0] is not None:
+                # one write to a TCP socket per batch of QUIC packets, not one per packet
+                parts, size = [item], len(item)
+                while queue and queue[0] is not None and size < DELIVER_CHUNK:
+                    part = queue.popleft()
+                    parts.append(part)  # type: ignore[arg-type]
+                    size += len(part)  # type: ignore[arg-type]
+                item = b"".join(parts)
             self._queued -= len(item)
             self.peer.read_done(len(item))
             self.protocol.data_received(item)
