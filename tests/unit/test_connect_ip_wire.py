@@ -139,4 +139,5 @@ def test_damaged_capsules_raise_only_connect_ip_errors(capsule_type: int, value:
     except ConnectIpError:
         return
     assert got is not None
-    assert encode_value(got) == value  # what parses is canonical: it re-encodes the same
+    # What parses re-encodes to something that parses the same (varints may come non-minimal).
+    assert parse_capsule(capsule_type, encode_value(got)) == got
