@@ -77,7 +77,7 @@ class Connector:
         m = self.metrics
         self.icmp = ConnectorIcmp(
             idle_timeout=config.icmp_idle_timeout,
-            limit=config.max_icmp_flows,
+            limit=config.icmp_flow_limit,
             metrics_packet=lambda what: m.icmp_packets.labels(what).inc(),
             metrics_drop=lambda reason: m.icmp_drops.labels(reason).inc(),
             metrics_active=m.icmp_flows_active.set,
