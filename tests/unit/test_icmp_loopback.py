@@ -97,6 +97,7 @@ def test_an_idle_echo_flow_is_closed_after_the_idle_timeout(tmp_path: Path):
             assert len(t.connector.icmp.table) == 1
             await until(lambda: len(t.connector.icmp.table) == 0, what="the flow to expire")
             assert t.connector.metrics.icmp_flows_active._value.get() == 0
+            assert t.connector.metrics.icmp_flows.labels("ok")._value.get() == 1
 
     run(main())
 
