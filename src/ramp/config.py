@@ -28,7 +28,7 @@ from ramp.config_lines import (
     normalize_keys,
     read_yaml_file,
 )
-from ramp.onramps.registry import OnRampOptions, parse_entry
+from ramp.onramps.registry import OnRampOptions, check_conflicts, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
 from ramp.wire.masque import UdpTemplate
 
@@ -432,6 +432,12 @@ class EdgeConfig(_ProxyOnRamps):
         classmethod(lambda cls, v: _check_template(v))
     )
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
+
+    @field_validator("onramps")
+    @classmethod
+    def _no_conflicts(cls, v: list[OnRampOptions]) -> list[OnRampOptions]:
+        check_conflicts(v)  # e.g. two any-port on-ramps claiming one address and port
+        return v
 
     def effective_onramps(self) -> list[OnRampOptions]:
         """`onramps`, plus the shorthand listener keys: all of them that are not `off` when

@@ -30,6 +30,11 @@ class OnRampOptions(BaseModel):
         "wins); default: the 'default' network.",
     )
 
+    def conflicts_with(self, other: OnRampOptions) -> str | None:
+        """Why `other` cannot run in the same edge as this on-ramp, or None (a type that
+        claims addresses and ports the sockets API cannot check says so here)."""
+        return None
+
 
 class OnRampServer(Protocol):
     async def start(self, host: str, port: int) -> None: ...
@@ -105,6 +110,15 @@ def lookup(name: str) -> OnRampType:
 def known() -> list[str]:
     _discover()
     return sorted(_TYPES)
+
+
+def check_conflicts(entries: list[OnRampOptions]) -> None:
+    """Raise ValueError naming the first two on-ramps that cannot run side by side."""
+    for i, a in enumerate(entries):
+        for b in entries[i + 1 :]:
+            why = a.conflicts_with(b) or b.conflicts_with(a)
+            if why:
+                raise ValueError(why)
 
 
 def parse_entry(entry: Any) -> OnRampOptions:

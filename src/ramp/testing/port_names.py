@@ -1,0 +1,118 @@
+"""Origins on many ports at once that say which address and port they are.
+
+The any-port tests dial hundreds of random ports and must see that each connection reached the
+service it is mapped to: every socket here answers with its own "ADDRESS:PORT\\n" (TCP: on
+accept, then echoes what it reads; UDP: "ADDRESS:PORT " followed by the datagram). One thread
+serves them all with `selectors`; the sockets are made inside a namespace (`Netns.call`).
+
+    with PortNames(lab.private, [(ORIGIN, 20001), ...], udp=True) as names:
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import threading
+from collections.abc import Iterable
+
+from ramp.net.netns import Netns
+
+
+def _sockets(addrs: list[tuple[str, int]], udp: bool) -> list[socket.socket]:
+    out = []
+    try:
+        for addr in addrs:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            if not udp:
+                sock.listen(128)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+def name_of(addr: tuple[str, int]) -> bytes:
+    return f"{addr[0]}:{addr[1]}".encode()
+
+
+class PortNames:
+    """TCP or UDP sockets on `addrs` in `ns` that answer with their own address."""
+
+    def __init__(self, ns: Netns, addrs: Iterable[tuple[str, int]], *, udp: bool = False) -> None:
+        self.addrs = list(addrs)
+        self.udp = udp
+        self._listeners = ns.call(_sockets, self.addrs, udp)
+        self._sel = selectors.DefaultSelector()
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._sel.register(self._stop_r, selectors.EVENT_READ, None)
+        for sock in self._listeners:
+            self._sel.register(sock, selectors.EVENT_READ, ("listen", sock))
+        self._thread = threading.Thread(target=self._run, name="port-names", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            for key, _ in self._sel.select():
+                if key.data is None:
+                    return
+                kind, sock = key.data
+                with contextlib.suppress(OSError):
+                    if kind == "listen" and self.udp:
+                        self._datagram(sock)
+                    elif kind == "listen":
+                        self._accept(sock)
+                    else:
+                        self._echo(sock)
+
+    def _datagram(self, sock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                data, peer = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            sock.sendto(name_of(sock.getsockname()) + b" " + data, peer)
+
+    def _accept(self, sock: socket.socket) -> None:
+        conn, _ = sock.accept()
+        conn.setblocking(True)
+        conn.sendall(name_of(conn.getsockname()) + b"\n")
+        conn.setblocking(False)
+        self._sel.register(conn, selectors.EVENT_READ, ("conn", conn))
+
+    def _echo(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._sel.unregister(conn)
+            conn.close()
+            return
+        conn.setblocking(True)
+        conn.sendall(data)
+        conn.setblocking(False)
+
+    def close(self) -> None:
+        self._stop_w.send(b"x")
+        self._thread.join(10)
+        for key in list(self._sel.get_map().values()):
+            if key.data is not None:
+                key.fileobj.close()  # type: ignore[union-attr]
+        self._sel.close()
+        self._stop_r.close()
+        self._stop_w.close()
+
+    def __enter__(self) -> PortNames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
