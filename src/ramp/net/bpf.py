@@ -252,7 +252,9 @@ def _sys_bpf() -> int:
     return _SYS_BPF[machine]
 
 
-def bpf(cmd: int, attr: bytes | bytearray, what: str, log: ctypes.Array[ctypes.c_char] | None = None) -> int:
+def bpf(
+    cmd: int, attr: bytes | bytearray, what: str, log: ctypes.Array[ctypes.c_char] | None = None
+) -> int:
     """bpf(cmd, attr); returns the call's result, raises BpfError with `what` on failure."""
     buf = ctypes.create_string_buffer(bytes(attr), len(attr))
     ret = _libc.syscall(_sys_bpf(), cmd, buf, len(attr))
@@ -278,7 +280,9 @@ def map_create(
     return bpf(BPF_MAP_CREATE, attr.ljust(72, b"\0"), f"creating BPF map {name}")
 
 
-def _map_attr(fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None, flags: int) -> bytes:
+def _map_attr(
+    fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None, flags: int
+) -> bytes:
     value_ptr = ctypes.addressof(value) if value is not None else 0
     return struct.pack("<IIQQQ", fd, 0, ctypes.addressof(key), value_ptr, flags)
 

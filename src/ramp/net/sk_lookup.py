@@ -139,9 +139,9 @@ def lookup_context(protocol: int, local: tuple[str, int], remote: tuple[str, int
 class SkLookup:
     """The program, its maps and its link for one socket; `close()` detaches and frees all.
 
-        steer = SkLookup(sock, [ip_network("203.0.113.0/24")], (1, 65535))
-        ...
-        steer.close()
+    steer = SkLookup(sock, [ip_network("203.0.113.0/24")], (1, 65535))
+    ...
+    steer.close()
     """
 
     def __init__(
@@ -181,9 +181,7 @@ class SkLookup:
             for network in prefixes:
                 bpf.map_update(self.prefixes_fd, lpm_key(network), struct.pack("<I", 1))
             bpf.map_update(self.ports_fd, struct.pack("<I", 0), struct.pack("<II", *ports))
-            bpf.map_update(
-                self.sockets_fd, struct.pack("<I", 0), struct.pack("<Q", sock.fileno())
-            )
+            bpf.map_update(self.sockets_fd, struct.pack("<I", 0), struct.pack("<Q", sock.fileno()))
             code = program(self.prefixes_fd, self.ports_fd, self.sockets_fd, protocol)
             self.prog_fd = self._keep(
                 bpf.prog_load(
@@ -195,9 +193,7 @@ class SkLookup:
             )
             netns = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                self.link_fd = self._keep(
-                    bpf.link_create(self.prog_fd, netns, bpf.BPF_SK_LOOKUP)
-                )
+                self.link_fd = self._keep(bpf.link_create(self.prog_fd, netns, bpf.BPF_SK_LOOKUP))
             finally:
                 os.close(netns)
             self.prog_id = bpf.obj_id(self.prog_fd)

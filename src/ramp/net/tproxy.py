@@ -13,8 +13,9 @@ T is a routing table (and fwmark) number of ramp's own range, free in this names
 created is written first to a state file (`StateDir`); an edge that starts finds the files of
 edges that died without cleaning up (SIGKILL, a crash) and removes what they list. Rules carry
 `protocol RTPROT_RAMP` (245), so `ip rule` and `ip route` show whose they are. Two listeners
-of one prefix (TCP and UDP) share the AnyIP route: it goes when the last of them does. The commands are iproute2's and
-nftables', run as subprocesses: what the edge does can be read and repeated by hand.
+of one prefix (TCP and UDP) share the AnyIP route: it goes when the last of them does. The
+commands are iproute2's and nftables', run as subprocesses: what the edge does can be read and
+repeated by hand.
 """
 
 from __future__ import annotations
@@ -162,8 +163,7 @@ class StateDir:
             if _pid_alive(state.pid):
                 continue
             log.warning(
-                "anyport: removing steering left by process %d (it ended without cleaning "
-                "up): %s",
+                "anyport: removing steering left by process %d (it ended without cleaning up): %s",
                 state.pid,
                 ", ".join(
                     [*(f"ip rule {' '.join(r)}" for r in state.rules)]

@@ -1,6 +1,6 @@
 """The any-port on-ramp: every port of every address of a prefix on one socket (Spectrum).
 
-    {type: anyport, prefix: 203.0.113.0/24, ports: 1-65535, protocol: tcp, to: {host: 198.51.100.10}}
+    {type: anyport, prefix: 203.0.113.0/24, ports: 1-65535, to: {host: 198.51.100.10}}
 
 One TCP listening socket (or one UDP socket) gets all of it, by one of two mechanisms
 (`mechanism`, logged at start; see `ramp.net.sk_lookup` and `ramp.net.tproxy`):
@@ -61,7 +61,7 @@ ONRAMP = "anyport"
 MAX_DATAGRAM = 65535
 READ_BATCH = 64
 SOCKET_BUFFER = 4 << 20
-_SOCKADDR_IN = struct.Struct("!HH4s")  # family (host order, but AF_INET is small), port, addr
+_SOCKADDR_IN = struct.Struct("!2xH4s")  # struct sockaddr_in: family (skipped), port, address
 _ANCBUF = socket.CMSG_SPACE(16) + 64
 
 
@@ -213,7 +213,7 @@ def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | No
     """The (address, port) a datagram was sent to, from its IP_ORIGDSTADDR message."""
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
-            _, port, addr = _SOCKADDR_IN.unpack_from(data)
+            port, addr = _SOCKADDR_IN.unpack_from(data)
             return socket.inet_ntoa(addr), port
     return None
 

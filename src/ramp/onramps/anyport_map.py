@@ -144,8 +144,9 @@ class AnyportOptions(OnRampOptions):
         "1-65535", description="Port or range FIRST-LAST answered on every address."
     )
     protocol: Literal["tcp", "udp"] = Field(
-        "tcp", description="tcp: connections, each one flow; udp: datagrams, one flow per "
-        "client address and port and dialled address and port."
+        "tcp",
+        description="tcp: connections, each one flow; udp: datagrams, one flow per "
+        "client address and port and dialled address and port.",
     )
     to: Target | list[MapRule] = Field(
         description="Where flows go: HOST:PORT (one fixed destination), {host: HOST} (the "

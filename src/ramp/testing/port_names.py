@@ -11,11 +11,13 @@ serves them all with `selectors`; the sockets are made inside a namespace (`Netn
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import selectors
 import socket
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 
 from ramp.net.netns import Netns
 
@@ -116,3 +118,91 @@ class PortNames:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- the client side -------------------------------------------------------------------------
+
+Target = tuple[str, int]
+
+
+async def _ask_tcp(sock: socket.socket, target: Target, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, target)
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = await loop.sock_recv(sock, 256)
+                if not chunk:
+                    raise ConnectionError(f"{target}: closed after {got!r}")
+                got += chunk
+            # and the stream goes on both ways past the greeting
+            await loop.sock_sendall(sock, b"ping")
+            echo = b""
+            while len(echo) < 4:
+                chunk = await loop.sock_recv(sock, 4 - len(echo))
+                if not chunk:
+                    raise ConnectionError(f"{target}: no echo")
+                echo += chunk
+            if echo != b"ping":
+                raise ConnectionError(f"{target}: echo {echo!r}")
+            return got.rstrip(b"\n")
+    finally:
+        sock.close()
+
+
+def ask_tcp(
+    ns: Netns, targets: Sequence[Target], *, concurrency: int = 32, timeout: float = 30.0
+) -> dict[Target, bytes | Exception]:
+    """Connect from `ns` to each target, read its greeting (the name of the origin it
+    reached) and check the echo; the greeting or the error, by target."""
+
+    async def main() -> dict[Target, bytes | Exception]:
+        gate = asyncio.Semaphore(concurrency)
+        out: dict[Target, bytes | Exception] = {}
+        made = iter(ns.sockets(len(targets)))  # one thread switch for all of them
+
+        async def one(target: Target) -> None:
+            async with gate:
+                sock = next(made)
+                try:
+                    out[target] = await _ask_tcp(sock, target, timeout)
+                except Exception as e:
+                    out[target] = e
+
+        await asyncio.gather(*(one(t) for t in targets))
+        return out
+
+    return asyncio.run(main())
+
+
+def ask_udp(
+    ns: Netns, targets: Sequence[Target], *, timeout: float = 30.0, resend: float = 1.0
+) -> dict[Target, tuple[bytes, Target]]:
+    """Send a datagram from one socket in `ns` to each target until each has answered (UDP
+    may drop; a target that stays silent is sent to again every `resend` seconds, up to
+    `timeout`): by target, the answer and the address it came from. The payload names the
+    target, so an answer is matched to its question whatever its source says."""
+    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    answers: dict[Target, tuple[bytes, Target]] = {}
+    try:
+        sock.settimeout(resend)
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(targets) and time.monotonic() < deadline:
+            for target in targets:
+                if target not in answers:
+                    sock.sendto(b"q " + name_of(target), target)
+            resend_at = time.monotonic() + resend
+            while time.monotonic() < resend_at and len(answers) < len(targets):
+                try:
+                    data, source = sock.recvfrom(65535)
+                except TimeoutError:
+                    break
+                name, _, question = data.rpartition(b" q ")
+                host, _, port = question.decode(errors="replace").rpartition(":")
+                if port.isdigit():
+                    answers[(host, int(port))] = (name, (source[0], int(source[1])))
+    finally:
+        sock.close()
+    return answers

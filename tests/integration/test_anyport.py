@@ -1,0 +1,285 @@
+"""The any-port on-ramp: every port of 203.0.113.64/26 on one TCP and one UDP socket.
+
+C routes the prefix to E (`Lab.route_to_edge`); no interface of E holds its addresses. The
+edge's config has two anyport on-ramps (TCP and UDP) with the same rule table: addresses of
+203.0.113.64/28 go to the dialled port on ORIGIN, the rest of the prefix to the dialled port
+on ORIGIN2, both through the tunnel to P, where `PortNames` sockets on 200 random ports answer
+with their own address and port. Each test runs with sk_lookup and again with TPROXY forced,
+and checks what the edge leaves behind: no BPF program or link, no nftables table, no routing
+rule or route.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from ramp.testing.lab import (
+    ANYPORT_PREFIX,
+    ORIGIN,
+    ORIGIN2,
+    ORIGIN_PREFIX,
+    Lab,
+    wait_until,
+)
+from ramp.testing.port_names import PortNames, ask_tcp, ask_udp, name_of
+
+ADDRESSES = ["203.0.113.65", "203.0.113.78", "203.0.113.80", "203.0.113.101", "203.0.113.126"]
+NEAR = "203.0.113.64/28"  # -> ORIGIN; the rest of the prefix -> ORIGIN2
+PORT_COUNT = 200
+MECHANISMS = ["sk_lookup", "tproxy"]
+
+
+def mapped(address: str) -> str:
+    """The origin the rule table sends ADDRESS to."""
+    return ORIGIN if ipaddress.ip_address(address) in ipaddress.ip_network(NEAR) else ORIGIN2
+
+
+def onramps(mechanism: str) -> list[dict[str, object]]:
+    rules = [{"addresses": NEAR, "to": {"host": ORIGIN}}, {"to": {"host": ORIGIN2}}]
+    return [
+        {
+            "type": "anyport",
+            "prefix": ANYPORT_PREFIX,
+            "ports": "1-65535",
+            "protocol": protocol,
+            "to": rules,
+            "mechanism": mechanism,
+        }
+        for protocol in ("tcp", "udp")
+    ]
+
+
+def random_ports(count: int = PORT_COUNT) -> list[int]:
+    # below P's ephemeral range, so the connector's own connections never need one of them
+    seed = random.randrange(1 << 32)
+    print(f"ports from seed {seed}")
+    return random.Random(seed).sample(range(10000, 32000), count)
+
+
+def steering(lab: Lab) -> dict[str, str]:
+    """What of ramp's steering exists in E: nftables tables, rules, routes."""
+    ns = lab.edge_ns
+    return {
+        "nft": "\n".join(
+            line
+            for line in ns.run(["nft", "list", "tables"]).stdout.decode().splitlines()
+            if "ramp_anyport" in line
+        ),
+        "rules": "\n".join(
+            line
+            for line in ns.run(["ip", "rule", "list"]).stdout.decode().splitlines()
+            if "proto 245" in line
+        ),
+        "routes": "\n".join(
+            line
+            for line in ns.run(["ip", "route", "show", "table", "all"]).stdout.decode().splitlines()
+            if "proto 245" in line
+        ),
+    }
+
+
+def bpf_ids(lab: Lab) -> list[tuple[int, int]]:
+    """(program id, link id) of each sk_lookup program the edge logged."""
+    assert lab.edge is not None
+    return [
+        (int(p), int(k))
+        for p, k in re.findall(r"BPF program id (\d+), link id (\d+)", lab.edge.stderr())
+    ]
+
+
+def bpf_exists(kind: str, obj_id: int) -> bool:
+    proc = subprocess.run(
+        ["bpftool", kind, "show", "id", str(obj_id)], capture_output=True, check=False
+    )
+    return proc.returncode == 0
+
+
+@pytest.fixture
+def anyport_lab(bare_lab: Lab) -> Iterator[Lab]:
+    lab = bare_lab
+    lab.route_to_edge()
+    lab.create_tunnel("corp", [ORIGIN_PREFIX])
+    yield lab
+
+
+def start(lab: Lab, mechanism: str) -> None:
+    config = lab.write_edge_config({"onramps": onramps(mechanism)})
+    lab.start_edge("--config", str(config))
+    assert lab.edge is not None
+    wait_until(
+        lambda: (
+            lab.edge is not None
+            and lab.edge.stderr().count(
+                f"{'sk_lookup' if mechanism == 'sk_lookup' else 'TPROXY'} steers"
+            )
+            == 2
+        ),
+        30,
+        what=lambda: f"the edge to say it steers with {mechanism}\n{lab.log_tails(20)}",
+    )
+    if not lab.connectors:
+        lab.start_connector(lab.tokens["corp"], "--connect-timeout", "2")
+    lab.wait_tunnel_connections("corp", 1)
+
+
+def check_tcp(lab: Lab, ports: list[int]) -> None:
+    targets = [(a, p) for a in ADDRESSES for p in ports]
+    got = ask_tcp(lab.client, targets)
+    wrong = {t: g for t, g in got.items() if g != name_of((mapped(t[0]), t[1]))}
+    assert not wrong, f"{len(wrong)} of {len(targets)} wrong, e.g. {list(wrong.items())[:5]}"
+
+
+def check_udp(lab: Lab, ports: list[int]) -> None:
+    targets = [(a, p) for a in ADDRESSES for p in ports]
+    got = ask_udp(lab.client, targets)
+    missing = [t for t in targets if t not in got]
+    assert not missing, f"{len(missing)} of {len(targets)} never answered, e.g. {missing[:5]}"
+    for target, (name, source) in got.items():
+        assert name == name_of((mapped(target[0]), target[1])), (target, name)
+        # the reply comes from exactly the address and port the client sent to
+        assert source == target, (target, source)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_every_port_reaches_the_mapped_service(anyport_lab: Lab, mechanism: str) -> None:
+    lab = anyport_lab
+    ports = random_ports()
+    names = [(host, p) for host in (ORIGIN, ORIGIN2) for p in ports]
+    with PortNames(lab.private, names), PortNames(lab.private, names, udp=True):
+        start(lab, mechanism)
+        check_tcp(lab, ports)
+        check_udp(lab, ports)
+        ids = bpf_ids(lab)
+        if mechanism == "sk_lookup":
+            assert len(ids) == 2 and all(bpf_exists("link", k) for _, k in ids)
+            assert steering(lab)["routes"] and not steering(lab)["nft"]
+        else:
+            assert not ids and steering(lab)["nft"] and steering(lab)["rules"]
+        flows = [r for r in lab.audit_records() if r.get("onramp") == "anyport"]
+        assert {r["protocol"] for r in flows} == {"tcp", "udp"}
+        assert all(r["tunnel"] == "corp" for r in flows)
+        assert lab.edge is not None
+        assert lab.edge.stop() == 0
+    left = steering(lab)
+    assert left == {"nft": "", "rules": "", "routes": ""}, left
+    for prog, link in ids:
+        assert not bpf_exists("prog", prog) and not bpf_exists("link", link)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_restart_after_a_crash_removes_the_leftovers(anyport_lab: Lab, mechanism: str) -> None:
+    lab = anyport_lab
+    ports = random_ports(20)
+    names = [(host, p) for host in (ORIGIN, ORIGIN2) for p in ports]
+    with PortNames(lab.private, names), PortNames(lab.private, names, udp=True):
+        start(lab, mechanism)
+        before = steering(lab)
+        ids = bpf_ids(lab)
+        assert lab.edge is not None
+        lab.edge.kill()  # SIGKILL: no chance to clean up
+        # the kernel drops programs and links with the last descriptor; the routing stays
+        assert not any(bpf_exists("link", k) for _, k in ids)
+        assert steering(lab) == before
+        start(lab, mechanism)
+        assert "removing steering left by process" in lab.edge.stderr()
+        after = steering(lab)
+        # as many tables, rules and routes as one edge makes, not two edges' worth
+        assert {k: len(v.splitlines()) for k, v in after.items()} == {
+            k: len(v.splitlines()) for k, v in before.items()
+        }
+        check_tcp(lab, ports)
+        check_udp(lab, ports)
+        lab.edge.signal(signal.SIGTERM)
+        lab.edge.wait_exit(30)
+    assert steering(lab) == {"nft": "", "rules": "", "routes": ""}
+
+
+def test_a_connection_no_rule_maps_is_closed_and_counted(anyport_lab: Lab) -> None:
+    lab = anyport_lab
+    config = lab.write_edge_config(
+        {
+            "onramps": [
+                {
+                    "type": "anyport",
+                    "prefix": ANYPORT_PREFIX,
+                    "ports": "1000-2000",
+                    "to": [{"addresses": NEAR, "ports": "1000-1500", "to": f"{ORIGIN}:7"}],
+                }
+            ]
+        }
+    )
+    lab.start_edge("--config", str(config))
+    lab.start_connector(lab.tokens["corp"], "--connect-timeout", "2")
+    lab.wait_tunnel_connections("corp", 1)
+    # a fixed destination: the echo on ORIGIN:7, whichever port of the rule was dialled
+    for port in (1000, 1234, 1500):
+        sock = lab.client_socket()
+        sock.connect(("203.0.113.70", port))
+        sock.sendall(b"hello\n")
+        assert sock.recv(100) == b"hello\n"
+        sock.close()
+    # in the prefix and the ports, but no rule: accepted, then closed at once
+    sock = lab.client_socket()
+    sock.connect(("203.0.113.100", 1600))
+    assert sock.recv(100) == b""
+    sock.close()
+    # outside the on-ramp's ports nothing answers
+    sock = lab.client_socket()
+    with pytest.raises(ConnectionRefusedError):
+        sock.connect(("203.0.113.70", 2001))
+    sock.close()
+    wait_until(
+        lambda: (
+            lab.edge_metrics().value("ramp_bad_input_total", onramp="anyport", reason="no_rule")
+            >= 1
+        ),
+        30,
+        what="the no_rule counter",
+    )
+
+
+def test_bad_config_says_what_is_wrong(anyport_lab: Lab) -> None:
+    lab = anyport_lab
+    for onramps_, message in (
+        (
+            [
+                {
+                    "type": "anyport",
+                    "prefix": "203.0.113.64/26",
+                    "to": [{"addresses": "198.51.100.0/28", "to": f"{ORIGIN}:7"}],
+                }
+            ],
+            "not inside the prefix",
+        ),
+        (
+            [
+                {
+                    "type": "anyport",
+                    "prefix": "203.0.113.64/26",
+                    "ports": "1-100",
+                    "to": f"{ORIGIN}:7",
+                },
+                {
+                    "type": "anyport",
+                    "prefix": "203.0.113.96/27",
+                    "ports": "100-200",
+                    "to": f"{ORIGIN}:7",
+                },
+            ],
+            "overlap",
+        ),
+    ):
+        config = lab.write_edge_config({"onramps": onramps_}, name="bad.yaml")
+        edge = lab.start_edge("--config", str(config), wait=False)
+        assert edge.wait_exit(30) == 2
+        assert message in edge.stderr(), edge.stderr()
+    assert steering(lab) == {"nft": "", "rules": "", "routes": ""}
