@@ -373,36 +373,34 @@ def obj_id(fd: int) -> int:
     return int(struct.unpack_from("<I", info.raw, 4)[0])
 
 
-def prog_test_run(prog_fd: int, ctx_in: bytes, repeat: int = 1) -> int:
-    """Run a loaded program on a context (BPF_PROG_TEST_RUN); returns its return value."""
+def prog_test_run(prog_fd: int, ctx_in: bytes) -> tuple[int, bytes]:
+    """Run a loaded program once on a context (BPF_PROG_TEST_RUN): its return value and the
+    context as the program left it (for sk_lookup: the selected socket's cookie first)."""
     ctx = ctypes.create_string_buffer(ctx_in, len(ctx_in))
+    out = ctypes.create_string_buffer(max(len(ctx_in), 256))  # the kernel's struct may be larger
     # prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration,
-    # ctx_size_in, ctx_size_out, ctx_in, ctx_out, flags, cpu, batch_size
-    attr = bytearray(
-        struct.pack(
-            "<IIIIQQIIIIQQIII",
-            prog_fd,
-            0,
-            0,
-            0,
-            0,
-            0,
-            repeat,
-            0,
-            len(ctx_in),
-            0,
-            ctypes.addressof(ctx),
-            0,
-            0,
-            0,
-            0,
-        ).ljust(80, b"\0")
-    )
-    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
+    # ctx_size_in, ctx_size_out, ctx_in, ctx_out
+    attr = struct.pack(
+        "<IIIIQQIIIIQQ",
+        prog_fd,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0,
+        len(ctx_in),
+        len(out),
+        ctypes.addressof(ctx),
+        ctypes.addressof(out),
+    ).ljust(80, b"\0")
+    buf = ctypes.create_string_buffer(attr, len(attr))
     ret = _libc.syscall(_sys_bpf(), BPF_PROG_TEST_RUN, buf, len(attr))
     if ret < 0:
-        raise BpfError(ctypes.get_errno(), "running a BPF program (test run)")
-    return int(struct.unpack_from("<I", buf.raw, 4)[0])
+        err = ctypes.get_errno()
+        raise BpfError(err, "running a BPF program (test run)")
+    return int(struct.unpack_from("<I", buf.raw, 4)[0]), out.raw
 
 
 __all__ = [

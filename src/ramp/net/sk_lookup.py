@@ -150,7 +150,10 @@ class SkLookup:
         prefixes: list[ipaddress.IPv4Network],
         ports: tuple[int, int],
         netns_path: str = "/proc/self/ns/net",
+        *,
+        attach: bool = True,
     ) -> None:
+        """`attach=False` loads the program without attaching it (to test-run it)."""
         if sock.type == socket.SOCK_STREAM:
             protocol = socket.IPPROTO_TCP
         elif sock.type == socket.SOCK_DGRAM:
@@ -191,13 +194,15 @@ class SkLookup:
                     expected_attach_type=bpf.BPF_SK_LOOKUP,
                 )
             )
-            netns = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self.link_fd = self._keep(bpf.link_create(self.prog_fd, netns, bpf.BPF_SK_LOOKUP))
-            finally:
-                os.close(netns)
             self.prog_id = bpf.obj_id(self.prog_fd)
-            self.link_id = bpf.obj_id(self.link_fd)
+            self.link_id = 0
+            if attach:
+                netns = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    link_fd = bpf.link_create(self.prog_fd, netns, bpf.BPF_SK_LOOKUP)
+                finally:
+                    os.close(netns)
+                self.link_id = bpf.obj_id(self._keep(link_fd))
         except BaseException:
             self.close()
             raise
