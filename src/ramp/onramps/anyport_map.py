@@ -137,8 +137,9 @@ class AnyportOptions(OnRampOptions):
     )
     prefix: str = Field(
         description="The IPv4 prefix (CIDR) whose addresses this on-ramp answers on, e.g. "
-        "203.0.113.0/24. With sk_lookup its addresses must be local (`ip route add local "
-        "PREFIX dev lo`, the AnyIP route); TPROXY routes them locally itself."
+        "203.0.113.0/24; routers must send it to the edge. The edge makes the addresses its "
+        "own while it runs (sk_lookup: the AnyIP route `local PREFIX dev lo`; TPROXY: a "
+        "fwmark rule), no interface needs them."
     )
     ports: str | int = Field(
         "1-65535", description="Port or range FIRST-LAST answered on every address."
