@@ -219,7 +219,7 @@ def test_restart_after_a_crash_removes_the_leftovers(anyport_lab: Lab, mechanism
     assert steering(lab) == {"nft": "", "rules": "", "routes": ""}
 
 
-def test_a_connection_no_rule_maps_is_closed_and_counted(anyport_lab: Lab) -> None:
+def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
     lab = anyport_lab
     config = lab.write_edge_config(
         {
@@ -260,6 +260,29 @@ def test_a_connection_no_rule_maps_is_closed_and_counted(anyport_lab: Lab) -> No
         ),
         30,
         what="the no_rule counter",
+    )
+    # policy sees these flows like any other: a rule for the on-ramp refuses them
+    lab.add_rule("no-anyport", "deny", onramp="anyport", position=1)
+
+    def refused() -> bool:
+        sock = lab.client_socket()
+        try:
+            sock.connect(("203.0.113.70", 1000))
+            sock.sendall(b"hello\n")
+            return sock.recv(100) == b""
+        except ConnectionResetError:
+            return True
+        finally:
+            sock.close()
+
+    wait_until(refused, 30, what="the deny rule to refuse anyport flows")
+    denied = wait_until(
+        lambda: [r for r in lab.audit_records() if r.get("rule") == "no-anyport"],
+        30,
+        what="the refused flow's audit line",
+    )
+    assert denied and all(
+        r["onramp"] == "anyport" and r["result"] == "not_permitted" for r in denied
     )
 
 
