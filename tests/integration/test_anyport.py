@@ -221,6 +221,8 @@ def test_restart_after_a_crash_removes_the_leftovers(anyport_lab: Lab, mechanism
 
 def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
     lab = anyport_lab
+    # the operator made the prefix local already: the edge uses that route and leaves it
+    lab.edge_ns.ip("route", "add", "local", ANYPORT_PREFIX, "dev", "lo")
     config = lab.write_edge_config(
         {
             "onramps": [
@@ -284,6 +286,9 @@ def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
     assert denied and all(
         r["onramp"] == "anyport" and r["result"] == "not_permitted" for r in denied
     )
+    assert lab.edge is not None and lab.edge.stop() == 0
+    routes = lab.edge_ns.ip("route", "show", "table", "local", "exact", ANYPORT_PREFIX)
+    assert "local 203.0.113.64/26 dev lo" in routes and "proto 245" not in routes
 
 
 def test_bad_config_says_what_is_wrong(anyport_lab: Lab) -> None:

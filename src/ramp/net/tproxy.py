@@ -232,22 +232,13 @@ def install_local_prefix(states: StateDir, name: str, network: ipaddress.IPv4Net
     """Make every address of `network` local (for sk_lookup): the AnyIP route `local NETWORK
     dev lo` in the local table. Not in a table of ramp's own: a reply's source address counts
     as local only when the local table says so (the kernel's __ip_dev_find)."""
-    state = Steering(
-        os.getpid(),
-        routes=[
-            [
-                "local",
-                str(network),
-                "dev",
-                "lo",
-                "table",
-                "local",
-                "protocol",
-                str(RTPROT_RAMP),
-            ]
-        ],
-    )
-    return _install(states, name, state, None)
+    route = ["local", str(network), "dev", "lo", "table", "local", "protocol", str(RTPROT_RAMP)]
+    existing = _run(["ip", "-4", "route", "show", "table", "local", "exact", str(network)])
+    if existing.strip() and f"proto {RTPROT_RAMP}" not in existing:
+        # the operator's own AnyIP route: use it, and leave it alone at exit
+        log.info("anyport: %s is local already (%s)", network, existing.strip())
+        return _install(states, name, Steering(os.getpid()), None)
+    return _install(states, name, Steering(os.getpid(), routes=[route]), None)
 
 
 def install_tproxy(
