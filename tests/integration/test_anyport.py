@@ -327,3 +327,40 @@ def test_bad_config_says_what_is_wrong(anyport_lab: Lab) -> None:
         assert edge.wait_exit(30) == 2
         assert message in edge.stderr(), edge.stderr()
     assert steering(lab) == {"nft": "", "rules": "", "routes": ""}
+
+
+# the edge without the capabilities bpf(2) needs (CAP_BPF, CAP_SYS_ADMIN): sk_lookup cannot load
+NO_BPF = ["setpriv", "--bounding-set", "-bpf,-sys_admin,-perfmon", "--"]
+
+
+def test_auto_falls_back_to_tproxy_when_the_program_cannot_load(anyport_lab: Lab) -> None:
+    lab = anyport_lab
+    config = lab.write_edge_config(
+        {"onramps": [{"type": "anyport", "prefix": ANYPORT_PREFIX, "to": {"host": ORIGIN}}]}
+    )
+    lab.start_edge("--config", str(config), wrapper=NO_BPF)
+    lab.start_connector(lab.tokens["corp"], "--connect-timeout", "2")
+    lab.wait_tunnel_connections("corp", 1)
+    assert lab.edge is not None
+    log = lab.edge.stderr()
+    assert "sk_lookup unavailable" in log and "falling back to TPROXY" in log
+    assert "TPROXY steers" in log
+    ports = random_ports(10)
+    with PortNames(lab.private, [(ORIGIN, p) for p in ports]):
+        targets = [("203.0.113.70", p) for p in ports]
+        assert ask_tcp(lab.client, targets) == {t: name_of((ORIGIN, t[1])) for t in targets}
+    assert lab.edge.stop() == 0
+    assert steering(lab) == {"nft": "", "rules": "", "routes": ""}
+
+
+def test_a_forced_sk_lookup_that_cannot_load_stops_the_edge(anyport_lab: Lab) -> None:
+    lab = anyport_lab
+    config = lab.write_edge_config({"onramps": [{**onramps("sk_lookup")[0]}]})
+    edge = lab.start_edge("--config", str(config), wrapper=NO_BPF, wait=False)
+    assert edge.wait_exit(30) == 1  # could not start
+    assert (
+        "cannot start the edge: anyport tcp 203.0.113.64/26 ports 1-65535: the sk_lookup "
+        "program did not load: [Errno 1] creating BPF map" in edge.stderr()
+    ), edge.stderr()
+    assert "Traceback" not in edge.stderr()
+    assert steering(lab) == {"nft": "", "rules": "", "routes": ""}

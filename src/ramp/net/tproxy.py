@@ -43,8 +43,10 @@ RULE_PRIORITY = 90  # after the local table's rule (0), before main (32766)
 NFT_TABLE_PREFIX = "ramp_anyport_"
 
 
-class SteeringError(RuntimeError):
-    """A command that sets up steering failed; the message holds the command and its stderr."""
+class SteeringError(OSError):
+    """Steering could not be set up (a command failed: the message holds it and its stderr;
+    or the BPF program did not load). An OSError: the edge cannot start, as when a port is
+    taken (exit code 1, one line saying why)."""
 
 
 def _run(args: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
