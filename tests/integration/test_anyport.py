@@ -167,6 +167,9 @@ def test_every_port_reaches_the_mapped_service(anyport_lab: Lab, mechanism: str)
         start(lab, mechanism)
         check_tcp(lab, ports)
         check_udp(lab, ports)
+        # a second client (another source port) to the same addresses and ports while the
+        # first one's sessions and their reply sockets are still there
+        check_udp(lab, ports[:20])
         ids = bpf_ids(lab)
         if mechanism == "sk_lookup":
             assert len(ids) == 2 and all(bpf_exists("link", k) for _, k in ids)

@@ -225,6 +225,7 @@ class AnyportUdp:
     onramp = ONRAMP
     open_queue = 64  # datagrams held per flow while its session opens
     retry_interval = 1.0  # seconds a flow whose open failed drops datagrams before a retry
+    holdoff_limit = 4096  # failed flows remembered for `retry_interval`
 
     def __init__(
         self,
@@ -399,9 +400,11 @@ class AnyportUdp:
         del self.flows[flow.key]
         assert self._loop is not None
         self._holdoff[flow.key] = self._loop.time() + self.retry_interval
-        if len(self._holdoff) > 4096:
+        if len(self._holdoff) > self.holdoff_limit:
             now = self._loop.time()
             self._holdoff = {k: t for k, t in self._holdoff.items() if t > now}
+            while len(self._holdoff) > self.holdoff_limit:  # the oldest go first
+                del self._holdoff[next(iter(self._holdoff))]
         for _ in queued or ():
             self._bad("open_failed", flow.key[0])
 
