@@ -22,8 +22,11 @@ import pytest
 
 from ramp.testing.lab import (
     ANYPORT_PREFIX,
+    ANYPORT_PREFIX6,
     ORIGIN,
     ORIGIN2,
+    ORIGIN6,
+    ORIGIN6_PREFIX,
     ORIGIN_PREFIX,
     Lab,
     wait_until,
@@ -75,12 +78,16 @@ def steering(lab: Lab) -> dict[str, str]:
         ),
         "rules": "\n".join(
             line
-            for line in ns.run(["ip", "rule", "list"]).stdout.decode().splitlines()
+            for v in ("-4", "-6")
+            for line in ns.run(["ip", v, "rule", "list"]).stdout.decode().splitlines()
             if "proto 245" in line
         ),
         "routes": "\n".join(
             line
-            for line in ns.run(["ip", "route", "show", "table", "all"]).stdout.decode().splitlines()
+            for v in ("-4", "-6")
+            for line in ns.run(["ip", v, "route", "show", "table", "all"])
+            .stdout.decode()
+            .splitlines()
             if "proto 245" in line
         ),
     }
@@ -106,14 +113,15 @@ def bpf_exists(kind: str, obj_id: int) -> bool:
 def anyport_lab(bare_lab: Lab) -> Iterator[Lab]:
     lab = bare_lab
     lab.route_to_edge()
-    lab.create_tunnel("corp", [ORIGIN_PREFIX])
+    lab.route_to_edge(ANYPORT_PREFIX6)
+    lab.create_tunnel("corp", [ORIGIN_PREFIX, ORIGIN6_PREFIX])
     yield lab
 
 
-def start(lab: Lab, mechanism: str) -> None:
+def start(lab: Lab, mechanism: str, entries: list[dict[str, object]] | None = None) -> None:
     # one client holds a UDP session per address and port it sends to: past the default share
     config = lab.write_edge_config(
-        {"onramps": onramps(mechanism), "max_udp_sessions_per_source": UDP_SHARE}
+        {"onramps": entries or onramps(mechanism), "max_udp_sessions_per_source": UDP_SHARE}
     )
     lab.start_edge("--config", str(config))
     assert lab.edge is not None
@@ -139,20 +147,24 @@ def start(lab: Lab, mechanism: str) -> None:
     lab.wait_tunnel_connections("corp", 1)
 
 
-def check_tcp(lab: Lab, ports: list[int]) -> None:
-    targets = [(a, p) for a in ADDRESSES for p in ports]
+def check_tcp(
+    lab: Lab, ports: list[int], addresses: list[str] = ADDRESSES, to: str | None = None
+) -> None:
+    targets = [(a, p) for a in addresses for p in ports]
     got = ask_tcp(lab.client, targets)
-    wrong = {t: g for t, g in got.items() if g != name_of((mapped(t[0]), t[1]))}
+    wrong = {t: g for t, g in got.items() if g != name_of((to or mapped(t[0]), t[1]))}
     assert not wrong, f"{len(wrong)} of {len(targets)} wrong, e.g. {list(wrong.items())[:5]}"
 
 
-def check_udp(lab: Lab, ports: list[int]) -> None:
-    targets = [(a, p) for a in ADDRESSES for p in ports]
+def check_udp(
+    lab: Lab, ports: list[int], addresses: list[str] = ADDRESSES, to: str | None = None
+) -> None:
+    targets = [(a, p) for a in addresses for p in ports]
     got = ask_udp(lab.client, targets)
     missing = [t for t in targets if t not in got]
     assert not missing, f"{len(missing)} of {len(targets)} never answered, e.g. {missing[:5]}"
     for target, (name, source) in got.items():
-        assert name == name_of((mapped(target[0]), target[1])), (target, name)
+        assert name == name_of((to or mapped(target[0]), target[1])), (target, name)
         # the reply comes from exactly the address and port the client sent to
         assert source == target, (target, source)
 
@@ -191,6 +203,34 @@ def test_every_port_reaches_the_mapped_service(anyport_lab: Lab, mechanism: str)
     assert left == {"nft": "", "rules": "", "routes": ""}, left
     for prog, link in ids:
         assert not bpf_exists("prog", prog) and not bpf_exists("link", link)
+
+
+ADDRESSES6 = ["2001:db8:203:64::1", "2001:db8:203:64::7:1", "2001:db8:203:64:ffff:ffff:ffff:fffe"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_ipv6_every_port_reaches_the_service(anyport_lab: Lab, mechanism: str) -> None:
+    lab = anyport_lab
+    ports = random_ports(50)
+    entries = [
+        {
+            "type": "anyport",
+            "prefix": ANYPORT_PREFIX6,
+            "protocol": protocol,
+            "to": {"host": ORIGIN6},
+            "mechanism": mechanism,
+        }
+        for protocol in ("tcp", "udp")
+    ]
+    names = [(ORIGIN6, p) for p in ports]
+    with PortNames(lab.private, names), PortNames(lab.private, names, udp=True):
+        start(lab, mechanism, entries)
+        check_tcp(lab, ports, ADDRESSES6, ORIGIN6)
+        check_udp(lab, ports, ADDRESSES6, ORIGIN6)
+        assert lab.edge is not None
+        assert lab.edge.stop() == 0
+    assert steering(lab) == {"nft": "", "rules": "", "routes": ""}
 
 
 @pytest.mark.slow

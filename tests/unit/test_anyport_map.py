@@ -103,7 +103,10 @@ def test_lookup_is_the_first_rule_that_holds_the_address_and_port(
     ("entry", "message"),
     [
         ({"prefix": "203.0.113.1/24", "to": "a:1"}, "host bits set"),
-        ({"prefix": "2001:db8::/64", "to": "a:1"}, "only IPv4"),
+        (
+            {"prefix": "2001:db8::/64", "to": [{"addresses": "203.0.113.0/28", "to": "a:1"}]},
+            "not inside the prefix 2001:db8::/64",
+        ),
         ({"ports": "0-10", "to": "a:1"}, "ports are 1-65535"),
         ({"ports": "2000-1000", "to": "a:1"}, "ends before it starts"),
         ({"ports": "http", "to": "a:1"}, "a port or a range"),
@@ -170,3 +173,34 @@ def test_the_tproxy_rule() -> None:
         "ip daddr 203.0.113.0/24 udp dport 53 tproxy to 127.0.0.1:4000 "
         "meta mark set 0x72610000 accept"
     ) in text
+
+
+def test_ipv6_prefixes_map_like_ipv4_ones() -> None:
+    o = options(
+        prefix="2001:db8:1::/64",
+        to=[
+            {"addresses": "2001:db8:1::/112", "to": "[2001:db8:198::10]:80"},
+            {"to": {"host": "2001:db8:198::11"}},
+        ],
+    )
+    assert o.listen == "[::1]:0"  # the one socket is of the prefix's family
+    m = PortMap.from_options(o)
+    assert m.lookup("2001:db8:1::5", 9) == Destination("2001:db8:198::10", 80)
+    assert m.lookup("2001:db8:1::1:0", 9) == Destination("2001:db8:198::11", 9)
+    assert m.lookup("2001:db8:2::1", 9) is None
+    assert m.lookup("203.0.113.1", 9) is None
+    # an IPv4 and an IPv6 on-ramp never overlap
+    edge({"prefix": PREFIX}, {"prefix": "2001:db8:1::/64"})
+
+
+def test_the_ipv6_tproxy_rule() -> None:
+    text = nft_ruleset(
+        "ramp_anyport_2",
+        "tcp",
+        ipaddress.IPv6Network("2001:db8:1::/64"),
+        (1, 65535),
+        ("::1", 4000),
+        0x72610001,
+    )
+    assert text.startswith("table ip6 ramp_anyport_2 {")
+    assert "ip6 daddr 2001:db8:1::/64 tcp dport 1-65535 tproxy to [::1]:4000" in text

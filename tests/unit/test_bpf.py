@@ -173,3 +173,39 @@ def test_ipv6_packets_are_left_alone(steered: tuple[socket.socket, SkLookup]) ->
     struct.pack_into("<I", ctx, 8, socket.AF_INET6)
     retval, out = bpf.prog_test_run(steer.prog_fd, bytes(ctx))
     assert (retval, struct.unpack_from("<Q", out)[0]) == (bpf.SK_PASS, 0)
+
+
+@pytest.fixture
+def steered6() -> Iterator[tuple[socket.socket, SkLookup]]:
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root")
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.bind(("::1", 0))
+    steer = SkLookup(sock, [ipaddress.IPv6Network("2001:db8:1::/64")], (53, 53), attach=False)
+    try:
+        yield sock, steer
+    finally:
+        steer.close()
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("local", "chosen"),
+    [
+        (("2001:db8:1::1", 53), True),
+        (("2001:db8:1:0:ffff:ffff:ffff:ffff", 53), True),
+        (("2001:db8:1::1", 54), False),
+        (("2001:db8:2::1", 53), False),
+        (("2001:db8:0:ffff:ffff:ffff:ffff:ffff", 53), False),
+    ],
+)
+def test_the_ipv6_program_picks_the_socket_only_for_its_prefix_and_ports(
+    steered6: tuple[socket.socket, SkLookup], local: tuple[str, int], chosen: bool
+) -> None:
+    sock, steer = steered6
+    cookie = struct.unpack("<Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+    retval, ctx = bpf.prog_test_run(
+        steer.prog_fd, lookup_context(socket.IPPROTO_UDP, local, ("2001:db8:9::9", 40000))
+    )
+    assert retval == bpf.SK_PASS
+    assert struct.unpack_from("<Q", ctx)[0] == (cookie if chosen else 0)

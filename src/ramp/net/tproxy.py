@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 IP_TRANSPARENT = 19  # include/uapi/linux/in.h
 IP_RECVORIGDSTADDR = 20  # same value as IP_ORIGDSTADDR, the control message type
 IP_ORIGDSTADDR = 20
+IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h
+IPV6_RECVORIGDSTADDR = 74
+IPV6_ORIGDSTADDR = 74
 
 RTPROT_RAMP = 245  # rtnetlink route/rule protocol number marking ramp's rules (unassigned)
 TABLE_BASE = 0x72610000  # ramp's routing table / fwmark numbers: TABLE_BASE + 0..MAX_TABLES-1
@@ -61,22 +64,27 @@ def _run(args: Sequence[str], *, input: str | None = None, check: bool = True) -
     return proc.stdout
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def nft_ruleset(
     table: str,
     protocol: str,
-    network: ipaddress.IPv4Network,
+    network: Network,
     ports: tuple[int, int],
     listen: tuple[str, int],
     mark: int,
 ) -> str:
     """The nftables table of one TPROXY listener (the text `nft -f` reads)."""
     dport = str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
+    family = "ip6" if network.version == 6 else "ip"
+    to = f"[{listen[0]}]:{listen[1]}" if network.version == 6 else f"{listen[0]}:{listen[1]}"
     return (
-        f"table ip {table} {{\n"
+        f"table {family} {table} {{\n"
         "    chain prerouting {\n"
         "        type filter hook prerouting priority mangle; policy accept;\n"
-        f"        ip daddr {network} {protocol} dport {dport} "
-        f"tproxy to {listen[0]}:{listen[1]} meta mark set {mark:#x} accept\n"
+        f"        {family} daddr {network} {protocol} dport {dport} "
+        f"tproxy to {to} meta mark set {mark:#x} accept\n"
         "    }\n"
         "}\n"
     )
@@ -90,28 +98,48 @@ class Steering:
     rules: list[list[str]] = field(default_factory=list)  # `ip rule add` arguments
     routes: list[list[str]] = field(default_factory=list)  # `ip route add` arguments
     nft_table: str | None = None
+    version: int = 4  # IP version of the rules, routes and table
 
     def to_json(self) -> str:
         return json.dumps(
-            {"pid": self.pid, "rules": self.rules, "routes": self.routes, "nft": self.nft_table}
+            {
+                "pid": self.pid,
+                "rules": self.rules,
+                "routes": self.routes,
+                "nft": self.nft_table,
+                "version": self.version,
+            }
         )
 
     @classmethod
     def from_json(cls, text: str) -> Steering:
         data = json.loads(text)
-        return cls(int(data["pid"]), data["rules"], data["routes"], data.get("nft"))
+        return cls(
+            int(data["pid"]),
+            data["rules"],
+            data["routes"],
+            data.get("nft"),
+            int(data.get("version", 4)),
+        )
+
+    @property
+    def nft_family(self) -> str:
+        return "ip6" if self.version == 6 else "ip"
+
+    def ip(self, *args: str) -> list[str]:
+        return ["ip", f"-{self.version}", *args]
 
     def undo(self, keep: Steering | None = None) -> None:
         """Remove everything listed but what `keep` lists too (another listener of the same
         prefix still needs it); what is gone already is no error."""
         if self.nft_table and (keep is None or keep.nft_table != self.nft_table):
-            _run(["nft", "delete", "table", "ip", self.nft_table], check=False)
+            _run(["nft", "delete", "table", self.nft_family, self.nft_table], check=False)
         for args in self.routes:
             if keep is None or args not in keep.routes:
-                _run(["ip", "route", "del", *args], check=False)
+                _run(self.ip("route", "del", *args), check=False)
         for args in self.rules:
             if keep is None or args not in keep.rules:
-                _run(["ip", "rule", "del", *args], check=False)
+                _run(self.ip("rule", "del", *args), check=False)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -170,7 +198,11 @@ class StateDir:
                 ", ".join(
                     [*(f"ip rule {' '.join(r)}" for r in state.rules)]
                     + [*(f"ip route {' '.join(r)}" for r in state.routes)]
-                    + ([f"nft table ip {state.nft_table}"] if state.nft_table else [])
+                    + (
+                        [f"nft table {state.nft_family} {state.nft_table}"]
+                        if state.nft_table
+                        else []
+                    )
                 ),
             )
             self.remove(file, state)
@@ -187,8 +219,8 @@ class StateDir:
 
 
 def used_tables() -> set[int]:
-    """Routing table numbers that `ip rule` refers to in this namespace."""
-    out = _run(["ip", "-4", "rule", "list"])
+    """Routing table numbers that `ip rule` refers to in this namespace (IPv4 and IPv6)."""
+    out = _run(["ip", "-4", "rule", "list"]) + _run(["ip", "-6", "rule", "list"], check=False)
     return {int(m) for m in re.findall(r"lookup (\d+)", out)}
 
 
@@ -218,41 +250,43 @@ def _install(states: StateDir, name: str, state: Steering, nft: str | None) -> I
     try:
         if nft is not None:
             assert state.nft_table is not None
-            _run(["nft", "delete", "table", "ip", state.nft_table], check=False)
+            _run(["nft", "delete", "table", state.nft_family, state.nft_table], check=False)
             _run(["nft", "-f", "-"], input=nft)
         for args in state.routes:
-            _run(["ip", "route", "replace", *args])
+            _run(state.ip("route", "replace", *args))
         for args in state.rules:
-            _run(["ip", "rule", "add", *args])
+            _run(state.ip("rule", "add", *args))
     except BaseException:
         installed.remove()
         raise
     return installed
 
 
-def install_local_prefix(states: StateDir, name: str, network: ipaddress.IPv4Network) -> Installed:
+def install_local_prefix(states: StateDir, name: str, network: Network) -> Installed:
     """Make every address of `network` local (for sk_lookup): the AnyIP route `local NETWORK
     dev lo` in the local table. Not in a table of ramp's own: a reply's source address counts
     as local only when the local table says so (the kernel's __ip_dev_find)."""
+    v = network.version
     route = ["local", str(network), "dev", "lo", "table", "local", "protocol", str(RTPROT_RAMP)]
-    existing = _run(["ip", "-4", "route", "show", "table", "local", "exact", str(network)])
+    existing = _run(["ip", f"-{v}", "route", "show", "table", "local", "exact", str(network)])
     if existing.strip() and f"proto {RTPROT_RAMP}" not in existing:
         # the operator's own AnyIP route: use it, and leave it alone at exit
         log.info("anyport: %s is local already (%s)", network, existing.strip())
-        return _install(states, name, Steering(os.getpid()), None)
-    return _install(states, name, Steering(os.getpid(), routes=[route]), None)
+        return _install(states, name, Steering(os.getpid(), version=v), None)
+    return _install(states, name, Steering(os.getpid(), routes=[route], version=v), None)
 
 
 def install_tproxy(
     states: StateDir,
     name: str,
     protocol: str,
-    network: ipaddress.IPv4Network,
+    network: Network,
     ports: tuple[int, int],
     listen: tuple[str, int],
 ) -> Installed:
     """The nftables tproxy rule and the fwmark routing of one TPROXY listener."""
     table = free_table(used_tables())
+    everything = "::/0" if network.version == 6 else "0.0.0.0/0"
     state = Steering(
         os.getpid(),
         rules=[
@@ -267,8 +301,9 @@ def install_tproxy(
                 str(RTPROT_RAMP),
             ]
         ],
-        routes=[["local", "0.0.0.0/0", "dev", "lo", "table", str(table)]],
+        routes=[["local", everything, "dev", "lo", "table", str(table)]],
         nft_table=f"{NFT_TABLE_PREFIX}{table:x}",
+        version=network.version,
     )
     assert state.nft_table is not None
     nft = nft_ruleset(state.nft_table, protocol, network, ports, listen, table)
@@ -276,6 +311,9 @@ def install_tproxy(
 
 
 __all__ = [
+    "IPV6_ORIGDSTADDR",
+    "IPV6_RECVORIGDSTADDR",
+    "IPV6_TRANSPARENT",
     "IP_ORIGDSTADDR",
     "IP_RECVORIGDSTADDR",
     "IP_TRANSPARENT",

@@ -45,6 +45,9 @@ from ramp.net.tproxy import (
     IP_ORIGDSTADDR,
     IP_RECVORIGDSTADDR,
     IP_TRANSPARENT,
+    IPV6_ORIGDSTADDR,
+    IPV6_RECVORIGDSTADDR,
+    IPV6_TRANSPARENT,
     Installed,
     StateDir,
     SteeringError,
@@ -62,7 +65,17 @@ MAX_DATAGRAM = 65535
 READ_BATCH = 64
 SOCKET_BUFFER = 4 << 20
 _SOCKADDR_IN = struct.Struct("!2xH4s")  # struct sockaddr_in: family (skipped), port, address
-_ANCBUF = socket.CMSG_SPACE(16) + 64
+_SOCKADDR_IN6 = struct.Struct("!2xH4x16s")  # sockaddr_in6: family, port, flowinfo, address
+_ANCBUF = socket.CMSG_SPACE(28) + 64
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT (IPV6_TRANSPARENT): accept TPROXY's packets, bind and send from
+    addresses that are not local."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
 class Steered:
@@ -93,10 +106,12 @@ def steer(sock: socket.socket, options: AnyportOptions, states: StateDir) -> Ste
     """Bring the prefix's traffic to `sock` with sk_lookup or TPROXY (as `options.mechanism`
     says; auto: sk_lookup unless it does not load) and log which one."""
     network, ports = options.network, options.port_range
-    name = f"{options.protocol}-{network.network_address}-{network.prefixlen}-{ports[0]}-{ports[1]}"
+    address = str(network.network_address).replace(":", "_")
+    name = f"{options.protocol}-{address}-{network.prefixlen}-{ports[0]}-{ports[1]}"
     states.reap()
     out = Steered()
     listen = peer_of(sock.getsockname())
+    where = f"[{listen[0]}]:{listen[1]}" if ":" in listen[0] else f"{listen[0]}:{listen[1]}"
     what = f"anyport {options.protocol} {network} ports {ports[0]}-{ports[1]}"
     try:
         if options.mechanism in ("auto", "sk_lookup"):
@@ -110,21 +125,22 @@ def steer(sock: socket.socket, options: AnyportOptions, states: StateDir) -> Ste
                 out.installed = install_local_prefix(states, name, network)
                 out.mechanism = "sk_lookup"
                 log.info(
-                    "%s: sk_lookup steers to %s:%d (BPF program id %d, link id %d)",
+                    "%s: sk_lookup steers to %s (BPF program id %d, link id %d)",
                     what,
-                    *listen,
+                    where,
                     out.sk_lookup.prog_id,
                     out.sk_lookup.link_id,
                 )
                 return out
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        set_transparent(sock)
         out.installed = install_tproxy(states, name, options.protocol, network, ports, listen)
         out.mechanism = "tproxy"
         assert out.installed.state.nft_table is not None
         log.info(
-            "%s: TPROXY steers to %s:%d (nftables table ip %s, fwmark and routing table %s)",
+            "%s: TPROXY steers to %s (nftables table %s %s, fwmark and routing table %s)",
             what,
-            *listen,
+            where,
+            out.installed.state.nft_family,
             out.installed.state.nft_table,
             out.installed.state.rules[0][1],
         )
@@ -215,6 +231,9 @@ def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | No
         if level == socket.IPPROTO_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
             port, addr = _SOCKADDR_IN.unpack_from(data)
             return socket.inet_ntoa(addr), port
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:
+            port, addr = _SOCKADDR_IN6.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET6, addr), port
     return None
 
 
@@ -259,10 +278,15 @@ class AnyportUdp:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
             set_buffers(sock, SOCKET_BUFFER)
             sock.bind((host, port))
             sock.setblocking(False)
@@ -414,10 +438,13 @@ class AnyportUdp:
         reply = self.replies.get(dialled)
         if reply is not None:
             return reply
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in dialled[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            set_transparent(sock)
             sock.bind(dialled)
             sock.setblocking(False)
         except BaseException:

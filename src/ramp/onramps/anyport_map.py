@@ -26,6 +26,7 @@ from ramp.onramps.forward import _split
 from ramp.onramps.registry import OnRampOptions
 
 PortRange = tuple[int, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_ports(value: str | int) -> PortRange:
@@ -43,14 +44,11 @@ def parse_ports(value: str | int) -> PortRange:
     return first, last
 
 
-def parse_prefix(value: str) -> ipaddress.IPv4Network:
+def parse_prefix(value: str) -> Network:
     try:
-        network = ipaddress.ip_network(value.strip(), strict=True)
+        return ipaddress.ip_network(value.strip(), strict=True)
     except ValueError as e:
         raise ValueError(f"bad prefix {value!r}: {e}") from None
-    if not isinstance(network, ipaddress.IPv4Network):
-        raise ValueError(f"prefix {value!r}: only IPv4 prefixes are supported")
-    return network
 
 
 def _contains(outer: PortRange, inner: PortRange) -> bool:
@@ -132,14 +130,15 @@ class AnyportOptions(OnRampOptions):
 
     listen: str = Field(
         "127.0.0.1:0",
-        description="HOST:PORT the one socket binds to (port 0: any). Clients never dial it: "
-        "sk_lookup or the TPROXY rule hands it the traffic for the prefix.",
+        description="HOST:PORT the one socket binds to (port 0: any; [::1]:0 for an IPv6 "
+        "prefix), of the prefix's address family. Clients never dial it: sk_lookup or the "
+        "TPROXY rule hands it the traffic for the prefix.",
     )
     prefix: str = Field(
-        description="The IPv4 prefix (CIDR) whose addresses this on-ramp answers on, e.g. "
-        "203.0.113.0/24; routers must send it to the edge. The edge makes the addresses its "
-        "own while it runs (sk_lookup: the AnyIP route `local PREFIX dev lo`; TPROXY: a "
-        "fwmark rule), no interface needs them."
+        description="The IPv4 or IPv6 prefix (CIDR) whose addresses this on-ramp answers "
+        "on, e.g. 203.0.113.0/24 or 2001:db8:1::/64; routers must send it to the edge. The "
+        "edge makes the addresses its own while it runs (sk_lookup: the AnyIP route `local "
+        "PREFIX dev lo`; TPROXY: a fwmark rule), no interface needs them."
     )
     ports: str | int = Field(
         "1-65535", description="Port or range FIRST-LAST answered on every address."
@@ -179,10 +178,13 @@ class AnyportOptions(OnRampOptions):
     @model_validator(mode="after")
     def _check_rules(self) -> AnyportOptions:
         PortMap.from_options(self)  # raises ValueError with the rule that is wrong
+        if self.network.version == 6 and "listen" not in self.model_fields_set:
+            # the one socket is of the prefix's family
+            self.listen = "[::1]:0"
         return self
 
     @property
-    def network(self) -> ipaddress.IPv4Network:
+    def network(self) -> Network:
         return parse_prefix(self.prefix)
 
     @property
@@ -194,7 +196,9 @@ class AnyportOptions(OnRampOptions):
         protocol must not claim the same address and port."""
         if not isinstance(other, AnyportOptions) or other.protocol != self.protocol:
             return None
-        if not self.network.overlaps(other.network):
+        if self.network.version != other.network.version or not self.network.overlaps(
+            other.network  # type: ignore[arg-type]
+        ):
             return None
         if not _overlap(self.port_range, other.port_range):
             return None
@@ -207,7 +211,7 @@ class AnyportOptions(OnRampOptions):
 
 @dataclass(frozen=True, slots=True)
 class _Row:
-    network: ipaddress.IPv4Network
+    network: Network
     ports: PortRange
     host: str
     port: int | None  # None: the dialled port
@@ -217,7 +221,7 @@ class _Row:
 class PortMap:
     """The compiled `to` of one on-ramp: `lookup(address, port)` -> Destination or None."""
 
-    network: ipaddress.IPv4Network
+    network: Network
     ports: PortRange
     rows: tuple[_Row, ...]
 
@@ -233,7 +237,7 @@ class PortMap:
         for i, rule in enumerate(to, 1):
             net = parse_prefix(rule.addresses) if rule.addresses is not None else network
             rng = parse_ports(rule.ports) if rule.ports is not None else ports
-            if not net.subnet_of(network):
+            if net.version != network.version or not net.subnet_of(network):  # type: ignore[arg-type]
                 raise ValueError(f"rule {i}: addresses {net} are not inside the prefix {network}")
             if not _contains(ports, rng):
                 raise ValueError(
@@ -241,7 +245,7 @@ class PortMap:
                     f"{ports[0]}-{ports[1]}"
                 )
             for j, earlier in enumerate(rows, 1):
-                if net.subnet_of(earlier.network) and _contains(earlier.ports, rng):
+                if net.subnet_of(earlier.network) and _contains(earlier.ports, rng):  # type: ignore[arg-type]
                     raise ValueError(
                         f"rule {i} never matches: rule {j} comes first and covers all of its "
                         "addresses and ports"
@@ -252,14 +256,14 @@ class PortMap:
     def claims(self, address: str, port: int) -> bool:
         """Whether ADDRESS:PORT is one this on-ramp answers on at all."""
         try:
-            ip = ipaddress.IPv4Address(address)
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return False
         return ip in self.network and self.ports[0] <= port <= self.ports[1]
 
     def lookup(self, address: str, port: int) -> Destination | None:
         try:
-            ip = ipaddress.IPv4Address(address)
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return None
         if ip not in self.network or not self.ports[0] <= port <= self.ports[1]:
@@ -270,7 +274,7 @@ class PortMap:
         return None
 
 
-def _row(network: ipaddress.IPv4Network, ports: PortRange, to: Target) -> _Row:
+def _row(network: Network, ports: PortRange, to: Target) -> _Row:
     if isinstance(to, SamePort):
         return _Row(network, ports, to.host, None)
     host, port = _split(to)

@@ -23,8 +23,8 @@
 - Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
   client-facing address of the edge (203.0.113.3, source-address tests), `add_client_address`
   for a second source address in C (203.0.113.4, a legitimate client beside an attacker),
-  `route_to_edge` for a prefix routed from C to E that no interface holds (203.0.113.64/26,
-  the any-port on-ramp's),
+  `route_to_edge` for a prefix routed from C to E that no interface holds (203.0.113.64/26
+  or 2001:db8:203:64::/64, the any-port on-ramp's),
   `add_private_network` for another private network behind its own veth to E (198.18.N.0/24)
   with an origin at the same address 198.51.100.10 (tenants, virtual networks), `start_sshd`
   for OpenSSH on 198.51.100.10:22 (key login as root; `Lab.ssh` is the client in C).
@@ -93,6 +93,7 @@ EDGE_PUBLIC_ADDR2 = "203.0.113.3"  # see `Lab.add_edge_address`
 # A prefix of public addresses no interface holds, routed from C to E (`route_to_edge`): the
 # any-port on-ramp answers on all of it
 ANYPORT_PREFIX = "203.0.113.64/26"
+ANYPORT_PREFIX6 = "2001:db8:203:64::/64"
 EDGE_PUBLIC_ADDR6_2 = "2001:db8:203::3"
 # More private networks (`Lab.add_private_network`): E 198.18.N.1/24 <-> 198.18.N.2/24.
 SECOND_PRIVATE_PREFIX = "198.18"
@@ -712,7 +713,7 @@ class Lab:
     def route_to_edge(self, prefix: str = ANYPORT_PREFIX) -> None:
         """Route `prefix` from C to E, as an upstream router sends a service's addresses to
         the edge; E holds none of them (the any-port on-ramp makes them its own)."""
-        self.client.add_route(prefix, via=EDGE_PUBLIC_ADDR)
+        self.client.add_route(prefix, via=EDGE_PUBLIC_ADDR6 if ":" in prefix else EDGE_PUBLIC_ADDR)
 
     def add_client_address(self, address: str = CLIENT_ADDR2) -> None:
         """Another source address for C (a second client, told apart by its address)."""

@@ -26,7 +26,7 @@ def _sockets(addrs: list[tuple[str, int]], udp: bool) -> list[socket.socket]:
     out = []
     try:
         for addr in addrs:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+            sock = socket.socket(_family(addr), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
             out.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
@@ -40,7 +40,13 @@ def _sockets(addrs: list[tuple[str, int]], udp: bool) -> list[socket.socket]:
     return out
 
 
+def _family(addr: tuple[str, int]) -> int:
+    return socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+
+
 def name_of(addr: tuple[str, int]) -> bytes:
+    """ADDRESS:PORT (an IPv6 address as it is, without brackets: the port is after the
+    last colon)."""
     return f"{addr[0]}:{addr[1]}".encode()
 
 
@@ -161,7 +167,8 @@ def ask_tcp(
     async def main() -> dict[Target, bytes | Exception]:
         gate = asyncio.Semaphore(concurrency)
         out: dict[Target, bytes | Exception] = {}
-        made = iter(ns.sockets(len(targets)))  # one thread switch for all of them
+        family = _family(targets[0]) if targets else socket.AF_INET
+        made = iter(ns.sockets(len(targets), family))  # one thread switch for all of them
 
         async def one(target: Target) -> None:
             async with gate:
@@ -184,7 +191,7 @@ def ask_udp(
     may drop; a target that stays silent is sent to again every `resend` seconds, up to
     `timeout`): by target, the answer and the address it came from. The payload names the
     target, so an answer is matched to its question whatever its source says."""
-    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = ns.socket(_family(targets[0]) if targets else socket.AF_INET, socket.SOCK_DGRAM)
     answers: dict[Target, tuple[bytes, Target]] = {}
     try:
         sock.settimeout(resend)
