@@ -198,6 +198,13 @@ def test_every_port_reaches_the_mapped_service(anyport_lab: Lab, mechanism: str)
     assert {r["protocol"] for r in ok} == {"tcp", "udp"}
     assert len(ok) >= 2 * len(ADDRESSES) * len(ports)
     assert all(r["tunnel"] == "corp" and r["rule"] == "default" for r in ok)
+    # each says which public address and port the client dialled, and where that went
+    dialled = {(r["protocol"], r["annotations"]["dialled"], r["destination"]) for r in ok}
+    for address in ADDRESSES:
+        for port in ports:
+            for protocol in ("tcp", "udp"):
+                want = (protocol, f"{address}:{port}", f"{mapped(address)}:{port}")
+                assert want in dialled
     assert {r["result"] for r in flows} <= {"ok", "busy"}
     left = steering(lab)
     assert left == {"nft": "", "rules": "", "routes": ""}, left

@@ -61,6 +61,9 @@ from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp, peer_of
 log = logging.getLogger(__name__)
 
 ONRAMP = "anyport"
+# the flow's annotation (in its audit line, seen by hooks) holding the address and port the
+# client dialled: the destination is where the mapping sent it
+DIALLED = "dialled"
 MAX_DATAGRAM = 65535
 READ_BATCH = 64
 SOCKET_BUFFER = 4 << 20
@@ -98,6 +101,10 @@ class Steered:
             self.installed = None
 
 
+def _hostport(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 def state_dir(config: Any) -> StateDir:
     return StateDir(Path(config.data_dir) / "anyport")
 
@@ -111,7 +118,7 @@ def steer(sock: socket.socket, options: AnyportOptions, states: StateDir) -> Ste
     states.reap()
     out = Steered()
     listen = peer_of(sock.getsockname())
-    where = f"[{listen[0]}]:{listen[1]}" if ":" in listen[0] else f"{listen[0]}:{listen[1]}"
+    where = _hostport(listen)
     what = f"anyport {options.protocol} {network} ports {ports[0]}-{ports[1]}"
     try:
         if options.mechanism in ("auto", "sk_lookup"):
@@ -186,6 +193,10 @@ class AnyportTcp(TcpOnRamp):
             self.steered.close()
             self.steered = None
         await super().close()
+
+    async def _run_flow(self, sock: socket.socket, flow: Flow, plan: FlowPlan) -> None:
+        flow.annotations[DIALLED] = _hostport(peer_of(sock.getsockname()))
+        await super()._run_flow(sock, flow, plan)
 
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
         local = peer_of(sock.getsockname())  # the address and port the client dialled
@@ -395,6 +406,7 @@ class AnyportUdp:
             source=peer,
             destination=destination,
             vnet=self.options.vnet,
+            annotations={DIALLED: _hostport(dialled)},
         )
         try:
             session = await self.opener.open_udp(
