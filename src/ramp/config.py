@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from ramp.config_lines import (
@@ -433,11 +434,11 @@ class EdgeConfig(_ProxyOnRamps):
     )
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
 
-    @field_validator("onramps")
-    @classmethod
-    def _no_conflicts(cls, v: list[OnRampOptions]) -> list[OnRampOptions]:
-        check_conflicts(v)  # e.g. two any-port on-ramps claiming one address and port
-        return v
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> EdgeConfig:
+        # e.g. two any-port on-ramps claiming one address and port, or a listener inside one
+        check_conflicts(self.effective_onramps())
+        return self
 
     def effective_onramps(self) -> list[OnRampOptions]:
         """`onramps`, plus the shorthand listener keys: all of them that are not `off` when

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given
@@ -204,3 +205,38 @@ def test_the_ipv6_tproxy_rule() -> None:
     )
     assert text.startswith("table ip6 ramp_anyport_2 {")
     assert "ip6 daddr 2001:db8:1::/64 tcp dport 1-65535 tproxy to [::1]:4000" in text
+
+
+def test_no_other_onramp_may_listen_inside_the_claimed_prefix() -> None:
+    with pytest.raises(
+        ValidationError, match=re.escape("socks5 on-ramp listens on 203.0.113.9:1080")
+    ):
+        EdgeConfig.model_validate(
+            {
+                "onramps": [
+                    {"type": "socks5", "listen": "203.0.113.9:1080"},
+                    {"type": "anyport", "prefix": PREFIX, "to": "198.51.100.10:80"},
+                ]
+            }
+        )
+    # outside the ports: fine
+    EdgeConfig.model_validate(
+        {
+            "onramps": [
+                {"type": "socks5", "listen": "203.0.113.9:1080"},
+                {"type": "anyport", "prefix": PREFIX, "ports": "2000-3000", "to": "a:80"},
+            ]
+        }
+    )
+
+
+def test_a_listener_flag_inside_the_claimed_prefix_is_refused_too() -> None:
+    with pytest.raises(
+        ValidationError, match=re.escape("http on-ramp listens on 203.0.113.9:8080")
+    ):
+        EdgeConfig.model_validate(
+            {
+                "http_listen": "203.0.113.9:8080",
+                "onramps": [{"type": "anyport", "prefix": PREFIX, "to": "198.51.100.10:80"}],
+            }
+        )

@@ -193,8 +193,21 @@ class AnyportOptions(OnRampOptions):
 
     def conflicts_with(self, other: OnRampOptions) -> str | None:
         """Why `other` cannot run beside this on-ramp, or None: two any-port on-ramps of one
-        protocol must not claim the same address and port."""
-        if not isinstance(other, AnyportOptions) or other.protocol != self.protocol:
+        protocol must not claim the same address and port, and no other on-ramp may listen
+        on one this on-ramp claims (its traffic would be taken away from it)."""
+        if not isinstance(other, AnyportOptions):
+            try:
+                host, port = _split(other.listen)
+            except ValueError:
+                return None
+            if PortMap.from_options(self).claims(host.strip("[]"), port):
+                return (
+                    f"the {other.type} on-ramp listens on {other.listen}, inside the anyport "
+                    f"{self.protocol} on-ramp's {self.prefix} ports {self.ports}: that "
+                    "traffic would go to the anyport on-ramp"
+                )
+            return None
+        if other.protocol != self.protocol:
             return None
         if self.network.version != other.network.version or not self.network.overlaps(
             other.network  # type: ignore[arg-type]
