@@ -15,6 +15,7 @@ import ipaddress
 import random
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -280,8 +281,10 @@ def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
                     "type": "anyport",
                     "prefix": ANYPORT_PREFIX,
                     "ports": "1000-2000",
+                    "protocol": protocol,
                     "to": [{"addresses": NEAR, "ports": "1000-1500", "to": f"{ORIGIN}:7"}],
                 }
+                for protocol in ("tcp", "udp")
             ]
         }
     )
@@ -305,14 +308,28 @@ def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
     with pytest.raises(ConnectionRefusedError):
         sock.connect(("203.0.113.70", 2001))
     sock.close()
-    wait_until(
-        lambda: (
-            lab.edge_metrics().value("ramp_bad_input_total", onramp="anyport", reason="no_rule")
-            >= 1
-        ),
-        30,
-        what="the no_rule counter",
-    )
+    # UDP: the lab's UDP echo on ORIGIN:7 answers from the dialled address and port
+    targets = [("203.0.113.70", 1001), ("203.0.113.71", 1499)]
+    udp = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(2)
+    try:
+        for target in targets:
+            echoed = wait_until(
+                lambda t=target: _udp_echo(udp, t), 30, what=f"a UDP echo through {target}"
+            )
+            assert echoed == (b"ping", target)
+        # no rule for this address: dropped and counted
+        udp.sendto(b"ping", ("203.0.113.100", 1600))
+        wait_until(
+            lambda: (
+                lab.edge_metrics().value("ramp_bad_input_total", onramp="anyport", reason="no_rule")
+                >= 2  # the TCP connection above and this datagram
+            ),
+            30,
+            what="the no_rule counter",
+        )
+    finally:
+        udp.close()
     # policy sees these flows like any other: a rule for the on-ramp refuses them
     lab.add_rule("no-anyport", "deny", onramp="anyport", position=1)
 
@@ -339,6 +356,16 @@ def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
     assert lab.edge is not None and lab.edge.stop() == 0
     routes = lab.edge_ns.ip("route", "show", "table", "local", "exact", ANYPORT_PREFIX)
     assert "local 203.0.113.64/26 dev lo" in routes and "proto 245" not in routes
+
+
+def _udp_echo(sock: socket.socket, target: tuple[str, int]) -> tuple[bytes, tuple[str, int]]:
+    """Send "ping" to target and return the answer and where it came from (None: lost)."""
+    sock.sendto(b"ping", target)
+    try:
+        data, source = sock.recvfrom(100)
+    except TimeoutError:
+        return None  # type: ignore[return-value]
+    return data, (source[0], int(source[1]))
 
 
 def test_bad_config_says_what_is_wrong(anyport_lab: Lab) -> None:
