@@ -9,7 +9,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramp.net import bpf
@@ -29,6 +29,8 @@ from ramp.net.bpf import (
     mov64_imm,
 )
 from ramp.net.sk_lookup import SkLookup, lookup_context, program
+from ramp.onramps.anyport_map import PortMap
+from ramp.onramps.registry import parse_entry
 
 SO_COOKIE = 57  # include/uapi/asm-generic/socket.h
 
@@ -209,3 +211,60 @@ def test_the_ipv6_program_picks_the_socket_only_for_its_prefix_and_ports(
     )
     assert retval == bpf.SK_PASS
     assert struct.unpack_from("<Q", ctx)[0] == (cookie if chosen else 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    prefixlen=st.integers(8, 32),
+    base=st.integers(0, (1 << 32) - 1),
+    first=st.integers(1, 65535),
+    span=st.integers(0, 3000),
+    probes=st.lists(
+        st.tuples(st.integers(0, (1 << 32) - 1), st.integers(1, 65535)), min_size=1, max_size=8
+    ),
+    near=st.lists(st.tuples(st.integers(-2, 2), st.integers(-2, 2)), max_size=4),
+)
+def test_the_kernel_runs_the_program_as_the_python_mapping_says(
+    prefixlen: int,
+    base: int,
+    first: int,
+    span: int,
+    probes: list[tuple[int, int]],
+    near: list[tuple[int, int]],
+) -> None:
+    """For any prefix and port range, the program picks the socket exactly for the
+    addresses and ports `PortMap.claims` says the on-ramp answers on (edges included)."""
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root")
+    network = ipaddress.IPv4Network((base, prefixlen), strict=False)
+    last = min(first + span, 65535)
+    options = parse_entry(
+        {
+            "type": "anyport",
+            "prefix": str(network),
+            "ports": f"{first}-{last}",
+            "to": "198.51.100.10:80",
+        }
+    )
+    mapping = PortMap.from_options(options)
+    lo, hi = int(network.network_address), int(network.broadcast_address)
+    # the edges of the prefix and of the range, give or take one or two
+    probes = probes + [((lo if i < 0 else hi) + i, (first if j < 0 else last) + j) for i, j in near]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        cookie = struct.unpack("<Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+        steer = SkLookup(sock, [network], (first, last), attach=False)
+        try:
+            for addr, port in probes:
+                if not (0 <= addr < 1 << 32 and 1 <= port <= 65535):
+                    continue
+                address = str(ipaddress.IPv4Address(addr))
+                _, ctx = bpf.prog_test_run(
+                    steer.prog_fd,
+                    lookup_context(socket.IPPROTO_TCP, (address, port), ("192.0.2.9", 1)),
+                )
+                chosen = struct.unpack_from("<Q", ctx)[0] == cookie
+                assert chosen == mapping.claims(address, port), (address, port)
+        finally:
+            steer.close()

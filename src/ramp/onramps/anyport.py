@@ -37,7 +37,6 @@ from typing import Any
 
 from ramp.flows.flow import Destination, Flow, FlowError
 from ramp.flows.opener import FlowOpener, UdpSession
-from ramp.net.bpf import BpfError
 from ramp.net.gso import GsoSender
 from ramp.net.sk_lookup import SkLookup
 from ramp.net.sockopts import set_buffers
@@ -124,7 +123,7 @@ def steer(sock: socket.socket, options: AnyportOptions, states: StateDir) -> Ste
         if options.mechanism in ("auto", "sk_lookup"):
             try:
                 out.sk_lookup = SkLookup(sock, [network], ports)
-            except (BpfError, OSError) as e:
+            except OSError as e:  # BpfError, or no bpf(2) here
                 if options.mechanism == "sk_lookup":
                     raise SteeringError(f"{what}: the sk_lookup program did not load: {e}") from e
                 log.warning("%s: sk_lookup unavailable (%s); falling back to TPROXY", what, e)
