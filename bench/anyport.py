@@ -10,7 +10,10 @@ mechanism, with the SOCKS5 figure measured by the same edge process just before:
 
 - flow setups per second (connect, one byte each way, close; 32 at a time), each to a random
   address and port of the prefix, and the ratio anyport / SOCKS5;
-- bulk throughput of one TCP transfer (MB/s) and the ratio.
+- bulk throughput of TCP transfers, one at a time (MB/s), and the ratio.
+
+The two paths alternate in ROUNDS rounds (setups for seconds/ROUNDS each, a transfer of
+nbytes/ROUNDS each), so that the drift of a shared machine falls on both alike.
 
 `run(lab, seconds, nbytes)` does the same on a built lab with no edge running (it starts and
 stops its own edges, one per mechanism, and a connector if there is none) and returns the
@@ -43,6 +46,7 @@ BASE_PORT = 5100  # bench.servers: +0 source, +1 ping
 PING_NET = "203.0.113.64/27"  # any port -> the ping origin
 SOURCE_NET = "203.0.113.96/27"  # any port -> the bulk source
 MECHANISMS = ("sk_lookup", "tproxy")
+ROUNDS = 3  # setups and transfers alternate between the two paths this many times
 
 
 def _random_target(network: str) -> tuple[str, int]:
@@ -104,14 +108,22 @@ def run(lab: Lab, seconds: float, nbytes: int) -> dict[str, float]:
         try:
             bulk(socks_sock, 16 * MB)  # warm up the tunnel's congestion window
             bulk(anyport_sock, 16 * MB)
-            ok, _ = asyncio.run(setups(lab.client.sockets, (ORIGIN, BASE_PORT + 1), True, seconds))
-            socks_setups = ok / seconds
-            ok, failed = asyncio.run(
-                setups(lab.client.sockets, lambda: _random_target(PING_NET), False, seconds)
-            )
-            any_setups = ok / seconds
-            socks_bulk = nbytes / bulk(socks_sock, nbytes) / MB
-            any_bulk = nbytes / bulk(anyport_sock, nbytes) / MB
+            # interleaved rounds: a shared machine's drift hits both paths alike
+            socks_ok = any_ok = failed = 0
+            socks_t = any_t = 0.0
+            part = seconds / ROUNDS
+            for _ in range(ROUNDS):
+                ok, _ = asyncio.run(setups(lab.client.sockets, (ORIGIN, BASE_PORT + 1), True, part))
+                socks_ok += ok
+                ok, bad = asyncio.run(
+                    setups(lab.client.sockets, lambda: _random_target(PING_NET), False, part)
+                )
+                any_ok, failed = any_ok + ok, failed + bad
+                socks_t += bulk(socks_sock, nbytes // ROUNDS)
+                any_t += bulk(anyport_sock, nbytes // ROUNDS)
+            socks_setups, any_setups = socks_ok / seconds, any_ok / seconds
+            socks_bulk = nbytes // ROUNDS * ROUNDS / socks_t / MB
+            any_bulk = nbytes // ROUNDS * ROUNDS / any_t / MB
         finally:
             assert lab.edge is not None
             lab.edge.stop()
