@@ -129,10 +129,11 @@ class Steering:
     def ip(self, *args: str) -> list[str]:
         return ["ip", f"-{self.version}", *args]
 
-    def undo(self, keep: Steering | None = None) -> None:
-        """Remove everything listed but what `keep` lists too (another listener of the same
-        prefix still needs it); what is gone already is no error."""
-        if self.nft_table and (keep is None or keep.nft_table != self.nft_table):
+    def undo(self, keep: Steering | None = None, keep_tables: frozenset[str] = frozenset()) -> None:
+        """Remove everything listed but what `keep` and `keep_tables` list too (other running
+        listeners still need it: the AnyIP route of a prefix served over TCP and UDP); what
+        is gone already is no error."""
+        if self.nft_table and self.nft_table not in keep_tables:
             _run(["nft", "delete", "table", self.nft_family, self.nft_table], check=False)
         for args in self.routes:
             if keep is None or args not in keep.routes:
@@ -170,21 +171,24 @@ class StateDir:
                 file.unlink(missing_ok=True)
         return found
 
-    def live(self, but: Path | None = None) -> Steering:
-        """Everything the files of running listeners list (but `but`), as one Steering."""
+    def live(self, but: Path | None = None) -> tuple[Steering, frozenset[str]]:
+        """The rules and routes the files of running listeners list (but `but`), as one
+        Steering, and their nftables tables."""
         union = Steering(0)
+        tables: set[str] = set()
         for file, state in self._read().items():
             if file != but and _pid_alive(state.pid):
                 union.rules += state.rules
                 union.routes += state.routes
                 if state.nft_table:
-                    union.nft_table = state.nft_table
-        return union
+                    tables.add(state.nft_table)
+        return union, frozenset(tables)
 
     def remove(self, file: Path, state: Steering) -> None:
         """Undo `state` (what no other running listener shares) and delete its file."""
         file.unlink(missing_ok=True)
-        state.undo(keep=self.live(but=file))
+        keep, tables = self.live(but=file)
+        state.undo(keep, tables)
 
     def reap(self) -> list[Path]:
         """Undo the steering of every file whose edge is gone; returns the files removed."""
