@@ -269,6 +269,13 @@ class EdgeConfig(_ProxyOnRamps):
         False,
         description="Let destinations outside every route go out directly from the edge.",
     )
+    direct_egress_proxy_protocol: dict[str, Literal["v1", "v2"]] = Field(
+        default_factory=dict,
+        description="Direct egress destinations (CIDR, longest prefix wins) whose origins get "
+        "a PROXY protocol header (v1 or v2) with the client's address before the first "
+        "payload byte, as `ramp tunnel route ip add --proxy-protocol` does for a tunnel's.",
+        json_schema_extra={"cli": False},
+    )
     connect_timeout: float = Field(
         15.0,
         gt=0,
@@ -432,6 +439,16 @@ class EdgeConfig(_ProxyOnRamps):
         classmethod(lambda cls, v: _check_template(v))
     )
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
+
+    @field_validator("direct_egress_proxy_protocol")
+    @classmethod
+    def _check_proxy_cidrs(cls, v: dict[str, str]) -> dict[str, str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"bad CIDR {cidr!r}") from None
+        return v
 
     def effective_onramps(self) -> list[OnRampOptions]:
         """`onramps`, plus the shorthand listener keys: all of them that are not `off` when
