@@ -88,7 +88,8 @@ def test_two_tenants_route_the_same_network_to_their_own_tunnels(home: Path) -> 
     assert ok("vnet", "delete", "tenant-b") == "Deleted virtual network tenant-b\n"
     assert [r[0] for r in rows(ok("vnet", "list"))] == ["NAME", "default", "tenant-a"]
     # tenant-a's route was untouched by deleting tenant-b's.
-    assert ["198.51.100.0/24", "a-tun", "tenant-a", "-"] in rows(ok("tunnel", "route", "ip", "list"))
+    listed = rows(ok("tunnel", "route", "ip", "list"))
+    assert ["198.51.100.0/24", "a-tun", "tenant-a", "-"] in listed
 
 
 def test_assign_moves_an_identity_and_says_from_where(home: Path) -> None:
