@@ -240,6 +240,7 @@ class TcpOnRamp:
         """Serve one connection; it holds a handshake slot (taken by `_accepted`) until its
         request is read."""
         slot: str | None = peer[0]
+        via: tuple[str, int] | None = None  # the load balancer that sent a PROXY header
         try:
             if self.proxy_gate is not None:
                 source = await self._proxy_source(sock, peer)
@@ -261,7 +262,7 @@ class TcpOnRamp:
                         )
                         return
                     slot = source[0]
-                    peer = source
+                    via, peer = peer, source
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
                     plan = await self._handshake(sock, peer)
@@ -302,6 +303,8 @@ class TcpOnRamp:
                 vnet=self.options.vnet if self.options is not None else None,
                 request=plan.request,
             )
+            if via is not None:  # the audit keeps who relayed it
+                flow.annotations["proxy_peer"] = f"{via[0]}:{via[1]}"
             await self._run_flow(sock, flow, plan)
         except asyncio.CancelledError:
             raise
