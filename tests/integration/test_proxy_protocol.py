@@ -323,6 +323,8 @@ def test_untrusted_malformed_and_missing_headers_are_refused_and_counted(
     lab = pp_lab.lab
     header = pp.encode_v2((CLIENT_ADDR2, 5555), (EDGE_PUBLIC_ADDR, 1))
     greeting = b"\x05\x01\x00"
+    body = header[16:] + bytes((pp.PP2_TYPE_RAMP_IDENTITY, 0x01, 0x00)) + b"alice"
+    oversized_tlv = header[:14] + len(body).to_bytes(2, "big") + body
     cases = [
         # a header from a peer that is no trusted balancer
         (OPTIONAL_PORT, header + greeting, "proxy_header_untrusted"),
@@ -335,6 +337,9 @@ def test_untrusted_malformed_and_missing_headers_are_refused_and_counted(
         ),
         (TRUSTS_C_PORT, pp.V2_SIGNATURE + b"\x21\x11\xff\xff" + greeting, "proxy_header_malformed"),
         (TRUSTS_C_PORT, header[:12] + b"\x22" + header[13:], "proxy_header_malformed"),
+        # a TLV longer than the header, a length past the edge's limit
+        (TRUSTS_C_PORT, oversized_tlv + greeting, "proxy_header_malformed"),
+        (TRUSTS_C_PORT, header[:14] + b"\x13\x88" + header[16:], "proxy_header_malformed"),
         (TRUSTS_C_PORT, greeting, "proxy_header_missing"),
         (TRUSTS_C_PORT, header[:20], "proxy_header_timeout"),
     ]

@@ -339,3 +339,53 @@ def test_options_are_checked() -> None:
         parse_entry(
             {"type": "socks5", "listen": "127.0.0.1:0", "proxy_protocol": {"mode": "required"}}
         )
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_single_bit_flip_is_served_or_closed_and_counted(version: int) -> None:
+    """Each damaged header either still parses (the flow goes on, from whatever address it
+    now names) or the connection is closed and counted; none hangs the on-ramp or is lost."""
+    valid = (
+        pp.encode_v1(CLIENT, EDGE)
+        if version == 1
+        else pp.encode_v2(CLIENT, EDGE, tlvs=((pp.PP2_TYPE_RAMP_IDENTITY, b"alice"),))
+    )
+    damaged = [
+        valid[:i] + bytes([valid[i] ^ (1 << bit)]) + valid[i + 1 :]
+        for i in range(len(valid))
+        for bit in range(8)
+    ]
+    greeting = socks5.build_greeting([Method.NO_AUTH])
+
+    async def main() -> None:
+        opener = FakeOpener()
+        async with serving(Socks5Server, opener, options("socks5")) as server:
+
+            async def one(header: bytes) -> str:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                try:
+                    writer.write(header + greeting)
+                    answer = await asyncio.wait_for(reader.read(2), 10)
+                    return "served" if answer == b"\x05\x00" else "closed"
+                except ConnectionResetError:
+                    return "closed"
+                finally:
+                    writer.close()
+
+            outcomes = await asyncio.gather(*(one(h) for h in damaged))
+            # a served client leaves after the method reply: its SOCKS5 handshake is cut
+            await opener.wait_bad(len(damaged))
+            # the on-ramp still takes a good header
+            _, writer, rep = await socks_through(server.port, valid)
+            assert rep == Rep.SUCCEEDED
+            writer.close()
+        proxy = [r for r in opener.reasons if r.startswith("proxy_header_")]
+        assert set(proxy) <= {
+            "proxy_header_malformed",
+            "proxy_header_missing",
+            "proxy_header_timeout",
+        }
+        assert len(proxy) == outcomes.count("closed") > 0
+        assert opener.reasons.count("incomplete_handshake") == outcomes.count("served")
+
+    run(main)
