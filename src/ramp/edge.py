@@ -235,6 +235,9 @@ class Edge:
             tls=(ident.leaf_cert_pem + ident.ca_cert_pem, ident.leaf_key_pem),
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
             credentials=self.credentials,
+            proxy_header=lambda onramp, version, kind: m.proxy_headers.labels(
+                onramp, version, kind
+            ).inc(),
         )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)

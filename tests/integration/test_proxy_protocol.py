@@ -232,6 +232,15 @@ def test_behind_haproxy_the_audit_and_the_origin_see_the_real_client(
     origin = PP_V2 if log == "v2" else PP_V1
     path = pp_lab.origin_logs / f"{log}.log"
     before = len(path.read_text().splitlines()) if path.exists() else 0
+    onramp = "http" if proxy.startswith("http") else "socks5"
+    version = "v1" if proxy.endswith(str(HAPROXY_V1)) else "v2"
+
+    def accepted() -> float:
+        return lab.edge_metrics().value(
+            "ramp_proxy_headers_total", onramp=onramp, version=version, kind="client"
+        )
+
+    accepted_before = accepted()
     r = _curl(lab, proxy, f"http://{origin}/")
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{log}\n".encode()
@@ -250,6 +259,7 @@ def test_behind_haproxy_the_audit_and_the_origin_see_the_real_client(
     assert record["result"] == "ok" and record["offramp"] == "tunnel"
     annotations = record.get("annotations")
     assert isinstance(annotations, dict) and annotations["proxy_peer"].startswith("127.0.0.1:")
+    assert accepted() == accepted_before + 1
 
 
 def test_policy_decides_on_the_real_client_address(pp_lab: PPLab) -> None:

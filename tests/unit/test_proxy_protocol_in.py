@@ -185,12 +185,23 @@ def test_forward_on_ramp_with_a_required_header() -> None:
 def test_local_command_and_unknown_keep_the_peer_address() -> None:
     async def main() -> None:
         opener = FakeOpener()
+        seen: list[tuple[str, str, str]] = []
         async with serving(Socks5Server, opener, options("socks5")) as server:
-            for header in (pp.encode_v2(command=pp.Command.LOCAL), b"PROXY UNKNOWN\r\n"):
+            server.proxy_header_seen = lambda *labels: seen.append(labels)
+            for header in (
+                pp.encode_v2(command=pp.Command.LOCAL),
+                b"PROXY UNKNOWN\r\n",
+                pp.encode_v1(CLIENT, EDGE),
+            ):
                 _, writer, rep = await socks_through(server.port, header)
                 assert rep == Rep.SUCCEEDED
                 writer.close()
-        assert [f.source[0] for f in opener.opened] == ["127.0.0.1", "127.0.0.1"]
+        assert [f.source[0] for f in opener.opened] == ["127.0.0.1", "127.0.0.1", CLIENT[0]]
+        assert seen == [
+            ("socks5", "v2", "local"),
+            ("socks5", "v1", "local"),
+            ("socks5", "v1", "client"),
+        ]
 
     run(main)
 

@@ -182,6 +182,14 @@ class ProxyMetrics(FlowMetrics):
 class EdgeMetrics(ProxyMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry or CollectorRegistry())
+        self.proxy_headers = Counter(
+            "ramp_proxy_headers",
+            "PROXY protocol headers accepted on TCP on-ramps, by on-ramp, version (v1, v2) and "
+            "kind (client: the flow's source is the client it names; local: a LOCAL or "
+            "UNKNOWN header, the peer's own address kept). Refused ones: ramp_bad_input.",
+            ["onramp", "version", "kind"],
+            registry=self.registry,
+        )
         self.tunnel_connections = Gauge(
             "ramp_tunnel_connections",
             "Registered connector connections by tunnel.",

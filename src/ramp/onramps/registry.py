@@ -73,6 +73,8 @@ class OnRampContext:
     credentials: Any = None
     # the reason for each datagram an on-ramp dropped: the role counts them
     datagram_dropped: Callable[[str], None] | None = None
+    # (on-ramp type, version, kind) for each PROXY protocol header a TCP on-ramp accepted
+    proxy_header: Callable[[str, str, str], None] | None = None
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]

@@ -100,6 +100,8 @@ class TcpOnRamp:
     # The role's client identities (set by the builder), accepted besides the config's users;
     # None: config users only.
     credentials: ClientCredentials | None = None
+    # (on-ramp, version, kind) of each PROXY header accepted (set by the builder): counted
+    proxy_header_seen: Callable[[str, str, str], None] | None = None
 
     def __init__(
         self,
@@ -234,6 +236,10 @@ class TcpOnRamp:
         except OSError as e:
             log.debug("%s %s: connection error before the PROXY header: %s", self.onramp, peer, e)
             return None
+        header = admitted.header
+        if header is not None and self.proxy_header_seen is not None:
+            kind = "client" if header.client is not None else "local"
+            self.proxy_header_seen(self.onramp, f"v{header.version}", kind)
         return admitted.source
 
     async def _serve_conn(self, sock: socket.socket, peer: tuple[str, int]) -> None:
