@@ -18,6 +18,7 @@ from ramp.onramps.http_connect import HttpConnectServer
 from ramp.onramps.registry import OnRampOptions, parse_entry
 from ramp.onramps.socks5 import Socks5Server
 from ramp.onramps.tcp_listener import TcpOnRamp
+from ramp.testing.loopback import LOOPS
 from ramp.testing.loopback import run_on_loop as run
 from ramp.wire import proxy_protocol as pp
 from ramp.wire import socks5
@@ -132,8 +133,9 @@ async def socks_through(
     ],
 )
 @pytest.mark.parametrize("bytewise", [False, True])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_socks5_flow_source_is_the_header_client(
-    header: bytes, source: tuple[str, int], bytewise: bool
+    header: bytes, source: tuple[str, int], bytewise: bool, loop: str
 ) -> None:
     async def main() -> None:
         opener = FakeOpener()
@@ -146,7 +148,7 @@ def test_socks5_flow_source_is_the_header_client(
         assert [f.source for f in opener.opened] == [source]
         assert opener.bad == []
 
-    run(main)
+    run(main, loop)
 
 
 def test_http_on_ramp_takes_a_v1_header_before_its_request() -> None:

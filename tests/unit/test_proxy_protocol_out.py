@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -247,3 +248,34 @@ def test_direct_egress_sends_the_header_with_identity(tmp_path: Path) -> None:
         assert header.identity == "alice" and header.flow_id is not None
 
     run(main())
+
+
+def test_direct_egress_versions_follow_the_config_on_reload(tmp_path: Path) -> None:
+    def config(mapping: dict[str, str]) -> Any:
+        return loopback_edge_config(
+            tmp_path, allow_direct_egress=True, direct_egress_proxy_protocol=mapping
+        )
+
+    async def main() -> None:
+        edge = Edge(config({"192.0.2.0/24": "v1"}))
+        try:
+            lookup = edge.router.direct_proxy
+            assert lookup is not None
+            assert (lookup("192.0.2.5"), lookup("198.51.100.1")) == ("v1", None)
+            edge.reload_config(config({"192.0.2.0/25": "v2", "192.0.2.0/24": "v1"}))
+            lookup = edge.router.direct_proxy
+            assert lookup is not None
+            assert (lookup("192.0.2.5"), lookup("192.0.2.200")) == ("v2", "v1")
+            edge.reload_config(config({}))
+            assert edge.router.direct_proxy is None
+        finally:
+            await edge.close()
+
+    run(main())
+
+
+def test_direct_egress_config_checks_its_cidrs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bad CIDR"):
+        loopback_edge_config(tmp_path, direct_egress_proxy_protocol={"192.0.2.0/33": "v1"})
+    with pytest.raises(ValueError):
+        loopback_edge_config(tmp_path, direct_egress_proxy_protocol={"192.0.2.0/24": "v3"})
