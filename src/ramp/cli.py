@@ -1009,7 +1009,14 @@ def policy_test(
                 "flow anyway unless direct egress is on"
             )
         else:
-            click.echo(f"  routed to tunnel {hit.tunnel_name} ({hit.network}) in {vnet_name}")
+            click.echo(
+                f"  routed to tunnel {hit.tunnel_name} ({hit.network}) in {vnet_name}"
+                + (
+                    f"; origins get a PROXY {hit.proxy_protocol} header"
+                    if hit.proxy_protocol
+                    else ""
+                )
+            )
 
 
 def _is_ip(host: str) -> bool:

@@ -76,6 +76,9 @@ def test_tunnel_lifecycle(home: Path) -> None:
     assert ["198.51.100.0/24", "lab", "default", "v2"] in [
         ln.split() for ln in r.stdout.splitlines()
     ]
+    r = ramp("policy", "test", "--to", "198.51.100.10:80")
+    assert "routed to tunnel lab (198.51.100.0/24)" in r.stdout
+    assert "origins get a PROXY v2 header" in r.stdout
     assert ramp("tunnel", "route", "ip", "delete", "198.51.100.0/24").exit_code == 0
 
     r = ramp("tunnel", "route", "ip", "delete", "10.1.0.0/16")
