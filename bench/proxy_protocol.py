@@ -2,13 +2,14 @@
 
     python -m bench.proxy_protocol [--seconds S]
 
-Three kinds of flow setups (connect, SOCKS5 CONNECT through the tunnel, one byte each way,
+Four kinds of flow setups (connect, SOCKS5 CONNECT through the tunnel, one byte each way,
 close; 32 at a time), each for S seconds in all (in three rounds, taking turns):
 
 - plain:  a SOCKS5 on-ramp without `proxy_protocol`, to an origin whose route sends no header
           (the baseline);
 - in:     the client sends a PROXY v2 header before its SOCKS5 greeting, to an on-ramp with
           `proxy_protocol: {mode: required}` (what a load balancer in front of the edge does);
+- in_v1:  the same with a v1 header;
 - out:    the route asks for `--proxy-protocol v2`: the connector sends the header to the
           origin before the first byte.
 
@@ -34,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 from bench.tcp_tunnel import CONCURRENCY, cpu_seconds
-from ramp.testing.lab import CLIENT_ADDR, EDGE_PUBLIC_ADDR, ORIGIN, Lab
+from ramp.testing.lab import CLIENT_ADDR, EDGE_PUBLIC_ADDR, ORIGIN, Lab, LabError
 from ramp.wire import proxy_protocol as pp
 
 PING_PORT = 5011  # an echo of one byte, after an optional PROXY header
@@ -88,10 +89,10 @@ def _start_origin(lab: Lab) -> None:
 
 
 async def setups(
-    lab: Lab, proxy_port: int, dest: tuple[str, int], header: bool, seconds: float
+    lab: Lab, proxy_port: int, dest: tuple[str, int], header: str | None, seconds: float
 ) -> tuple[int, int]:
-    """Completed and failed setups in `seconds`; with `header`, each connection starts with
-    a PROXY v2 header naming a client of its own."""
+    """Completed and failed setups in `seconds`; with `header` ("v1" or "v2"), each
+    connection starts with a PROXY header of that version naming a client of its own."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     done = failed = 0
@@ -106,9 +107,9 @@ async def setups(
         try:
             await loop.sock_connect(sock, (EDGE_PUBLIC_ADDR, proxy_port))
             first = request[0]
-            if header:
+            if header is not None:
                 client = (CLIENT_ADDR, random.randrange(1024, 65536))
-                first = pp.encode_v2(client, (EDGE_PUBLIC_ADDR, proxy_port)) + first
+                first = pp.outbound(header, client, (EDGE_PUBLIC_ADDR, proxy_port)) + first
             await loop.sock_sendall(sock, first)
             await loop.sock_recv(sock, 2)
             await loop.sock_sendall(sock, request[1])
@@ -146,6 +147,8 @@ async def setups(
 
 def run(lab: Lab, seconds: float) -> dict[str, float]:
     """Setups/s and CPU per flow for plain, PROXY-in and PROXY-out flows (see the module)."""
+    if lab.edge is not None and lab.edge.alive():
+        raise LabError("bench.proxy_protocol starts its own edge: stop the lab's first")
     lab.private.add_address("lo", f"{PP_ORIGIN}/32")
     _start_origin(lab)
     lab.create_tunnel("ppbench", [f"{ORIGIN}/32"])
@@ -173,10 +176,11 @@ def run(lab: Lab, seconds: float) -> dict[str, float]:
     lab.wait_tunnel_connections("ppbench", 1)
     results: dict[str, float] = {}
     try:
-        kinds = {
-            "plain": (PLAIN_PORT, (ORIGIN, PING_PORT), False),
-            "in": (PP_IN_PORT, (ORIGIN, PING_PORT), True),
-            "out": (PLAIN_PORT, (PP_ORIGIN, PING_PORT), False),
+        kinds: dict[str, tuple[int, tuple[str, int], str | None]] = {
+            "plain": (PLAIN_PORT, (ORIGIN, PING_PORT), None),
+            "in": (PP_IN_PORT, (ORIGIN, PING_PORT), "v2"),
+            "in_v1": (PP_IN_PORT, (ORIGIN, PING_PORT), "v1"),
+            "out": (PLAIN_PORT, (PP_ORIGIN, PING_PORT), None),
         }
         for port, dest, header in kinds.values():  # warm up each path
             asyncio.run(setups(lab, port, dest, header, min(1.0, seconds / 4)))
@@ -199,8 +203,8 @@ def run(lab: Lab, seconds: float) -> dict[str, float]:
             results[f"{name}_edge_cpu_us_per_flow"] = edge_cpu / max(ok, 1) * 1e6
             results[f"{name}_connector_cpu_us_per_flow"] = conn_cpu / max(ok, 1) * 1e6
         plain = results["setups_plain_per_s"] or 1.0
-        results["in_ratio"] = results["setups_in_per_s"] / plain
-        results["out_ratio"] = results["setups_out_per_s"] / plain
+        for name in ("in", "in_v1", "out"):
+            results[f"{name}_ratio"] = results[f"setups_{name}_per_s"] / plain
     finally:
         connector.stop()
         edge.stop()
@@ -211,11 +215,12 @@ def run(lab: Lab, seconds: float) -> dict[str, float]:
 
 
 def report(results: dict[str, float], seconds: float) -> None:
-    print(f"flow setups with a PROXY v2 header ({CONCURRENCY} concurrent, {seconds:g} s each)")
+    print(f"flow setups with a PROXY header ({CONCURRENCY} concurrent, {seconds:g} s each)")
     for name, what in (
         ("plain", "no header (baseline)"),
-        ("in", "header in, from the client"),
-        ("out", "header out, to the origin"),
+        ("in", "v2 header in, from the client"),
+        ("in_v1", "v1 header in, from the client"),
+        ("out", "v2 header out, to the origin"),
     ):
         line = f"  {name:6} {results[f'setups_{name}_per_s']:8.0f} /s"
         if name != "plain":
