@@ -226,12 +226,14 @@ class Edge:
             self.metrics.flows_rejected.labels("direct_egress_denied").inc,
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
+        associations = AssociationLimits.for_role(self.config, m)
+        self.on_revoked(associations.revoke)
         ctx = OnRampContext(
             self.config,
             self.pipeline,
             self._dns_outcome,
             accept_error=lambda onramp, what: self.metrics.accept_errors.labels(onramp, what).inc(),
-            udp_associations=AssociationLimits.for_role(self.config, m),
+            udp_associations=associations,
             tls=(ident.leaf_cert_pem + ident.ca_cert_pem, ident.leaf_key_pem),
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
             credentials=self.credentials,

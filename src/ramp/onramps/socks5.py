@@ -142,16 +142,21 @@ class Socks5Server(TcpOnRamp):
             log.debug("socks5 %s: UDP association on %s:%d", peer, host, port)
             async with asyncio.timeout(self.config.handshake_timeout):
                 await self.send(sock, socks5.build_reply(Rep.SUCCEEDED, host, port))
-            if await run_association(assoc, sock):
+            limits.track(assoc)
+            why = await run_association(assoc, sock)
+            if why == "idle":
                 limits.on_expired()
                 log.debug(
                     "socks5 %s: UDP association closed: no datagram for %gs",
                     peer,
                     limits.idle_timeout,
                 )
+            elif why == "stopped":
+                log.info("socks5 %s: UDP association of %s closed: revoked", peer, identity)
         except (OSError, TimeoutError) as e:
             log.debug("socks5 %s: UDP association ended: %s", peer, e)
         finally:
+            limits.untrack(assoc)
             assoc.close()
 
 
