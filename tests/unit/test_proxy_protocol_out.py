@@ -172,6 +172,34 @@ def test_through_a_tunnel_the_origin_gets_the_real_client(tmp_path: Path) -> Non
     run(main())
 
 
+def test_an_ipv6_client_reaches_an_ipv4_origin_as_mapped_ipv6(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        store.create_tunnel("corp")
+        store.add_route("127.0.0.2/32", "corp", proxy_protocol="v2")
+        store.add_route("127.0.0.3/32", "corp", proxy_protocol="v1")
+    client6 = ("2001:db8::7", 40123)
+
+    async def main() -> None:
+        v2, v1 = RecordingOrigin(), RecordingOrigin()
+        await v2.start("127.0.0.2")
+        await v1.start("127.0.0.3")
+        loop = asyncio.get_running_loop()
+        async with tunnel(tmp_path, ha=1, **_behind_balancer()) as t:
+            port = t.edge.onramps[0].port
+            header = pp.encode_v2(client6, ("2001:db8::1", port))
+            for origin, host in ((v2, "127.0.0.2"), (v1, "127.0.0.3")):
+                echoed = await loop.run_in_executor(
+                    None, socks_through_balancer, port, host, origin.port, header
+                )
+                assert echoed == b"hello"
+        for origin, host in ((v2, "127.0.0.2"), (v1, "127.0.0.3")):
+            (h,) = origin.headers
+            assert h.family is pp.Family.INET6 and h.source == client6
+            assert h.destination == (f"::ffff:{host}", origin.port)
+
+    run(main())
+
+
 def test_a_connector_that_sends_no_header_fails_the_flow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

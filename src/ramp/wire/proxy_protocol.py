@@ -225,7 +225,7 @@ def _v1_ip(text: str, version: int) -> str:
         raise ProxyProtocolError("bad_address", f"v1 header: bad address {text[:40]!r}") from None
     if ip.version != version:
         raise ProxyProtocolError("bad_address", f"v1 header: {text} is not IPv{version}")
-    return str(ip)
+    return _text(ip)
 
 
 def _v1_port(text: str) -> int:
@@ -279,6 +279,14 @@ def _parse_v2(data: bytes, max_length: int) -> tuple[ProxyHeader, int] | _NeedDa
     return ProxyHeader(2, command, family, transport, source, destination, tlvs), total
 
 
+def _text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as text, IPv4-mapped IPv6 with the IPv4 part dotted (`::ffff:192.0.2.1`),
+    as HAProxy writes it and whatever the Python version prints."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return str(ip)
+
+
 def _v2_addresses(family: Family, raw: bytes) -> tuple[Address | None, Address | None]:
     if family is Family.INET:
         return (
@@ -287,8 +295,8 @@ def _v2_addresses(family: Family, raw: bytes) -> tuple[Address | None, Address |
         )
     if family is Family.INET6:
         return (
-            (str(ipaddress.IPv6Address(raw[0:16])), int.from_bytes(raw[32:34], "big")),
-            (str(ipaddress.IPv6Address(raw[16:32])), int.from_bytes(raw[34:36], "big")),
+            (_text(ipaddress.IPv6Address(raw[0:16])), int.from_bytes(raw[32:34], "big")),
+            (_text(ipaddress.IPv6Address(raw[16:32])), int.from_bytes(raw[34:36], "big")),
         )
     if family is Family.UNIX:
         return (_unix_path(raw[:_UNIX_ADDR]), 0), (_unix_path(raw[_UNIX_ADDR:]), 0)
@@ -368,7 +376,8 @@ def encode_v1(source: Address | None, destination: Address | None) -> bytes:
     except ValueError:
         return b"PROXY UNKNOWN\r\n"
     proto = "TCP4" if src.version == 4 else "TCP6"
-    return f"PROXY {proto} {src} {dst} {source[1]} {destination[1]}\r\n".encode("ascii")
+    line = f"PROXY {proto} {_text(src)} {_text(dst)} {source[1]} {destination[1]}\r\n"
+    return line.encode("ascii")
 
 
 def _tlv(kind: int, value: bytes) -> bytes:
