@@ -28,6 +28,7 @@ from ramp.config_lines import (
     normalize_keys,
     read_yaml_file,
 )
+from ramp.net.sources import parse_source
 from ramp.onramps.registry import OnRampOptions, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
 from ramp.wire.masque import UdpTemplate
@@ -231,7 +232,47 @@ class _ProxyOnRamps(_Base):
     )
 
 
-class EdgeConfig(_ProxyOnRamps):
+def _check_sources(value: Any) -> list[str]:
+    """`egress_source`: a list, or one comma-separated string; every entry an address or a
+    CIDR small enough to enumerate (ramp.net.sources)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"bad egress source {item!r}: expected an IP address or CIDR")
+        for part in item.split(","):
+            if part.strip():
+                parse_source(part)
+                out.append(part.strip())
+    return out
+
+
+class _Egress(_Base):
+    """How a role's own connections leave: the connector's to origins, the edge's direct
+    egress (reference/ephemeral-ports-connectx.txt)."""
+
+    egress_source: Annotated[list[str], BeforeValidator(_check_sources)] = Field(
+        default_factory=list,
+        description="Source addresses for connections to origins (the connector) or for direct "
+        "egress (the edge): IP addresses or CIDRs of at most 65,536 addresses, each an address "
+        "of this host; repeat the flag or separate them with commas. Each flow takes the next "
+        "address in turn and moves to another when one has no port left towards its "
+        "destination, so N addresses carry N times the connections to one origin. Empty, or "
+        "no address of the destination's family: the routing table chooses.",
+    )
+    egress_share_ports: bool = Field(
+        True,
+        description="Share a source port across destinations: TCP binds with "
+        "IP_BIND_ADDRESS_NO_PORT and UDP sessions get a port whose 4-tuple is free (connectx), "
+        "so the ephemeral port range (net.ipv4.ip_local_port_range) limits connections per "
+        "destination and source address, not in all. Off: each connection holds a port of its "
+        "own, as plain bind() or a connected UDP socket does. When no port is left a flow "
+        "fails with net_unreachable 'source ports exhausted' and "
+        "ramp_egress_ports_exhausted{protocol} counts it.",
+    )
+
+
+class EdgeConfig(_ProxyOnRamps, _Egress):
     """The edge: on-ramps, routing to tunnels, direct egress."""
 
     tunnel_listen: str = Field(
@@ -516,7 +557,7 @@ class ClientConfig(_ProxyOnRamps):
         ]
 
 
-class ConnectorConfig(_Base):
+class ConnectorConfig(_Egress):
     """The connector (`ramp tunnel run`)."""
 
     token: str = Field("", description="Tunnel token from `ramp tunnel token NAME`.")
