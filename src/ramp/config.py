@@ -253,22 +253,15 @@ class _Egress(_Base):
 
     egress_source: Annotated[list[str], BeforeValidator(_check_sources)] = Field(
         default_factory=list,
-        description="Source addresses for connections to origins (the connector) or for direct "
-        "egress (the edge): IP addresses or CIDRs of at most 65,536 addresses, each an address "
-        "of this host; repeat the flag or separate them with commas. Each flow takes the next "
-        "address in turn and moves to another when one has no port left towards its "
-        "destination, so N addresses carry N times the connections to one origin. Empty, or "
-        "no address of the destination's family: the routing table chooses.",
+        description="Source addresses (IPs, or CIDRs of at most 65,536) of this host for "
+        "connections to origins (connector) or direct egress (edge); each flow takes the next "
+        "in turn, and another when one has no port left. Empty: the routing table chooses.",
     )
     egress_share_ports: bool = Field(
         True,
-        description="Share a source port across destinations: TCP binds with "
-        "IP_BIND_ADDRESS_NO_PORT and UDP sessions get a port whose 4-tuple is free (connectx), "
-        "so the ephemeral port range (net.ipv4.ip_local_port_range) limits connections per "
-        "destination and source address, not in all. Off: each connection holds a port of its "
-        "own, as plain bind() or a connected UDP socket does. When no port is left a flow "
-        "fails with net_unreachable 'source ports exhausted' and "
-        "ramp_egress_ports_exhausted{protocol} counts it.",
+        description="Share source ports across destinations (TCP: IP_BIND_ADDRESS_NO_PORT, "
+        "UDP: connectx), so the port range limits connections per destination, not in all; "
+        "off: a port per connection. None left: net_unreachable 'source ports exhausted'.",
     )
 
 

@@ -1,0 +1,344 @@
+"""Egress that does not run out of source ports: in a private namespace whose ephemeral port
+range is narrowed to 1,000 ports, the connector holds 3,000 TCP flows and 3,000 UDP sessions
+at once to three origin ports; with port sharing off the same load fails for some flows, each
+with net_unreachable "source ports exhausted" (reference/ephemeral-ports-connectx.txt).
+
+    client (C) --SOCKS5--> edge (E) --tunnel--> connector (P) --from 198.51.100.2x--> origins
+
+The flows go in by SOCKS5 CONNECT (TCP) and SOCKS5 UDP ASSOCIATE (three destinations per
+association). The TCP origin says which address and port it sees the flow come from, so the
+test checks the sources too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import socket
+import struct
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ramp.testing.clients import socks5_connect_async, udp_unwrap, udp_wrap
+from ramp.testing.lab import CLIENT_ADDR, EDGE_PUBLIC_ADDR, ORIGIN, SOCKS_PORT, Lab, wait_until
+
+PORT_RANGE = (40000, 40999)  # 1,000 ephemeral ports in P
+ORIGIN_PORTS = (9100, 9101, 9102)
+FLOWS = 3000
+SESSIONS = 3000  # 1,000 associations x 3 destinations
+CONCURRENCY = 48  # handshakes in flight from the client (below the edge's per-source share)
+POOL_ON = ("198.51.100.21", "198.51.100.22")
+POOL_OFF = ("198.51.100.23", "198.51.100.24")  # fresh addresses: nothing left from the first run
+EXHAUSTED = "source ports exhausted"
+REP_NETWORK_UNREACHABLE = 0x03
+NOFILE = 65536
+# seconds a session may take to answer after the last one began: UDP says nothing of a
+# session that failed, so the client waits this long (and resends) before it counts it
+UDP_SETTLE = 8.0
+
+
+@dataclass
+class Held:
+    """What the client holds open and what it saw."""
+
+    tcp: list[asyncio.StreamWriter] = field(default_factory=list)
+    tcp_failed: Counter[str] = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)  # TCP source address at the origin
+    udp: list[UdpAssociation] = field(default_factory=list)
+    udp_failed: int = 0
+    udp_started: float = 0.0  # when the last association began (loop time)
+
+
+class UdpAssociation(asyncio.DatagramProtocol):
+    """One SOCKS5 UDP ASSOCIATE from C: its control connection and UDP socket."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.relay: tuple[str, int] = ("", 0)
+        self.echoed: dict[int, bytes] = {}
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        host, port, payload = udp_unwrap(data)
+        if host == ORIGIN:
+            self.echoed[port] = payload
+            self.arrived.set()
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader, self.writer = await asyncio.open_connection(EDGE_PUBLIC_ADDR, SOCKS_PORT)
+        self.writer.write(b"\x05\x01\x00")
+        if await reader.readexactly(2) != b"\x05\x00":
+            raise ConnectionError("SOCKS5 greeting refused")
+        self.writer.write(b"\x05\x03\x00\x01" + bytes(6))
+        head = await reader.readexactly(10)
+        if head[1] != 0:
+            raise ConnectionError(f"UDP ASSOCIATE refused: REP {head[1]:#x}")
+        relay = (socket.inet_ntoa(head[4:8]), struct.unpack("!H", head[8:10])[0])
+        self.relay = (EDGE_PUBLIC_ADDR if relay[0] == "0.0.0.0" else relay[0], relay[1])
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(CLIENT_ADDR, 0))
+
+    async def exchange(self, tokens: dict[int, bytes], deadline: float) -> set[int]:
+        """Send each port its token, again every half second, until each came back or the
+        deadline passed; the ports that answered."""
+        loop = asyncio.get_running_loop()
+        self.echoed = {}
+        assert self.transport is not None
+        while loop.time() < deadline:
+            missing = [p for p, t in tokens.items() if self.echoed.get(p) != t]
+            if not missing:
+                break
+            for port in missing:
+                self.transport.sendto(udp_wrap(ORIGIN, port, tokens[port]), self.relay)
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), 0.5)
+        return {p for p, t in tokens.items() if self.echoed.get(p) == t}
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def open_tcp(held: Held, index: int, sem: asyncio.Semaphore) -> None:
+    port = ORIGIN_PORTS[index % len(ORIGIN_PORTS)]
+    async with sem:
+        reader, writer = await asyncio.open_connection(EDGE_PUBLIC_ADDR, SOCKS_PORT)
+        rep = await socks5_connect_async(reader, writer, ORIGIN, port)
+        if rep != 0:
+            held.tcp_failed[f"socks5 reply {rep:#04x}"] += 1
+            writer.close()
+            return
+        seen = (await reader.readline()).decode().split()  # the origin: "HOST PORT"
+        token = b"flow %d\n" % index
+        writer.write(token)
+        if await reader.readexactly(len(token)) != token:
+            held.tcp_failed["wrong echo"] += 1
+            writer.close()
+            return
+    held.sources[seen[0]] += 1
+    writer._ramp_reader = reader  # type: ignore[attr-defined]
+    writer._ramp_index = index  # type: ignore[attr-defined]
+    held.tcp.append(writer)
+
+
+async def check_tcp(writer: asyncio.StreamWriter) -> bool:
+    """One more round trip on a held flow: it is still there, with its own data."""
+    token = b"again %d\n" % writer._ramp_index  # type: ignore[attr-defined]
+    writer.write(token)
+    reader: asyncio.StreamReader = writer._ramp_reader  # type: ignore[attr-defined]
+    return await reader.readexactly(len(token)) == token
+
+
+async def open_udp(held: Held, index: int, sem: asyncio.Semaphore, settle: float) -> None:
+    """One association and its three sessions: opened CONCURRENCY at a time, then waited
+    for (without holding the others back) until `settle` seconds after the last one began."""
+    loop = asyncio.get_running_loop()
+    assoc = UdpAssociation()
+    tokens = {p: b"session %d/%d" % (index, p) for p in ORIGIN_PORTS}
+    async with sem:
+        await assoc.open()
+        held.udp.append(assoc)
+        ok = await assoc.exchange(tokens, loop.time() + 0.3)
+    if len(ok) < len(tokens):
+        ok = await assoc.exchange(tokens, held.udp_started + settle)
+    held.udp_failed += len(tokens) - len(ok)
+
+
+def rst_close(writer: asyncio.StreamWriter) -> None:
+    # a reset leaves no TIME_WAIT behind on the connector's side either (the tunnel passes
+    # the reset on), so nothing of one run holds ports in the next
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def load(inspect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Open FLOWS TCP flows and SESSIONS UDP sessions, hold them all, look at the connector
+    (`inspect`), check every one again, and close them."""
+    loop = asyncio.get_running_loop()
+    held = Held()
+    sem = asyncio.Semaphore(CONCURRENCY)
+    async with asyncio.timeout(120):
+        await asyncio.gather(*(open_tcp(held, i, sem) for i in range(FLOWS)))
+
+        async def udp(i: int) -> None:
+            held.udp_started = loop.time()
+            await open_udp(held, i, sem, UDP_SETTLE)
+
+        await asyncio.gather(*(udp(i) for i in range(SESSIONS // len(ORIGIN_PORTS))))
+        seen = await asyncio.to_thread(inspect)
+        # all still there, each with its own data: no flow lost, no session overshadowed
+        tcp_again = sum(await asyncio.gather(*(check_tcp(w) for w in held.tcp)))
+        deadline = loop.time() + 30
+        udp_again = 0
+        for i, assoc in enumerate(held.udp):
+            if assoc.echoed:
+                answered = set(assoc.echoed)
+                tokens = {p: b"again %d/%d" % (i, p) for p in answered}
+                udp_again += len(await assoc.exchange(tokens, deadline))
+    for w in held.tcp:
+        rst_close(w)
+    for assoc in held.udp:
+        assoc.close()
+    return {
+        "tcp_ok": len(held.tcp),
+        "tcp_failed": dict(held.tcp_failed),
+        "tcp_again": tcp_again,
+        "sources": dict(held.sources),
+        "udp_ok": SESSIONS - held.udp_failed,
+        "udp_failed": held.udp_failed,
+        "udp_again": udp_again,
+        **seen,
+    }
+
+
+def connector_sockets(lab: Lab, proto: str) -> tuple[int, int, set[str]]:
+    """The connector's sockets towards the origin ports: (count, distinct local ports, local
+    addresses), from `ss` in P."""
+    filt = ["("]
+    for i, port in enumerate(ORIGIN_PORTS):
+        filt += (["or"] if i else []) + ["dport", "=", f":{port}"]
+    filt.append(")")
+    state = ["state", "established"] if proto == "t" else []
+    out = lab.private.run(["ss", f"-H{proto}n", *state, *filt]).stdout.decode()
+    locals_ = [
+        next(c for c in line.split() if c.count(":") == 1 and c.startswith("198.51.100."))
+        for line in out.splitlines()
+        if line.strip()
+    ]
+    return (
+        len(locals_),
+        len({x.rsplit(":", 1)[1] for x in locals_}),
+        {x.rsplit(":", 1)[0] for x in locals_},
+    )
+
+
+def run_load(lab: Lab, connector_index: int) -> dict[str, Any]:
+    conn = lab.connectors[connector_index]
+
+    def inspect() -> dict[str, Any]:
+        tcp = connector_sockets(lab, "t")
+        udp = connector_sockets(lab, "u")
+        metrics = conn.metrics()
+        return {
+            "connector_tcp": tcp[0],
+            "connector_tcp_ports": tcp[1],
+            "connector_tcp_sources": sorted(tcp[2]),
+            "connector_udp": udp[0],
+            "connector_udp_ports": udp[1],
+            "connector_udp_active": metrics.value("ramp_udp_sessions_active"),
+        }
+
+    result = lab.client.call(lambda: asyncio.run(load(inspect)))
+    metrics = conn.metrics()
+    result["exhausted_tcp"] = metrics.value("ramp_egress_ports_exhausted_total", protocol="tcp")
+    result["exhausted_udp"] = metrics.value("ramp_egress_ports_exhausted_total", protocol="udp")
+    return result
+
+
+def raise_nofile() -> None:
+    """The client holds ~5,000 sockets, the origins ~3,000: more than a default 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(NOFILE, soft) if hard == resource.RLIM_INFINITY else max(NOFILE, hard)
+    with contextlib.suppress(ValueError, OSError):  # root may raise the hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+
+
+@pytest.mark.slow
+def test_connector_holds_3000_flows_and_sessions_in_1000_ports(
+    tmp_path: Path, payload: Any, lab_opener: Any
+) -> None:
+    raise_nofile()
+    with lab_opener(tmp_path, payload, standard=False, lab_kwargs={"ipv6": False}) as lab:
+        p = lab.private
+        p.sysctl("net.ipv4.ip_local_port_range", f"{PORT_RANGE[0]} {PORT_RANGE[1]}")
+        for addr in POOL_ON + POOL_OFF:
+            p.add_address("lo", f"{addr}/32")
+        args = [sys.executable, "-m", "ramp.testing.origins", "--root", str(tmp_path)]
+        for port in ORIGIN_PORTS:
+            args += ["--hello-echo", f"{ORIGIN}:{port}", "--udp-echo", f"{ORIGIN}:{port}"]
+        origins = lab.start_process("origins-egress", p, args)
+        wait_until(
+            lambda: origins.check_alive() or "ready" in origins.stdout(),
+            30,
+            what="the egress origins to listen",
+        )
+        token = lab.create_tunnel("corp", ["198.51.100.0/24"])
+        lab.start_edge(
+            "--log-level",
+            "warning",
+            "--max-flows-per-source",
+            "0",
+            "--max-opening-flows-per-source",
+            "0",
+            "--max-udp-sessions-per-source",
+            "0",
+            "--max-udp-associations-per-source",
+            "0",
+            "--max-udp-sessions",
+            "8000",
+        )
+        common = ["--log-level", "warning", "--max-udp-sessions-per-source", "0"]
+        common += ["--grace-period", "1"]
+        lab.start_connector(token, *common, "--egress-source", ",".join(POOL_ON))
+        lab.wait_tunnel_connections("corp", 1)
+        on = run_load(lab, 0)
+        lab.connectors[0].stop()
+        lab.start_connector(
+            token, *common, "--egress-source", ",".join(POOL_OFF), "--no-egress-share-ports"
+        )
+        wait_until(
+            lambda: (
+                lab.edge_metrics().value("ramp_tunnel_connections", tunnel="corp") >= 1
+                and lab.connectors[1].ready()
+            ),
+            30,
+            what="the second connector",
+        )
+        off = run_load(lab, 1)
+        audit = lab.audit_records()
+
+    print(f"\nports shared (on):  {on}")
+    print(f"ports alone (off):  {off}")
+
+    # on: every flow and session held at once, each with its own data, from the pool
+    assert on["tcp_ok"] == FLOWS and on["tcp_again"] == FLOWS, on
+    assert on["udp_ok"] == SESSIONS and on["udp_again"] == SESSIONS, on
+    assert on["connector_tcp"] == FLOWS and on["connector_udp"] == SESSIONS, on
+    assert on["connector_udp_active"] == SESSIONS, on
+    assert set(on["sources"]) == set(POOL_ON) and set(on["connector_tcp_sources"]) == set(POOL_ON)
+    # 3,000 of each in a range of 1,000 ports: ports are shared across destinations
+    assert on["connector_tcp_ports"] <= 1000 and on["connector_udp_ports"] <= 1000, on
+    assert on["exhausted_tcp"] == on["exhausted_udp"] == 0, on
+
+    # off: each connection holds a port alone; two addresses hold 2 x 1,000 at most
+    assert 0 < off["tcp_ok"] < FLOWS and 0 < off["udp_ok"] < SESSIONS, off
+    assert off["tcp_failed"] == {
+        f"socks5 reply {REP_NETWORK_UNREACHABLE:#04x}": FLOWS - off["tcp_ok"]
+    }, off
+    assert off["tcp_again"] == off["tcp_ok"], off
+    assert off["exhausted_tcp"] >= FLOWS - off["tcp_ok"], off
+    assert off["exhausted_udp"] >= SESSIONS - off["udp_ok"], off
+    # the reason reaches the edge's record of each failed flow
+    failed = [
+        r
+        for r in audit
+        if r.get("result") == "net_unreachable" and EXHAUSTED in str(r.get("reason"))
+    ]
+    assert {r["protocol"] for r in failed} == {"tcp", "udp"}, failed[:3]
+    assert sum(1 for r in failed if r["protocol"] == "tcp") == FLOWS - off["tcp_ok"]
