@@ -124,6 +124,6 @@ def test_port_range_is_read_as_the_kernel_has_it(tmp_path: Path) -> None:
     assert (low, high) == (40000, 40999)
     assert reserved == {40001, 40010, 40011, 40012}
     ports = PortRange(range_file=tmp_path / "range", reserved_file=tmp_path / "reserved")
-    candidates = ports.candidates(tries=2000)
+    candidates = list(ports.candidates(tries=2000))
     assert len(candidates) == 996 and not reserved & set(candidates)
-    assert len(ports.candidates(tries=10)) == 10
+    assert len(list(ports.candidates(tries=10))) == 10

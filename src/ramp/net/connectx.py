@@ -23,6 +23,7 @@ import errno
 import random
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ramp.net import netlink
@@ -71,19 +72,21 @@ class PortRange:
             self._ports, self._reserved = read_port_range(self.range_file, self.reserved_file)
         return self._ports, self._reserved
 
-    def candidates(self, tries: int = MAX_UDP_PORT_TRIES) -> list[int]:
-        """Up to `tries` ports of the range from a random start on, reserved ones left out."""
+    def candidates(self, tries: int = MAX_UDP_PORT_TRIES) -> Iterator[int]:
+        """Up to `tries` ports of the range from a random start on, reserved ones left out
+        (made as they are asked for: most sessions take the first)."""
         (low, high), reserved = self.get()
         size = high - low + 1
         start = random.randrange(size)
-        out = []
+        given = 0
         for i in range(size):
             port = low + (start + i) % size
-            if port not in reserved:
-                out.append(port)
-                if len(out) >= tries:
-                    break
-        return out
+            if port in reserved:
+                continue
+            yield port
+            given += 1
+            if given >= tries:
+                return
 
 
 def read_port_range(

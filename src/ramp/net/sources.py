@@ -54,6 +54,11 @@ class SourcePool:
             first, count = _addresses(net)
             self._ranges[net.version].append((first, count))
             self._size[net.version] += count
+        # small pools (the common case) keep their addresses as text: no parsing per flow
+        self._text: dict[int, list[str]] = {
+            v: [self._make(v, i) for i in range(self._size[v])] if self._size[v] <= 4096 else []
+            for v in (4, 6)
+        }
         self._cursor = {4: 0, 6: 0}
         self._unusable: dict[str, float] = {}
         self._clock = clock
@@ -67,6 +72,10 @@ class SourcePool:
     def address(self, version: int, index: int) -> str:
         """The `index`-th address of the family (modulo the pool's size)."""
         index %= self._size[version]
+        text = self._text[version]
+        return text[index] if text else self._make(version, index)
+
+    def _make(self, version: int, index: int) -> str:
         for first, count in self._ranges[version]:
             if index < count:
                 cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
