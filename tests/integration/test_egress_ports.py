@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import http.client
 import itertools
+import re
 import resource
 import socket
 import struct
@@ -28,10 +29,12 @@ from typing import Any
 
 import pytest
 
+from ramp.net.netns import Netns
 from ramp.testing.clients import socks5_connect_async, udp_unwrap, udp_wrap
 from ramp.testing.lab import (
     CLIENT_ADDR,
     EDGE_PUBLIC_ADDR,
+    EDGE_PUBLIC_ADDR2,
     ORIGIN,
     SOCKS_PORT,
     Lab,
@@ -53,13 +56,22 @@ NOFILE = 16384
 # seconds a session may take to answer after the last one began: UDP says nothing of a
 # session that failed, so the client waits this long (and resends) before it counts it
 UDP_SETTLE = 8.0
-SCRAPE_PORTS = (39000, 39500)  # below PORT_RANGE: see connector_metrics
+SCRAPE_PORTS = (39000, 39500)
+# direct egress from the edge: fewer flows (each holds six descriptors there), fewer ports
+DIRECT_RANGE = (41000, 41199)
+DIRECT_FLOWS = 600
+DIRECT_SESSIONS = 600
+# not the address of the SOCKS5 listener: its UDP relay sockets bind ports of the range there,
+# and shared UDP ports are spread over the range (see docs/egress.md)
+DIRECT_POOL_ON = (EDGE_PUBLIC_ADDR2, "203.0.113.7")
+DIRECT_POOL_OFF = ("203.0.113.5", "203.0.113.6")  # below PORT_RANGE: see connector_metrics
 
 
 @dataclass
 class Held:
     """What the client holds open and what it saw."""
 
+    target: str  # the origins' address
     tcp: list[asyncio.StreamWriter] = field(default_factory=list)
     tcp_failed: Counter[str] = field(default_factory=Counter)
     sources: Counter[str] = field(default_factory=Counter)  # TCP source address at the origin
@@ -71,7 +83,8 @@ class Held:
 class UdpAssociation(asyncio.DatagramProtocol):
     """One SOCKS5 UDP ASSOCIATE from C: its control connection and UDP socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str) -> None:
+        self.target = target
         self.transport: asyncio.DatagramTransport | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.relay: tuple[str, int] = ("", 0)
@@ -83,7 +96,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         host, port, payload = udp_unwrap(data)
-        if host == ORIGIN:
+        if host == self.target:
             self.echoed[port] = payload
             self.arrived.set()
 
@@ -112,7 +125,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
             if not missing:
                 break
             for port in missing:
-                self.transport.sendto(udp_wrap(ORIGIN, port, tokens[port]), self.relay)
+                self.transport.sendto(udp_wrap(self.target, port, tokens[port]), self.relay)
             self.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.arrived.wait(), 0.5)
@@ -129,7 +142,7 @@ async def open_tcp(held: Held, index: int, sem: asyncio.Semaphore) -> None:
     port = ORIGIN_PORTS[index % len(ORIGIN_PORTS)]
     async with sem:
         reader, writer = await asyncio.open_connection(EDGE_PUBLIC_ADDR, SOCKS_PORT)
-        rep = await socks5_connect_async(reader, writer, ORIGIN, port)
+        rep = await socks5_connect_async(reader, writer, held.target, port)
         if rep != 0:
             held.tcp_failed[f"socks5 reply {rep:#04x}"] += 1
             writer.close()
@@ -159,7 +172,7 @@ async def open_udp(held: Held, index: int, sem: asyncio.Semaphore, settle: float
     """One association and its three sessions: opened CONCURRENCY at a time, then waited
     for (without holding the others back) until `settle` seconds after the last one began."""
     loop = asyncio.get_running_loop()
-    assoc = UdpAssociation()
+    assoc = UdpAssociation(held.target)
     tokens = {p: b"session %d/%d" % (index, p) for p in ORIGIN_PORTS}
     async with sem:
         await assoc.open()
@@ -179,20 +192,22 @@ def rst_close(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-async def load(inspect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Open FLOWS TCP flows and SESSIONS UDP sessions, hold them all, look at the connector
-    (`inspect`), check every one again, and close them."""
+async def load(
+    inspect: Callable[[], dict[str, Any]], target: str, flows: int, sessions: int
+) -> dict[str, Any]:
+    """Open `flows` TCP flows and `sessions` UDP sessions to the origin ports of `target`,
+    hold them all, look at the egress side (`inspect`), check every one again, close them."""
     loop = asyncio.get_running_loop()
-    held = Held()
+    held = Held(target)
     sem = asyncio.Semaphore(CONCURRENCY)
     async with asyncio.timeout(120):
-        await asyncio.gather(*(open_tcp(held, i, sem) for i in range(FLOWS)))
+        await asyncio.gather(*(open_tcp(held, i, sem) for i in range(flows)))
 
         async def udp(i: int) -> None:
             held.udp_started = loop.time()
             await open_udp(held, i, sem, UDP_SETTLE)
 
-        await asyncio.gather(*(udp(i) for i in range(SESSIONS // len(ORIGIN_PORTS))))
+        await asyncio.gather(*(udp(i) for i in range(sessions // len(ORIGIN_PORTS))))
         seen = await asyncio.to_thread(inspect)
         # all still there, each with its own data: no flow lost, no session overshadowed
         tcp_again = sum(await asyncio.gather(*(check_tcp(w) for w in held.tcp)))
@@ -212,64 +227,63 @@ async def load(inspect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         "tcp_failed": dict(held.tcp_failed),
         "tcp_again": tcp_again,
         "sources": dict(held.sources),
-        "udp_ok": SESSIONS - held.udp_failed,
+        "udp_ok": sessions - held.udp_failed,
         "udp_failed": held.udp_failed,
         "udp_again": udp_again,
         **seen,
     }
 
 
-def connector_sockets(lab: Lab, proto: str) -> tuple[int, int, set[str]]:
-    """The connector's sockets towards the origin ports: (count, distinct local ports, local
-    addresses), from `ss` in P."""
+def egress_sockets(ns: Netns, proto: str, target: str) -> tuple[int, int, set[str]]:
+    """The sockets in `ns` connected to the origin ports of `target`: (count, distinct local
+    ports, local addresses), from `ss`."""
     filt = ["("]
     for i, port in enumerate(ORIGIN_PORTS):
-        filt += (["or"] if i else []) + ["dport", "=", f":{port}"]
+        filt += (["or"] if i else []) + ["dst", f"{target}:{port}"]
     filt.append(")")
     state = ["state", "established"] if proto == "t" else []
-    out = lab.private.run(["ss", f"-H{proto}n", *state, *filt]).stdout.decode()
-    locals_ = [
-        next(c for c in line.split() if c.count(":") == 1 and c.startswith("198.51.100."))
+    out = ns.run(["ss", f"-H{proto}n", *state, *filt]).stdout.decode()
+    local = [
+        next(c for c in line.split() if re.fullmatch(r"[0-9.]+:\d+", c))
         for line in out.splitlines()
         if line.strip()
     ]
     return (
-        len(locals_),
-        len({x.rsplit(":", 1)[1] for x in locals_}),
-        {x.rsplit(":", 1)[0] for x in locals_},
+        len(local),
+        len({x.rsplit(":", 1)[1] for x in local}),
+        {x.rsplit(":", 1)[0] for x in local},
     )
 
 
 _scrape_ports = itertools.count()
 
 
-def connector_metrics(lab: Lab, conn: LabProcess) -> Metrics:
-    """The connector's /metrics from P, from a fixed source port below the narrowed range:
-    while the run without port sharing holds its ports, bind() has taken every port of the
-    range from connect() in all of P (the article's point), this scrape's too."""
-    assert conn.metrics_addr is not None
+def scrape(proc: LabProcess, source: str) -> Metrics:
+    """`proc`'s /metrics from its namespace, from `source` and a fixed port below the narrowed
+    range: while the run without port sharing holds its ports, bind() has taken every port of
+    the range from connect() in the whole namespace (the article's point), a scrape's too."""
+    assert proc.metrics_addr is not None
+    addr = proc.metrics_addr
 
     def get() -> str:
         port = SCRAPE_PORTS[0] + next(_scrape_ports) % (SCRAPE_PORTS[1] - SCRAPE_PORTS[0])
-        c = http.client.HTTPConnection(
-            *conn.metrics_addr, timeout=10, source_address=("127.0.0.1", port)
-        )
+        c = http.client.HTTPConnection(*addr, timeout=10, source_address=(source, port))
         try:
             c.request("GET", "/metrics")
             return c.getresponse().read().decode()
         finally:
             c.close()
 
-    return Metrics(lab.private.call(get))
+    return Metrics(proc.ns.call(get))
 
 
 def run_load(lab: Lab, connector_index: int) -> dict[str, Any]:
     conn = lab.connectors[connector_index]
 
     def inspect() -> dict[str, Any]:
-        tcp = connector_sockets(lab, "t")
-        udp = connector_sockets(lab, "u")
-        metrics = connector_metrics(lab, conn)
+        tcp = egress_sockets(lab.private, "t", ORIGIN)
+        udp = egress_sockets(lab.private, "u", ORIGIN)
+        metrics = scrape(conn, "127.0.0.1")
         return {
             "connector_tcp": tcp[0],
             "connector_tcp_ports": tcp[1],
@@ -279,8 +293,32 @@ def run_load(lab: Lab, connector_index: int) -> dict[str, Any]:
             "connector_udp_active": metrics.value("ramp_udp_sessions_active"),
         }
 
-    result = lab.client.call(lambda: asyncio.run(load(inspect)))
-    metrics = connector_metrics(lab, conn)
+    result = lab.client.call(lambda: asyncio.run(load(inspect, ORIGIN, FLOWS, SESSIONS)))
+    metrics = scrape(conn, "127.0.0.1")
+    result["exhausted_tcp"] = metrics.value("ramp_egress_ports_exhausted_total", protocol="tcp")
+    result["exhausted_udp"] = metrics.value("ramp_egress_ports_exhausted_total", protocol="udp")
+    return result
+
+
+def run_direct_load(lab: Lab) -> dict[str, Any]:
+    edge = lab.edge
+    assert edge is not None
+
+    def inspect() -> dict[str, Any]:
+        tcp = egress_sockets(lab.edge_ns, "t", CLIENT_ADDR)
+        udp = egress_sockets(lab.edge_ns, "u", CLIENT_ADDR)
+        return {
+            "edge_tcp": tcp[0],
+            "edge_tcp_ports": tcp[1],
+            "edge_tcp_sources": sorted(tcp[2]),
+            "edge_udp": udp[0],
+            "edge_udp_ports": udp[1],
+        }
+
+    result = lab.client.call(
+        lambda: asyncio.run(load(inspect, CLIENT_ADDR, DIRECT_FLOWS, DIRECT_SESSIONS))
+    )
+    metrics = scrape(edge, EDGE_PUBLIC_ADDR)
     result["exhausted_tcp"] = metrics.value("ramp_egress_ports_exhausted_total", protocol="tcp")
     result["exhausted_udp"] = metrics.value("ramp_egress_ports_exhausted_total", protocol="udp")
     return result
@@ -381,3 +419,68 @@ def test_connector_holds_3000_flows_and_sessions_in_1000_ports(
     ]
     assert {r["protocol"] for r in failed} == {"tcp", "udp"}, failed[:3]
     assert sum(1 for r in failed if r["protocol"] == "tcp") == FLOWS - off["tcp_ok"]
+
+
+@pytest.mark.slow
+def test_direct_egress_shares_ports_too(tmp_path: Path, payload: Any, lab_opener: Any) -> None:
+    """The edge's own egress, the same way: origins it reaches directly (in C, the only
+    network it reaches), 600 flows and 600 sessions over three ports in 200 ports."""
+    raise_nofile()
+    with lab_opener(tmp_path, payload, standard=False, lab_kwargs={"ipv6": False}) as lab:
+        e = lab.edge_ns
+        e.sysctl("net.ipv4.ip_local_port_range", f"{DIRECT_RANGE[0]} {DIRECT_RANGE[1]}")
+        for addr in (*DIRECT_POOL_ON, *DIRECT_POOL_OFF):
+            lab.add_edge_address(addr)
+        args = [sys.executable, "-m", "ramp.testing.origins", "--root", str(tmp_path)]
+        for port in ORIGIN_PORTS:
+            args += ["--hello-echo", f"{CLIENT_ADDR}:{port}", "--udp-echo", f"{CLIENT_ADDR}:{port}"]
+        origins = lab.start_process("origins-direct", lab.client, args)
+        wait_until(
+            lambda: origins.check_alive() or "ready" in origins.stdout(),
+            30,
+            what="the direct origins to listen",
+        )
+        common = [
+            "--log-level",
+            "warning",
+            "--allow-direct-egress",
+            "--max-flows-per-source",
+            "0",
+            "--max-opening-flows-per-source",
+            "0",
+            "--max-udp-sessions-per-source",
+            "0",
+            "--max-udp-associations-per-source",
+            "0",
+        ]
+        lab.start_edge(*common, "--egress-source", ",".join(DIRECT_POOL_ON))
+        on = run_direct_load(lab)
+        print(f"\ndirect, ports shared (on):  {on}")
+        assert lab.edge is not None
+        lab.edge.stop()
+        lab.start_edge(
+            *common, "--egress-source", ",".join(DIRECT_POOL_OFF), "--no-egress-share-ports"
+        )
+        off = run_direct_load(lab)
+        print(f"direct, ports alone (off):  {off}")
+        audit = lab.audit_records()
+
+    assert on["tcp_ok"] == on["tcp_again"] == DIRECT_FLOWS, on
+    assert on["udp_ok"] == on["udp_again"] == DIRECT_SESSIONS, on
+    assert on["edge_tcp"] == DIRECT_FLOWS and on["edge_udp"] == DIRECT_SESSIONS, on
+    assert set(on["sources"]) == set(DIRECT_POOL_ON), on
+    assert on["edge_tcp_ports"] <= 200 and on["edge_udp_ports"] <= 200, on
+    assert on["exhausted_tcp"] == on["exhausted_udp"] == 0, on
+
+    assert 0 < off["tcp_ok"] < DIRECT_FLOWS and 0 < off["udp_ok"] < DIRECT_SESSIONS, off
+    assert off["tcp_failed"] == {
+        f"socks5 reply {REP_NETWORK_UNREACHABLE:#04x}": DIRECT_FLOWS - off["tcp_ok"]
+    }, off
+    assert off["exhausted_tcp"] >= DIRECT_FLOWS - off["tcp_ok"], off
+    assert off["exhausted_udp"] >= DIRECT_SESSIONS - off["udp_ok"], off
+    failed = [
+        r
+        for r in audit
+        if r.get("result") == "net_unreachable" and EXHAUSTED in str(r.get("reason"))
+    ]
+    assert {r["protocol"] for r in failed} == {"tcp", "udp"}, failed[:3]
