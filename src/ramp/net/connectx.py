@@ -48,6 +48,14 @@ class PortsExhausted(OSError):
         super().__init__(errno.EADDRNOTAVAIL, detail)
 
 
+class LookupUnavailable(OSError):
+    """The kernel answers no sock_diag question about UDP sockets (no udp_diag module): the
+    4-tuple check of UDP connectx cannot be made here."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOENT, "sock_diag cannot look up UDP sockets (udp_diag module)")
+
+
 class PortRange:
     """The ephemeral port range and the reserved ports (per network namespace), read again at
     most every `refresh_after` seconds: UDP connectx picks ports from it as the kernel would."""
@@ -140,8 +148,9 @@ def udp_connectx(
 ) -> socket.socket:
     """A UDP socket bound to (`source`, a port others may share) and connected to
     `destination`, whose 4-tuple no other socket has. PortsExhausted when none of `tries`
-    ports of the range is free towards `destination`; OSError for other failures (an address
-    that is not local: EADDRNOTAVAIL on the first bind)."""
+    ports of the range is free towards `destination`; LookupUnavailable when the kernel cannot
+    say who holds a 4-tuple; OSError for other failures (an address that is not local:
+    EADDRNOTAVAIL on the first bind)."""
     remote = (destination[0], destination[1])
     for port in ports.candidates(tries):
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -156,7 +165,10 @@ def udp_connectx(
                 continue
             # the lock: from here no new socket can bind this port until we set it again
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-            if netlink.udp_receiver(family, (source, port), remote) != netlink.socket_cookie(sock):
+            receiver = netlink.udp_receiver(family, (source, port), remote)
+            if receiver is None:
+                raise LookupUnavailable()  # not even this socket, bound there, was found
+            if receiver != netlink.socket_cookie(sock):
                 sock.close()  # another socket is connected to the destination from this port
                 continue
             sock.connect(destination)

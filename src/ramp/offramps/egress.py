@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.net import netlink
 from ramp.net.connectx import (
+    MAX_UDP_PORT_TRIES,
+    LookupUnavailable,
     PortRange,
     PortsExhausted,
     tcp_socket,
@@ -66,6 +68,7 @@ class Egress:
         self.on_exhausted = on_exhausted
         self.ports = ports or PortRange()
         self._log = LogLimiter()
+        self.udp_lookup = True  # False once the kernel showed it cannot check UDP 4-tuples
 
     def _sources(self, family: int, destination: tuple) -> list[str | None]:
         """Source addresses to try, in order; [None] = let the kernel choose."""
@@ -145,13 +148,19 @@ class Egress:
             # connectx needs the whole 4-tuple up front: ask the routing table for the source
             sources = [netlink.route_source(family, destination[0])]
         tried: list[str | None] = []
+        # one session's port budget, over all its addresses: a full range costs a bounded time
+        tries = max(64, MAX_UDP_PORT_TRIES // len(sources))
         for source in sources:
             try:
-                if self.share_ports and source is not None:
-                    return udp_connectx(family, source, destination, self.ports)
+                if self.share_ports and self.udp_lookup and source is not None:
+                    return udp_connectx(family, source, destination, self.ports, tries)
                 return udp_plain(family, source, destination)
             except PortsExhausted:
                 tried.append(source)
+            except LookupUnavailable as e:
+                self.udp_lookup = False
+                log.warning("UDP sessions get a port of their own from now on: %s", e.strerror)
+                return udp_plain(family, source, destination)
             except OSError as e:
                 if source is not None and e.errno == errno.EADDRNOTAVAIL:
                     self._unusable(source, e)
