@@ -42,15 +42,27 @@ UDP_SOCKETS = 2000  # per measurement of the UDP socket cost
 
 
 def _prepare(lab: Lab) -> str:
-    """The origin, the pool addresses, the tunnel and an edge; the tunnel's token."""
-    p = lab.private
-    for addr in (ORIGIN, *POOL):
-        p.add_address("lo", f"{addr}/32")
-    start_in(p, ORIGIN, BASE_PORT)
-    token = lab.tokens.get(TUNNEL) or lab.create_tunnel(TUNNEL, [f"{ORIGIN}/32"])
+    """The origin, the pool addresses, the tunnel and an edge (each once per lab); the
+    tunnel's token."""
+    if TUNNEL not in lab.tokens:
+        p = lab.private
+        for addr in (ORIGIN, *POOL):
+            p.add_address("lo", f"{addr}/32")
+        start_in(p, ORIGIN, BASE_PORT)
+        lab.create_tunnel(TUNNEL, [f"{ORIGIN}/32"])
     if lab.edge is None or not lab.edge.alive():
         lab.start_edge("--log-level", "warning", "--audit-log", "/dev/null")
-    return token
+    return lab.tokens[TUNNEL]
+
+
+def _reaches_origin(lab: Lab) -> bool:
+    """One flow through the benchmark's tunnel works (the edge has read its route)."""
+    rep, sock = lab.socks5(ORIGIN, BASE_PORT + 1)
+    with sock:
+        if rep != 0:
+            return False
+        sock.sendall(b"x")
+        return sock.recv(1) == b"x"
 
 
 def _connector(lab: Lab, token: str, pool: bool) -> LabProcess:
@@ -64,6 +76,7 @@ def _connector(lab: Lab, token: str, pool: bool) -> LabProcess:
         30,
         what="the benchmark connector to register",
     )
+    wait_until(lambda: _reaches_origin(lab), 30, what="a flow to the benchmark origin")
     return conn
 
 
