@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from ramp.net.netns import Netns
-from ramp.testing.clients import socks5_connect_async, udp_unwrap, udp_wrap
+from ramp.testing.clients import http_connect, socks5_connect_async, udp_unwrap, udp_wrap
 from ramp.testing.lab import (
     CLIENT_ADDR,
     EDGE_PUBLIC_ADDR,
@@ -277,6 +277,11 @@ def scrape(proc: LabProcess, source: str) -> Metrics:
     return Metrics(proc.ns.call(get))
 
 
+def header(head: bytes, name: str) -> str:
+    found = re.search(rb"(?im)^" + name.encode() + rb": *(.*?)\r?$", head)
+    return found.group(1).decode() if found else ""
+
+
 def run_load(lab: Lab, connector_index: int) -> dict[str, Any]:
     conn = lab.connectors[connector_index]
 
@@ -284,7 +289,12 @@ def run_load(lab: Lab, connector_index: int) -> dict[str, Any]:
         tcp = egress_sockets(lab.private, "t", ORIGIN)
         udp = egress_sockets(lab.private, "u", ORIGIN)
         metrics = scrape(conn, "127.0.0.1")
+        # one more flow while all are held, by HTTP CONNECT: what an HTTP client sees
+        with lab.connect_http_proxy() as sock:
+            status, head = http_connect(sock, ORIGIN, ORIGIN_PORTS[0])
         return {
+            "http_connect": status,
+            "http_proxy_status": header(head, "proxy-status"),
             "connector_tcp": tcp[0],
             "connector_tcp_ports": tcp[1],
             "connector_tcp_sources": sorted(tcp[2]),
@@ -402,6 +412,7 @@ def test_connector_holds_3000_flows_and_sessions_in_1000_ports(
     # 3,000 of each in a range of 1,000 ports: ports are shared across destinations
     assert on["connector_tcp_ports"] <= 1000 and on["connector_udp_ports"] <= 1000, on
     assert on["exhausted_tcp"] == on["exhausted_udp"] == 0, on
+    assert on["http_connect"] == 200, on
 
     # off: each connection holds a port alone; two addresses hold 2 x 1,000 at most
     assert 0 < off["tcp_ok"] < FLOWS and 0 < off["udp_ok"] < SESSIONS, off
@@ -409,6 +420,8 @@ def test_connector_holds_3000_flows_and_sessions_in_1000_ports(
         f"socks5 reply {REP_NETWORK_UNREACHABLE:#04x}": FLOWS - off["tcp_ok"]
     }, off
     assert off["tcp_again"] == off["tcp_ok"], off
+    assert off["http_connect"] == 502, off
+    assert "error=destination_ip_unroutable" in off["http_proxy_status"], off
     assert off["exhausted_tcp"] >= FLOWS - off["tcp_ok"], off
     assert off["exhausted_udp"] >= SESSIONS - off["udp_ok"], off
     # the reason reaches the edge's record of each failed flow
@@ -418,7 +431,8 @@ def test_connector_holds_3000_flows_and_sessions_in_1000_ports(
         if r.get("result") == "net_unreachable" and EXHAUSTED in str(r.get("reason"))
     ]
     assert {r["protocol"] for r in failed} == {"tcp", "udp"}, failed[:3]
-    assert sum(1 for r in failed if r["protocol"] == "tcp") == FLOWS - off["tcp_ok"]
+    # each SOCKS5 flow that failed, and the HTTP CONNECT one
+    assert sum(1 for r in failed if r["protocol"] == "tcp") == FLOWS - off["tcp_ok"] + 1
 
 
 @pytest.mark.slow
