@@ -28,7 +28,7 @@ from ramp.config_lines import (
     normalize_keys,
     read_yaml_file,
 )
-from ramp.net.sources import parse_source
+from ramp.net.sources import parse_pool
 from ramp.onramps.registry import OnRampOptions, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
 from ramp.wire.masque import UdpTemplate
@@ -240,10 +240,8 @@ def _check_sources(value: Any) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             raise ValueError(f"bad egress source {item!r}: expected an IP address or CIDR")
-        for part in item.split(","):
-            if part.strip():
-                parse_source(part)
-                out.append(part.strip())
+        out += [part.strip() for part in item.split(",") if part.strip()]
+    parse_pool(out)
     return out
 
 

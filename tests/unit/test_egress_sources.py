@@ -3,7 +3,12 @@ the others, and what it leaves out."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ramp.config import ConnectorConfig, EdgeConfig
 from ramp.net.sources import MAX_POOL_ENTRY, UNUSABLE_FOR, SourcePool, parse_source
@@ -64,3 +69,33 @@ def test_config_takes_a_list_or_commas_and_names_the_bad_entry() -> None:
     assert ConnectorConfig().egress_share_ports is True
     with pytest.raises(ValueError, match=f"at most {MAX_POOL_ENTRY}"):
         ConnectorConfig(egress_source=["198.51.100.21", "10.0.0.0/8"])
+    with pytest.raises(ValueError, match=re.escape("198.51.100.0/24 and 198.51.100.21/32 overlap")):
+        ConnectorConfig(egress_source="198.51.100.0/24,198.51.100.21")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(16, 32)), min_size=1, max_size=4),
+    st.integers(1, 40),
+    st.integers(0, 50),
+)
+def test_a_flow_gets_distinct_addresses_of_the_pool(
+    nets: list[tuple[int, int]], tries: int, turns: int
+) -> None:
+    entries = [str(ipaddress.ip_network((addr, plen), strict=False)) for addr, plen in nets]
+    try:
+        pool = SourcePool(entries)
+    except ValueError as e:
+        assert "overlap" in str(e)
+        return
+    allowed = [ipaddress.ip_network(e) for e in entries]
+    for _ in range(turns):
+        next(pool.choose(4), None)
+    chosen = list(pool.choose(4, tries=tries))
+    assert len(chosen) == len(set(chosen)) == min(tries, pool.size(4))
+    for a in chosen:
+        ip = ipaddress.ip_address(a)
+        assert any(ip in net for net in allowed)
+        # never a network or broadcast address of a /30 or wider prefix it came from alone
+        hosts_only = [n for n in allowed if ip in n]
+        assert any(n.num_addresses < 4 or ip not in (n[0], n[-1]) for n in hosts_only)

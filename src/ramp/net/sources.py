@@ -34,6 +34,17 @@ def parse_source(text: str) -> IPNetwork:
     return net
 
 
+def parse_pool(entries: Iterable[str]) -> list[IPNetwork]:
+    """The entries of `egress_source`, each parsed; ValueError for a bad one, or for two that
+    overlap (an address would get two turns, and one flow could try it twice)."""
+    nets = [parse_source(e) for e in entries]
+    for i, a in enumerate(nets):
+        for b in nets[:i]:
+            if a.version == b.version and a.overlaps(b):  # type: ignore[arg-type]
+                raise ValueError(f"egress sources {b} and {a} overlap")
+    return nets
+
+
 def _addresses(net: IPNetwork) -> tuple[int, int]:
     """(first address as an int, count): an IPv4 prefix of /30 or wider without its network
     and broadcast addresses, as a host would never use them."""
@@ -49,8 +60,7 @@ class SourcePool:
     def __init__(self, entries: Iterable[str], clock: Callable[[], float] = time.monotonic) -> None:
         self._ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         self._size = {4: 0, 6: 0}
-        for entry in entries:
-            net = parse_source(entry)
+        for net in parse_pool(entries):
             first, count = _addresses(net)
             self._ranges[net.version].append((first, count))
             self._size[net.version] += count

@@ -231,7 +231,8 @@ class ConnectorSessions:
                 ip, port, lambda d: s.to_edge(d), lambda what: s.origin_error(what), self.egress
             )
         except FlowError as e:
-            log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
+            if self._refusal_log.allow(e.result):  # as often as a client asks: rate-limited
+                log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
             code = (
                 SessionError.CANNOT_BIND
                 if isinstance(e, SourcePortsExhausted)
