@@ -218,3 +218,17 @@ def test_a_udp_session_the_connector_has_no_port_for_fails_clearly(tmp_path: Pat
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_a_family_without_pool_addresses_gets_the_routing_tables_source() -> None:
+    egress = Egress(["127.0.0.2"])  # IPv4 only
+    try:
+        server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        server.bind(("::1", 0))
+    except OSError as e:  # pragma: no cover - no IPv6 loopback
+        pytest.skip(f"no ::1: {e}")
+    with server, egress.udp_socket(socket.AF_INET6, server.getsockname()) as s:
+        assert s.getsockname()[0] == "::1"
+        s.send(b"v6")
+        data, peer = server.recvfrom(10)
+        assert data == b"v6" and peer[:2] == s.getsockname()[:2]
