@@ -87,7 +87,7 @@ class Egress:
 
     def _unusable(self, address: str, e: OSError) -> None:
         self.pool.unusable(address)
-        if self._log.allow(("unusable", address)):
+        if self._log.allow("unusable"):
             log.warning(
                 "egress source %s cannot be bound (%s): left out for a while; is it an "
                 "address of this host?",
