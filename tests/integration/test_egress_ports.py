@@ -33,15 +33,21 @@ from ramp.net.netns import Netns
 from ramp.testing.clients import http_connect, socks5_connect_async, udp_unwrap, udp_wrap
 from ramp.testing.lab import (
     CLIENT_ADDR,
+    DNS_ZONE,
+    DUAL_NAME,
     EDGE_PUBLIC_ADDR,
     EDGE_PUBLIC_ADDR2,
+    HTTP_PORT,
     ORIGIN,
+    PRIVATE_DNS,
     SOCKS_PORT,
+    SOCKS_PROXY,
     Lab,
     LabProcess,
     Metrics,
     wait_until,
 )
+from ramp.testing.origins import INDEX_BODY
 
 PORT_RANGE = (40000, 40999)  # 1,000 ephemeral ports in P
 ORIGIN_PORTS = (9100, 9101, 9102)
@@ -498,3 +504,36 @@ def test_direct_egress_shares_ports_too(tmp_path: Path, payload: Any, lab_opener
         if r.get("result") == "net_unreachable" and EXHAUSTED in str(r.get("reason"))
     ]
     assert {r["protocol"] for r in failed} == {"tcp", "udp"}, failed[:3]
+
+
+def test_a_name_whose_ipv4_address_never_answers_connects_over_ipv6(
+    tmp_path: Path, payload: Any, lab_opener: Any
+) -> None:
+    """Happy eyeballs at the connector: dual.corp.example has an A record nobody answers
+    (P drops what it sends there) and an AAAA record of the IPv6 origin. Tried one after the
+    other, the first address would take the whole connect timeout; staggered (RFC 8305), the
+    second starts 250 ms later and wins."""
+    with lab_opener(tmp_path, payload, standard=False) as lab:
+        token = lab.create_tunnel("corp", ["198.51.100.0/24", "2001:db8:198::/64"])
+        lab.add_dns_route(DNS_ZONE, "corp")
+        lab.start_edge()
+        lab.start_connector(token, "--connect-timeout", "2", "--dns-resolver", PRIVATE_DNS)
+        lab.wait_tunnel_connections("corp", 1)
+        url = f"http://{DUAL_NAME}:{HTTP_PORT}/"
+        # the edge learns the DNS route from its store poll
+        got = wait_until(
+            lambda: (
+                (r := lab.curl("--socks5-hostname", SOCKS_PROXY, url, timeout=10)).returncode == 0
+                and r
+            ),
+            30,
+            interval=0.2,
+            what=f"{url} through the tunnel",
+        )
+        assert got.stdout == INDEX_BODY
+        ended = wait_until(
+            lambda: [r for r in lab.audit_records() if DUAL_NAME in str(r.get("destination"))],
+            30,
+            what="the flow's audit record",
+        )
+        assert ended[-1]["result"] == "ok", ended[-3:]
