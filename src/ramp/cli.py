@@ -155,7 +155,7 @@ def _option_for(name: str, field: FieldInfo, envvar: str | None) -> Callable[[F]
             flag,
             name,
             multiple=True,
-            metavar="HOST:PORT" if name == "edge" else "VALUE",
+            metavar={"edge": "HOST:PORT", "egress_source": "CIDR"}.get(name, "VALUE"),
             help=f"{field.description} Repeatable.",
         )
     if ann is bool:

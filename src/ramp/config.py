@@ -28,6 +28,7 @@ from ramp.config_lines import (
     normalize_keys,
     read_yaml_file,
 )
+from ramp.net.sources import parse_pool
 from ramp.onramps.registry import OnRampOptions, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
 from ramp.wire.masque import UdpTemplate
@@ -231,7 +232,38 @@ class _ProxyOnRamps(_Base):
     )
 
 
-class EdgeConfig(_ProxyOnRamps):
+def _check_sources(value: Any) -> list[str]:
+    """`egress_source`: a list, or one comma-separated string; every entry an address or a
+    CIDR small enough to enumerate (ramp.net.sources)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"bad egress source {item!r}: expected an IP address or CIDR")
+        out += [part.strip() for part in item.split(",") if part.strip()]
+    parse_pool(out)
+    return out
+
+
+class _Egress(_Base):
+    """How a role's own connections leave: the connector's to origins, the edge's direct
+    egress (reference/ephemeral-ports-connectx.txt)."""
+
+    egress_source: Annotated[list[str], BeforeValidator(_check_sources)] = Field(
+        default_factory=list,
+        description="Source addresses (IPs, or CIDRs of at most 65,536) of this host for "
+        "connections to origins (connector) or direct egress (edge); each flow takes the next "
+        "in turn, and another when one has no port left. Empty: the routing table chooses.",
+    )
+    egress_share_ports: bool = Field(
+        True,
+        description="Share source ports across destinations (TCP: IP_BIND_ADDRESS_NO_PORT, "
+        "UDP: connectx), so the port range limits connections per destination, not in all; "
+        "off: a port per connection. None left: net_unreachable 'source ports exhausted'.",
+    )
+
+
+class EdgeConfig(_ProxyOnRamps, _Egress):
     """The edge: on-ramps, routing to tunnels, direct egress."""
 
     tunnel_listen: str = Field(
@@ -533,7 +565,7 @@ class ClientConfig(_ProxyOnRamps):
         ]
 
 
-class ConnectorConfig(_Base):
+class ConnectorConfig(_Egress):
     """The connector (`ramp tunnel run`)."""
 
     token: str = Field("", description="Tunnel token from `ramp tunnel token NAME`.")

@@ -25,6 +25,7 @@ from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
 from ramp.offramps.base import OffRamp
 from ramp.offramps.direct import DirectOffRamp
+from ramp.offramps.egress import Egress
 from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
@@ -224,6 +225,11 @@ class Edge:
             EgressGuard() if self.config.allow_direct_egress else EgressGuard(frozenset()),
             self._rule_to,
             self.metrics.flows_rejected.labels("direct_egress_denied").inc,
+            Egress(
+                self.config.egress_source,
+                self.config.egress_share_ports,
+                on_exhausted=lambda protocol: m.egress_ports_exhausted.labels(protocol).inc(),
+            ),
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
         associations = AssociationLimits.for_role(self.config, m)

@@ -100,6 +100,14 @@ class FlowMetrics:
         self._dgram_children = {
             d: (self.udp_datagrams.labels(d), self.udp_bytes.labels(d)) for d in ("up", "down")
         }
+        # the edge's direct egress and the connector's origins (ramp.offramps.egress)
+        self.egress_ports_exhausted = Counter(
+            "ramp_egress_ports_exhausted",
+            "Flows and UDP sessions that failed with 'source ports exhausted': no source "
+            "address had a port left towards the destination, by protocol (tcp, udp).",
+            ["protocol"],
+            registry=registry,
+        )
         self.tunnel_bad_packets = Counter(
             "ramp_tunnel_bad_packets",
             "UDP packets dropped on the tunnel port before reaching a QUIC connection.",

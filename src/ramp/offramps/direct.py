@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ramp.flows.flow import Flow, FlowError, FlowResult, Route, parse_ip
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.net.egress import EgressGuard
+from ramp.offramps.egress import Egress
 from ramp.offramps.tcp import DirectLeg, dial_tcp
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.tunnel.sessions_edge import EdgeSessions, UdpSessionBase
@@ -63,7 +64,9 @@ class DirectOffRamp:
         guard: EgressGuard | None = None,
         rule_to: Callable[[str], str | None] = lambda rule_id: None,
         on_denied: Callable[[], None] | None = None,
+        egress: Egress | None = None,
     ) -> None:
+        self.egress = egress  # source addresses and port sharing (ramp.offramps.egress)
         self.sessions = sessions
         self.connect_timeout = connect_timeout
         self.guard = guard if guard is not None else EgressGuard()
@@ -87,7 +90,9 @@ class DirectOffRamp:
     async def open_stream(self, flow: Flow, route: Route) -> TcpLeg:
         self._check(flow)
         assert flow.resolved is not None
-        sock = await dial_tcp(flow.resolved, flow.destination.port, self.connect_timeout)
+        sock = await dial_tcp(
+            flow.resolved, flow.destination.port, self.connect_timeout, egress=self.egress
+        )
         if route.proxy_protocol is not None:
             try:
                 await send_proxy_header(sock, flow, route.proxy_protocol)
@@ -113,6 +118,7 @@ class DirectOffRamp:
                 flow.destination.port,
                 session.deliver,
                 lambda what: table.metrics_drop(what),
+                self.egress,
             )
         table.add(session)
         return session

@@ -19,6 +19,7 @@ from qh3.quic.connection import QuicConnection
 from ramp import __version__
 from ramp.flows.budget import MemoryBudget, reserve
 from ramp.flows.flow import FlowError, FlowResult
+from ramp.offramps.egress import Egress
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
 from ramp.quic.pin import PinError, check_pin
@@ -279,6 +280,7 @@ class TunnelClient:
         self.active_flows = 0
         self.sessions: ConnectorDatagramSink | None = None  # UDP sessions, set by the connector
         self.resolver: Resolver | None = None
+        self.egress: Egress | None = None  # source addresses and port sharing for origins
 
     def start(self) -> None:
         index = 0
@@ -488,7 +490,7 @@ class TunnelClient:
                 raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
             host, port = resolver.address
         return await dial_tcp(
-            host, port, self.connect_timeout, resolver.resolve if resolver else None
+            host, port, self.connect_timeout, resolver.resolve if resolver else None, self.egress
         )
 
     async def drain(self, grace: float) -> None:
