@@ -5,6 +5,7 @@
 BASE_PORT+0  source: reads an 8-byte big-endian count, sends that many bytes, closes.
 BASE_PORT+1  ping:   reads one byte, writes it back, closes.
 BASE_PORT+2  hold:   accepts and keeps the connection open until the client closes.
+BASE_PORT+3  echo:   writes back what it reads until the client closes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.close()
 
 
+async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except ConnectionError:
+        pass
+    finally:
+        w.close()
+
+
 def start_in(ns: Any, host: str, base: int) -> None:
     """Run these origins in lab namespace `ns` (a Netns) and wait until they listen."""
     proc = ns.popen(
@@ -68,7 +80,7 @@ def start_in(ns: Any, host: str, base: int) -> None:
 async def main(host: str, base: int) -> None:
     servers = [
         await asyncio.start_server(handler, host, base + i, backlog=4096)
-        for i, handler in enumerate((source, ping, hold))
+        for i, handler in enumerate((source, ping, hold, echo))
     ]
     print("ready", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))

@@ -16,6 +16,7 @@ from ramp.flows.table import FlowTable
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
 from ramp.observe.status import start_status_server
+from ramp.offramps.egress import Egress
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
@@ -73,6 +74,14 @@ class Connector:
             on_busy=self.metrics.flows_rejected.labels("resolver_busy").inc,
         )
         self.client.resolver = self.resolver
+        self.egress = Egress(
+            config.egress_source,
+            config.egress_share_ports,
+            on_exhausted=lambda protocol: self.metrics.egress_ports_exhausted.labels(
+                protocol
+            ).inc(),
+        )
+        self.client.egress = self.egress
         self.status: Any = None
         self.audit = AuditLog(
             config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
@@ -163,6 +172,7 @@ class Connector:
             per_identity=self.config.max_udp_sessions_per_identity,
             metrics_refused=m.udp_session_refused,
             metrics_expired=m.udp_session_expired,
+            egress=self.egress,
         )
         if self.resolver.address is None:
             log.warning("no DNS resolver (no --dns-resolver, none in /etc/resolv.conf)")

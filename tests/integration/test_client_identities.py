@@ -13,8 +13,25 @@ import pytest
 
 from ramp.client_token import ClientToken, decode_client_token
 from ramp.policy.identities import secret_text
-from ramp.testing.clients import REP_SUCCEEDED, ProxyError, http_connect, socks5_connect
-from ramp.testing.lab import ECHO_PORT, HTTP_PORT, ORIGIN, Lab, Payload, wait_until
+from ramp.testing.clients import (
+    REP_SUCCEEDED,
+    ProxyError,
+    http_connect,
+    socks5_connect,
+    socks5_udp_associate,
+    udp_unwrap,
+    udp_wrap,
+)
+from ramp.testing.lab import (
+    CLIENT_ADDR,
+    ECHO_PORT,
+    HTTP_PORT,
+    ORIGIN,
+    UDP_ECHO_PORT,
+    Lab,
+    Payload,
+    wait_until,
+)
 
 # The requirement: a revoked client's open flows end within 2 s. The edge sees the store's
 # change at its next poll (--store-poll-interval, 1 s by default, inside those 2 s); the
@@ -175,3 +192,54 @@ def test_revoking_a_client_refuses_it_and_ends_its_open_flows(client_lab: Lab) -
     # a revoked name is never given out again
     again = lab.ramp("client", "create", tok.name, check=False)
     assert again.returncode == 2 and "revoked names are not reused" in again.stderr
+
+
+def test_revoking_a_client_ends_its_socks5_udp_association(client_lab: Lab) -> None:
+    lab = client_lab
+    tok = _create(lab, "carol")
+    password = secret_text(tok.secret)
+    udp = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((CLIENT_ADDR, 0))
+
+    def associate() -> tuple[socket.socket, tuple[str, int]] | None:
+        # the edge learns of a new identity at its next store poll; until then it refuses it
+        ctrl = lab.connect_socks()
+        try:
+            return ctrl, socks5_udp_associate(
+                ctrl, *udp.getsockname(), user=tok.name, password=password
+            )
+        except ProxyError:
+            ctrl.close()
+            return None
+
+    ctrl, relay = wait_until(associate, 10, what="carol's UDP ASSOCIATE")
+    with ctrl, udp:
+        udp.connect(relay)
+        udp.settimeout(5)
+
+        def echoed() -> bool:
+            udp.send(udp_wrap(ORIGIN, UDP_ECHO_PORT, b"ping"))
+            try:
+                return udp_unwrap(udp.recv(2048))[2] == b"ping"
+            except TimeoutError:
+                return False
+
+        wait_until(echoed, 10, what="a datagram echoed through carol's association")
+
+        lab.ramp("client", "revoke", tok.name)
+        revoked_at = time.monotonic()
+        # the control connection is what holds the association: it ends, and so does the relay
+        ctrl.settimeout(REVOKED_FLOWS_END_WITHIN + MARGIN)
+        try:
+            assert ctrl.recv(1) == b"", "data on a SOCKS5 UDP control connection"
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail(
+                f"carol's UDP association still open {time.monotonic() - revoked_at:.1f} s "
+                f"after `ramp client revoke`\n{lab.log_tails()}"
+            )
+        udp.settimeout(1)
+        udp.send(udp_wrap(ORIGIN, UDP_ECHO_PORT, b"after"))
+        with pytest.raises((TimeoutError, ConnectionRefusedError)):
+            udp.recv(2048)

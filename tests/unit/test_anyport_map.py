@@ -128,6 +128,14 @@ def test_lookup_is_the_first_rule_that_holds_the_address_and_port(
         ),
         ({"to": "a:1", "mechanism": "xdp"}, "auto"),
         ({"to": "a:1", "protocol": "sctp"}, "tcp"),
+        (
+            {
+                "to": "a:1",
+                "protocol": "udp",
+                "proxy_protocol": {"mode": "required", "trusted": ["192.0.2.0/24"]},
+            },
+            "a udp anyport on-ramp takes none",
+        ),
     ],
 )
 def test_bad_options_say_what_is_wrong(entry: dict[str, object], message: str) -> None:

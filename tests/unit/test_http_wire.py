@@ -216,6 +216,7 @@ def test_auth_challenge_counts_only_bad_credentials() -> None:
     assert first.reason is None  # the normal start of the exchange
     assert response_status(first.reply) == 407
     assert b'Proxy-Authenticate: Basic realm="ramp"' in first.reply
+    assert b'Proxy-Authenticate: Bearer realm="ramp"' in first.reply
     assert auth_challenge(b"Basic eA==").reason == "auth_failed"
 
 

@@ -17,7 +17,7 @@ from ramp.client import Client
 from ramp.config import ClientConfig
 from ramp.offramps.masque import EdgeTarget
 from ramp.policy.identities import bearer
-from ramp.quic import h3
+from ramp.quic import endpoint, h3, qh3compat
 from ramp.store.db import Store
 from ramp.testing.clients import socks5_connect_async
 from ramp.testing.loopback import Tunnel, run, tunnel
@@ -97,6 +97,41 @@ def test_a_stalled_reader_holds_the_edge_back_and_still_gets_every_byte(tmp_path
             writer.close()
             assert got == SIZE
             assert digest.hexdigest() == _digest()
+        origin.close()
+
+    run(go())
+
+
+def test_packets_are_as_large_as_the_path_allows_both_ways(tmp_path: Path) -> None:
+    # the client's Initial is 1,280 bytes, so the edge answers with 1,452-byte packets (and
+    # still with qh3's 1,280 to a 1,200-byte Initial: the aioquic interop tests); the client
+    # probes its way up to 1,452 as it sends
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = 0
+        while chunk := await reader.read(1 << 20):
+            got += len(chunk)
+        writer.write(str(got).encode())
+        writer.close()
+
+    def path_size(quic: object) -> int:
+        room = qh3compat.datagram_room(quic)  # type: ignore[arg-type]
+        return room[1] if room is not None else 0
+
+    async def go() -> None:
+        origin = await asyncio.start_server(sink, "127.0.0.1", 0)
+        port = origin.sockets[0].getsockname()[1]
+        async with client_and_edge(tmp_path) as (client, t):
+            masque = next(o for o in t.edge.onramps if o.onramp == "masque")
+            (edge_side,) = masque.server.all_protocols()
+            assert path_size(edge_side.quic) == endpoint.LARGE_DATAGRAM_SIZE
+            peer = client.link.peer
+            assert peer is not None
+            reader, writer = await _open(client, port)
+            writer.write(b"\0" * (8 * 1024 * 1024))
+            writer.write_eof()
+            assert await reader.read() == str(8 * 1024 * 1024).encode()
+            writer.close()
+            assert path_size(peer.quic) >= endpoint.LARGE_DATAGRAM_SIZE
         origin.close()
 
     run(go())

@@ -178,6 +178,8 @@ class AnyportOptions(OnRampOptions):
     @model_validator(mode="after")
     def _check_rules(self) -> AnyportOptions:
         PortMap.from_options(self)  # raises ValueError with the rule that is wrong
+        if self.protocol == "udp" and self.proxy_protocol is not None:
+            raise ValueError("proxy_protocol is for TCP: a udp anyport on-ramp takes none")
         if self.network.version == 6 and "listen" not in self.model_fields_set:
             # the one socket is of the prefix's family
             self.listen = "[::1]:0"

@@ -48,6 +48,8 @@ PENDING_DATAGRAMS = 64  # UDP payloads a client may send before its request is a
 
 
 class MasqueOptions(OnRampOptions):
+    takes_proxy_protocol = False
+
     udp_template: str = Field(
         masque.DEFAULT_UDP_TEMPLATE,
         description="connect-udp URI template path, with {target_host} and {target_port}.",
@@ -86,10 +88,10 @@ class MasqueServer:
             alpn_protocols=[ALPN],
             idle_timeout=c.masque_idle_timeout,
             max_datagram_frame_size=65536,
-            # packets stay at qh3's 1,280 bytes: that leaves 1,229 bytes of UDP payload per
-            # DATAGRAM frame (RFC 9298's 1,200 fit). With more, qh3 fails to build its first
-            # flight to a client whose Initial is only 1,200 bytes (aioquic's): "packet
-            # builder capacity exhausted".
+            # qh3's 1,280-byte packets leave 1,229 bytes of UDP payload per DATAGRAM frame
+            # (RFC 9298's 1,200 fit); a client whose Initial held 1,280 bytes or more gets
+            # 1,452-byte packets (endpoint.LARGE_DATAGRAM_SIZE), one with a 1,200-byte Initial
+            # (aioquic's) these, as qh3 cannot build its first flight to it with more
         )
         assert self.ctx.tls is not None, "the MASQUE on-ramp needs the edge's certificate"
         chain, key = self.ctx.tls

@@ -142,16 +142,21 @@ class Socks5Server(TcpOnRamp):
             log.debug("socks5 %s: UDP association on %s:%d", peer, host, port)
             async with asyncio.timeout(self.config.handshake_timeout):
                 await self.send(sock, socks5.build_reply(Rep.SUCCEEDED, host, port))
-            if await run_association(assoc, sock):
+            limits.track(assoc)
+            why = await run_association(assoc, sock)
+            if why == "idle":
                 limits.on_expired()
                 log.debug(
                     "socks5 %s: UDP association closed: no datagram for %gs",
                     peer,
                     limits.idle_timeout,
                 )
+            elif why == "stopped":
+                log.info("socks5 %s: UDP association of %s closed: revoked", peer, identity)
         except (OSError, TimeoutError) as e:
             log.debug("socks5 %s: UDP association ended: %s", peer, e)
         finally:
+            limits.untrack(assoc)
             assoc.close()
 
 
@@ -159,6 +164,7 @@ def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
     server = Socks5Server(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
     server.associations = ctx.udp_associations
     server.credentials = ctx.credentials
+    server.proxy_header_seen = ctx.proxy_header
     return server
 
 

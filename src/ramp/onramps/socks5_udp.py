@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -86,6 +86,7 @@ class AssociationLimits:
         self.on_expired = on_expired
         self._on_active = on_active
         self.active = 0
+        self._live: dict[str, set[UdpAssociation]] = {}  # by identity, for revocation
 
     @classmethod
     def for_role(cls, config: Any, metrics: Any) -> AssociationLimits:
@@ -113,6 +114,28 @@ class AssociationLimits:
         self.shares.release(source, identity)
         self.active -= 1
         self._on_active(self.active)
+
+    def track(self, assoc: UdpAssociation) -> None:
+        if assoc.identity is not None:
+            self._live.setdefault(assoc.identity, set()).add(assoc)
+
+    def untrack(self, assoc: UdpAssociation) -> None:
+        live = self._live.get(assoc.identity) if assoc.identity is not None else None
+        if live is not None:
+            live.discard(assoc)
+            if not live:
+                del self._live[assoc.identity]  # type: ignore[arg-type]
+
+    def revoke(self, identities: Set[str]) -> int:
+        """End the associations of revoked identities, control connections included: their
+        sessions are flows the edge ends itself, but a live control connection would still
+        hold the relay socket and the client's share. Returns how many were ended."""
+        ended = 0
+        for name in identities:
+            for assoc in list(self._live.pop(name, ())):
+                assoc.stop()
+                ended += 1
+        return ended
 
 
 @dataclass(eq=False, slots=True)
@@ -193,6 +216,7 @@ class UdpAssociation:
         self.watch = IdleWatch(idle_timeout, self._loop.time())
         self._reading = False
         self.closed = False
+        self.stopped: asyncio.Future[None] = self._loop.create_future()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -203,6 +227,11 @@ class UdpAssociation:
     def start(self) -> None:
         self._loop.add_reader(self.sock.fileno(), self._readable)
         self._reading = True
+
+    def stop(self) -> None:
+        """End the association from outside (its identity was revoked)."""
+        if not self.stopped.done():
+            self.stopped.set_result(None)
 
     def close(self) -> None:
         """End the association: the relay socket and every session (idempotent)."""
@@ -370,26 +399,34 @@ async def _drain(control: socket.socket) -> None:
         log.debug("%s: control connection ended: %s", ONRAMP, e)
 
 
-async def run_association(assoc: UdpAssociation, control: socket.socket) -> bool:
-    """Relay until the control connection ends (EOF, error, or cancellation) or the
-    association idles past its timeout, then close it. True if it expired idle (the caller
-    then closes the control connection)."""
+async def run_association(assoc: UdpAssociation, control: socket.socket) -> str:
+    """Relay until the control connection ends (EOF, error, or cancellation), the association
+    idles past its timeout, or it is stopped (revoked), then close it. Returns which: "ended",
+    "idle" or "stopped" (for the last two the caller closes the control connection)."""
     loop = asyncio.get_running_loop()
     enable_keepalive(control)
     drain = loop.create_task(_drain(control))
     try:
         assoc.start()
         while True:
-            done, _ = await asyncio.wait({drain}, timeout=assoc.watch.interval)
+            done, _ = await asyncio.wait(
+                {drain, assoc.stopped},
+                timeout=assoc.watch.interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if drain in done:
+                return "ended"
             if done:
-                return False
+                why = "stopped"
+                break
             if assoc.watch.expired(loop.time()):
+                why = "idle"
                 break
         # let the read on the control socket go before its owner closes it
         drain.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await drain
-        return True
+        return why
     finally:
         drain.cancel()
         assoc.close()

@@ -48,6 +48,12 @@ logging.getLogger("qh3").setLevel(logging.ERROR)
 logging.getLogger("quic").setLevel(logging.ERROR)
 
 QUIC_MIN_INITIAL_SIZE = 1200
+# qh3's own packet size, and the one it can answer a minimal (1,200-byte) Initial with
+QH3_DATAGRAM_SIZE = 1280
+# what a client whose first datagram held at least QH3_DATAGRAM_SIZE bytes gets: an IPv6
+# packet on a 1,500-byte link less IP and UDP headers (where the path is smaller the kernel
+# fragments, as it does for the client's own packets, which qh3 sizes the same way)
+LARGE_DATAGRAM_SIZE = 1452
 DEFAULT_MAX_STREAMS = qh3compat.QH3_MAX_STREAMS_BIDI  # what qh3 advertises by itself
 MAX_DATAGRAM_STREAM_BUFFER = 4 * 1024 * 1024  # bytes of large datagrams waiting on their stream
 
@@ -322,13 +328,13 @@ class TunnelServer(qh3compat.Server):
             if len(data) < QUIC_MIN_INITIAL_SIZE or ptype != QuicPacketType.INITIAL:
                 self._on_drop("unknown_connection")
                 return
-            protocol = self._admit(version, dcid, scid, bytes(token or b""), addr)
+            protocol = self._admit(version, dcid, scid, bytes(token or b""), addr, len(data))
             if protocol is None:
                 return
         protocol.datagram_received(data, addr)
 
     def _admit(
-        self, version: int, dcid: bytes, scid: bytes, token: bytes, addr: Any
+        self, version: int, dcid: bytes, scid: bytes, token: bytes, addr: Any, size: int
     ) -> QuicConnectionProtocol | None:
         ip = _source(addr)
         now = time.monotonic()
@@ -372,6 +378,9 @@ class TunnelServer(qh3compat.Server):
             partial(self._track_handshake, key),
             original_dcid=decision.original_dcid,
             retry_scid=decision.retry_scid,
+            # fewer packets per byte; qh3 cannot build its first flight to a 1,200-byte
+            # Initial with larger ones ("packet builder capacity exhausted")
+            max_datagram_size=LARGE_DATAGRAM_SIZE if size >= QH3_DATAGRAM_SIZE else None,
         )
 
     def registration_refused(self, addr: Any) -> None:

@@ -11,6 +11,7 @@ Nothing outside this module may use a qh3 name starting with `_`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -268,13 +269,18 @@ class Server(QuicServer):
         *,
         original_dcid: bytes | None = None,
         retry_scid: bytes | None = None,
+        max_datagram_size: int | None = None,
     ) -> QuicConnectionProtocol:
         """Create the connection for a new client's first packet, wired into the server's
         connection-id table the way QuicServer.datagram_received does. After a Retry, `dcid`
         is the Retry's source cid and `original_dcid` the client's first choice: both go into
-        the transport parameters, which the client checks."""
+        the transport parameters, which the client checks. `max_datagram_size` overrides the
+        configuration's for this connection."""
+        configuration = self._configuration
+        if max_datagram_size is not None and max_datagram_size != configuration.max_datagram_size:
+            configuration = dataclasses.replace(configuration, max_datagram_size=max_datagram_size)
         connection = LimitedConnection(
-            configuration=self._configuration,
+            configuration=configuration,
             original_destination_connection_id=original_dcid or dcid,
             retry_source_connection_id=retry_scid,
             max_streams_bidi=self.max_streams_bidi,

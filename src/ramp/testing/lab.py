@@ -17,7 +17,8 @@
 - The edge resolves `origin.ramp.test` (and friends) from its own /etc/hosts.
 - UDP: an echo on :7/udp of each origin address. DNS: dnsmasq in P on 198.51.100.53:53 serves
   the private zone corp.example (`app.corp.example` -> 198.51.100.10, a TXT record too big for
-  one 1232-byte UDP answer, ...) and refuses everything else; E has no route to it. On demand
+  one 1232-byte UDP answer, `dual.corp.example` with an A record of the blackhole and an AAAA
+  record of the IPv6 origin, ...) and refuses everything else; E has no route to it. On demand
   (`start_upstream_dns`), a second dnsmasq in E on 127.0.0.53:53 plays the edge's public
   upstream resolver (`www.example.net`).
 - Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
@@ -107,6 +108,9 @@ DB_NAME = f"db.{DNS_ZONE}"  # -> ORIGIN2
 BIG_NAME = f"big.{DNS_ZONE}"  # TXT BIG_TXT: more than one 1232-byte UDP answer holds
 BIG_TXT = tuple(f"{i:02d}" + chr(ord("a") + i) * 198 for i in range(8))
 PRIVATE_DNS_RECORDS = {APP_NAME: ORIGIN, DB_NAME: ORIGIN2}
+# A -> the blackhole (connects time out), AAAA -> the IPv6 origin: only happy eyeballs gets in
+DUAL_NAME = f"dual.{DNS_ZONE}"
+DUAL_RECORDS = (BLACKHOLE, ORIGIN6)
 UPSTREAM_DNS_ADDR = "127.0.0.53"
 UPSTREAM_DNS = f"{UPSTREAM_DNS_ADDR}:53"
 PUBLIC_NAME = "www.example.net"  # known only to the upstream resolver
@@ -693,6 +697,7 @@ class Lab:
     def start_private_dns(self) -> LabProcess:
         """dnsmasq in P for the zone corp.example on 198.51.100.53:53 (started by `build`)."""
         records = [f"--address=/{name}/{ip}" for name, ip in PRIVATE_DNS_RECORDS.items()]
+        records += [f"--address=/{DUAL_NAME}/{ip}" for ip in DUAL_RECORDS]
         # One argv word, no shell: quotes would end up inside the strings.
         records.append(f"--txt-record={BIG_NAME}," + ",".join(BIG_TXT))
         self.dns_server = self._dnsmasq("dnsmasq-private", self.private, PRIVATE_DNS_ADDR, records)

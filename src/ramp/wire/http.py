@@ -262,7 +262,11 @@ def auth_challenge(value: bytes | None) -> RequestRejected:
         "proxy authentication required",
         # A first request without credentials is the normal challenge, not bad input.
         "auth_failed" if value is not None else None,
-        headers=(("Proxy-Authenticate", f'Basic realm="{REALM}"'),),
+        # both schemes it takes: a user's password, or a client identity's bearer token
+        headers=(
+            ("Proxy-Authenticate", f'Basic realm="{REALM}"'),
+            ("Proxy-Authenticate", f'Bearer realm="{REALM}"'),
+        ),
     )
 
 
