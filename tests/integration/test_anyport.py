@@ -358,6 +358,41 @@ def test_fixed_destination_no_rule_and_policy(anyport_lab: Lab) -> None:
     assert "local 203.0.113.64/26 dev lo" in routes and "proto 245" not in routes
 
 
+def test_behind_a_load_balancer_the_proxy_header_names_the_client(anyport_lab: Lab) -> None:
+    """A TCP anyport on-ramp takes PROXY headers from trusted balancers like the other TCP
+    on-ramps: the flow's source is the header's client, the dialled address stays the one the
+    balancer connected to."""
+    lab = anyport_lab
+    config = lab.write_edge_config(
+        {
+            "onramps": [
+                {
+                    "type": "anyport",
+                    "prefix": ANYPORT_PREFIX,
+                    "to": f"{ORIGIN}:7",
+                    "proxy_protocol": {"mode": "required", "trusted": ["203.0.113.2/32"]},
+                }
+            ]
+        }
+    )
+    lab.start_edge("--config", str(config))
+    lab.start_connector(lab.tokens["corp"], "--connect-timeout", "2")
+    lab.wait_tunnel_connections("corp", 1)
+    sock = lab.client_socket()
+    sock.connect(("203.0.113.90", 4433))
+    sock.sendall(b"PROXY TCP4 192.0.2.77 203.0.113.90 5555 4433\r\nhello\n")
+    assert sock.recv(100) == b"hello\n"
+    sock.close()
+    records = wait_until(
+        lambda: [r for r in lab.audit_records() if r.get("onramp") == "anyport"],
+        30,
+        what="the flow's audit line",
+    )
+    assert records[0]["source"] == "192.0.2.77:5555"
+    assert records[0]["annotations"]["dialled"] == "203.0.113.90:4433"
+    assert records[0]["destination"] == f"{ORIGIN}:7"
+
+
 def _udp_echo(sock: socket.socket, target: tuple[str, int]) -> tuple[bytes, tuple[str, int]]:
     """Send "ping" to target and return the answer and where it came from (None: lost)."""
     sock.sendto(b"ping", target)
