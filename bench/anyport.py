@@ -17,7 +17,8 @@ nbytes/ROUNDS each), so that the drift of a shared machine falls on both alike.
 
 `run(lab, seconds, nbytes)` does the same on a built lab with no edge running (it starts and
 stops its own edges, one per mechanism, and a connector if there is none) and returns the
-figures. Needs root (network namespaces, BPF, nftables). Traffic stays inside the lab.
+figures; it may be called again on the same lab. Needs root (network namespaces, BPF,
+nftables). Traffic stays inside the lab.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _random_target(network: str) -> tuple[str, int]:
 
 
 def _prepare(lab: Lab) -> None:
-    start_in(lab.private, ORIGIN, BASE_PORT)
+    if ("tcp", f"{ORIGIN}:{BASE_PORT}") not in lab.listening(lab.private):
+        start_in(lab.private, ORIGIN, BASE_PORT)
     routes = lab.client.run(["ip", "route"]).stdout.decode()
     if ANYPORT_PREFIX not in routes:
         lab.route_to_edge()
