@@ -29,6 +29,7 @@ from ramp.net.bpf import (
     mov64_imm,
 )
 from ramp.net.sk_lookup import SkLookup, lookup_context, program
+from ramp.net.sk_lookup import main as sk_lookup_main
 from ramp.onramps.anyport_map import PortMap
 from ramp.onramps.registry import parse_entry
 
@@ -268,3 +269,16 @@ def test_the_kernel_runs_the_program_as_the_python_mapping_says(
                 assert chosen == mapping.claims(address, port), (address, port)
         finally:
             steer.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "protocol", "family"), [(["tcp"], 6, 2), (["udp", "ipv6"], 17, 10)]
+)
+def test_the_printed_bytecode_is_the_program(
+    capsys: pytest.CaptureFixture[str], args: list[str], protocol: int, family: int
+) -> None:
+    """`python -m ramp.net.sk_lookup` prints what the edge loads (map descriptors as 0)."""
+    sk_lookup_main(args)
+    out = capsys.readouterr().out.splitlines()
+    assert bytes.fromhex(out[-1]) == program(0, 0, 0, protocol, family).assemble()
+    assert len(out) == 1 + len(decode(bytes.fromhex(out[-1])))
