@@ -323,10 +323,8 @@ class AnyportUdp:
             if flow.session is not None:
                 with contextlib.suppress(Exception):
                     flow.session.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Sessions still opening are closed by `_open` when they arrive (the flow is gone from
+        # `flows`): cancelling the open could leave a half-registered session in the opener.
         for reply in self.replies.values():
             reply.sock.close()
         self.replies.clear()
