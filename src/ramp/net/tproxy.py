@@ -15,7 +15,9 @@ edges that died without cleaning up (SIGKILL, a crash) and removes what they lis
 `protocol RTPROT_RAMP` (245), so `ip rule` and `ip route` show whose they are. Two listeners
 of one prefix (TCP and UDP) share the AnyIP route: it goes when the last of them does. The
 commands are iproute2's and nftables', run as subprocesses: what the edge does can be read and
-repeated by hand.
+repeated by hand. (pyroute2 would save the processes, but its synchronous API runs an event
+loop of its own, which cannot run inside the edge's, and these few calls at start and stop do
+not warrant making the on-ramp's setup asynchronous netlink code.)
 """
 
 from __future__ import annotations
