@@ -12,7 +12,7 @@ if command -v apt-get >/dev/null; then
   # bring a font, fonts-dejavu-core; the recommended chromium-sandbox is not used as root).
   apt-get install -y -qq --no-install-recommends \
     curl iproute2 nftables socat iperf3 procps ca-certificates dnsmasq-base dnsutils \
-    openssh-server openssh-client chromium >/dev/null
+    openssh-server openssh-client chromium haproxy nginx bpftool >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
