@@ -262,6 +262,8 @@ class Edge:
             h, p = parse_hostport(options.listen)
             await server.start(h, p)
             self.onramps.append(server)
+            if mechanism := getattr(server, "mechanism", ""):
+                m.onramp_steering.labels(options.type, options.listen, mechanism).inc()
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
         )

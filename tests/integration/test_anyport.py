@@ -183,6 +183,10 @@ def test_every_port_reaches_the_mapped_service(anyport_lab: Lab, mechanism: str)
         # a second client (another source port) to the same addresses and ports while the
         # first one's sessions and their reply sockets are still there
         check_udp(lab, ports[:20])
+        metrics = lab.edge_metrics()
+        steered = metrics.labels("ramp_onramp_steering")
+        assert {(x["onramp"], x["mechanism"]) for x in steered} == {("anyport", mechanism)}
+        assert metrics.value("ramp_onramp_steering") == 2  # the TCP and the UDP listener
         ids = bpf_ids(lab)
         if mechanism == "sk_lookup":
             assert len(ids) == 2 and all(bpf_exists("link", k) for _, k in ids)

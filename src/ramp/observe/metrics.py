@@ -198,6 +198,13 @@ class EdgeMetrics(ProxyMetrics):
             ["onramp", "version", "kind"],
             registry=self.registry,
         )
+        self.onramp_steering = Gauge(
+            "ramp_onramp_steering",
+            "On-ramp listeners that take traffic for addresses and ports they do not bind "
+            "(anyport), by on-ramp, listen address and mechanism (sk_lookup, tproxy).",
+            ["onramp", "listen", "mechanism"],
+            registry=self.registry,
+        )
         self.tunnel_connections = Gauge(
             "ramp_tunnel_connections",
             "Registered connector connections by tunnel.",
