@@ -230,7 +230,9 @@ class Edge:
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
             credentials=self.credentials,
             registry=m.registry,
+            packets=self.packets,
         )
+        self.packets.on_packet = self._packet_from_tunnel
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
@@ -256,6 +258,14 @@ class Edge:
             await self.status.close()
         self.store.close()
         self.audit.close()
+
+    def _packet_from_tunnel(self, tunnel_id: str, packet: bytes) -> None:
+        """A connector's IP packet (an echo reply, an ICMP error) for a connect-ip client."""
+        for server in self.onramps:
+            take = getattr(server, "packet_from_tunnel", None)
+            if take is not None and take(tunnel_id, packet):
+                return
+        self.metrics.tunnel_packet_drops.labels("no_client").inc()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         assert self.tunnels is not None
