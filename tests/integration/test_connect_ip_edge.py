@@ -17,6 +17,8 @@ from ramp.testing.lab import (
     MASQUE_PORT,
     ORIGIN,
     ORIGIN2,
+    ORIGIN6,
+    ORIGIN6_PREFIX,
     PRIVATE_DNS_ADDR,
     Lab,
     Payload,
@@ -97,3 +99,27 @@ def test_one_allowed_address_is_the_only_route_and_others_are_prohibited(lab: La
         assert list(ipaddress.collapse_addresses(b.routes)) == list(  # type: ignore[arg-type]
             ipaddress.collapse_addresses(both)
         )
+
+
+def test_ping_and_ipv6_through_the_tun_device(lab: Lab, payload: Payload) -> None:
+    lab.add_route(ORIGIN6_PREFIX, "corp")
+    with ip_bridge(lab.client, EDGE_PUBLIC_ADDR, MASQUE_PORT, _bearer(lab, "alice")) as b:
+        wait_until(lambda: N(ORIGIN6_PREFIX) in b.routes, 30, what="the IPv6 route")
+        v6 = next(a for a in b.addresses if a.version == 6)
+        wait_until(
+            lambda: str(v6) in lab.client.ip("-o", "address", "show", "dev", b.tun_name),
+            30,
+            what="the IPv6 address on the device",
+        )
+        for target in (ORIGIN, ORIGIN6):
+            ping = lab.client.run(["ping", "-c", "3", "-W", "5", "-i", "0.2", target], check=False)
+            out = ping.stdout.decode()
+            assert ping.returncode == 0 and " 0% packet loss" in out, out
+        got = lab.curl_digest(f"http://[{ORIGIN6}]/{payload.small.name}", timeout=60)
+        assert got.returncode == 0, got.stderr
+        assert got.sha256 == payload.small.sha256
+        dig = lab.client.run(
+            ["dig", "+short", "+time=5", "+tries=1", f"@{PRIVATE_DNS_ADDR}", APP_NAME],
+            check=False,
+        )
+        assert dig.stdout.decode().split() == [ORIGIN], dig.stderr
