@@ -29,7 +29,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ramp.flows.flow import (
     Destination,
@@ -61,8 +61,19 @@ from ramp.wire import connect_ip as cip
 from ramp.wire import ip as wip
 from ramp.wire import masque
 
-if TYPE_CHECKING:
-    from ramp.onramps.masque import MasqueServer
+
+class MasqueHost(Protocol):
+    """What connect-ip needs of the MASQUE on-ramp serving it (ramp.onramps.masque)."""
+
+    onramp: str
+    opener: Any  # the edge's FlowPipeline
+    options: Any  # MasqueOptions
+    config: Any  # EdgeConfig
+
+    def _bad(self, reason: str, peer: H3Peer | None = None) -> None: ...
+
+    def _dropped(self, reason: str) -> None: ...
+
 
 log = logging.getLogger("ramp.edge.connect_ip")
 
@@ -85,7 +96,7 @@ class ConnectIp:
 
     def __init__(
         self,
-        server: MasqueServer,
+        server: MasqueHost,
         pool: AddressPool,
         mtu: int,
         *,
