@@ -28,9 +28,10 @@ from ramp.config_lines import (
     normalize_keys,
     read_yaml_file,
 )
+from ramp.flows.ip_pool import DEFAULT_IP_POOL
 from ramp.onramps.registry import OnRampOptions, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
-from ramp.wire.masque import UdpTemplate
+from ramp.wire.masque import IpTemplate, UdpTemplate
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -71,6 +72,30 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
 def _check_template(value: str) -> str:
     UdpTemplate(value)  # ValueError says what is wrong
     return value
+
+
+def _check_ip_template(value: str) -> str:
+    if value.strip() in ("", "off"):
+        return "off"
+    IpTemplate(value)
+    return value
+
+
+def _check_pool(value: list[str]) -> list[str]:
+    out = []
+    versions = set()
+    for text in value:
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as e:
+            raise ValueError(f"bad pool prefix {text!r}: {e}") from None
+        if net.num_addresses < 4:
+            raise ValueError(f"pool prefix {text!r} is too small (at least a /30 or /126)")
+        if net.version in versions:
+            raise ValueError(f"more than one IPv{net.version} pool prefix: {text!r}")
+        versions.add(net.version)
+        out.append(str(net))
+    return out
 
 
 def _check_listen(value: str) -> str:
@@ -245,12 +270,38 @@ class EdgeConfig(_ProxyOnRamps):
     )
     masque_listen: str = Field(
         "0.0.0.0:443",
-        description="HTTP/3 proxy (MASQUE: CONNECT, connect-udp) UDP HOST:PORT, or 'off'. "
-        "Every request must carry a client identity's credentials.",
+        description="HTTP/3 proxy (MASQUE: CONNECT, connect-udp, connect-ip) UDP HOST:PORT, "
+        "or 'off'. Every request must carry a client identity's credentials.",
     )
     masque_udp_template: str = Field(
         "/.well-known/masque/udp/{target_host}/{target_port}/",
         description="connect-udp URI template path of the MASQUE listener.",
+    )
+    masque_ip_template: str = Field(
+        "/.well-known/masque/ip/{target}/{ipproto}/",
+        description="connect-ip (RFC 9484) URI template path of the MASQUE listener, with "
+        "{target} and {ipproto}; 'off' = no connect-ip.",
+    )
+    masque_ip_pool: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IP_POOL),
+        description="Prefixes connect-ip clients get their addresses from (ADDRESS_ASSIGN): one "
+        "address of each IP version per request, returned when the request ends. The first "
+        "address of each prefix is the edge's own (ICMP errors such as time exceeded come "
+        "from it).",
+    )
+    masque_ip_mtu: int = Field(
+        1400,
+        ge=1280,
+        le=65535,
+        description="Largest IP packet a connect-ip client may send through the edge; a bigger "
+        "one gets ICMP fragmentation needed / packet too big naming this MTU.",
+    )
+    masque_ip_max_flows: int = Field(
+        65536,
+        ge=1,
+        description="Packet flows (per protocol, addresses and ports) the edge tracks for all "
+        "connect-ip clients together; past it a packet starting a new flow is dropped "
+        "(ramp_packets_dropped{reason=flow_limit}).",
     )
     masque_idle_timeout: float = Field(
         30.0, gt=0, description="Seconds without packets before a MASQUE client connection is dead."
@@ -431,6 +482,10 @@ class EdgeConfig(_ProxyOnRamps):
     _v_template = field_validator("masque_udp_template")(
         classmethod(lambda cls, v: _check_template(v))
     )
+    _v_ip_template = field_validator("masque_ip_template")(
+        classmethod(lambda cls, v: _check_ip_template(v))
+    )
+    _v_ip_pool = field_validator("masque_ip_pool")(classmethod(lambda cls, v: _check_pool(v)))
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
 
     def effective_onramps(self) -> list[OnRampOptions]:
@@ -449,6 +504,9 @@ class EdgeConfig(_ProxyOnRamps):
             entry = {"type": kind, "listen": value}
             if kind == "masque":
                 entry["udp_template"] = self.masque_udp_template
+                entry["ip_template"] = self.masque_ip_template
+                entry["ip_pool"] = list(self.masque_ip_pool)
+                entry["ip_mtu"] = self.masque_ip_mtu
             found.append(parse_entry(entry))
         return found
 

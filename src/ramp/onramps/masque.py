@@ -23,6 +23,7 @@ from ramp.flows.answers import ProxyRequest as HookRequest
 from ramp.flows.answers import Reply
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
 from ramp.flows.http_errors import failure, proxy_status
+from ramp.flows.ip_pool import DEFAULT_IP_POOL
 from ramp.flows.opener import UdpSession
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import CLIENT_GONE, check_user
@@ -51,6 +52,17 @@ class MasqueOptions(OnRampOptions):
     udp_template: str = Field(
         masque.DEFAULT_UDP_TEMPLATE,
         description="connect-udp URI template path, with {target_host} and {target_port}.",
+    )
+    ip_template: str = Field(
+        masque.DEFAULT_IP_TEMPLATE,
+        description="connect-ip URI template path, with {target} and {ipproto}; 'off' = none.",
+    )
+    ip_pool: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IP_POOL),
+        description="connect-ip address pool: one prefix per IP version.",
+    )
+    ip_mtu: int = Field(
+        1400, ge=1280, le=65535, description="Largest IP packet a connect-ip client may send."
     )
 
 
