@@ -617,8 +617,7 @@ class ClientConfig(_ProxyOnRamps):
     @field_validator("masque_ip_template")
     @classmethod
     def _v_ip_template(cls, v: str) -> str:
-        if "{target}" not in v or "{ipproto}" not in v:
-            raise ValueError("a connect-ip URI template needs {target} and {ipproto}")
+        IpTemplate(v)
         return v
 
     def effective_onramps(self) -> list[OnRampOptions]:

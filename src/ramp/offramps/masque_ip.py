@@ -24,23 +24,9 @@ from ramp.wire import connect_ip, masque
 
 log = logging.getLogger("ramp.client")
 
-# RFC 9484 section 3: the default template's path; target and ipproto "*" ask for everything
-# policy allows.
-DEFAULT_IP_TEMPLATE = "/.well-known/masque/ip/{target}/{ipproto}/"
+DEFAULT_IP_TEMPLATE = masque.DEFAULT_IP_TEMPLATE
 
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def ip_path(template: str, target: str = "*", ipproto: str = "*") -> str:
-    """The `:path` of a connect-ip request from a URI template (its path part is used; the
-    scheme and authority are the edge's, which the link already dialled)."""
-    path = template.split("?", 1)[0]
-    if "://" in path:
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
-    for var in ("{target}", "{ipproto}"):
-        if var not in path:
-            raise ValueError(f"connect-ip URI template {template!r} needs {var}")
-    return path.replace("{target}", target.replace(":", "%3A")).replace("{ipproto}", ipproto)
 
 
 @dataclass
@@ -188,7 +174,7 @@ class IpTunnel:
     ) -> None:
         self.link = link
         self.on_open = on_open
-        self.path = ip_path(template)
+        self.path = masque.IpTemplate(template).expand()  # target and ipproto *: all policy allows
         self.request = list(request or [])
         self.timeout = timeout
         self.on_packet = on_packet
@@ -303,4 +289,4 @@ class IpTunnel:
         return session
 
 
-__all__ = ["DEFAULT_IP_TEMPLATE", "IpRefused", "IpSession", "IpState", "IpTunnel", "ip_path"]
+__all__ = ["DEFAULT_IP_TEMPLATE", "IpRefused", "IpSession", "IpState", "IpTunnel"]
