@@ -84,6 +84,7 @@ class Client:
             send=lambda packet: self.ip is not None and self.ip.send(packet),
             count=self._count_packet,
             drop=lambda reason: m.tun_drops.labels(reason).inc(),
+            changed=self._tun_changed,
         )
         self.ip = IpTunnel(
             self.link,
@@ -91,8 +92,8 @@ class Client:
             request=[ipaddress.ip_network(a, strict=False) for a in config.tun_address],
             timeout=config.connect_timeout,
             on_packet=device.deliver,
-            on_addresses=self._addresses,
-            on_routes=self._routes,
+            on_addresses=device.set_addresses,
+            on_routes=device.set_routes,
             bad=lambda reason: m.tun_drops.labels(reason).inc(),
             drop=lambda reason: m.tun_drops.labels(reason).inc(),
             on_open=m.connect_ip_opens.inc,
@@ -102,27 +103,13 @@ class Client:
         self.metrics.tun_packets.labels(direction).inc()
         self.metrics.tun_bytes.labels(direction).inc(size)
 
-    def _addresses(self, prefixes: list[Any]) -> None:
-        assert self.tun is not None
-        try:
-            self.tun.set_addresses(prefixes)
-        except OSError as e:
-            log.error("cannot set the addresses %s on %s: %s", prefixes, self.tun.name, e)
-            return
-        self.metrics.tun_addresses.set(len(prefixes))
-
-    def _routes(self, prefixes: list[Any]) -> None:
-        assert self.tun is not None
-        try:
-            self.tun.set_routes(prefixes)
-        except OSError as e:
-            log.error("cannot set the routes %s on %s: %s", prefixes, self.tun.name, e)
-            return
-        self.metrics.tun_routes.set(len(prefixes))
+    def _tun_changed(self, what: str, prefixes: list[Any]) -> None:
+        gauge = self.metrics.tun_addresses if what == "addresses" else self.metrics.tun_routes
+        gauge.set(len(prefixes))
 
     async def start(self) -> None:
         if self.tun is not None:
-            self.tun.open()  # first: a user without the rights hears it at once
+            await self.tun.open()  # first: a user without the rights hears it at once
         for hop in self.hop_links:
             hop.start()
         self.link.start()
@@ -149,7 +136,7 @@ class Client:
         if self.ip is not None:
             await self.ip.close()
         if self.tun is not None:
-            self.tun.close()
+            await self.tun.close()
         await self.link.close()
         for hop in reversed(self.hop_links):
             await hop.close()

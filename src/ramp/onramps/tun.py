@@ -20,6 +20,8 @@ import logging
 import os
 from collections.abc import Callable
 
+from pyroute2 import IPRoute
+
 from ramp.net import tun
 
 log = logging.getLogger("ramp.client")
@@ -27,6 +29,9 @@ log = logging.getLogger("ramp.client")
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 READ_BATCH = 256  # packets read per wake-up before the loop serves the other direction
+# The kernel queues this many packets for the reader before it drops (TUN's default is 500):
+# room for a burst while the loop is busy with the edge's packets.
+TX_QUEUE_LEN = 4000
 TUN_DEVICE = "/dev/net/tun"
 
 
@@ -63,12 +68,17 @@ class TunOnRamp:
         send: Callable[[bytes], object],
         count: Callable[[str, int], None] = lambda direction, size: None,
         drop: Callable[[str], None] = lambda reason: None,
+        changed: Callable[[str, list[Prefix]], None] = lambda what, prefixes: None,
     ) -> None:
         self.name = name
         self.mtu = mtu
         self._send = send
         self._count = count
         self._drop = drop
+        self._changed = changed
+        self._want_addresses: list[Prefix] | None = None
+        self._want_routes: list[Prefix] | None = None
+        self._updating: asyncio.Future[None] | None = None
         self.device: tun.TunDevice | None = None
         self.fd = -1
         self.addresses: list[Prefix] = []
@@ -77,35 +87,40 @@ class TunOnRamp:
         self.bytes_up = self.bytes_down = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def open(self) -> None:
+    async def open(self) -> None:
+        # pyroute2's netlink calls run their own event loop: off this one, in a worker thread
+        # (which shares the process's network namespace)
         try:
-            self.device = tun.open_tun(self.name, self.mtu)
+            self.device = await asyncio.to_thread(tun.open_tun, self.name, self.mtu)
         except OSError as e:
             if e.errno == errno.EBUSY or not _exists(self.name):
                 raise TunUnavailable(e.errno, explain(e, self.name)) from e
             # a leftover of the same name that is not ours to attach to: replace it
             log.warning("removing a leftover device %s", self.name)
             try:
-                tun.remove(self.name)
-                self.device = tun.open_tun(self.name, self.mtu)
+                await asyncio.to_thread(tun.remove, self.name)
+                self.device = await asyncio.to_thread(tun.open_tun, self.name, self.mtu)
             except OSError as e2:
                 raise TunUnavailable(e2.errno, explain(e2, self.name)) from e2
         self.name = self.device.name
+        await asyncio.to_thread(_set_queue_len, self.name, TX_QUEUE_LEN)
         self.fd = self.device.fd
         os.set_blocking(self.fd, False)  # open_tun's already is: the reader relies on it
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.fd, self._readable)
         log.info("TUN device %s up (MTU %d)", self.name, self.mtu)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Give the device back: routes and addresses go with it."""
+        if self._updating is not None:
+            self._updating.cancel()
         if self.fd < 0:
             return
         if self._loop is not None:
             self._loop.remove_reader(self.fd)
         self.fd = -1
         try:
-            tun.remove(self.name)
+            await asyncio.to_thread(tun.remove, self.name)
         except OSError as e:
             log.debug("removing %s: %s", self.name, e)
         if self.device is not None:
@@ -115,18 +130,48 @@ class TunOnRamp:
     # -- the edge's view of this device ---------------------------------------------------
 
     def set_addresses(self, prefixes: list[Prefix]) -> None:
-        if self.fd < 0:
-            return
-        tun.set_addresses(self.name, prefixes)
-        self.addresses = list(prefixes)
-        log.info("%s addresses: %s", self.name, ", ".join(map(str, prefixes)) or "none")
+        """Make the device's addresses exactly these, soon (the newest call wins)."""
+        self._want_addresses = list(prefixes)
+        self._update()
 
     def set_routes(self, prefixes: list[Prefix]) -> None:
-        if self.fd < 0:
-            return
-        tun.set_routes(self.name, prefixes)
-        self.routes = list(prefixes)
-        log.info("%s routes: %s", self.name, ", ".join(map(str, prefixes)) or "none")
+        """Make the routes through the device exactly these, soon (the newest call wins)."""
+        self._want_routes = list(prefixes)
+        self._update()
+
+    async def settled(self) -> None:
+        """Until the device has the addresses and routes asked for last."""
+        while self._updating is not None and not self._updating.done():
+            await asyncio.shield(self._updating)
+
+    def _update(self) -> None:
+        if self._updating is None or self._updating.done():
+            self._updating = asyncio.ensure_future(self._apply())
+
+    async def _apply(self) -> None:
+        # one netlink round at a time, in order; what was asked meanwhile is applied next
+        while self.fd >= 0:
+            if self._want_addresses is not None:
+                wanted, self._want_addresses = self._want_addresses, None
+                if await self._netlink(tun.set_addresses, wanted, "addresses"):
+                    self.addresses = wanted
+                    self._changed("addresses", wanted)
+            elif self._want_routes is not None:
+                wanted, self._want_routes = self._want_routes, None
+                if await self._netlink(tun.set_routes, wanted, "routes"):
+                    self.routes = wanted
+                    self._changed("routes", wanted)
+            else:
+                return
+
+    async def _netlink(self, fn: Callable[..., None], prefixes: list[Prefix], what: str) -> bool:
+        try:
+            await asyncio.to_thread(fn, self.name, [str(p) for p in prefixes])
+        except (OSError, ValueError) as e:
+            log.error("cannot set the %s %s on %s: %s", what, _text(prefixes), self.name, e)
+            return False
+        log.info("%s %s: %s", self.name, what, _text(prefixes))
+        return True
 
     # -- packets --------------------------------------------------------------------------
 
@@ -166,6 +211,17 @@ class TunOnRamp:
         self.packets_down += 1
         self.bytes_down += len(packet)
         self._count("down", len(packet))
+
+
+def _set_queue_len(name: str, length: int) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("set", index=found[0], txqlen=length)
+
+
+def _text(prefixes: list[Prefix]) -> str:
+    return ", ".join(map(str, prefixes)) or "none"
 
 
 def _exists(name: str) -> bool:
