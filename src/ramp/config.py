@@ -688,6 +688,18 @@ class ConnectorConfig(_Base):
         description="Seconds a UDP session the origin never answered may stay idle (like "
         "conntrack's unreplied entries); answered ones keep udp_idle_timeout.",
     )
+    icmp_idle_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an ICMP echo flow (one client source, destination and echo id) "
+        "may stay idle before its ping socket is closed.",
+    )
+    max_icmp_flows: int = Field(
+        4096,
+        gt=0,
+        description="Concurrent ICMP echo flows; past it new ones are dropped "
+        "(ramp_icmp_drops{reason=too_many_flows}).",
+    )
     dns_resolver: str = Field(
         "",
         description=(

@@ -16,6 +16,7 @@ from ramp.flows.table import FlowTable
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
 from ramp.observe.status import start_status_server
+from ramp.offramps.icmp import ConnectorIcmp
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
@@ -73,6 +74,16 @@ class Connector:
             on_busy=self.metrics.flows_rejected.labels("resolver_busy").inc,
         )
         self.client.resolver = self.resolver
+        m = self.metrics
+        self.icmp = ConnectorIcmp(
+            idle_timeout=config.icmp_idle_timeout,
+            limit=config.max_icmp_flows,
+            metrics_packet=lambda what: m.icmp_packets.labels(what).inc(),
+            metrics_drop=lambda reason: m.icmp_drops.labels(reason).inc(),
+            metrics_active=m.icmp_flows_active.set,
+            metrics_mode=lambda family, mode: m.icmp_mode.labels(family, mode).set(1),
+            bad_input=self._bad_datagram,
+        )
         self.status: Any = None
         self.audit = AuditLog(
             config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
@@ -86,6 +97,7 @@ class Connector:
             "status": "draining" if self.client.draining else ("ready" if n else "connecting"),
             "connections": n,
             "flows": self.client.active_flows,
+            "icmp": self.icmp.status(),
         }
 
     def _refused(self, e: RegistrationRefused) -> None:
@@ -166,6 +178,8 @@ class Connector:
         )
         if self.resolver.address is None:
             log.warning("no DNS resolver (no --dns-resolver, none in /etc/resolv.conf)")
+        self.icmp.start()
+        self.client.packets = self.icmp
         self.client.start()
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
@@ -183,6 +197,7 @@ class Connector:
             stop_wait.cancel()
             if self.client.sessions is not None:
                 self.client.sessions.close()
+            self.icmp.close()
             await self.client.close()
             if self.status is not None:
                 await self.status.close()

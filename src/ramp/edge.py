@@ -38,6 +38,7 @@ from ramp.quic.admission import HandshakeLimits
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
+from ramp.tunnel.packets_edge import EdgePackets
 from ramp.tunnel.resolver import RESOLVER_HOST
 from ramp.tunnel.sessions_edge import EdgeSessions
 from ramp.wire.tunnel import PROTOCOL_VERSION, CloseCode, Register, RegisterError
@@ -58,6 +59,7 @@ class Edge:
         self.dns_zones = DnsZones([])
         self._dns_clients: dict[str, TunnelDnsClient] = {}
         self.sessions: EdgeSessions | None = None
+        self.packets: EdgePackets | None = None  # IP packets to and from connectors
         self._bad_input_log = LogLimiter()
         self._store_version = -1
         self._tunnel_names: dict[str, str] = {}
@@ -191,6 +193,14 @@ class Edge:
             metrics_expired=m.udp_session_expired,
         )
         self.tunnels.sessions = self.sessions
+        self.packets = EdgePackets(
+            self.tunnels,
+            metrics_packet=lambda direction: m.tunnel_packets.labels(direction).inc(),
+            metrics_drop=lambda reason: m.tunnel_packet_drops.labels(reason).inc(),
+            metrics_legacy=lambda tunnel: m.connectors_without_packets.labels(tunnel).inc(),
+            on_bad_input=lambda reason: self.bad_input("tunnel", "malformed_packet"),
+        )
+        self.tunnels.packets = self.packets
         timeout = self.config.connect_timeout
         self.offramps["tunnel"] = TunnelOffRamp(
             self.tunnels,

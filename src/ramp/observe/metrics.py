@@ -263,6 +263,25 @@ class EdgeMetrics(ProxyMetrics):
             registry=self.registry,
         )
         self.add_association_metrics()
+        self.tunnel_packets = Counter(
+            "ramp_tunnel_packets",
+            "IP packets (PACKET datagrams) by direction (to_connector, from_connector).",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.tunnel_packet_drops = Counter(
+            "ramp_tunnel_packet_drops",
+            "IP packets for a tunnel not sent, or from one not handled, by reason "
+            "(no_connection, connector_predates_packets, too_large, no_packet_path, ...).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connectors_without_packets = Counter(
+            "ramp_tunnel_registrations_without_packets",
+            "Connector registrations whose connector predates IP packets (no ICMP), by tunnel.",
+            ["tunnel"],
+            registry=self.registry,
+        )
         self.config_reloads = Counter(
             "ramp_config_reloads",
             "SIGHUP reloads by result (ok, failed).",
@@ -288,6 +307,30 @@ class ConnectorMetrics(FlowMetrics):
             "Failed attempts to reach an edge.",
             ["reason"],
             registry=self.registry,
+        )
+        self.icmp_mode = Gauge(
+            "ramp_icmp_mode",
+            "1 for the kind of socket ICMP echo uses per family: ping_socket, raw_socket "
+            "(ping sockets not permitted by net.ipv4.ping_group_range), none (neither works).",
+            ["family", "mode"],
+            registry=self.registry,
+        )
+        self.icmp_packets = Counter(
+            "ramp_icmp_packets",
+            "ICMP packets by what happened: to_origin (echo requests sent), from_origin (echo "
+            "replies), error_from_router (errors passed back), time_exceeded_here (TTL 1).",
+            ["what"],
+            registry=self.registry,
+        )
+        self.icmp_drops = Counter(
+            "ramp_icmp_drops",
+            "ICMP packets dropped by reason (not_echo_request, bad_checksum, truncated, "
+            "fragment, no_icmp_socket, too_many_flows, send_failed, ...).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.icmp_flows_active = Gauge(
+            "ramp_icmp_flows_active", "Open ICMP echo flows.", registry=self.registry
         )
 
 

@@ -28,10 +28,11 @@ from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import RESULT_TO_CODE, ControlStream, carry_out_shared
 from ramp.tunnel.control_state import ConnectorControl
 from ramp.tunnel.flow_state import FlowAccept
-from ramp.tunnel.interfaces import ConnectorDatagramSink
+from ramp.tunnel.interfaces import ConnectorDatagramSink, ConnectorPacketSink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
 from ramp.wire.tunnel import (
     ALPN,
+    CAP_IP_PACKETS,
     CloseCode,
     ConnectCode,
     ConnectTcp,
@@ -39,6 +40,8 @@ from ramp.wire.tunnel import (
     Registered,
     RegisterError,
     StreamError,
+    is_packet_datagram,
+    with_capabilities,
 )
 
 log = logging.getLogger("ramp.connector")
@@ -135,7 +138,11 @@ class ConnectorConnection(endpoint.TunnelConnection):
             self._run(self.machine.window(stream_id, increment))
 
     def tunnel_datagram(self, data: bytes) -> None:
-        if self.owner.sessions is not None and self.edge_id:
+        if not self.edge_id:
+            return
+        if self.owner.packets is not None and is_packet_datagram(data):
+            self.owner.packets.datagram(self, data)
+        elif self.owner.sessions is not None:
             self.owner.sessions.datagram(self, data)
 
     def datagram_dropped(self, reason: str) -> None:
@@ -245,6 +252,7 @@ class TunnelClient:
         self._supervisors: list[asyncio.Task[None]] = []
         self.active_flows = 0
         self.sessions: ConnectorDatagramSink | None = None  # UDP sessions, set by the connector
+        self.packets: ConnectorPacketSink | None = None  # ICMP, set by the connector
         self.resolver: Resolver | None = None
 
     def start(self) -> None:
@@ -329,7 +337,7 @@ class TunnelClient:
                     connector_id=self.connector_id,
                     conn_index=index,
                     secret=self.secret,
-                    client_info=f"ramp/{__version__} {socket.gethostname()}",
+                    client_info=self.client_info(),
                 )
             )
             async with asyncio.timeout(REGISTER_TIMEOUT):
@@ -350,6 +358,11 @@ class TunnelClient:
             answer.tunnel_name,
         )
         return conn
+
+    def client_info(self) -> str:
+        """REGISTER's client info: version, host, and the optional features served here."""
+        caps = {CAP_IP_PACKETS} if self.packets is not None else set()
+        return with_capabilities(f"ramp/{__version__} {socket.gethostname()}", caps)
 
     def _drop(self, conn: ConnectorConnection) -> None:
         if conn in self.live:

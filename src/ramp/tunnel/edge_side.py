@@ -22,11 +22,13 @@ from ramp.tunnel.bridge import StreamBridge
 from ramp.tunnel.control import ControlStream, carry_out_shared
 from ramp.tunnel.control_state import REGISTRATION_TIMEOUT, EdgeControl, Verdict
 from ramp.tunnel.interfaces import STALE_AFTER, EdgeDatagramSink
+from ramp.tunnel.packets_edge import EdgePackets
 from ramp.wire.tunnel import (
     ALPN,
     PROTOCOL_VERSION,
     CloseCode,
     Register,
+    is_packet_datagram,
 )
 
 log = logging.getLogger("ramp.edge.tunnel")
@@ -51,6 +53,7 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.conn_index = 0
         self.bridges: dict[int, StreamBridge] = {}
         self.sessions: dict[int, Any] = {}  # UDP sessions riding this connection, by id
+        self.ip_packets = False  # its connector takes PACKET datagrams (said at registration)
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def handshake_done(self, alpn: str | None) -> None:
@@ -78,7 +81,9 @@ class EdgeConnection(endpoint.TunnelConnection):
             self.edge.sessions.connection_lost(self)
 
     def tunnel_datagram(self, data: bytes) -> None:
-        if self.registered and self.edge.sessions is not None:
+        if self.registered and self.edge.packets is not None and is_packet_datagram(data):
+            self.edge.packets.connection_datagram(self, data)
+        elif self.registered and self.edge.sessions is not None:
             self.edge.sessions.connection_datagram(self, data)
         else:
             self.edge.on_drop("datagram_before_registration")
@@ -137,6 +142,8 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.tunnel_name = tunnel_name
         self.connector_id = str(frame.connector_id)
         self.conn_index = frame.conn_index
+        if self.edge.packets is not None:
+            self.ip_packets = self.edge.packets.connection_registered(self, frame.client_info)
         self.edge.add(self)
         log.info(
             "registered connector %s conn %d for tunnel %s from %s (%s)",
@@ -187,6 +194,7 @@ class TunnelEdge:
         self.transport: asyncio.DatagramTransport | None = None
         self.server: endpoint.TunnelServer | None = None
         self.sessions: EdgeDatagramSink | None = None  # EdgeSessions, set by the edge
+        self.packets: EdgePackets | None = None  # the IP packet path's tunnel end, set by the edge
         # told when a connection's stream slots may have changed: its peer raised MAX_STREAMS,
         # it joined, drained or left (the tunnel off-ramp's waiting flows)
         self.on_slots: Callable[[EdgeConnection], None] | None = None

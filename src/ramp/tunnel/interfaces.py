@@ -50,6 +50,12 @@ class ConnectorDatagramSink(Protocol):
     def metrics_drop(self, reason: str) -> None: ...
 
 
+class ConnectorPacketSink(Protocol):
+    """Where a connector's connection delivers PACKET datagrams (the ICMP off-ramp)."""
+
+    def datagram(self, conn: ConnectorLink, data: bytes) -> None: ...
+
+
 class EdgeDatagramSink(Protocol):
     """Where an edge's connection delivers tunnel datagrams and its end (EdgeSessions)."""
 

@@ -400,9 +400,7 @@ def build_icmp_error(
     need `mtu`."""
     if kind not in _ERRORS:
         raise ValueError(f"unknown ICMP error kind {kind!r}")
-    version, dst = _original_source(original)
-    if src.version != version:
-        raise ValueError(f"an IPv{version} packet cannot get an error from {src}")
+    version, _ = _original_source(original)
     icmp_type, code = _ERRORS[kind][0 if version == 4 else 1]
     rest = 0
     if kind in ("frag_needed", "packet_too_big"):
@@ -411,6 +409,17 @@ def build_icmp_error(
         if not 0 < mtu <= (0xFFFF if version == 4 else 0xFFFF_FFFF):
             raise ValueError(f"MTU {mtu} out of range")
         rest = mtu
+    return build_icmp_error_typed(original, src, icmp_type, code, rest, ttl)
+
+
+def build_icmp_error_typed(
+    original: bytes, src: IPAddress, icmp_type: int, code: int, rest: int = 0, ttl: int = 64
+) -> bytes:
+    """An ICMP error of a given type and code (as a router reported it) from `src` to the
+    sender of `original`, quoting as much of `original` as the RFCs allow."""
+    version, dst = _original_source(original)
+    if src.version != version:
+        raise ValueError(f"an IPv{version} packet cannot get an error from {src}")
     if version == 4:
         room = IPV4_ERROR_LIMIT - IPV4_HEADER - ICMP_HEADER
     else:

@@ -465,6 +465,7 @@ class DatagramKind(enum.IntEnum):
     SESSION_REGISTERED = 0x02
     SESSION_REFUSED = 0x03
     SESSION_CLOSE = 0x04
+    PACKET = 0x05  # a whole IPv4/IPv6 packet (ICMP through the tunnel); no session id
 
 
 class SessionError(enum.IntEnum):
@@ -548,13 +549,16 @@ def encode_session_control(msg: SessionControl) -> bytes:
 
 
 def parse_datagram(buf: bytes) -> tuple[int, bytes] | SessionControl:
-    """A tunnel datagram: (session id, payload) for PAYLOAD, else the control message.
+    """A session datagram: (session id, payload) for PAYLOAD, else the control message
+    (PACKET datagrams go to `parse_packet_datagram`: see `is_packet_datagram`).
 
     Raises ProtocolError for anything malformed."""
     got = decode_varint(buf, 0)
     if got is None:
         raise ProtocolError("empty datagram")
     kind, pos = got
+    if kind == DatagramKind.PACKET:
+        raise ProtocolError("a PACKET datagram among session datagrams")
     got = decode_varint(buf, pos)
     if got is None:
         raise ProtocolError("truncated session id")
@@ -591,3 +595,58 @@ def parse_datagram(buf: bytes) -> tuple[int, bytes] | SessionControl:
         raise ProtocolError(f"unknown datagram kind 0x{kind:x}")
     r.end(type(msg).__name__)
     return msg
+
+
+# --- datagrams: whole IP packets -------------------------------------------------------------
+#
+#     kind PACKET (varint 0x05) | vnet (text, empty = "default") | one IPv4 or IPv6 packet
+#
+# The edge sends a client's packet (an ICMP echo request) to a connector that announced the
+# capability at registration; the connector answers with packets for the same client (echo
+# replies, ICMP errors it generated or routers reported), naming the same vnet.
+
+CAP_IP_PACKETS = "ip-packets"  # a REGISTER's client info word "+ip-packets": takes PACKET
+MIN_IP_PACKET = 20  # an IPv4 header; what is shorter is no IP packet
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelPacket:
+    vnet: str
+    packet: bytes
+
+
+_PACKET_KIND = encode_varint(DatagramKind.PACKET)
+
+
+def encode_packet_datagram(packet: bytes, vnet: str = "default") -> bytes:
+    if len(packet) > MAX_UDP_PAYLOAD:
+        raise ProtocolError(f"IP packet too large: {len(packet)}")
+    return _PACKET_KIND + _text("" if vnet == "default" else vnet) + packet
+
+
+def parse_packet_datagram(buf: bytes) -> TunnelPacket:
+    r = _Reader(bytes(buf))
+    if r.varint("datagram kind") != DatagramKind.PACKET:
+        raise ProtocolError("not a PACKET datagram")
+    vnet = r.text("vnet", MAX_HOST_LEN) or "default"
+    packet = r.buf[r.pos :]
+    if len(packet) < MIN_IP_PACKET:
+        raise ProtocolError(f"PACKET of {len(packet)} bytes holds no IP packet")
+    if len(packet) > MAX_UDP_PAYLOAD:
+        raise ProtocolError("IP packet too large")
+    return TunnelPacket(vnet, packet)
+
+
+def is_packet_datagram(buf: bytes) -> bool:
+    """Cheap dispatch: whether a tunnel datagram is of kind PACKET (a one-byte varint)."""
+    return len(buf) > 0 and buf[0] == DatagramKind.PACKET
+
+
+def capabilities(client_info: str) -> frozenset[str]:
+    """The optional features a REGISTER's client info announces: its words that start with
+    "+". Edges that predate a feature only log the text, so announcing never breaks them."""
+    return frozenset(w[1:] for w in client_info.split() if w.startswith("+") and len(w) > 1)
+
+
+def with_capabilities(client_info: str, caps: set[str] | frozenset[str]) -> str:
+    return " ".join([client_info, *(f"+{c}" for c in sorted(caps))]).strip()
