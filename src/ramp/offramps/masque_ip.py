@@ -94,7 +94,7 @@ class IpSession(UdpStream):
     def udp_received(self, payload: bytes) -> None:
         self._on_packet(payload)
 
-    def capsule(self, capsule: masque.Capsule) -> None:
+    def capsule(self, capsule: masque.Capsule) -> bool:
         try:
             parsed = connect_ip.parse_capsule(capsule.type, capsule.value)
         except connect_ip.ConnectIpError as e:
@@ -103,15 +103,16 @@ class IpSession(UdpStream):
             log.warning("bad connect-ip capsule from the edge: %s", e)
             self.peer.reset_request(self.stream_id, H3_MESSAGE_ERROR)
             self._end(f"bad connect-ip capsule from the edge: {e}")
-            return
+            return True
         if isinstance(parsed, connect_ip.AddressAssign):
             self._on_addresses([entry.prefix for entry in parsed.addresses])
         elif isinstance(parsed, connect_ip.RouteAdvertisement):
             self._on_routes(parsed.networks())
         elif parsed is None:  # a type connect-ip does not define: skipped (RFC 9297 3.2)
-            self._bad("unknown_capsule")
+            return False
         else:  # ADDRESS_REQUEST from the edge: this side assigns nothing, so none is granted
             self._bad("unexpected_capsule")
+        return True
 
     def stream_ended(self) -> None:
         self._end("the edge ended the session")

@@ -44,9 +44,9 @@ class UdpStream:
 
     def stream_broken(self, why: str) -> None: ...
 
-    def capsule(self, capsule: masque.Capsule) -> None:
-        """A capsule other than DATAGRAM (connect-ip's address and route capsules)."""
-        self._bad("unknown_capsule")  # RFC 9297 section 3.2: unknown capsule types are skipped
+    def capsule(self, capsule: masque.Capsule) -> bool:
+        """A capsule other than DATAGRAM (connect-ip's own): True when it was taken."""
+        return False
 
     # -- sending --------------------------------------------------------------------------
 
@@ -89,8 +89,8 @@ class UdpStream:
         for capsule in capsules:
             if capsule.type == masque.CAPSULE_DATAGRAM:
                 self.datagram(capsule.value)
-            else:
-                self.capsule(capsule)
+            elif not self.capsule(capsule):  # RFC 9297 section 3.2: unknown types are skipped
+                self._bad("unknown_capsule")
             if self.done:
                 return
         if ended:
