@@ -229,6 +229,7 @@ class Edge:
             tls=(ident.leaf_cert_pem + ident.ca_cert_pem, ident.leaf_key_pem),
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
             credentials=self.credentials,
+            registry=m.registry,
         )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)

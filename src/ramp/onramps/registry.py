@@ -57,6 +57,10 @@ class OnRampContext:
     credentials: Any = None
     # the reason for each datagram an on-ramp dropped: the role counts them
     datagram_dropped: Callable[[str], None] | None = None
+    # the edge's IP packets to and from connectors (ramp.tunnel.packets_edge.EdgePackets)
+    packets: Any = None
+    # the role's prometheus registry, for on-ramps with metrics of their own
+    registry: Any = None
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]

@@ -1,0 +1,262 @@
+"""connect-ip (RFC 9484) on the edge, driven by aioquic's HTTP/3 client against an in-process
+edge and connector (tunnel "corp" routes 127.0.0.0/8): addresses assigned, routes advertised
+from policy, UDP packets to an origin and back, and each kind of bad packet dropped, answered
+with the right ICMP error where a router would, and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aioquic.h3.events import DataReceived
+from test_masque_interop import AUTH, DatagramClient, edge, h3_client
+
+from ramp.policy.rules import Rule
+from ramp.testing.loopback import Tunnel, run, udp_echo_origin
+from ramp.testing.wait import until
+from ramp.wire import connect_ip as cip
+from ramp.wire import ip as wip
+from ramp.wire import masque
+
+A = ipaddress.ip_address
+N = ipaddress.ip_network
+POOL = ["192.0.2.0/24", "2001:db8:77::/64"]
+GATEWAY = A("192.0.2.1")
+ORIGIN = A("127.0.0.1")
+
+
+def ip_headers(path: str = "/.well-known/masque/ip/*/*/") -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"CONNECT"),
+        (b":protocol", b"connect-ip"),
+        (b":scheme", b"https"),
+        (b":authority", b"edge"),
+        (b":path", path.encode()),
+        (b"capsule-protocol", b"?1"),
+        (b"proxy-authorization", AUTH),
+    ]
+
+
+class IpClient:
+    """One connect-ip session of an aioquic client: capsules in, packets both ways."""
+
+    def __init__(self, c: DatagramClient, sid: int) -> None:
+        self.c = c
+        self.sid = sid
+        self.decoder = masque.CapsuleDecoder()
+        self.assigned: list[cip.AddressEntry] = []
+        self.routes: list[cip.RouteAdvertisement] = []
+        self.capsule_packets: list[bytes] = []
+
+    @property
+    def address(self) -> ipaddress.IPv4Address:
+        return next(e.prefix.network_address for e in self.assigned if e.ip_version == 4)
+
+    def _pump(self) -> None:
+        queue = self.c.streams.get(self.sid)
+        while queue is not None and not queue.empty():
+            ev = queue.get_nowait()
+            if isinstance(ev, DataReceived):
+                for cap in self.decoder.feed(ev.data):
+                    parsed = cip.parse_capsule(cap.type, cap.value)
+                    if isinstance(parsed, cip.AddressAssign):
+                        self.assigned = list(parsed.addresses)
+                    elif isinstance(parsed, cip.RouteAdvertisement):
+                        self.routes.append(parsed)
+                    elif cap.type == masque.CAPSULE_DATAGRAM:
+                        self.capsule_packets.append(cap.value[1:])
+
+    async def wait_setup(self) -> None:
+        await until(lambda: self._pump() or (self.assigned and self.routes), what="capsules")
+
+    async def latest_routes(self, count: int) -> list[ipaddress.IPv4Network]:
+        await until(lambda: self._pump() or len(self.routes) >= count, what="a re-advertisement")
+        return self.routes[-1].networks()  # type: ignore[return-value]
+
+    def send(self, packet: bytes) -> None:
+        self.c.h3.send_datagram(self.sid, b"\x00" + packet)
+        self.c.transmit()
+
+    def send_capsule(self, packet: bytes) -> None:
+        self.c.send(self.sid, masque.encode_capsule(masque.CAPSULE_DATAGRAM, b"\x00" + packet))
+
+    async def receive(self, timeout: float = 10.0) -> wip.Packet:
+        queue = self.c.datagrams.setdefault(self.sid, asyncio.Queue())
+        data = await asyncio.wait_for(queue.get(), timeout)
+        assert data[0] == 0
+        return wip.parse_packet(data[1:])
+
+
+@asynccontextmanager
+async def session(
+    tmp_path: Path, **kw: Any
+) -> AsyncIterator[tuple[Tunnel, DatagramClient, IpClient]]:
+    kw.setdefault("masque_ip_pool", POOL)
+    async with edge(tmp_path, **kw) as (t, port), h3_client(port, DatagramClient) as c:
+        sid = c.request(ip_headers())
+        status, headers = await c.status(sid)
+        assert status == 200 and headers.get(b"capsule-protocol") == b"?1"
+        ipc = IpClient(c, sid)
+        await ipc.wait_setup()
+        yield t, c, ipc
+
+
+def dropped(t: Tunnel, reason: str) -> float:
+    server = next(o for o in t.edge.onramps if o.onramp == "masque")
+    return float(server.connect_ip.metrics.dropped.labels(reason)._value.get())
+
+
+def bad(t: Tunnel, reason: str) -> float:
+    return float(t.edge.metrics.bad_input.labels("masque", reason)._value.get())
+
+
+def test_addresses_are_assigned_and_the_tunnel_routes_advertised(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with session(tmp_path) as (t, c, ipc):
+            got = {(e.ip_version, str(e.prefix)) for e in ipc.assigned}
+            v4 = next(p for v, p in got if v == 4)
+            v6 = next(p for v, p in got if v == 6)
+            assert N(v4).prefixlen == 32 and N(v4).network_address in N(POOL[0])
+            assert N(v6).prefixlen == 128 and N(v6).network_address in N(POOL[1])
+            assert A(v4.split("/")[0]) != GATEWAY  # the edge's own
+            assert ipc.routes[0].networks() == [N("127.0.0.0/8")]
+            # a second session on the same connection gets other addresses
+            sid2 = c.request(ip_headers())
+            assert (await c.status(sid2))[0] == 200
+            other = IpClient(c, sid2)
+            await other.wait_setup()
+            assert other.address != ipc.address
+            c.send(sid2, b"", end=True)
+            server = next(o for o in t.edge.onramps if o.onramp == "masque")
+            await until(lambda: server.connect_ip.pool.in_use(4) == 1, what="address returned")
+
+    run(go())
+
+
+def test_an_address_request_is_honoured_when_free(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with session(tmp_path) as (_, c, ipc):
+            want = N("192.0.2.200/32")
+            c.send(ipc.sid, cip.encode_capsule(cip.AddressRequest([(7, 4, want)])))
+            await until(
+                lambda: ipc._pump() or any(e.request_id == 7 for e in ipc.assigned),
+                what="the answer to the request",
+            )
+            entry = next(e for e in ipc.assigned if e.ip_version == 4)
+            assert entry.prefix == want and entry.request_id == 7
+
+    run(go())
+
+
+def test_a_udp_packet_reaches_the_origin_and_the_answer_comes_back(tmp_path: Path) -> None:
+    async def go() -> None:
+        echo, uport = await udp_echo_origin()
+        async with session(tmp_path) as (_, _, ipc):
+            for size in (1, 700):
+                data = os.urandom(size)
+                ipc.send(wip.build_udp(ipc.address, ORIGIN, 40000, uport, data, ttl=64))
+                reply = await ipc.receive()
+                udp = wip.parse_udp(reply)  # checksums checked
+                assert (reply.src, reply.dst) == (ORIGIN, ipc.address)
+                assert (udp.sport, udp.dport, udp.payload) == (uport, 40000, data)
+            # too big for a DATAGRAM frame: a capsule, and the answer comes back as one
+            big = os.urandom(1350)
+            ipc.send_capsule(wip.build_udp(ipc.address, ORIGIN, 40000, uport, big))
+            queue = ipc.c.datagrams[ipc.sid]
+            await until(
+                lambda: ipc._pump() or ipc.capsule_packets or queue.qsize(), what="the answer"
+            )
+            answer = ipc.capsule_packets[0] if ipc.capsule_packets else queue.get_nowait()[1:]
+            assert wip.parse_udp(wip.parse_packet(answer)).payload == big
+        echo.close()
+
+    run(go())
+
+
+def test_bad_packets_are_dropped_answered_and_counted(tmp_path: Path) -> None:
+    async def go() -> None:
+        echo, uport = await udp_echo_origin()
+        async with session(tmp_path, masque_ip_mtu=1280) as (t, _, ipc):
+            me = ipc.address
+            good = wip.build_udp(me, ORIGIN, 40001, uport, b"x")
+            # malformed: cut short, bad header checksum, a fragment, bad UDP checksum
+            ipc.send(good[:15])
+            broken = bytearray(good)
+            broken[10] ^= 0xFF
+            ipc.send(bytes(broken))
+            frag = bytearray(good)
+            frag[6] |= 0x20  # more fragments
+            frag[10:12] = b"\0\0"
+            frag[10:12] = wip.checksum(frag[:20]).to_bytes(2, "big")
+            ipc.send(bytes(frag))
+            bad_udp = bytearray(good)
+            bad_udp[-1] ^= 0xFF
+            ipc.send(bytes(bad_udp))
+            # spoofed source
+            ipc.send(wip.build_udp(A("192.0.2.99"), ORIGIN, 40001, uport, b"x"))
+            await until(
+                lambda: (
+                    bad(t, "truncated") == 1
+                    and bad(t, "bad_checksum") == 2
+                    and bad(t, "fragment") == 1
+                    and bad(t, "spoofed_source") == 1
+                ),
+                what="the malformed packets counted",
+            )
+            # not advertised: administratively prohibited, from the edge's address
+            ipc.send(wip.build_udp(me, A("198.51.100.7"), 40001, 53, b"x"))
+            err = await ipc.receive()
+            icmp = wip.parse_icmp(err)
+            assert (err.src, err.dst, icmp.type, icmp.code) == (GATEWAY, me, 3, 13)
+            # too big: fragmentation needed with the MTU
+            ipc.send_capsule(wip.build_udp(me, ORIGIN, 40001, uport, b"y" * 1300))
+            err = await ipc.receive()
+            icmp = wip.parse_icmp(err)
+            assert (icmp.type, icmp.code, icmp.mtu) == (3, 4, 1280)
+            # TTL 1: time exceeded from the edge, a hop of its own
+            ipc.send(wip.build_udp(me, ORIGIN, 40001, uport, b"z", ttl=1))
+            err = await ipc.receive()
+            icmp = wip.parse_icmp(err)
+            assert (err.src, icmp.type, icmp.code) == (GATEWAY, 11, 0)
+            # an ICMP type other than echo request
+            ipc.send(wip.build_icmp(me, ORIGIN, 13, 0, 0, b"\0" * 12))
+            await until(lambda: bad(t, "icmp_type") == 1, what="the ICMP type counted")
+            assert dropped(t, "not_advertised") == 1 and dropped(t, "too_big") == 1
+            assert dropped(t, "ttl_exceeded") == 1
+            # the session still works after all that
+            ipc.send(good)
+            reply = await ipc.receive()
+            assert wip.parse_udp(reply).payload == b"x"
+            # and the edge answers a ping to its own address
+            ipc.send(wip.build_echo(me, GATEWAY, 9, 1, b"hi", reply=False))
+            pong = await ipc.receive()
+            icmp = wip.parse_icmp(pong)
+            assert pong.src == GATEWAY and icmp.is_echo_reply and icmp.data == b"hi"
+        echo.close()
+
+    run(go())
+
+
+def test_routes_follow_policy_and_one_allowed_address_is_the_only_route(tmp_path: Path) -> None:
+    async def go() -> None:
+        echo, uport = await udp_echo_origin()
+        async with session(tmp_path) as (t, _, ipc):
+            store = t.edge.store
+            store.delete_rule("default")
+            store.add_rule(Rule("one", "allow", identity="u", to="127.0.0.1/32"))
+            assert await ipc.latest_routes(2) == [N("127.0.0.1/32")]
+            # another address of the tunnel's route is now administratively prohibited
+            ipc.send(wip.build_udp(ipc.address, A("127.0.0.2"), 40002, uport, b"x"))
+            err = await ipc.receive()
+            assert wip.parse_icmp(err).code == 13
+            # the allowed one still works
+            ipc.send(wip.build_udp(ipc.address, ORIGIN, 40002, uport, b"ok"))
+            assert wip.parse_udp(await ipc.receive()).payload == b"ok"
+        echo.close()
+
+    run(go())
