@@ -20,6 +20,9 @@
   one 1232-byte UDP answer, ...) and refuses everything else; E has no route to it. On demand
   (`start_upstream_dns`), a second dnsmasq in E on 127.0.0.53:53 plays the edge's public
   upstream resolver (`www.example.net`).
+- `Lab(..., router=True)` puts a router namespace R between P and the origins, which then live
+  in their own namespace O (see "Router topology" below), so traceroute has a hop inside the
+  private network. Off by default: the default topology is the one above.
 - Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
   client-facing address of the edge (203.0.113.3, source-address tests), `add_client_address`
   for a second source address in C (203.0.113.4, a legitimate client beside an attacker),
@@ -30,6 +33,19 @@
   `reload_edge` sends SIGHUP); the store has policy rules (`add_rule`, `policy_test`,
   `reset_policy`) and virtual networks (`vnet`, `add_route(..., vnet=)`); `audit_records`
   parses the edge's audit lines.
+
+Router topology (`router=True`):
+
+    private (P)                      router (R)                        origins (O)
+    198.51.100.1/30 ────veth──── 198.51.100.2/30
+                                 198.51.100.5/30 ────veth──── 198.51.100.6/30
+                                                               lo: origins 198.51.100.10, .11,
+                                                                   .53 (DNS), .99
+
+(IPv6: P 2001:db8:198:1::1/64, R 2001:db8:198:1::2 and 2001:db8:198:2::1, O 2001:db8:198:2::2,
+origins 2001:db8:198::10 and ::99 on O's lo). P routes the origin prefixes via R, R forwards,
+O's default route is R. The origins and the private DNS run in O; the connector stays in P and
+its firewall too. ICMP errors of R come from 198.51.100.2 / 2001:db8:198:1::2 (ROUTER_ADDR).
 
 The ramp CLI runs as `python -m ramp` with this interpreter: store commands on the host, the
 edge in E, connectors in P. Their stdout/stderr go to files under the lab's work directory;
@@ -87,6 +103,16 @@ PRIVATE_ADDR6 = "2001:db8:192::2"
 ORIGIN6_PREFIX = "2001:db8:198::/64"
 ORIGIN6 = "2001:db8:198::10"
 BLACKHOLE6 = "2001:db8:198::99"
+
+# Router topology (`Lab(router=True)`): P <-> R <-> O, the origins on O's loopback.
+PRIVATE_ROUTER_ADDR = "198.51.100.1"  # P's end of the P<->R link: the connector's source
+ROUTER_ADDR = "198.51.100.2"  # R's end toward P: the address in R's ICMP errors
+ROUTER_ORIGIN_ADDR = "198.51.100.5"
+ORIGIN_HOST_ADDR = "198.51.100.6"
+PRIVATE_ROUTER_ADDR6 = "2001:db8:198:1::1"
+ROUTER_ADDR6 = "2001:db8:198:1::2"
+ROUTER_ORIGIN_ADDR6 = "2001:db8:198:2::1"
+ORIGIN_HOST_ADDR6 = "2001:db8:198:2::2"
 
 EDGE_PUBLIC_ADDR2 = "203.0.113.3"  # see `Lab.add_edge_address`
 EDGE_PUBLIC_ADDR6_2 = "2001:db8:203::3"
@@ -484,9 +510,14 @@ class Lab:
         tunnel_mtu: int | None = None,
         ipv6: bool = True,
         private_dns: bool = True,
+        router: bool = False,
     ) -> None:
         """`mtu` applies to both veth pairs, `tunnel_mtu` (if set) to the E<->P pair instead;
-        `private_dns` starts the dnsmasq of the corp.example zone in P."""
+        `private_dns` starts the dnsmasq of the corp.example zone in P; `router` puts a router
+        namespace between P and the origins (see the module's "Router topology")."""
+        self.router = router
+        self._router_ns: Netns | None = None
+        self._origin_ns: Netns | None = None
         self.workdir = Path(workdir)
         self.payload = payload
         self.mtu = mtu
@@ -546,6 +577,18 @@ class Lab:
     def private(self) -> Netns:
         return self._ns(2)
 
+    @property
+    def router_ns(self) -> Netns:
+        """R, between P and the origins (`router=True` only)."""
+        if self._router_ns is None:
+            raise LabError("this lab has no router namespace (Lab(..., router=True))")
+        return self._router_ns
+
+    @property
+    def origin_ns(self) -> Netns:
+        """Where the origins live: O behind the router, else P itself."""
+        return self._origin_ns if self._origin_ns is not None else self.private
+
     def _ns(self, i: int) -> Netns:
         if self._group is None or len(self._group.namespaces) < 3:
             raise LabError("the lab is not built (use `with Lab(...)` or call build())")
@@ -589,12 +632,13 @@ class Lab:
             b_addresses=[f"{PRIVATE_ADDR}/24"] + ([f"{PRIVATE_ADDR6}/64"] if v6 else []),
             mtu=self.tunnel_mtu,
         )
-        # The origins are local addresses of P; E and C get no route to them.
+        # The origins are local addresses of P (or of O behind R); E and C get no route to them.
+        origins = self._build_router(p) if self.router else p
         for addr in (ORIGIN, ORIGIN2, BLACKHOLE, PRIVATE_DNS_ADDR):
-            p.add_address("lo", f"{addr}/32")
+            origins.add_address("lo", f"{addr}/32")
         if v6:
             for addr in (ORIGIN6, BLACKHOLE6):
-                p.add_address("lo", f"{addr}/128")
+                origins.add_address("lo", f"{addr}/128")
         for ns in (c, e, p):
             ns.sysctl("net.ipv4.ip_forward", 0)
             if v6:
@@ -605,6 +649,51 @@ class Lab:
         e.set_etc_file("hosts", _HOSTS)
         for ns in (c, p):
             ns.set_etc_file("hosts", "127.0.0.1 localhost\n::1 localhost\n")
+
+    def _build_router(self, p: Netns) -> Netns:
+        """R and O: P <-> R <-> O, P's routes to the origins via R; returns O."""
+        assert self._group is not None
+        r = self._router_ns = self._group.new("router")
+        o = self._origin_ns = self._group.new("origins")
+        v6 = self.ipv6
+        veth(
+            p,
+            "to-router",
+            r,
+            "to-private",
+            a_addresses=[f"{PRIVATE_ROUTER_ADDR}/30"]
+            + ([f"{PRIVATE_ROUTER_ADDR6}/64"] if v6 else []),
+            b_addresses=[f"{ROUTER_ADDR}/30"] + ([f"{ROUTER_ADDR6}/64"] if v6 else []),
+            mtu=self.mtu,
+        )
+        veth(
+            r,
+            "to-origins",
+            o,
+            "to-router",
+            a_addresses=[f"{ROUTER_ORIGIN_ADDR}/30"]
+            + ([f"{ROUTER_ORIGIN_ADDR6}/64"] if v6 else []),
+            b_addresses=[f"{ORIGIN_HOST_ADDR}/30"] + ([f"{ORIGIN_HOST_ADDR6}/64"] if v6 else []),
+            mtu=self.mtu,
+        )
+        p.add_route(ORIGIN_PREFIX, via=ROUTER_ADDR)
+        r.add_route(ORIGIN_PREFIX, via=ORIGIN_HOST_ADDR)
+        o.add_route("default", via=ROUTER_ORIGIN_ADDR)
+        r.sysctl("net.ipv4.ip_forward", 1)
+        if v6:
+            p.add_route(ORIGIN6_PREFIX, via=ROUTER_ADDR6)
+            r.add_route(ORIGIN6_PREFIX, via=ORIGIN_HOST_ADDR6)
+            o.add_route("default", via=ROUTER_ORIGIN_ADDR6)
+            r.sysctl("net.ipv6.conf.all.forwarding", 1)
+        for ns in (r, o):
+            ns.set_etc_file("resolv.conf", _RESOLV)
+            ns.set_etc_file("hosts", "127.0.0.1 localhost\n::1 localhost\n")
+        return o
+
+    def set_ping_group_range(self, ns: Netns, low: int, high: int) -> None:
+        """net.ipv4.ping_group_range in `ns` (per namespace): who may open ping sockets;
+        `1 0` (the kernel's default) lets nobody."""
+        ns.sysctl("net.ipv4.ping_group_range", f"{low} {high}")
 
     def close(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and delete the namespaces."""
@@ -650,7 +739,7 @@ class Lab:
             args += ["--half-close", f"{host}:{HALF_CLOSE_PORT}"]
             args += ["--udp-echo", f"{host}:{UDP_ECHO_PORT}"]
         args += ["--http", f"{ORIGIN}:{HTTP_ALT_PORT}"]
-        origins = self.start_process("origins", self.private, args)
+        origins = self.start_process("origins", self.origin_ns, args)
         wait_until(
             lambda: origins.check_alive() or "ready" in origins.stdout(),
             30,
@@ -690,7 +779,9 @@ class Lab:
         records = [f"--address=/{name}/{ip}" for name, ip in PRIVATE_DNS_RECORDS.items()]
         # One argv word, no shell: quotes would end up inside the strings.
         records.append(f"--txt-record={BIG_NAME}," + ",".join(BIG_TXT))
-        self.dns_server = self._dnsmasq("dnsmasq-private", self.private, PRIVATE_DNS_ADDR, records)
+        self.dns_server = self._dnsmasq(
+            "dnsmasq-private", self.origin_ns, PRIVATE_DNS_ADDR, records
+        )
         return self.dns_server
 
     def start_upstream_dns(self) -> LabProcess:
@@ -796,7 +887,7 @@ UseDNS no
 """
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege separation dir
-        ns = ns or self.private
+        ns = ns or self.origin_ns
         proc = self.start_process("sshd", ns, [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
         wait_until(
             lambda: proc.check_alive() or ("tcp", f"{address}:{SSH_PORT}") in self.listening(ns),

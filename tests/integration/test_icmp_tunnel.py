@@ -1,0 +1,242 @@
+"""ICMP through the tunnel to private hosts behind a router: an edge (in this process, in the
+edge namespace) sends client packets with its packet API, a real connector in P answers with
+ping sockets (ping_group_range allowing them) or a raw socket (the kernel's default `1 0`
+forbidding them), and the router R between P and the origins shows up as a hop."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from ramp.edge import Edge
+from ramp.testing.lab import (
+    EDGE_TUNNEL,
+    ORIGIN,
+    ORIGIN6,
+    ORIGIN6_PREFIX,
+    ORIGIN_PREFIX,
+    PRIVATE_ROUTER_ADDR,
+    PRIVATE_ROUTER_ADDR6,
+    ROUTER_ADDR,
+    ROUTER_ADDR6,
+    Lab,
+    wait_until,
+)
+from ramp.testing.loopback import loopback_edge_config
+from ramp.testing.wait import until
+from ramp.wire import ip
+
+CLIENT = ipaddress.ip_address("100.96.0.2")  # addresses an edge would assign to clients
+CLIENT_B = ipaddress.ip_address("100.96.0.3")
+CLIENT6 = ipaddress.ip_address("fd00:96::2")
+TARGET = ipaddress.ip_address(ORIGIN)
+TARGET6 = ipaddress.ip_address(ORIGIN6)
+
+
+class EdgeThread:
+    """A ramp edge on an event loop of its own, in a thread inside the lab's edge namespace;
+    `call` runs a coroutine function there with the edge and returns its result."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.loop = asyncio.new_event_loop()
+        self.edge: Edge | None = None
+        self.received: list[tuple[str, bytes]] = []
+        started: Future[None] = Future()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        started.result(30)
+
+    def _run(self, started: Future[None]) -> None:
+        self.lab.edge_ns._enter_current_thread()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(None)
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        config = loopback_edge_config(
+            self.lab.data_dir, tunnel_listen=EDGE_TUNNEL, socks5_listen="off"
+        )
+        self.edge = Edge(config)
+        await self.edge.start()
+        assert self.edge.packets is not None
+        self.edge.packets.on_packet = lambda tunnel, packet: self.received.append((tunnel, packet))
+
+    def call(self, fn: Callable[[Edge], Coroutine[Any, Any, Any]], timeout: float = 60) -> Any:
+        assert self.edge is not None
+        return asyncio.run_coroutine_threadsafe(fn(self.edge), self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.edge is not None:
+            with_edge = self.edge
+            asyncio.run_coroutine_threadsafe(with_edge.close(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module", params=["ping_sockets", "raw_socket"])
+def icmp_lab(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, lab_opener
+) -> Iterator[tuple[Lab, EdgeThread, str]]:
+    mode = request.param
+    with lab_opener(
+        tmp_path_factory.mktemp(f"icmp-{mode}"),
+        None,
+        standard=False,
+        lab_kwargs={"router": True, "private_dns": False},
+    ) as lab:
+        if mode == "ping_sockets":
+            lab.set_ping_group_range(lab.private, 0, 2147483647)
+        else:
+            lab.set_ping_group_range(lab.private, 1, 0)
+        token = lab.create_tunnel("corp", [ORIGIN_PREFIX, ORIGIN6_PREFIX])
+        edge = EdgeThread(lab)
+        try:
+            lab.start_connector(token)
+            edge.call(
+                lambda e: until(lambda: e.tunnels.count() >= 1, what="a registered connector")
+            )
+            yield lab, edge, mode
+        finally:
+            edge.close()
+
+
+def _tunnel_id(edge: EdgeThread) -> str:
+    return edge.call(_first_tunnel)
+
+
+async def _first_tunnel(e: Edge) -> str:
+    assert e.tunnels is not None
+    return next(iter(e.tunnels.tunnels))
+
+
+def _exchange(edge: EdgeThread, packets: list[bytes], want: Callable[[ip.Packet], bool], n: int):
+    """Send `packets` through the edge's packet API; the first `n` packets back that `want`."""
+    tunnel = _tunnel_id(edge)
+    edge.received.clear()
+
+    async def go(e: Edge) -> None:
+        assert e.packets is not None
+        for p in packets:
+            assert e.packets.send(tunnel, p), "the edge found no connector taking packets"
+
+    edge.call(go)
+
+    def matching() -> list[ip.Packet]:
+        got = [ip.parse_packet(p) for _, p in list(edge.received)]
+        return [p for p in got if want(p)]
+
+    wait_until(lambda: len(matching()) >= n, 20, what=f"{n} packets back from the connector")
+    return matching()[:n]
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [(CLIENT, TARGET), (CLIENT6, TARGET6)], ids=["ipv4", "ipv6"]
+)
+def test_five_echoes_to_a_private_origin_all_come_back_with_their_ttl(icmp_lab, src, dst):
+    _, edge, _ = icmp_lab
+    requests = [ip.build_echo(src, dst, 0x1234, seq, b"ramp-ping", False) for seq in range(5)]
+    replies = _exchange(edge, requests, lambda p: p.src == dst, 5)
+    icmps = [ip.parse_icmp(p) for p in replies]
+    assert sorted(i.seq for i in icmps) == [0, 1, 2, 3, 4]  # 0 % loss
+    assert all(i.is_echo_reply and i.ident == 0x1234 and i.data == b"ramp-ping" for i in icmps)
+    assert all(p.dst == src for p in replies)
+    # the origin answers with 64; its reply crossed the router once and keeps that TTL
+    assert {p.ttl for p in replies} == {63}
+
+
+def test_the_connector_says_which_echo_sockets_it_uses(icmp_lab):
+    lab, _, mode = icmp_lab
+    connector = lab.connectors[0]
+    status, body = connector.http_get("/ready")
+    assert status == 200
+    icmp = json.loads(body)["icmp"]
+    metrics = connector.metrics()
+    if mode == "ping_sockets":
+        assert icmp["ipv4"] == "ping_socket"
+        assert metrics.value("ramp_icmp_mode", family="ipv4", mode="ping_socket") == 1
+    else:
+        assert icmp["ipv4"].startswith("raw_socket: ping sockets are not permitted")
+        assert "'1 0'" in icmp["ipv4"]
+        assert metrics.value("ramp_icmp_mode", family="ipv4", mode="raw_socket") == 1
+        assert "ping sockets are not permitted" in connector.stderr()
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "connector", "router"),
+    [
+        (CLIENT, TARGET, PRIVATE_ROUTER_ADDR, ROUTER_ADDR),
+        (CLIENT6, TARGET6, PRIVATE_ROUTER_ADDR6, ROUTER_ADDR6),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_low_ttls_expire_at_the_connector_then_at_the_router(icmp_lab, src, dst, connector, router):
+    _, edge, _ = icmp_lab
+    hops = []
+    for ttl in (1, 2, 3):
+        probe = ip.build_echo(src, dst, 0x7777, 100 + ttl, b"traceroute", False, ttl=ttl)
+        (answer,) = _exchange(edge, [probe], lambda p: True, 1)
+        icmp = ip.parse_icmp(answer)
+        assert answer.dst == src
+        if icmp.is_error:
+            quoted = ip.quoted_echo(icmp)
+            assert quoted is not None, "the error quotes the client's probe"
+            assert (quoted[1].ident, quoted[1].seq) == (0x7777, 100 + ttl)
+            assert quoted[0].src == src and quoted[0].dst == dst
+            time_exceeded = ip.ICMP_TIME_EXCEEDED if src.version == 4 else ip.ICMPV6_TIME_EXCEEDED
+            assert icmp.type == time_exceeded
+        else:
+            assert icmp.is_echo_reply and icmp.seq == 100 + ttl
+        hops.append(str(answer.src))
+    assert hops == [connector, router, str(dst)]
+
+
+def test_two_sources_with_the_same_echo_id_each_get_only_their_own_replies(icmp_lab):
+    _, edge, _ = icmp_lab
+    requests = []
+    for seq in range(3):
+        requests.append(ip.build_echo(CLIENT, TARGET, 0x4242, seq, b"from-a", False))
+        requests.append(ip.build_echo(CLIENT_B, TARGET, 0x4242, seq, b"from-b", False))
+    replies = _exchange(edge, requests, lambda p: p.src == TARGET, 6)
+    by_client: dict[str, list[ip.Icmp]] = {}
+    for p in replies:
+        by_client.setdefault(str(p.dst), []).append(ip.parse_icmp(p))
+    assert sorted(i.seq for i in by_client[str(CLIENT)]) == [0, 1, 2]
+    assert sorted(i.seq for i in by_client[str(CLIENT_B)]) == [0, 1, 2]
+    assert all(i.data == b"from-a" and i.ident == 0x4242 for i in by_client[str(CLIENT)])
+    assert all(i.data == b"from-b" and i.ident == 0x4242 for i in by_client[str(CLIENT_B)])
+
+
+def test_icmp_other_than_echo_is_dropped_and_counted(icmp_lab):
+    lab, edge, _ = icmp_lab
+    connector = lab.connectors[0]
+    before = connector.metrics().value("ramp_icmp_drops_total", reason="not_echo_request")
+    timestamp = ip.build_icmp(CLIENT, TARGET, 13, 0, 0x00010001, b"\0" * 12)
+    unreachable = ip.build_icmp_error(
+        ip.build_udp(CLIENT, TARGET, 5000, 53, b"q"), CLIENT, "port_unreachable"
+    )
+    marker = ip.build_echo(CLIENT, TARGET, 0x5151, 1, b"after", False)
+    # the echo after them still works, and is the only answer
+    replies = _exchange(edge, [timestamp, unreachable, marker], lambda p: True, 1)
+    assert ip.parse_icmp(replies[0]).ident == 0x5151
+    wait_until(
+        lambda: (
+            connector.metrics().value("ramp_icmp_drops_total", reason="not_echo_request")
+            >= before + 2
+        ),
+        10,
+        what="two drops counted",
+    )
+    assert all(ip.parse_icmp(ip.parse_packet(p)).ident == 0x5151 for _, p in edge.received)
