@@ -230,12 +230,16 @@ class Edge:
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
             credentials=self.credentials,
             registry=m.registry,
+            packets=self.packets,
         )
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
             await server.start(h, p)
             self.onramps.append(server)
+        # connectors' packets back (echo replies, ICMP errors) to the connect-ip client's on-ramp
+        takers = [s.packet_from_tunnel for s in self.onramps if hasattr(s, "packet_from_tunnel")]
+        self.packets.on_packet = lambda tunnel, packet: any(t(tunnel, packet) for t in takers)
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
         )
