@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from test_tun_client import start_tun_lab
+from test_tun_client import ping, start_tun_lab
 
 from ramp.testing.lab import (
     ORIGIN,
@@ -89,3 +89,15 @@ def test_mtr_reports_the_same_hops(router_lab: tuple[Lab, LabProcess]) -> None:
     rows = re.findall(r"^\s*\d+\.\|--\s+(\S+)\s+([\d.]+)%", out, re.MULTILINE)
     assert [host for host, _ in rows] == [EDGE_HOP, PRIVATE_ROUTER_ADDR, ROUTER_ADDR, ORIGIN], out
     assert float(rows[-1][1]) == 0.0, out  # every probe reached the origin and came back
+
+
+def test_echo_replies_keep_the_ttl_they_arrived_with(router_lab: tuple[Lab, LabProcess]) -> None:
+    # the origin answers with TTL 64 and the router takes one: a reply rebuilt by the
+    # connector would come back with a fresh 64
+    lab, _ = router_lab
+    for target, flag in ((ORIGIN, "-4"), (ORIGIN6, "-6")):
+        got = ping(lab.client, target, flag, count=1)
+        assert got.returncode == 0, got.stdout + got.stderr
+        m = re.search(rb"(?:ttl|hlim)=(\d+)", got.stdout)
+        assert m is not None, got.stdout
+        assert int(m.group(1)) <= 63, got.stdout
