@@ -561,10 +561,64 @@ class ClientConfig(_ProxyOnRamps):
     max_udp_associations_per_source: int = Field(
         0, ge=0, description="SOCKS5 UDP associations one local address may hold; 0 = no share."
     )
+    tun: bool = Field(
+        False,
+        description="Also create a TUN device whose packets ride connect-ip (RFC 9484): it gets "
+        "the address the edge assigns and a route for each prefix this identity may reach, "
+        "so ping, traceroute, ssh or any program reaches private addresses without proxy "
+        "settings. Needs root or CAP_NET_ADMIN and /dev/net/tun.",
+    )
+    tun_name: str = Field(
+        "ramp0",
+        description="Name of the TUN device; a leftover device of this name is replaced at start.",
+    )
+    tun_mtu: int = Field(
+        1400,
+        ge=1280,
+        le=65535,
+        description="MTU of the TUN device. The default fits one QUIC DATAGRAM on a 1,500-byte "
+        "path; larger packets go as capsules on the request stream (slower, never dropped).",
+    )
+    tun_address: list[str] = Field(
+        default_factory=list,
+        description="Addresses (or prefixes) to ask the edge for with ADDRESS_REQUEST, e.g. "
+        "100.96.0.7/32; the edge may assign others. Without it the edge picks from its pool.",
+    )
+    masque_ip_template: str = Field(
+        "/.well-known/masque/ip/{target}/{ipproto}/",
+        description="The edge's connect-ip URI template (its path; RFC 9484 section 3), as the "
+        "edge's `masque_ip_template` says; the client asks for target and ipproto `*`.",
+    )
 
     _v_listen = field_validator("socks5_listen", "http_listen", "metrics_listen")(
         classmethod(lambda cls, v: _check_listen(v))
     )
+
+    @field_validator("tun_name")
+    @classmethod
+    def _v_tun_name(cls, v: str) -> str:
+        # IFNAMSIZ is 16 with the terminating NUL; "/" and whitespace are not allowed in names
+        if not v or len(v) > 15 or any(c in v for c in "/: \t\n") or v in (".", ".."):
+            raise ValueError(
+                f"{v!r} is not a network device name (1-15 characters, no / : or space)"
+            )
+        return v
+
+    @field_validator("tun_address")
+    @classmethod
+    def _v_tun_address(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or prefix") from None
+        return v
+
+    @field_validator("masque_ip_template")
+    @classmethod
+    def _v_ip_template(cls, v: str) -> str:
+        IpTemplate(v)
+        return v
 
     def effective_onramps(self) -> list[OnRampOptions]:
         return [
