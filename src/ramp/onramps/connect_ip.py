@@ -84,6 +84,10 @@ PENDING_PER_FLOW = 16  # packets held while a flow opens
 EXPIRY_INTERVAL = 1.0
 ICMP_ERROR_RATE = 100.0  # ICMP errors per second one session may get, after a burst of
 ICMP_ERROR_BURST = 200
+# what UdpStream.send_udp reserves in front of a packet: quarter stream id and context id (8),
+# and the context id's own byte
+DATAGRAM_HEADER = 9
+MIN_MSS = {4: 536, 6: 1220}  # RFC 9293 and RFC 8200's minimums
 # how a flow that could not open is answered (RFC 792 / 4443 words)
 _FAILURE_ICMP = {
     FlowResult.NOT_PERMITTED: "admin_prohibited",
@@ -510,6 +514,17 @@ class IpSession(UdpStream):
         self.service.metrics.icmp_errors.labels(kind).inc()
         self.send_packet(err)
 
+    def tcp_mss(self, version: int) -> int:
+        """The MSS an upgraded TCP flow announces both ways: segments fit one DATAGRAM frame
+        of this client's connection (when it takes datagrams) and the edge's MTU."""
+        largest = self.service.mtu
+        if self.peer.takes_datagrams():
+            room = self.peer.datagram_limit() - DATAGRAM_HEADER
+            if room > 0:
+                largest = min(largest, room)
+        headers = 40 if version == 4 else 60
+        return max(largest - headers, MIN_MSS[version])
+
     def _advertised_to(self, dst: IPAddress) -> bool:
         return any(dst in net for net in (self._routes4 if dst.version == 4 else self._routes6))
 
@@ -703,7 +718,7 @@ class IpSession(UdpStream):
                 return
             accepted: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
             pf.extra["accepted"] = accepted
-            if not upgrade.admit(key, pf.extra["syn"]):
+            if not upgrade.admit(key, pf.extra["syn"], self.tcp_mss(key.client.version)):
                 raise FlowError(FlowResult.BUSY, "no upgrade slot free")
             try:
                 conn = await asyncio.wait_for(accepted, svc.server.config.connect_timeout)

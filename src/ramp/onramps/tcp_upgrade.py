@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -35,6 +36,7 @@ from ramp.flows.packet_flows import PacketKey
 from ramp.net import tun
 from ramp.net.ownns import OwnNetns
 from ramp.wire.ip import Packet, PacketError, parse_packet, rewrite
+from ramp.wire.tcp_mss import SYN, clamp_mss
 
 log = logging.getLogger("ramp.edge.upgrade")
 
@@ -54,6 +56,7 @@ IPPROTO_TCP = 6
 class Slot:
     key: PacketKey
     address: IPAddress
+    mss: int  # the largest segment that fits one DATAGRAM frame of the client's connection
 
 
 class TcpUpgrade:
@@ -141,8 +144,10 @@ class TcpUpgrade:
 
     # -- slots --------------------------------------------------------------------------
 
-    def admit(self, key: PacketKey, syn: Packet) -> bool:
-        """Give flow `key` a NAT slot and inject its SYN; False when no slot is free."""
+    def admit(self, key: PacketKey, syn: Packet, mss: int) -> bool:
+        """Give flow `key` a NAT slot and inject its SYN; False when no slot is free. Both
+        SYNs announce at most `mss`, so neither side sends a segment the client's datagrams
+        cannot carry."""
         if key in self.by_key:
             return self.from_client(key, syn)
         try:
@@ -150,7 +155,7 @@ class TcpUpgrade:
         except (PoolExhausted, KeyError):
             self._bad("upgrade_slots_full")
             return False
-        slot = Slot(key, address)
+        slot = Slot(key, address, mss)
         self.by_key[key] = slot
         self.by_address[address] = slot
         return self.from_client(key, syn)
@@ -173,6 +178,8 @@ class TcpUpgrade:
             return False
         listen = self.listen_addr[packet.version]
         assert listen is not None
+        if len(packet.payload) > 13 and packet.payload[13] & SYN:
+            packet = dataclasses.replace(packet, payload=clamp_mss(packet.payload, slot.mss))
         return self.dev.write(rewrite(packet, src=slot.address, dst=listen, dport=LISTEN_PORT))
 
     def _read_tun(self) -> None:
@@ -194,6 +201,8 @@ class TcpUpgrade:
             if slot is None:
                 continue  # a slot released while the kernel still had something to say
             key = slot.key
+            if len(packet.payload) > 13 and packet.payload[13] & SYN:
+                packet = dataclasses.replace(packet, payload=clamp_mss(packet.payload, slot.mss))
             out = rewrite(packet, src=key.peer, sport=key.dport, dst=key.client, dport=key.sport)
             self._to_client(key, out)
 
