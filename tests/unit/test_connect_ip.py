@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -291,5 +292,29 @@ def test_echo_requests_get_replies_and_two_clients_only_their_own(tmp_path: Path
             t.edge._packet_from_tunnel(next(iter(t.edge.tunnels.tunnels)), stray)
             assert dropped(t, "no_flow") == 1
             assert first.c.datagrams[first.sid].empty()
+            # the second client leaves: its echo flow ends with one audit line, its counts in it
+            second_address = str(second.address)
+            c.send(sid2, b"", end=True)
+
+            def echo_records() -> list[dict[str, Any]]:
+                return [
+                    r
+                    for r in _audit(t)
+                    if r["protocol"] == "icmp" and second_address in str(r.get("annotations"))
+                ]
+
+            (record,) = await until(echo_records, what="the echo flow's audit line")
+            assert (record["kind"], record["identity"], record["onramp"]) == (
+                "packet",
+                "u",
+                "masque",
+            )
+            assert (record["packets_up"], record["packets_down"]) == (3, 3)
+            assert record["tunnel"] == "corp" and record["result"] == "ok"
 
     run(go())
+
+
+def _audit(t: Tunnel) -> list[dict[str, Any]]:
+    path = t.data_dir / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
