@@ -116,6 +116,9 @@ class ConnectIp:
         self.flows = PacketFlows(max_flows, udp_idle=udp_idle + 5.0)
         self.packets = packets
         self.metrics = metrics or PacketMetrics()
+        # labels() takes a lock and a dict lookup: bound once, not per packet
+        self.count_up = self.metrics.packets.labels("up").inc
+        self.count_down = self.metrics.packets.labels("down").inc
         self.sessions: dict[IPAddress, IpSession] = {}
         self.all_sessions: set[IpSession] = set()
         self.upgrade: TcpUpgrade | None = None
@@ -489,7 +492,7 @@ class IpSession(UdpStream):
 
     def send_packet(self, packet: bytes) -> None:
         if self.send_udp(packet):
-            self.service.metrics.packets.labels("down").inc()
+            self.service.count_down()
 
     def icmp_error(self, packet: wip.Packet, kind: str, mtu: int | None = None) -> None:
         if not wip.error_allowed(packet):
@@ -531,7 +534,7 @@ class IpSession(UdpStream):
     def udp_received(self, payload: bytes) -> None:
         """One IP packet from the client (context id 0)."""
         svc = self.service
-        svc.metrics.packets.labels("up").inc()
+        svc.count_up()
         try:
             packet = wip.parse_packet(payload)
         except wip.PacketError as e:
