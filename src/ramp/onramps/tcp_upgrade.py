@@ -51,6 +51,7 @@ BACKLOG = 4096
 READ_BATCH = 256  # packets read from the TUN device per wake-up
 SO_LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST
 IPPROTO_TCP = 6
+IPV6_HEADER = 40
 
 
 @dataclass(slots=True)
@@ -192,8 +193,11 @@ class TcpUpgrade:
             return False
         listen = self.listen_addr[packet.version]
         assert listen is not None
-        if len(packet.payload) > 13 and packet.payload[13] & SYN:
-            packet = dataclasses.replace(packet, payload=clamp_mss(packet.payload, slot.mss))
+        syn = len(packet.payload) > 13 and packet.payload[13] & SYN
+        if syn or (packet.version == 6 and len(packet.header) != IPV6_HEADER):
+            # a SYN gets its MSS clamped; IPv6 extension headers need the full rewrite
+            if syn:
+                packet = dataclasses.replace(packet, payload=clamp_mss(packet.payload, slot.mss))
             out = rewrite(packet, src=slot.address, dst=listen, dport=LISTEN_PORT)
         else:  # the common case: checksums updated, not summed again
             out = nat(packet.raw, slot.packed, listen.packed, dport=LISTEN_PORT)
