@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -229,6 +230,13 @@ def test_bad_packets_are_dropped_answered_and_counted(tmp_path: Path) -> None:
             await until(lambda: bad(t, "icmp_type") == 1, what="the ICMP type counted")
             assert dropped(t, "not_advertised") == 1 and dropped(t, "too_big") == 1
             assert dropped(t, "ttl_exceeded") == 1
+            # a TCP segment of no connection the edge knows: reset at once
+            seg = bytearray(struct.pack("!HHIIBBHHH", 40003, 80, 1, 77, 5 << 4, 0x10, 999, 0, 0))
+            seg[16:18] = wip.pseudo_header_checksum(me, ORIGIN, 6, bytes(seg)).to_bytes(2, "big")
+            ipc.send(wip.build_ip(me, ORIGIN, 6, bytes(seg)))
+            rst = await ipc.receive()
+            tcp = wip.parse_tcp(rst)
+            assert (rst.src, tcp.sport, tcp.dport, tcp.flags, tcp.seq) == (ORIGIN, 80, 40003, 4, 77)
             # the session still works after all that
             ipc.send(good)
             reply = await ipc.receive()

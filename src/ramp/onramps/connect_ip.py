@@ -60,6 +60,7 @@ from ramp.quic.h3 import H3_MESSAGE_ERROR, H3Peer
 from ramp.wire import connect_ip as cip
 from ramp.wire import ip as wip
 from ramp.wire import masque
+from ramp.wire.tcp_reset import reset_for
 
 
 class MasqueHost(Protocol):
@@ -676,7 +677,12 @@ class IpSession(UdpStream):
         pf = svc.flows.touch(key, now)
         if pf is None:
             if tcp.flags & (wip.Tcp.SYN | wip.Tcp.ACK | wip.Tcp.RST) != wip.Tcp.SYN:
-                svc.drop("tcp_no_flow")  # not the start of a connection we know
+                # not the start of a connection, and none we know (expired, or from before
+                # a restart): reset, so the client's end fails now, not after its timeouts
+                svc.drop("tcp_no_flow")
+                rst = reset_for(packet)
+                if rst is not None:
+                    self.send_packet(rst)
                 return
             upgrade = svc.tcp_upgrade()
             if upgrade is None:
