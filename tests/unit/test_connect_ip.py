@@ -18,6 +18,7 @@ from typing import Any
 from aioquic.h3.events import DataReceived
 from test_masque_interop import AUTH, DatagramClient, edge, h3_client
 
+from ramp.policy.identities import bearer
 from ramp.policy.rules import Rule
 from ramp.testing.loopback import Tunnel, run, udp_echo_origin
 from ramp.testing.wait import until
@@ -326,3 +327,32 @@ def test_echo_requests_get_replies_and_two_clients_only_their_own(tmp_path: Path
 def _audit(t: Tunnel) -> list[dict[str, Any]]:
     path = t.data_dir / "audit.log"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_revoked_client_identity_loses_its_session_and_its_addresses(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with edge(tmp_path, masque_ip_pool=POOL) as (t, port):
+            client = t.edge.store.create_client("alice")
+            token = bearer("alice", t.edge.store.client_secret("alice"))
+            headers = [h for h in ip_headers() if h[0] != b"proxy-authorization"]
+            headers.append((b"proxy-authorization", f"Bearer {token}".encode()))
+            async with h3_client(port, DatagramClient) as c:
+                sid = c.request(headers)
+                assert (await c.status(sid))[0] == 200
+                ipc = IpClient(c, sid)
+                await ipc.wait_setup()
+                server = next(o for o in t.edge.onramps if o.onramp == "masque")
+                assert server.connect_ip.pool.in_use(4) == 1
+                t.edge.store.revoke_client(client.name)
+
+                # the edge's next store poll ends the session: FIN on the stream
+                async def ended() -> bool:
+                    while True:
+                        ev = await c.next(sid)
+                        if isinstance(ev, DataReceived) and ev.stream_ended:
+                            return True
+
+                assert await asyncio.wait_for(ended(), 30)
+                assert server.connect_ip.pool.in_use(4) == 0
+
+    run(go())

@@ -172,9 +172,14 @@ class ConnectIp:
             self.metrics.flows.labels(name).set(n)
 
     def readvertise(self) -> None:
-        """Policy or routes changed: each session learns its prefixes again."""
+        """Policy, routes or identities changed: a revoked identity's sessions end (their
+        addresses go back to the pool), the others learn their prefixes again."""
+        revoked = getattr(self.opener, "revoked", set())
         for sess in list(self.all_sessions):
-            sess.advertise()
+            if sess.identity.name in revoked:
+                sess.finish("identity revoked")
+            else:
+                sess.advertise()
 
     # -- counting -----------------------------------------------------------------------
 
@@ -399,8 +404,13 @@ class IpSession(UdpStream):
         log.debug("connect-ip session %d from %s ended: %s", self.stream_id, self.source[0], why)
 
     def stream_ended(self) -> None:
-        self.peer.send_data(self.stream_id, b"", end_stream=True)
-        self.end("client ended the request")
+        self.finish("client ended the request")
+
+    def finish(self, why: str) -> None:
+        """End the session from the edge's side too: FIN on the request stream."""
+        if not self.done:
+            self.peer.send_data(self.stream_id, b"", end_stream=True)
+        self.end(why)
 
     def stream_broken(self, why: str) -> None:
         self.end(why)
