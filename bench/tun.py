@@ -114,7 +114,7 @@ def start_openvpn(lab: Lab, workdir: Path) -> list[LabProcess]:
         str(key),
         "--cipher",
         "AES-256-CBC",
-        "--allow-deprecated-insecure-static-crypto",
+        "--disable-dco",  # user space, as ramp's client is
         "--verb",
         "1",
         "--port",
