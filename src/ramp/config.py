@@ -694,7 +694,7 @@ class ConnectorConfig(_Base):
         description="Seconds an ICMP echo flow (one client source, destination and echo id) "
         "may stay idle before its ping socket is closed.",
     )
-    max_icmp_flows: int = Field(
+    icmp_flow_limit: int = Field(
         4096,
         gt=0,
         description="Concurrent ICMP echo flows; past it new ones are dropped "

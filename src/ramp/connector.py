@@ -11,7 +11,8 @@ from typing import Any
 
 from ramp.config import ConnectorConfig, parse_hostport
 from ramp.fdbudget import apply_budget, limits_in_force
-from ramp.flows.flow import Destination, Flow, FlowKind, Identity, Route
+from ramp.flows.echo_nat import EchoFlow
+from ramp.flows.flow import Destination, Flow, FlowKind, FlowResult, Identity, Route
 from ramp.flows.table import FlowTable
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
@@ -77,12 +78,13 @@ class Connector:
         m = self.metrics
         self.icmp = ConnectorIcmp(
             idle_timeout=config.icmp_idle_timeout,
-            limit=config.max_icmp_flows,
+            limit=config.icmp_flow_limit,
             metrics_packet=lambda what: m.icmp_packets.labels(what).inc(),
             metrics_drop=lambda reason: m.icmp_drops.labels(reason).inc(),
             metrics_active=m.icmp_flows_active.set,
             metrics_mode=lambda family, mode: m.icmp_mode.labels(family, mode).set(1),
             bad_input=self._bad_datagram,
+            on_end=self._icmp_end,
         )
         self.status: Any = None
         self.audit = AuditLog(
@@ -122,6 +124,8 @@ class Connector:
         assert flow.result is not None
         if flow.kind is FlowKind.DATAGRAM:
             m.udp_sessions.labels(flow.result.value).inc()
+        elif flow.kind is FlowKind.PACKET:
+            m.icmp_flows.labels(flow.result.value).inc()
         else:
             m.flows.labels("tunnel", flow.result.value).inc()
             if flow.bytes_up:
@@ -134,6 +138,17 @@ class Connector:
     def _bad_datagram(self, reason: str) -> None:
         self.metrics.bad_input.labels("tunnel", "malformed_datagram").inc()
         log.warning("bad tunnel datagram: %s", reason)
+
+    def _icmp_end(self, flow: EchoFlow, now: float, reason: str) -> None:
+        meta = {"vnet": flow.vnet} if flow.vnet != "default" else {}
+        # the client's echo id stands where a port would: it tells its flows apart
+        source = f"[{flow.source}]:{flow.client_ident}"
+        record = connector_flow(
+            source, f"[{flow.destination}]:0", FlowKind.PACKET, now - flow.started, meta
+        )
+        record.result, record.reason = FlowResult.OK, reason
+        record.packets_up, record.packets_down = flow.packets_up, flow.packets_down
+        self.table.end(record)
 
     def _session_end(self, end: SessionEnd) -> None:
         flow = connector_flow(
@@ -226,6 +241,9 @@ def _split_addr(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_PROTOCOLS = {FlowKind.STREAM: "tcp", FlowKind.DATAGRAM: "udp", FlowKind.PACKET: "icmp"}
+
+
 def connector_flow(
     source: str, destination: str, kind: FlowKind, duration: float, meta: dict[str, str]
 ) -> Flow:
@@ -239,7 +257,7 @@ def connector_flow(
         source=_split_addr(source),
         destination=Destination(*_split_addr(destination)),
         identity=Identity(user) if user else None,
-        protocol="udp" if kind is FlowKind.DATAGRAM else "tcp",
+        protocol=_PROTOCOLS[kind],
         kind=kind,
         started=now - duration,
         started_wall=time.time() - duration,

@@ -232,14 +232,12 @@ class Edge:
             registry=m.registry,
             packets=self.packets,
         )
+        self.packets.on_packet = self._packet_from_tunnel
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
             await server.start(h, p)
             self.onramps.append(server)
-        # connectors' packets back (echo replies, ICMP errors) to the connect-ip client's on-ramp
-        takers = [s.packet_from_tunnel for s in self.onramps if hasattr(s, "packet_from_tunnel")]
-        self.packets.on_packet = lambda tunnel, packet: any(t(tunnel, packet) for t in takers)
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
         )
@@ -260,6 +258,14 @@ class Edge:
             await self.status.close()
         self.store.close()
         self.audit.close()
+
+    def _packet_from_tunnel(self, tunnel_id: str, packet: bytes) -> None:
+        """A connector's IP packet (an echo reply, an ICMP error) for a connect-ip client."""
+        for server in self.onramps:
+            take = getattr(server, "packet_from_tunnel", None)
+            if take is not None and take(tunnel_id, packet):
+                return
+        self.metrics.tunnel_packet_drops.labels("no_client").inc()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         assert self.tunnels is not None

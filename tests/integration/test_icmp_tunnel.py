@@ -5,19 +5,15 @@ forbidding them), and the router R between P and the origins shows up as a hop."
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
-import threading
-from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from ramp.edge import Edge
+from ramp.testing.edge_thread import EdgeThread
 from ramp.testing.lab import (
-    EDGE_TUNNEL,
     ORIGIN,
     ORIGIN6,
     ORIGIN6_PREFIX,
@@ -29,7 +25,6 @@ from ramp.testing.lab import (
     Lab,
     wait_until,
 )
-from ramp.testing.loopback import loopback_edge_config
 from ramp.testing.wait import until
 from ramp.wire import ip
 
@@ -38,52 +33,6 @@ CLIENT_B = ipaddress.ip_address("100.96.0.3")
 CLIENT6 = ipaddress.ip_address("fd00:96::2")
 TARGET = ipaddress.ip_address(ORIGIN)
 TARGET6 = ipaddress.ip_address(ORIGIN6)
-
-
-class EdgeThread:
-    """A ramp edge on an event loop of its own, in a thread inside the lab's edge namespace;
-    `call` runs a coroutine function there with the edge and returns its result."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.loop = asyncio.new_event_loop()
-        self.edge: Edge | None = None
-        self.received: list[tuple[str, bytes]] = []
-        started: Future[None] = Future()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
-        self.thread.start()
-        started.result(30)
-
-    def _run(self, started: Future[None]) -> None:
-        self.lab.edge_ns._enter_current_thread()
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._start())
-        except BaseException as e:
-            started.set_exception(e)
-            return
-        started.set_result(None)
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        config = loopback_edge_config(
-            self.lab.data_dir, tunnel_listen=EDGE_TUNNEL, socks5_listen="off"
-        )
-        self.edge = Edge(config)
-        await self.edge.start()
-        assert self.edge.packets is not None
-        self.edge.packets.on_packet = lambda tunnel, packet: self.received.append((tunnel, packet))
-
-    def call(self, fn: Callable[[Edge], Coroutine[Any, Any, Any]], timeout: float = 60) -> Any:
-        assert self.edge is not None
-        return asyncio.run_coroutine_threadsafe(fn(self.edge), self.loop).result(timeout)
-
-    def close(self) -> None:
-        if self.edge is not None:
-            with_edge = self.edge
-            asyncio.run_coroutine_threadsafe(with_edge.close(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module", params=["ping_sockets", "raw_socket"])

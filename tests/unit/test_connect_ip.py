@@ -260,3 +260,36 @@ def test_routes_follow_policy_and_one_allowed_address_is_the_only_route(tmp_path
         echo.close()
 
     run(go())
+
+
+def test_echo_requests_get_replies_and_two_clients_only_their_own(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with session(tmp_path) as (t, c, first):
+            sid2 = c.request(ip_headers())
+            assert (await c.status(sid2))[0] == 200
+            second = IpClient(c, sid2)
+            await second.wait_setup()
+            # the same echo id from both clients, to the same origin
+            for seq in range(3):
+                first.send(wip.build_echo(first.address, ORIGIN, 77, seq, b"one", reply=False))
+                second.send(wip.build_echo(second.address, ORIGIN, 77, seq, b"two", reply=False))
+            for ipc, data in ((first, b"one"), (second, b"two")):
+                for _ in range(3):
+                    reply = await ipc.receive()
+                    icmp = wip.parse_icmp(reply)
+                    assert (reply.src, reply.dst) == (ORIGIN, ipc.address)
+                    assert icmp.is_echo_reply and (icmp.ident, icmp.data) == (77, data)
+            # TTL 2: the edge passes it on with 1, and the connector (a hop too) answers
+            first.send(wip.build_echo(first.address, ORIGIN, 78, 1, b"probe", False, ttl=2))
+            err = await first.receive()
+            icmp = wip.parse_icmp(err)
+            assert (icmp.type, err.dst) == (wip.ICMP_TIME_EXCEEDED, first.address)
+            quoted = wip.quoted_echo(icmp)
+            assert quoted is not None and quoted[1].ident == 78
+            # a reply for an echo id nobody sent is not delivered
+            stray = wip.build_echo(ORIGIN, first.address, 999, 1, b"x", reply=True)
+            t.edge._packet_from_tunnel(next(iter(t.edge.tunnels.tunnels)), stray)
+            assert dropped(t, "no_flow") == 1
+            assert first.c.datagrams[first.sid].empty()
+
+    run(go())

@@ -6,8 +6,11 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import pytest
+
 from ramp.testing.loopback import run, tunnel
 from ramp.testing.wait import until
+from ramp.tunnel.connector_side import TunnelClient
 from ramp.wire import ip
 
 CLIENT = ipaddress.IPv4Address("100.96.0.2")  # a client address the edge would have assigned
@@ -79,5 +82,43 @@ def test_icmp_other_than_echo_requests_is_dropped_and_counted(tmp_path: Path):
             assert t.edge.packets.send(tid, ip.build_echo(CLIENT, TARGET, 2, 9, b"", False))
             await until(lambda: got, what="an echo reply")
             assert ip.parse_icmp(ip.parse_packet(got[0])).seq == 9
+
+    run(main())
+
+
+def test_an_idle_echo_flow_is_closed_after_the_idle_timeout(tmp_path: Path):
+    async def main() -> None:
+        async with tunnel(tmp_path, ha=1, connector_kw={"icmp_idle_timeout": 0.5}) as t:
+            got: list[bytes] = []
+            t.edge.packets.on_packet = lambda tunnel_id, packet: got.append(packet)
+            request = ip.build_echo(CLIENT, TARGET, 0x0A0A, 1, b"", False)
+            assert t.edge.packets.send(_tunnel_id(t), request)
+            await until(lambda: got, what="an echo reply")
+            assert len(t.connector.icmp.table) == 1
+            await until(lambda: len(t.connector.icmp.table) == 0, what="the flow to expire")
+            assert t.connector.metrics.icmp_flows_active._value.get() == 0
+            assert t.connector.metrics.icmp_flows.labels("ok")._value.get() == 1
+
+    run(main())
+
+
+def test_a_connector_that_predates_ip_packets_is_told_apart_at_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # what connectors before PACKET datagrams sent: version and host, no "+ip-packets"
+    monkeypatch.setattr(TunnelClient, "client_info", lambda self: "ramp/0.9 old-host")
+
+    async def main() -> None:
+        async with tunnel(tmp_path, ha=1) as t:
+            m = t.edge.metrics
+            assert m.connectors_without_packets.labels("corp")._value.get() == 1
+            request = ip.build_echo(CLIENT, TARGET, 1, 1, b"", False)
+            assert not t.edge.packets.send(_tunnel_id(t), request)
+            assert m.tunnel_packet_drops.labels("connector_predates_packets")._value.get() == 1
+            # and the edge sent it nothing it could not read
+            assert (
+                t.connector.metrics.bad_input.labels("tunnel", "malformed_datagram")._value.get()
+                == 0
+            )
 
     run(main())

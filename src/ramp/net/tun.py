@@ -9,7 +9,7 @@ Where a device lives: TUNSETIFF creates it in the network namespace of the calli
 netlink socket acts on the namespace it was created in. Every function takes `netns`: anything
 with a `call(fn, *args)` that runs `fn` inside a namespace (`ramp.net.netns.Netns`, or
 `ramp.net.ownns.OwnNetns`, the unnamed namespace a process makes for itself); None is the
-namespace of the caller.
+namespace of the caller. Each call runs in a short-lived thread, so asyncio code may call them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import fcntl
 import ipaddress
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -86,7 +87,26 @@ class TunDevice:
 
 
 def _in(netns: InNamespace | None, fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args) if netns is None else netns.call(fn, *args)
+    # Always in a thread of its own: pyroute2 runs an event loop of its own, which cannot
+    # start in a thread whose loop is running (an asyncio program calling these).
+    return _in_thread(fn, *args) if netns is None else netns.call(fn, *args)
+
+
+def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="netlink", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def open_tun(

@@ -332,6 +332,12 @@ class ConnectorMetrics(FlowMetrics):
         self.icmp_flows_active = Gauge(
             "ramp_icmp_flows_active", "Open ICMP echo flows.", registry=self.registry
         )
+        self.icmp_flows = Counter(
+            "ramp_icmp_flows",
+            "Finished ICMP echo flows by result.",
+            ["result"],
+            registry=self.registry,
+        )
 
 
 class ClientMetrics(ProxyMetrics):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import select
@@ -95,6 +96,7 @@ class ConnectorIcmp:
         metrics_active: Callable[[int], None] = lambda n: None,
         metrics_mode: Callable[[str, str], None] = lambda family, mode: None,
         bad_input: Callable[[str], None] = lambda reason: None,
+        on_end: Callable[[EchoFlow, float, str], None] = lambda flow, now, reason: None,
         modes: dict[int, str] | None = None,
     ) -> None:
         self.table = EchoTable(limit, idle_timeout)
@@ -103,6 +105,7 @@ class ConnectorIcmp:
         self._metrics_active = metrics_active
         self._metrics_mode = metrics_mode
         self._bad_input = bad_input
+        self._on_end = on_end  # a finished flow, the loop time and why, for the audit
         self._forced = modes
         self.capabilities: dict[int, ping.Capability] = {}
         self._raw: dict[int, socket.socket] = {}
@@ -149,7 +152,7 @@ class ConnectorIcmp:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for flow in self.table.flows():
-            self._end(flow)
+            self._end(flow, "connector shutting down")
         for sock in self._raw.values():
             self._unwatch(sock)
             sock.close()
@@ -175,15 +178,19 @@ class ConnectorIcmp:
         while True:
             await asyncio.sleep(max(0.2, self.table.idle_timeout / 4))
             for flow in self.table.expire(loop.time()):
-                self._end(flow)
+                self._end(flow, "idle timeout")
 
-    def _end(self, flow: EchoFlow) -> None:
+    def _end(self, flow: EchoFlow, reason: str) -> None:
         self.table.remove(flow)
         if flow.sock is not None:
             self._unwatch(flow.sock)
             flow.sock.close()
             flow.sock = None
         self._metrics_active(len(self.table))
+        try:
+            self._on_end(flow, asyncio.get_running_loop().time(), reason)
+        except Exception:
+            log.exception("reporting the end of an ICMP flow failed")
 
     # --- from the edge ---------------------------------------------------------------------
 
@@ -238,7 +245,8 @@ class ConnectorIcmp:
             message = _echo_request(flow.local_ident, icmp.seq, icmp.data, packet.version)
             sock.sendto(message, (str(packet.dst), 0))
         except OSError as e:
-            self._drop("send_failed", f"echo to {packet.dst}: {e.strerror}")
+            reason = "too_big" if e.errno == errno.EMSGSIZE else "send_failed"
+            self._drop(reason, f"echo to {packet.dst}: {e.strerror}")
             return
         flow.packets_up += 1
         self._metrics_packet("to_origin")
@@ -293,6 +301,14 @@ class ConnectorIcmp:
     # --- from the origins ------------------------------------------------------------------
 
     def _ready(self) -> None:
+        try:
+            self._ready_sockets()
+        except Exception:  # a bug here must not stop every ICMP flow: count, log, carry on
+            self.metrics_drop("internal_error")
+            if self._log.allow("internal_error"):
+                log.exception("reading ICMP sockets failed")
+
+    def _ready_sockets(self) -> None:
         if self._epoll is None:
             return
         for fd, events in self._epoll.poll(0):

@@ -29,7 +29,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ramp.flows.flow import (
     Destination,
@@ -61,8 +61,19 @@ from ramp.wire import connect_ip as cip
 from ramp.wire import ip as wip
 from ramp.wire import masque
 
-if TYPE_CHECKING:
-    from ramp.onramps.masque import MasqueServer
+
+class MasqueHost(Protocol):
+    """What connect-ip needs of the MASQUE on-ramp serving it (ramp.onramps.masque)."""
+
+    onramp: str
+    opener: Any  # the edge's FlowPipeline
+    options: Any  # MasqueOptions
+    config: Any  # EdgeConfig
+
+    def _bad(self, reason: str, peer: H3Peer | None = None) -> None: ...
+
+    def _dropped(self, reason: str) -> None: ...
+
 
 log = logging.getLogger("ramp.edge.connect_ip")
 
@@ -71,6 +82,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PENDING_PER_FLOW = 16  # packets held while a flow opens
 EXPIRY_INTERVAL = 1.0
+ICMP_ERROR_RATE = 100.0  # ICMP errors per second one session may get, after a burst of
+ICMP_ERROR_BURST = 200
 # how a flow that could not open is answered (RFC 792 / 4443 words)
 _FAILURE_ICMP = {
     FlowResult.NOT_PERMITTED: "admin_prohibited",
@@ -83,7 +96,7 @@ class ConnectIp:
 
     def __init__(
         self,
-        server: MasqueServer,
+        server: MasqueHost,
         pool: AddressPool,
         mtu: int,
         *,
@@ -320,6 +333,8 @@ class IpSession(UdpStream):
         self._advertised: cip.RouteAdvertisement | None = None
         self._routes4: list[IPNetwork] = []
         self._routes6: list[IPNetwork] = []
+        self._error_tokens = float(ICMP_ERROR_BURST)
+        self._error_at = time.monotonic()
 
     # -- start and end ------------------------------------------------------------------
 
@@ -475,6 +490,16 @@ class IpSession(UdpStream):
     def icmp_error(self, packet: wip.Packet, kind: str, mtu: int | None = None) -> None:
         if not wip.error_allowed(packet):
             return
+        # routers rate-limit the errors they send (RFC 1812 4.3.2.8, RFC 4443 2.4 (f))
+        now = time.monotonic()
+        self._error_tokens = min(
+            ICMP_ERROR_BURST, self._error_tokens + (now - self._error_at) * ICMP_ERROR_RATE
+        )
+        self._error_at = now
+        if self._error_tokens < 1:
+            self.service.drop("icmp_error_rate")
+            return
+        self._error_tokens -= 1
         gateway = self.service.pool.gateway(packet.version)
         if gateway is None:
             return
@@ -568,6 +593,13 @@ class IpSession(UdpStream):
                 return
             pf.extra["pending"] = deque([udp.payload])
             pf.extra["task"] = svc.spawn(self._open_udp(pf, packet))
+            return
+        if pf.handle is not None and getattr(pf.handle, "finished", False):
+            # the session ended under the flow (policy changed, the tunnel went): start over,
+            # so the packet meets the current policy and route
+            svc.flows.remove(key)
+            pf.handle = None
+            self._udp(packet)
             return
         if pf.handle is not None:
             pf.handle.send(udp.payload)
