@@ -155,7 +155,7 @@ def _option_for(name: str, field: FieldInfo, envvar: str | None) -> Callable[[F]
             flag,
             name,
             multiple=True,
-            metavar="HOST:PORT" if name == "edge" else "VALUE",
+            metavar={"edge": "HOST:PORT", "egress_source": "CIDR"}.get(name, "VALUE"),
             help=f"{field.description} Repeatable.",
         )
     if ann is bool:
@@ -386,13 +386,30 @@ def _vnet_option(help_text: str) -> Callable[[F], F]:
 @click.argument("cidr")
 @click.argument("name")
 @_vnet_option("Virtual network the route is in (see `ramp vnet`).")
+@click.option(
+    "--proxy-protocol",
+    type=click.Choice(["v1", "v2"]),
+    default=None,
+    help="Origins of this route get a PROXY protocol header with the client's address before "
+    "the first byte (v2 also carries the identity and the flow id); TCP flows only.",
+)
 @_common
 @_user_errors
-def route_ip_add(cidr: str, name: str, vnet: str, data_dir: Path | None, log_level: str) -> None:
+def route_ip_add(
+    cidr: str,
+    name: str,
+    vnet: str,
+    proxy_protocol: str | None,
+    data_dir: Path | None,
+    log_level: str,
+) -> None:
     """Send traffic for CIDR in virtual network VNET to the tunnel NAME."""
     with _open_store(data_dir, log_level) as store:
-        r = store.add_route(cidr, name, vnet=vnet)
-    click.echo(f"Added route {r.cidr} -> tunnel {r.tunnel_name} in virtual network {r.vnet}")
+        r = store.add_route(cidr, name, vnet=vnet, proxy_protocol=proxy_protocol)
+    click.echo(
+        f"Added route {r.cidr} -> tunnel {r.tunnel_name} in virtual network {r.vnet}"
+        + (f", origins get a PROXY {r.proxy_protocol} header" if r.proxy_protocol else "")
+    )
 
 
 @route_ip.command("list")
@@ -403,8 +420,8 @@ def route_ip_list(vnet: str | None, data_dir: Path | None, log_level: str) -> No
     """List IP routes, with the virtual network each is in."""
     with _open_store(data_dir, log_level) as store:
         routes = store.list_routes(vnet)
-    rows = [[r.cidr, r.tunnel_name, r.vnet] for r in routes]
-    click.echo(_table(["CIDR", "TUNNEL", "VNET"], rows))
+    rows = [[r.cidr, r.tunnel_name, r.vnet, r.proxy_protocol or "-"] for r in routes]
+    click.echo(_table(["CIDR", "TUNNEL", "VNET", "PROXY"], rows))
 
 
 @route_ip.command("delete")
@@ -997,7 +1014,14 @@ def policy_test(
                 "flow anyway unless direct egress is on"
             )
         else:
-            click.echo(f"  routed to tunnel {hit.tunnel_name} ({hit.network}) in {vnet_name}")
+            click.echo(
+                f"  routed to tunnel {hit.tunnel_name} ({hit.network}) in {vnet_name}"
+                + (
+                    f"; origins get a PROXY {hit.proxy_protocol} header"
+                    if hit.proxy_protocol
+                    else ""
+                )
+            )
 
 
 def _is_ip(host: str) -> bool:

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from ramp.config_lines import (
@@ -29,7 +30,8 @@ from ramp.config_lines import (
     read_yaml_file,
 )
 from ramp.flows.ip_pool import DEFAULT_IP_POOL
-from ramp.onramps.registry import OnRampOptions, parse_entry
+from ramp.net.sources import parse_pool
+from ramp.onramps.registry import OnRampOptions, check_conflicts, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
 from ramp.wire.masque import IpTemplate, UdpTemplate
 
@@ -256,7 +258,38 @@ class _ProxyOnRamps(_Base):
     )
 
 
-class EdgeConfig(_ProxyOnRamps):
+def _check_sources(value: Any) -> list[str]:
+    """`egress_source`: a list, or one comma-separated string; every entry an address or a
+    CIDR small enough to enumerate (ramp.net.sources)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"bad egress source {item!r}: expected an IP address or CIDR")
+        out += [part.strip() for part in item.split(",") if part.strip()]
+    parse_pool(out)
+    return out
+
+
+class _Egress(_Base):
+    """How a role's own connections leave: the connector's to origins, the edge's direct
+    egress (reference/ephemeral-ports-connectx.txt)."""
+
+    egress_source: Annotated[list[str], BeforeValidator(_check_sources)] = Field(
+        default_factory=list,
+        description="Source addresses (IPs, or CIDRs of at most 65,536) of this host for "
+        "connections to origins (connector) or direct egress (edge); each flow takes the next "
+        "in turn, and another when one has no port left. Empty: the routing table chooses.",
+    )
+    egress_share_ports: bool = Field(
+        True,
+        description="Share source ports across destinations (TCP: IP_BIND_ADDRESS_NO_PORT, "
+        "UDP: connectx), so the port range limits connections per destination, not in all; "
+        "off: a port per connection. None left: net_unreachable 'source ports exhausted'.",
+    )
+
+
+class EdgeConfig(_ProxyOnRamps, _Egress):
     """The edge: on-ramps, routing to tunnels, direct egress."""
 
     tunnel_listen: str = Field(
@@ -319,6 +352,13 @@ class EdgeConfig(_ProxyOnRamps):
     allow_direct_egress: bool = Field(
         False,
         description="Let destinations outside every route go out directly from the edge.",
+    )
+    direct_egress_proxy_protocol: dict[str, Literal["v1", "v2"]] = Field(
+        default_factory=dict,
+        description="Direct egress destinations (CIDR, longest prefix wins) whose origins get "
+        "a PROXY protocol header (v1 or v2) with the client's address before the first "
+        "payload byte, as `ramp tunnel route ip add --proxy-protocol` does for a tunnel's.",
+        json_schema_extra={"cli": False},
     )
     connect_timeout: float = Field(
         15.0,
@@ -488,6 +528,22 @@ class EdgeConfig(_ProxyOnRamps):
     _v_ip_pool = field_validator("masque_ip_pool")(classmethod(lambda cls, v: _check_pool(v)))
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
 
+    @field_validator("direct_egress_proxy_protocol")
+    @classmethod
+    def _check_proxy_cidrs(cls, v: dict[str, str]) -> dict[str, str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"bad CIDR {cidr!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> EdgeConfig:
+        # e.g. two any-port on-ramps claiming one address and port, or a listener inside one
+        check_conflicts(self.effective_onramps())
+        return self
+
     def effective_onramps(self) -> list[OnRampOptions]:
         """`onramps`, plus the shorthand listener keys: all of them that are not `off` when
         `onramps` is empty, else only those set explicitly."""
@@ -628,7 +684,7 @@ class ClientConfig(_ProxyOnRamps):
         ]
 
 
-class ConnectorConfig(_Base):
+class ConnectorConfig(_Egress):
     """The connector (`ramp tunnel run`)."""
 
     token: str = Field("", description="Tunnel token from `ramp tunnel token NAME`.")

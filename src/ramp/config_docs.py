@@ -20,8 +20,11 @@ from typing import Any
 
 import click
 import yaml
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, create_model
 from pydantic.fields import FieldInfo
+
+from ramp.onramps import registry as onramp_registry
+from ramp.onramps.registry import OnRampOptions
 
 REGENERATE = "ramp config docs --output docs/configuration.md"
 
@@ -134,6 +137,8 @@ def _role_section(role: RoleDoc) -> str:
     out += _field_table(role.model, options)
     for path, heading_models in _nested(role.model, ""):
         out += ["", *_nested_section(path, heading_models)]
+        if [m for _, m in heading_models] == [OnRampOptions]:
+            out += _onramp_types(path)
     out += ["", role.example_intro, "", "```yaml", role.example_yaml.rstrip("\n"), "```", ""]
     return "\n".join(out)
 
@@ -168,6 +173,29 @@ def _nested_section(path: str, members: list[tuple[str, type[BaseModel]]]) -> li
         doc = _own_doc(model)
         out += ([doc, ""] if doc else []) + _field_table(model) + [""]
     return out[:-1]
+
+
+def _onramp_types(path: str) -> list[str]:
+    """Each registered on-ramp type's own keys (those beyond every entry's)."""
+    out: list[str] = []
+    common = set(OnRampOptions.model_fields)
+    for name in onramp_registry.known():
+        model = onramp_registry.lookup(name).options
+        own = [k for k in model.model_fields if k not in common or k == "listen"]
+        if model is OnRampOptions or own == ["listen"]:
+            continue
+        out += ["", f"#### `{path}` with `type: {name}`", ""]
+        doc = _own_doc(model)
+        out += [doc, ""] if doc else []
+        out += _field_table(_only(model, own))
+        for sub, members in _nested(model, f"{path}."):
+            out += ["", *_nested_section(sub, members)]
+    return out
+
+
+def _only(model: type[BaseModel], keys: list[str]) -> type[BaseModel]:
+    fields = {k: (f.annotation, f) for k, f in model.model_fields.items() if k in keys}
+    return create_model(model.__name__, **fields)  # type: ignore[call-overload, no-any-return]
 
 
 def _own_doc(model: type[BaseModel]) -> str:
@@ -233,6 +261,9 @@ def _nested_in(
         for m in models:
             if m not in seen:
                 yield from _nested(m, f"{path}.", seen)
+        for m in members:  # a model or a list of them (`to: {host: H}` or `to: [rule, ...]`)
+            if typing.get_origin(m) in (list, tuple) and typing.get_args(m):
+                yield from _nested_in(typing.get_args(m)[0], f"{path}[]", [], seen)
         return
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin in (list, tuple, set, frozenset) and args:

@@ -17,6 +17,7 @@ from ramp.flows.table import FlowTable
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
 from ramp.observe.status import start_status_server
+from ramp.offramps.egress import Egress
 from ramp.offramps.icmp import ConnectorIcmp
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
@@ -75,6 +76,14 @@ class Connector:
             on_busy=self.metrics.flows_rejected.labels("resolver_busy").inc,
         )
         self.client.resolver = self.resolver
+        self.egress = Egress(
+            config.egress_source,
+            config.egress_share_ports,
+            on_exhausted=lambda protocol: self.metrics.egress_ports_exhausted.labels(
+                protocol
+            ).inc(),
+        )
+        self.client.egress = self.egress
         m = self.metrics
         self.icmp = ConnectorIcmp(
             idle_timeout=config.icmp_idle_timeout,
@@ -190,6 +199,7 @@ class Connector:
             per_identity=self.config.max_udp_sessions_per_identity,
             metrics_refused=m.udp_session_refused,
             metrics_expired=m.udp_session_expired,
+            egress=self.egress,
         )
         if self.resolver.address is None:
             log.warning("no DNS resolver (no --dns-resolver, none in /etc/resolv.conf)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import uuid
 from collections.abc import Callable, Set
@@ -13,7 +14,7 @@ import dns.message
 
 from ramp.config import ConfigError, EdgeConfig, parse_hostport
 from ramp.fdbudget import apply_budget, limits_in_force
-from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route
+from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route, parse_ip
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
 from ramp.net.egress import EgressGuard
@@ -24,6 +25,7 @@ from ramp.observe.metrics import EdgeMetrics
 from ramp.observe.status import start_status_server
 from ramp.offramps.base import OffRamp
 from ramp.offramps.direct import DirectOffRamp
+from ramp.offramps.egress import Egress
 from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
@@ -32,7 +34,7 @@ from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_hooks
 from ramp.policy.identities import ClientCredentials
 from ramp.policy.pipeline import FlowPipeline
-from ramp.policy.router import Router, VnetRoutes
+from ramp.policy.router import RouteEntry, Router, RouteTable, VnetRoutes
 from ramp.policy.rules import Policy
 from ramp.quic.admission import HandshakeLimits
 from ramp.store.db import Store
@@ -102,6 +104,7 @@ class Edge:
             zone_lookup=self._zone_lookup,
             replicas=self._replicas,
         )
+        self._set_direct_proxy(config)
         self.offramps: dict[str, OffRamp] = {}
         # labels() costs a lock and a dict lookup: bind the two children once, not per flow
         allowed, denied = m.policy_decisions.labels("allow"), m.policy_decisions.labels("deny")
@@ -124,6 +127,22 @@ class Edge:
             opening_per_identity=config.max_opening_flows_per_identity,
         )
         self._groups = _invert_groups(config.groups)
+
+    def _set_direct_proxy(self, config: EdgeConfig) -> None:
+        """Which direct egress destinations get a PROXY header (longest prefix wins)."""
+        if not config.direct_egress_proxy_protocol:
+            self.router.direct_proxy = None
+            return
+        table = RouteTable(
+            RouteEntry(ipaddress.ip_network(cidr, strict=False), "", "direct", "", version)
+            for cidr, version in config.direct_egress_proxy_protocol.items()
+        )
+
+        def lookup(address: str) -> str | None:
+            hit = table.lookup(address) if parse_ip(address) is not None else None
+            return hit.proxy_protocol if hit is not None else None
+
+        self.router.direct_proxy = lookup
 
     def _rule_to(self, rule_id: str) -> str | None:
         # only asked for a flow to a denied address: a scan of the rules is cheap enough
@@ -216,6 +235,11 @@ class Edge:
             EgressGuard() if self.config.allow_direct_egress else EgressGuard(frozenset()),
             self._rule_to,
             self.metrics.flows_rejected.labels("direct_egress_denied").inc,
+            Egress(
+                self.config.egress_source,
+                self.config.egress_share_ports,
+                on_exhausted=lambda protocol: m.egress_ports_exhausted.labels(protocol).inc(),
+            ),
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
         associations = AssociationLimits.for_role(self.config, m)
@@ -231,6 +255,9 @@ class Edge:
             credentials=self.credentials,
             registry=m.registry,
             packets=self.packets,
+            proxy_header=lambda onramp, version, kind: m.proxy_headers.labels(
+                onramp, version, kind
+            ).inc(),
         )
         self.packets.on_packet = self._packet_from_tunnel
         for options in self.config.effective_onramps():
@@ -307,6 +334,7 @@ class Edge:
         self._groups = _invert_groups(config.groups)
         self.pipeline.revoke_denied()  # open flows of users whose groups changed
         self.router.allow_direct = config.allow_direct_egress
+        self._set_direct_proxy(config)
         for server in self.onramps:  # credentials and timeouts apply to the next connection
             if hasattr(server, "config"):
                 server.config = config

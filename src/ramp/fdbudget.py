@@ -25,13 +25,15 @@ NOFILE_CAP = 1 << 20  # when the hard limit is unlimited, do not ask for more th
 # Descriptors each unit holds. An edge flow through a tunnel holds its client socket; a direct
 # flow also its origin socket and two splice pipes (two descriptors each). A SOCKS5 UDP
 # association, which counts as a flow, holds its control connection and its UDP socket. A
-# connector flow holds its origin socket; a UDP session its connected socket.
+# connector flow holds its origin socket; a UDP session its connected socket; an ICMP echo flow
+# its ping socket.
 FDS_TUNNEL_FLOW = 1
 FDS_ASSOCIATION = 2
 FDS_DIRECT_FLOW = 6
 FDS_HANDSHAKE = 1
 FDS_CONNECTOR_FLOW = 1
 FDS_UDP_SESSION = 1
+FDS_ICMP_FLOW = 1
 
 
 def raise_nofile() -> int:
@@ -102,6 +104,7 @@ def connector_needs(config: ConnectorConfig) -> list[Need]:
             FDS_CONNECTOR_FLOW * config.ha_connections,
         ),
         Need("max_udp_sessions", config.max_udp_sessions, FDS_UDP_SESSION),
+        Need("icmp_flow_limit", config.icmp_flow_limit, FDS_ICMP_FLOW),
     ]
 
 

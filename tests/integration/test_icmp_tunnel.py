@@ -189,3 +189,29 @@ def test_icmp_other_than_echo_is_dropped_and_counted(icmp_lab):
         what="two drops counted",
     )
     assert all(ip.parse_icmp(ip.parse_packet(p)).ident == 0x5151 for _, p in edge.received)
+
+
+def test_a_big_echo_with_df_gets_fragmentation_needed_and_one_without_df_gets_through(icmp_lab):
+    # Last in the module: it leaves P with a path MTU of 1,000 toward the origins learnt.
+    lab, edge, _ = icmp_lab
+    for ns, dev in ((lab.router_ns, "to-origins"), (lab.origin_ns, "to-router")):
+        ns.ip("link", "set", dev, "mtu", "1000")
+    data = b"m" * 1200
+    no_df = bytearray(ip.build_echo(CLIENT, TARGET, 0x3131, 1, data, False))
+    no_df[6] &= ~0x40
+    no_df[10:12] = b"\0\0"
+    no_df[10:12] = ip.checksum(no_df[:20]).to_bytes(2, "big")
+    (reply,) = _exchange(edge, [bytes(no_df)], lambda p: True, 1)
+    icmp = ip.parse_icmp(reply)
+    assert icmp.is_echo_reply and icmp.data == data  # fragmented on the way and back
+    answers = []
+    for seq in (2, 3):
+        with_df = ip.build_echo(CLIENT, TARGET, 0x3131, seq, data, False)  # DF set
+        (answer,) = _exchange(edge, [with_df], lambda p: True, 1)
+        icmp = ip.parse_icmp(answer)
+        assert (icmp.type, icmp.code, icmp.mtu) == (ip.ICMP_DEST_UNREACHABLE, 4, 1000)
+        quoted = ip.quoted_echo(icmp)
+        assert quoted is not None and quoted[1].seq == seq and answer.dst == CLIENT
+        answers.append(str(answer.src))
+    # the router tells first; then the connector knows the path MTU and answers itself
+    assert answers == [ROUTER_ADDR, PRIVATE_ROUTER_ADDR]

@@ -61,11 +61,25 @@ def test_tunnel_lifecycle(home: Path) -> None:
 
     r = ramp("tunnel", "route", "ip", "list")
     assert [ln.split() for ln in r.stdout.splitlines()] == [
-        ["CIDR", "TUNNEL", "VNET"],
-        ["10.1.0.0/16", "office", "default"],
-        ["192.0.2.0/24", "lab", "default"],
-        ["2001:db8::/32", "office", "default"],
+        ["CIDR", "TUNNEL", "VNET", "PROXY"],
+        ["10.1.0.0/16", "office", "default", "-"],
+        ["192.0.2.0/24", "lab", "default", "-"],
+        ["2001:db8::/32", "office", "default", "-"],
     ]
+
+    r = ramp("tunnel", "route", "ip", "add", "198.51.100.0/24", "lab", "--proxy-protocol", "v2")
+    assert r.exit_code == 0
+    assert r.stdout.endswith("origins get a PROXY v2 header\n")
+    r = ramp("tunnel", "route", "ip", "add", "198.18.0.0/24", "lab", "--proxy-protocol", "v3")
+    assert r.exit_code == 2 and "v3" in r.output
+    r = ramp("tunnel", "route", "ip", "list")
+    assert ["198.51.100.0/24", "lab", "default", "v2"] in [
+        ln.split() for ln in r.stdout.splitlines()
+    ]
+    r = ramp("policy", "test", "--to", "198.51.100.10:80")
+    assert "routed to tunnel lab (198.51.100.0/24)" in r.stdout
+    assert "origins get a PROXY v2 header" in r.stdout
+    assert ramp("tunnel", "route", "ip", "delete", "198.51.100.0/24").exit_code == 0
 
     r = ramp("tunnel", "route", "ip", "delete", "10.1.0.0/16")
     assert r.exit_code == 0 and "10.1.0.0/16" in r.stdout
@@ -74,8 +88,8 @@ def test_tunnel_lifecycle(home: Path) -> None:
     assert r.exit_code == 0 and tunnel_id in r.stdout
     r = ramp("tunnel", "route", "ip", "list")
     assert [ln.split() for ln in r.stdout.splitlines()] == [
-        ["CIDR", "TUNNEL", "VNET"],
-        ["192.0.2.0/24", "lab", "default"],
+        ["CIDR", "TUNNEL", "VNET", "PROXY"],
+        ["192.0.2.0/24", "lab", "default", "-"],
     ]
     assert [ln.split()[0] for ln in ramp("tunnel", "list").stdout.splitlines()] == ["NAME", "lab"]
     # The store went where RAMP_HOME points.

@@ -56,14 +56,14 @@ def test_two_tenants_route_the_same_network_to_their_own_tunnels(home: Path) -> 
     assert out == "Added route 10.0.0.0/8 -> tunnel a-tun in virtual network default\n"
 
     assert rows(ok("tunnel", "route", "ip", "list")) == [
-        ["CIDR", "TUNNEL", "VNET"],
-        ["10.0.0.0/8", "a-tun", "default"],
-        ["198.51.100.0/24", "a-tun", "tenant-a"],
-        ["198.51.100.0/24", "b-tun", "tenant-b"],
+        ["CIDR", "TUNNEL", "VNET", "PROXY"],
+        ["10.0.0.0/8", "a-tun", "default", "-"],
+        ["198.51.100.0/24", "a-tun", "tenant-a", "-"],
+        ["198.51.100.0/24", "b-tun", "tenant-b", "-"],
     ]
     assert rows(ok("tunnel", "route", "ip", "list", "--vnet", "tenant-b")) == [
-        ["CIDR", "TUNNEL", "VNET"],
-        ["198.51.100.0/24", "b-tun", "tenant-b"],
+        ["CIDR", "TUNNEL", "VNET", "PROXY"],
+        ["198.51.100.0/24", "b-tun", "tenant-b", "-"],
     ]
     # `ramp tunnel list` still works and tells the vnet of routes outside default.
     tunnels = {row[0]: row for row in rows(ok("tunnel", "list"))[1:]}
@@ -88,7 +88,8 @@ def test_two_tenants_route_the_same_network_to_their_own_tunnels(home: Path) -> 
     assert ok("vnet", "delete", "tenant-b") == "Deleted virtual network tenant-b\n"
     assert [r[0] for r in rows(ok("vnet", "list"))] == ["NAME", "default", "tenant-a"]
     # tenant-a's route was untouched by deleting tenant-b's.
-    assert ["198.51.100.0/24", "a-tun", "tenant-a"] in rows(ok("tunnel", "route", "ip", "list"))
+    listed = rows(ok("tunnel", "route", "ip", "list"))
+    assert ["198.51.100.0/24", "a-tun", "tenant-a", "-"] in listed
 
 
 def test_assign_moves_an_identity_and_says_from_where(home: Path) -> None:
@@ -111,7 +112,7 @@ def test_route_delete_without_vnet_means_default(home: Path) -> None:
     r = ramp("tunnel", "route", "ip", "delete", "10.0.0.0/8")
     assert r.exit_code == 2
     assert "no route 10.0.0.0/8 in virtual network 'default'" in r.stderr
-    assert rows(ok("tunnel", "route", "ip", "list"))[1:] == [["10.0.0.0/8", "a", "t1"]]
+    assert rows(ok("tunnel", "route", "ip", "list"))[1:] == [["10.0.0.0/8", "a", "t1", "-"]]
 
 
 @pytest.mark.parametrize(

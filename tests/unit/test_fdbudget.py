@@ -60,8 +60,9 @@ def test_a_connector_sizes_its_stream_slots_and_sessions(monkeypatch: pytest.Mon
     config = ConnectorConfig()
     apply_budget(config)
     slots = config.max_streams_per_connection * config.ha_connections
-    assert slots + config.max_udp_sessions <= 4096 - fdbudget.RESERVE
+    assert slots + config.max_udp_sessions + config.icmp_flow_limit <= 4096 - fdbudget.RESERVE
     assert limits_in_force(config)["max_udp_sessions"] == config.max_udp_sessions
+    assert config.icmp_flow_limit < 4096  # each echo flow holds a ping socket
 
 
 def test_raise_nofile_reaches_the_hard_limit() -> None:

@@ -1,5 +1,6 @@
 """The connector's ICMP parts without a network: the echo id table, the error-queue and TTL
-control messages, PACKET datagrams and the registration's capability words."""
+control messages, PACKET datagrams, the registration's capability words, and how replies and
+router errors become packets for the client."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from ramp.flows.echo_nat import EchoTable, TableFull
 from ramp.net import ping
+from ramp.offramps.icmp import ConnectorIcmp
 from ramp.testing.mutate import mutated
 from ramp.wire import ip
 from ramp.wire.tunnel import (
@@ -142,3 +144,87 @@ def test_capabilities_are_words_of_the_client_info_an_old_edge_reads_as_text() -
     frame = Register(uuid.uuid4(), uuid.uuid4(), 0, b"s" * 32, client_info=info)
     parsed, _ = parse_frame(encode_frame(frame))
     assert parsed == frame
+
+
+class _Link:
+    """The tunnel connection as the ICMP off-ramp sees it: what it sends back is kept."""
+
+    edge_id = "edge-1"
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_datagram(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
+def _icmp_with_flow(dst):
+    icmp = ConnectorIcmp()
+    link = _Link()
+    flow = icmp.table.add(
+        ("edge-1", "default", A if dst.version == 4 else A6, dst, 0x1111), 0x2222, 0
+    )
+    flow.link = link
+    return icmp, link, flow
+
+
+A6 = ipaddress.ip_address("fd00:96::2")
+ROUTER = ipaddress.ip_address("198.51.100.2")
+
+
+def test_a_routers_time_exceeded_about_our_echo_goes_to_the_client_about_its_own():
+    icmp, link, flow = _icmp_with_flow(ORIGIN)
+    # what the raw socket reads: R's error quoting the request the connector sent (its id)
+    ours = ip.build_echo(
+        ipaddress.ip_address("198.51.100.1"), ORIGIN, 0x2222, 5, b"probe", False, ttl=1
+    )
+    error = ip.build_icmp_error(ours, ROUTER, "time_exceeded")
+    icmp._raw_v4(error)
+    (datagram,) = link.sent
+    back = ip.parse_packet(parse_packet_datagram(datagram).packet)
+    got = ip.parse_icmp(back)
+    assert (back.src, back.dst, got.type, got.code) == (ROUTER, A, 11, 0)
+    quoted = ip.quoted_echo(got)
+    assert quoted is not None
+    assert (quoted[0].src, quoted[0].dst, quoted[1].ident, quoted[1].seq) == (A, ORIGIN, 0x1111, 5)
+    assert quoted[1].data == b"probe"
+    assert flow.errors == 1
+
+
+def test_an_echo_reply_gets_the_clients_id_and_keeps_its_ttl():
+    icmp, link, _ = _icmp_with_flow(ORIGIN)
+    reply = ip.build_echo(
+        ORIGIN, ipaddress.ip_address("198.51.100.1"), 0x2222, 9, b"pong", True, ttl=61
+    )
+    icmp._raw_v4(reply)
+    (datagram,) = link.sent
+    back = ip.parse_packet(parse_packet_datagram(datagram).packet)
+    got = ip.parse_icmp(back)
+    assert (back.src, back.dst, back.ttl) == (ORIGIN, A, 61)
+    assert (got.ident, got.seq, got.data, got.is_echo_reply) == (0x1111, 9, b"pong", True)
+
+
+def test_replies_and_errors_for_ids_of_no_flow_are_not_passed_on():
+    icmp, link, _ = _icmp_with_flow(ORIGIN)
+    icmp._raw_v4(ip.build_echo(ORIGIN, A, 0x3333, 1, b"", True))  # another program's ping
+    other = ip.build_echo(A, ORIGIN, 0x3333, 1, b"", False)
+    icmp._raw_v4(ip.build_icmp_error(other, ROUTER, "time_exceeded"))
+    icmp._raw_v4(ip.build_icmp(ORIGIN, A, 13, 0, 0, b"\0" * 12))  # not an echo reply or error
+    assert link.sent == []
+
+
+def test_an_ipv6_packet_too_big_keeps_its_mtu():
+    origin6 = ipaddress.ip_address("2001:db8:198::10")
+    router6 = ipaddress.ip_address("2001:db8:198:1::2")
+    icmp, link, _ = _icmp_with_flow(origin6)
+    ours = ip.build_echo(
+        ipaddress.ip_address("2001:db8:198:1::1"), origin6, 0x2222, 3, b"x" * 1300, False
+    )
+    error = ip.build_icmp_error(ours, router6, "packet_too_big", mtu=1280)
+    packet = ip.parse_packet(error)
+    icmp._raw_v6(packet.payload, router6, [])
+    back = ip.parse_packet(parse_packet_datagram(link.sent[0]).packet)
+    got = ip.parse_icmp(back)
+    assert (back.src, back.dst, got.type, got.mtu) == (router6, A6, 2, 1280)

@@ -91,7 +91,7 @@ def test_waits_for_a_connection_when_the_tunnel_has_none() -> None:
     ("code", "result"),
     [
         (SessionError.UNREACHABLE, FlowResult.HOST_UNREACHABLE),
-        (SessionError.CANNOT_BIND, FlowResult.ERROR),
+        (SessionError.CANNOT_BIND, FlowResult.NET_UNREACHABLE),
         (SessionError.TOO_MANY_SESSIONS, FlowResult.ERROR),
         (SessionError.NOT_PERMITTED, FlowResult.NOT_PERMITTED),
         (SessionError.ERROR, FlowResult.ERROR),

@@ -122,6 +122,7 @@ class Route:
     tunnel_name: str | None = None
     network: str | None = None  # the route's CIDR or DNS zone that matched, if any
     replica: str | None = None  # a connector id, when the flow must use that replica
+    proxy_protocol: str | None = None  # "v1" or "v2": the origin gets a PROXY header first
 
     def __str__(self) -> str:
         return self.tunnel_name or self.offramp

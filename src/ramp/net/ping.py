@@ -27,9 +27,14 @@ from pathlib import Path
 SOL_IP = 0
 SOL_IPV6 = 41
 IP_TTL = 2
+IP_MTU_DISCOVER = 10
+IP_MTU = 14
+IP_PMTUDISC_DONT = 0  # fragment where needed: the client's packet had no DF
+IP_PMTUDISC_DO = 2  # DF set, EMSGSIZE past the path MTU
 IP_RECVERR = 11
 IP_RECVTTL = 12
 IPV6_UNICAST_HOPS = 16
+IPV6_MTU = 24
 IPV6_RECVERR = 25
 IPV6_RECVHOPLIMIT = 51
 IPV6_HOPLIMIT = 52
@@ -130,6 +135,22 @@ def set_ttl(sock: socket.socket, family: int, ttl: int) -> None:
         sock.setsockopt(SOL_IP, IP_TTL, ttl)
     else:
         sock.setsockopt(SOL_IPV6, IPV6_UNICAST_HOPS, ttl)
+
+
+def set_dont_fragment(sock: socket.socket, df: bool) -> None:
+    """IPv4: send with DF (as the client's packet had it) or let the kernel fragment."""
+    sock.setsockopt(SOL_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO if df else IP_PMTUDISC_DONT)
+
+
+def path_mtu(dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
+    """The path MTU this host knows toward `dst` (its route's, or a smaller one learnt from a
+    router's "fragmentation needed"); nothing is sent."""
+    family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    level, option = (SOL_IP, IP_MTU) if dst.version == 4 else (SOL_IPV6, IPV6_MTU)
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((str(dst), 9))
+        return int(s.getsockopt(level, option))
+    return None
 
 
 def received_ttl(ancdata: list[tuple[int, int, bytes]]) -> int | None:

@@ -100,6 +100,14 @@ class FlowMetrics:
         self._dgram_children = {
             d: (self.udp_datagrams.labels(d), self.udp_bytes.labels(d)) for d in ("up", "down")
         }
+        # the edge's direct egress and the connector's origins (ramp.offramps.egress)
+        self.egress_ports_exhausted = Counter(
+            "ramp_egress_ports_exhausted",
+            "Flows and UDP sessions that failed with 'source ports exhausted': no source "
+            "address had a port left towards the destination, by protocol (tcp, udp).",
+            ["protocol"],
+            registry=registry,
+        )
         self.tunnel_bad_packets = Counter(
             "ramp_tunnel_bad_packets",
             "UDP packets dropped on the tunnel port before reaching a QUIC connection.",
@@ -182,6 +190,14 @@ class ProxyMetrics(FlowMetrics):
 class EdgeMetrics(ProxyMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry or CollectorRegistry())
+        self.proxy_headers = Counter(
+            "ramp_proxy_headers",
+            "PROXY protocol headers accepted on TCP on-ramps, by on-ramp, version (v1, v2) and "
+            "kind (client: the flow's source is the client it names; local: a LOCAL or "
+            "UNKNOWN header, the peer's own address kept). Refused ones: ramp_bad_input.",
+            ["onramp", "version", "kind"],
+            registry=self.registry,
+        )
         self.tunnel_connections = Gauge(
             "ramp_tunnel_connections",
             "Registered connector connections by tunnel.",

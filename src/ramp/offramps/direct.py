@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Callable
 
-from ramp.flows.flow import Flow, FlowError, FlowResult, Route
+from ramp.flows.flow import Flow, FlowError, FlowResult, Route, parse_ip
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.net.egress import EgressGuard
+from ramp.offramps.egress import Egress
 from ramp.offramps.tcp import DirectLeg, dial_tcp
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.tunnel.sessions_edge import EdgeSessions, UdpSessionBase
+from ramp.wire import proxy_protocol
 from ramp.wire.tunnel import SessionCloseReason
 
 
@@ -31,6 +35,25 @@ class DirectSession(UdpSessionBase):
             self.origin.close()
 
 
+async def send_proxy_header(sock: socket.socket, flow: Flow, version: str) -> None:
+    """The PROXY header for the origin, before any payload byte: the flow's source (the real
+    client, after a PROXY header in), the origin as dialled, and for v2 the identity, the
+    flow id and the name the client asked for. Raises FlowError."""
+    name = flow.destination.host if parse_ip(flow.destination.host) is None else None
+    try:
+        raw = proxy_protocol.outbound(
+            version,
+            flow.source,
+            sock.getpeername()[:2],
+            identity=flow.user,
+            flow_id=flow.id,
+            authority=name,
+        )
+        await asyncio.get_running_loop().sock_sendall(sock, raw)
+    except OSError as e:
+        raise FlowError(FlowResult.RESET, f"origin gone before the PROXY header: {e}") from None
+
+
 class DirectOffRamp:
     name = "direct"
 
@@ -41,7 +64,9 @@ class DirectOffRamp:
         guard: EgressGuard | None = None,
         rule_to: Callable[[str], str | None] = lambda rule_id: None,
         on_denied: Callable[[], None] | None = None,
+        egress: Egress | None = None,
     ) -> None:
+        self.egress = egress  # source addresses and port sharing (ramp.offramps.egress)
         self.sessions = sessions
         self.connect_timeout = connect_timeout
         self.guard = guard if guard is not None else EgressGuard()
@@ -65,7 +90,15 @@ class DirectOffRamp:
     async def open_stream(self, flow: Flow, route: Route) -> TcpLeg:
         self._check(flow)
         assert flow.resolved is not None
-        sock = await dial_tcp(flow.resolved, flow.destination.port, self.connect_timeout)
+        sock = await dial_tcp(
+            flow.resolved, flow.destination.port, self.connect_timeout, egress=self.egress
+        )
+        if route.proxy_protocol is not None:
+            try:
+                await send_proxy_header(sock, flow, route.proxy_protocol)
+            except BaseException:
+                sock.close()
+                raise
         return DirectLeg(flow, sock)
 
     async def open_datagram(
@@ -85,6 +118,7 @@ class DirectOffRamp:
                 flow.destination.port,
                 session.deliver,
                 lambda what: table.metrics_drop(what),
+                self.egress,
             )
         table.add(session)
         return session

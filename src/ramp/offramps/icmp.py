@@ -238,15 +238,21 @@ class ConnectorIcmp:
         flow.last_active = now
         ttl = packet.ttl - 1
         sock = flow.sock if flow.sock is not None else self._raw[family]
+        df = packet.version == 4 and bool(packet.header[6] & 0x40)
         try:
             if flow.sock is None or flow.last_ttl != ttl:
                 ping.set_ttl(sock, family, ttl)
                 flow.last_ttl = ttl
+            if packet.version == 4 and (flow.sock is None or flow.extra.get("df") != df):
+                ping.set_dont_fragment(sock, df)
+                flow.extra["df"] = df
             message = _echo_request(flow.local_ident, icmp.seq, icmp.data, packet.version)
             sock.sendto(message, (str(packet.dst), 0))
         except OSError as e:
-            reason = "too_big" if e.errno == errno.EMSGSIZE else "send_failed"
-            self._drop(reason, f"echo to {packet.dst}: {e.strerror}")
+            if e.errno == errno.EMSGSIZE:
+                self._too_big_here(conn, vnet, packet)
+            else:
+                self._drop("send_failed", f"echo to {packet.dst}: {e.strerror}")
             return
         flow.packets_up += 1
         self._metrics_packet("to_origin")
@@ -291,6 +297,17 @@ class ConnectorIcmp:
             return
         self._send_back(conn, vnet, ip.build_icmp_error(packet.raw, own, "time_exceeded"))
         self._metrics_packet("time_exceeded_here")
+
+    def _too_big_here(self, conn: PacketLink, vnet: str, packet: ip.Packet) -> None:
+        """The request (DF set) exceeds the path MTU this host knows: answer as a router
+        would, "fragmentation needed" / "packet too big" with that MTU (RFC 1191, 8201)."""
+        mtu = ping.path_mtu(packet.dst)
+        own = self._own_address(packet.dst)
+        if mtu is None or own is None or not ip.error_allowed(packet):
+            self._drop("too_big", f"echo of {len(packet.raw)} bytes to {packet.dst}")
+            return
+        self._send_back(conn, vnet, ip.build_icmp_error(packet.raw, own, "frag_needed", mtu=mtu))
+        self._metrics_packet("too_big_here")
 
     def _send_back(self, conn: PacketLink | None, vnet: str, packet: bytes) -> None:
         if conn is None or conn.closed:
@@ -368,8 +385,7 @@ class ConnectorIcmp:
                 return
             err = ping.parse_queued_error(ancdata)
             if err is None or len(data) < ip.ICMP_HEADER:
-                self._drop("local_error")
-                continue
+                continue  # a local error (EMSGSIZE): the failed send answered it already
             seq = struct.unpack_from("!H", data, 6)[0]
             self._router_error(flow, err.offender, err.icmp_type, err.code, err.info, seq, data)
 

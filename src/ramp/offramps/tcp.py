@@ -13,6 +13,7 @@ from ramp.flows.flow import Flow, FlowError, FlowResult, parse_ip
 from ramp.flows.relay import RelayResult, relay_streams
 from ramp.net.resolve import check_hostname, default_resolver
 from ramp.net.splice import SpliceResult, splice_relay
+from ramp.offramps.egress import DEFAULT_EGRESS, Egress
 
 _ERRNO_RESULTS = {
     errno.ECONNREFUSED: FlowResult.REFUSED,
@@ -67,51 +68,121 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
         raise OSError(err, os.strerror(err))
 
 
-async def dial_tcp(
-    host: str, port: int, timeout: float, resolver: NameResolver | None = None
+# RFC 8305 section 5: the recommended "Connection Attempt Delay" before the next address
+ATTEMPT_DELAY = 0.25
+
+
+def interleave(addrs: list[tuple[int, tuple]]) -> list[tuple[int, tuple]]:
+    """RFC 8305 section 4: alternate the address families, each in the resolver's order,
+    starting with the family of the first address (the resolver puts IPv4 first, the family
+    most private origins listen on)."""
+    if len(addrs) < 2:
+        return addrs
+    first = addrs[0][0]
+    a = [x for x in addrs if x[0] == first]
+    b = [x for x in addrs if x[0] != first]
+    out: list[tuple[int, tuple]] = []
+    for i in range(max(len(a), len(b))):
+        out += a[i : i + 1] + b[i : i + 1]
+    return out
+
+
+def _close_result(task: asyncio.Task[socket.socket]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()  # a later winner of a race already decided
+
+
+async def happy_eyeballs(
+    addrs: list[tuple[int, tuple]],
+    attempt: Callable[[int, tuple], Awaitable[socket.socket]],
+    delay: float = ATTEMPT_DELAY,
 ) -> socket.socket:
-    """Connect to host:port trying each address in turn within `timeout` seconds in total.
+    """RFC 8305 section 5: start a connection attempt to each address in turn, the next one
+    `delay` seconds after the previous (or at once when every attempt so far failed); the
+    first to connect wins and the others are cancelled. FlowError of the last address when
+    all fail.
+
+    Not asyncio's own (`create_connection(happy_eyeballs_delay=...)`): that one resolves
+    with getaddrinfo, and its sockets cannot be bound with IP_BIND_ADDRESS_NO_PORT first."""
+    if len(addrs) == 1:
+        return await attempt(*addrs[0])
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(attempt(*addr)) for addr in addrs[:1]]
+    winner: asyncio.Task[socket.socket] | None = None
+    try:
+        while True:
+            pending = [t for t in tasks if not t.done()]
+            more = len(tasks) < len(addrs)
+            if pending:
+                await asyncio.wait(
+                    pending, timeout=delay if more else None, return_when=asyncio.FIRST_COMPLETED
+                )
+            winner = next(
+                (t for t in tasks if t.done() and not t.cancelled() and t.exception() is None),
+                None,
+            )
+            if winner is not None:
+                return winner.result()
+            if not more and all(t.done() for t in tasks):
+                break
+            if more:
+                tasks.append(loop.create_task(attempt(*addrs[len(tasks)])))
+        last = tasks[-1].exception()
+        assert last is not None
+        raise last
+    finally:
+        for t in tasks:
+            if t is winner:
+                continue
+            if t.done():
+                _close_result(t)
+            else:
+                t.cancel()
+                t.add_done_callback(_close_result)
+
+
+async def dial_tcp(
+    host: str,
+    port: int,
+    timeout: float,
+    resolver: NameResolver | None = None,
+    egress: Egress | None = None,
+) -> socket.socket:
+    """Connect to host:port within `timeout` seconds in total; a name with several addresses
+    gets happy eyeballs (RFC 8305) across them.
 
     Names go to `resolver` when given (the connector's private resolver), else to the
-    process's async resolver (ramp.net.resolve); getaddrinfo is never called.
+    process's async resolver (ramp.net.resolve); getaddrinfo is never called. `egress` says
+    from which source addresses, and whether ports are shared (ramp.offramps.egress).
     """
     loop = asyncio.get_running_loop()
+    out = egress or DEFAULT_EGRESS
     deadline = loop.time() + timeout
     if parse_ip(host) is not None:
         ips = [host]
     else:
         check_hostname(host)
         ips = await (resolver or default_resolver().resolve)(host)
-    addrs = [_sockaddr(ip, port) for ip in ips]
-    last: FlowError | None = None
-    for fam, addr in addrs:
+    addrs = interleave([_sockaddr(ip, port) for ip in ips])
+
+    async def attempt(fam: int, addr: tuple) -> socket.socket:
         try:
-            sock = socket.socket(fam, socket.SOCK_STREAM)
-        except OSError as e:  # EMFILE and friends
-            raise FlowError(FlowResult.ERROR, f"cannot create a socket: {e.strerror}") from e
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(remaining):
-                await _connect(loop, sock, addr)
-            return sock
-        except TimeoutError:
-            sock.close()
-            raise FlowError(
-                FlowResult.TIMEOUT, f"connect to {addr[0]}:{port} timed out after {timeout:g}s"
-            ) from None
+            return await out.connect_tcp(fam, addr, lambda s, a: _connect(loop, s, a))
         except OSError as e:
-            sock.close()
             result = _ERRNO_RESULTS.get(e.errno or 0, FlowResult.ERROR)
-            last = FlowError(result, f"connect to {addr[0]}:{port}: {e.strerror or e}")
-        except BaseException:
-            sock.close()
-            raise
-    assert last is not None
-    raise last
+            raise FlowError(result, f"connect to {addr[0]}:{port}: {e.strerror or e}") from None
+
+    remaining = deadline - loop.time()
+    try:
+        if remaining <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(remaining):
+            return await happy_eyeballs(addrs, attempt)
+    except TimeoutError:
+        where = f"{addrs[0][1][0]}:{port}" if len(addrs) == 1 else f"{host}:{port}"
+        raise FlowError(
+            FlowResult.TIMEOUT, f"connect to {where} timed out after {timeout:g}s"
+        ) from None
 
 
 class DirectLeg:

@@ -18,11 +18,13 @@ from ramp.tunnel.flow_open import PendingFlow as _PendingFlow
 from ramp.tunnel.sessions_edge import EdgeSessions
 from ramp.tunnel.slots import QueueFull, SlotQueue
 from ramp.wire.tunnel import (
+    META_PROXY_PROTOCOL,
     ConnectCode,
     ConnectResult,
     ConnectTcp,
     StreamError,
     encode_frame,
+    proxy_sent,
 )
 
 STALE_CHECK = 0.25
@@ -57,6 +59,9 @@ async def _open(conn: EdgeConnection, flow: Flow, timeout: float, window: int) -
         meta["vnet"] = flow.vnet
     if flow.resolved and flow.resolved != flow.destination.host:
         meta["host"] = flow.destination.host
+    proxy = flow.route.proxy_protocol if flow.route is not None else None
+    if proxy is not None:
+        meta[META_PROXY_PROTOCOL] = proxy
     header = ConnectTcp(flow.id, host, flow.destination.port, window, meta)
     conn.send(stream_id, encode_frame(header))
     try:
@@ -75,6 +80,15 @@ async def _open(conn: EdgeConnection, flow: Flow, timeout: float, window: int) -
     if answer.code != ConnectCode.OK:
         conn.reset(stream_id, StreamError.FLOW_ABORT)
         raise FlowError(CODE_TO_RESULT[answer.code], answer.message or answer.code.name.lower())
+    if proxy is not None and answer.message != proxy_sent(proxy):
+        # a connector from before PROXY protocol support dialled without sending the header:
+        # the origin must not take the connector for the client
+        conn.reset(stream_id, StreamError.FLOW_ABORT)
+        raise FlowError(
+            FlowResult.ERROR,
+            f"the route asks for a PROXY {proxy} header and this connector does not send "
+            "one: upgrade the connector",
+        )
     bridge = StreamBridge(
         conn, stream_id, send_credit=answer.window, grant=conn.send_window, window=window
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.net.gso import GsoSender
 from ramp.net.sockopts import set_buffers
+from ramp.offramps.egress import DEFAULT_EGRESS, Egress
 
 MAX_UDP_READ = 65535
 
@@ -52,29 +53,43 @@ class UdpOrigin(asyncio.DatagramProtocol):
 
 
 async def open_udp_origin(
-    ip: str, port: int, on_datagram: Callable[[bytes], None], on_error: Callable[[str], None]
+    ip: str,
+    port: int,
+    on_datagram: Callable[[bytes], None],
+    on_error: Callable[[str], None],
+    egress: Egress | None = None,
 ) -> UdpOrigin:
-    """A UDP socket connected to ip:port; raises FlowError when that is impossible."""
+    """A UDP socket connected to ip:port, from a source `egress` chooses (its port shared with
+    other destinations unless egress says not to); raises FlowError when that is impossible
+    (SourcePortsExhausted when no source port is left)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    destination: tuple = (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
+    if family == socket.AF_INET6 and "%" in ip:
+        addr, _, scope = ip.partition("%")
+        try:
+            index = int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+        except OSError:
+            raise FlowError(FlowResult.BAD_DESTINATION, f"no interface {scope!r}") from None
+        destination = (addr, port, 0, index)
     try:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = (egress or DEFAULT_EGRESS).udp_socket(family, destination)
     except OSError as e:
-        raise FlowError(FlowResult.ERROR, f"cannot create a UDP socket: {e.strerror}") from e
-    try:
-        sock.setblocking(False)
-        # large datagrams (up to 64 KiB) may arrive in bursts
-        set_buffers(sock, 2 * 1024 * 1024)
-        sock.connect((ip, port))
-    except OSError as e:
-        sock.close()
         if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             raise FlowError(FlowResult.NET_UNREACHABLE, f"udp {ip}:{port}: {e.strerror}") from e
         if e.errno in (errno.EACCES, errno.EPERM):
             raise FlowError(FlowResult.NOT_PERMITTED, f"udp {ip}:{port}: {e.strerror}") from e
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            raise FlowError(FlowResult.ERROR, f"cannot create a UDP socket: {e.strerror}") from e
         raise FlowError(FlowResult.ERROR, f"udp {ip}:{port}: {e.strerror}") from e
-    _, proto = await loop.create_datagram_endpoint(
-        lambda: UdpOrigin(sock, on_datagram, on_error), sock=sock
-    )
+    try:
+        # large datagrams (up to 64 KiB) may arrive in bursts
+        set_buffers(sock, 2 * 1024 * 1024)
+        _, proto = await loop.create_datagram_endpoint(
+            lambda: UdpOrigin(sock, on_datagram, on_error), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
     assert isinstance(proto, UdpOrigin)
     return proto

@@ -405,6 +405,8 @@ __all__ = ["DnsServer", "header_reply", "truncate", "udp_limit"]
 
 
 class DnsOptions(OnRampOptions):
+    takes_proxy_protocol = False
+
     tcp_connections_per_source: int = Field(
         TCP_CONNECTIONS_PER_SOURCE,
         ge=0,

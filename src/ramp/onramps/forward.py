@@ -74,7 +74,9 @@ class ForwardServer(TcpOnRamp):
 
 
 def _build(ctx: OnRampContext, options: ForwardOptions) -> ForwardServer:
-    return ForwardServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
+    server = ForwardServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
+    server.proxy_header_seen = ctx.proxy_header
+    return server
 
 
 register("forward", ForwardOptions, _build, "every connection goes to one fixed destination")

@@ -234,6 +234,7 @@ def hook_reply(reply: Reply) -> bytes:
 def _build(ctx: OnRampContext, options: OnRampOptions) -> HttpConnectServer:
     server = HttpConnectServer(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
     server.credentials = ctx.credentials
+    server.proxy_header_seen = ctx.proxy_header
     return server
 
 

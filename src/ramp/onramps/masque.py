@@ -52,6 +52,8 @@ PENDING_DATAGRAMS = 64  # UDP payloads a client may send before its request is a
 
 
 class MasqueOptions(OnRampOptions):
+    takes_proxy_protocol = False
+
     udp_template: str = Field(
         masque.DEFAULT_UDP_TEMPLATE,
         description="connect-udp URI template path, with {target_host} and {target_port}.",

@@ -12,15 +12,19 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ramp.onramps.proxy_protocol import ProxyProtocolOptions
 
 
 class OnRampOptions(BaseModel):
     """What every on-ramp entry of the config has; a type adds its own keys by subclassing."""
 
     model_config = ConfigDict(extra="forbid")
+    # False for on-ramps that are no TCP listener of the shared kind (DNS, MASQUE over UDP)
+    takes_proxy_protocol: ClassVar[bool] = True
 
     type: str = Field(description="The on-ramp type (socks5, http, dns, forward, ...).")
     listen: str = Field(description="HOST:PORT to listen on.")
@@ -29,6 +33,23 @@ class OnRampOptions(BaseModel):
         description="Virtual network of this on-ramp's flows (an identity's own assignment "
         "wins); default: the 'default' network.",
     )
+    proxy_protocol: ProxyProtocolOptions | None = Field(
+        None,
+        description="TCP on-ramps (socks5, http, forward): accept PROXY protocol v1/v2 headers "
+        "from load balancers in front of the edge; the flow's source is then the header's "
+        "client address. See docs/proxy-protocol.md.",
+    )
+
+    @model_validator(mode="after")
+    def _proxy_protocol_where_it_works(self) -> OnRampOptions:
+        if self.proxy_protocol is not None and not self.takes_proxy_protocol:
+            raise ValueError(f"a {self.type} on-ramp takes no proxy_protocol option")
+        return self
+
+    def conflicts_with(self, other: OnRampOptions) -> str | None:
+        """Why `other` cannot run in the same edge as this on-ramp, or None (a type that
+        claims addresses and ports the sockets API cannot check says so here)."""
+        return None
 
 
 class OnRampServer(Protocol):
@@ -61,6 +82,8 @@ class OnRampContext:
     packets: Any = None
     # the role's prometheus registry, for on-ramps with metrics of their own
     registry: Any = None
+    # (on-ramp type, version, kind) for each PROXY protocol header a TCP on-ramp accepted
+    proxy_header: Callable[[str, str, str], None] | None = None
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]
@@ -109,6 +132,15 @@ def lookup(name: str) -> OnRampType:
 def known() -> list[str]:
     _discover()
     return sorted(_TYPES)
+
+
+def check_conflicts(entries: list[OnRampOptions]) -> None:
+    """Raise ValueError naming the first two on-ramps that cannot run side by side."""
+    for i, a in enumerate(entries):
+        for b in entries[i + 1 :]:
+            why = a.conflicts_with(b) or b.conflicts_with(a)
+            if why:
+                raise ValueError(why)
 
 
 def parse_entry(entry: Any) -> OnRampOptions:

@@ -164,6 +164,7 @@ def _build(ctx: OnRampContext, options: OnRampOptions) -> Socks5Server:
     server = Socks5Server(ctx.config, ctx.opener, options, accept_error=ctx.accept_error)
     server.associations = ctx.udp_associations
     server.credentials = ctx.credentials
+    server.proxy_header_seen = ctx.proxy_header
     return server
 
 

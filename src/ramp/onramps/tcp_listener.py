@@ -24,6 +24,7 @@ from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState,
 from ramp.flows.opener import FlowOpener, TcpLeg
 from ramp.flows.shares import POOL_FULL, Pool
 from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
+from ramp.onramps.proxy_protocol import PeerClosed, ProxyGate, ProxyRefused
 
 if TYPE_CHECKING:
     from ramp.config import EdgeConfig
@@ -99,6 +100,8 @@ class TcpOnRamp:
     # The role's client identities (set by the builder), accepted besides the config's users;
     # None: config users only.
     credentials: ClientCredentials | None = None
+    # (on-ramp, version, kind) of each PROXY header accepted (set by the builder): counted
+    proxy_header_seen: Callable[[str, str, str], None] | None = None
 
     def __init__(
         self,
@@ -124,6 +127,8 @@ class TcpOnRamp:
             config.max_handshakes, config.max_handshakes_per_source
         )
         self.flows = 0  # connections holding a flow
+        pp_options = options.proxy_protocol if options is not None else None
+        self.proxy_gate = ProxyGate(pp_options) if pp_options is not None else None
 
     # -- credentials ----------------------------------------------------------------------
 
@@ -206,10 +211,64 @@ class TcpOnRamp:
         """What to tell a client that took too long (empty: just close)."""
         return b""
 
+    async def _proxy_source(
+        self, sock: socket.socket, peer: tuple[str, int]
+    ) -> tuple[str, int] | None:
+        """The flow's source by the PROXY header (the peer itself without one), or None when
+        the connection must close (counted here)."""
+        gate = self.proxy_gate
+        assert gate is not None
+        try:
+            async with asyncio.timeout(gate.timeout):
+                admitted = await gate.admit(sock, peer)
+        except TimeoutError:
+            self.opener.bad_input(self.onramp, "proxy_header_timeout", peer)
+            await self.send_final(sock, b"")
+            return None
+        except ProxyRefused as e:
+            log.debug("%s %s: PROXY protocol: %s", self.onramp, peer, e)
+            self.opener.bad_input(self.onramp, e.reason, peer)
+            # closed like any refused handshake: unread bytes must not turn into an RST
+            await self.send_final(sock, b"")
+            return None
+        except PeerClosed:
+            return None  # a bare connect-and-close (a load balancer's health check)
+        except OSError as e:
+            log.debug("%s %s: connection error before the PROXY header: %s", self.onramp, peer, e)
+            return None
+        header = admitted.header
+        if header is not None and self.proxy_header_seen is not None:
+            kind = "client" if header.client is not None else "local"
+            self.proxy_header_seen(self.onramp, f"v{header.version}", kind)
+        return admitted.source
+
     async def _serve_conn(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Serve one connection; it holds a handshake slot (taken by `_accepted`) until its
         request is read."""
+        slot: str | None = peer[0]
+        via: tuple[str, int] | None = None  # the load balancer that sent a PROXY header
         try:
+            if self.proxy_gate is not None:
+                source = await self._proxy_source(sock, peer)
+                if source is None:
+                    return
+                if source != peer:
+                    # the slot moves to the real client: behind a load balancer every
+                    # connection has the balancer's address, and its share is not theirs
+                    self.handshake_slots.release(peer[0])
+                    slot = None
+                    why = self.handshake_slots.try_take(source[0])
+                    if why is not None:
+                        self.opener.bad_input(
+                            self.onramp,
+                            "too_many_handshakes"
+                            if why == POOL_FULL
+                            else "too_many_handshakes_from_source",
+                            source,
+                        )
+                        return
+                    slot = source[0]
+                    via, peer = peer, source
             try:
                 async with asyncio.timeout(self.config.handshake_timeout):
                     plan = await self._handshake(sock, peer)
@@ -226,7 +285,9 @@ class TcpOnRamp:
                 log.debug("%s %s: connection error during handshake: %s", self.onramp, peer, e)
                 return
             finally:
-                self.handshake_slots.release(peer[0])
+                if slot is not None:
+                    self.handshake_slots.release(slot)
+                    slot = None
             if plan is None:
                 return
             if self.flows >= self.config.max_flows:
@@ -248,12 +309,16 @@ class TcpOnRamp:
                 vnet=self.options.vnet if self.options is not None else None,
                 request=plan.request,
             )
+            if via is not None:  # the audit keeps who relayed it
+                flow.annotations["proxy_peer"] = f"{via[0]}:{via[1]}"
             await self._run_flow(sock, flow, plan)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s %s: unexpected error", self.onramp, peer)
         finally:
+            if slot is not None:  # left before the handshake (a refused PROXY header)
+                self.handshake_slots.release(slot)
             # The relay closes the socket itself; closing again is a no-op then.
             sock.close()
 

@@ -25,6 +25,7 @@ class RouteEntry:
     tunnel_id: str
     tunnel_name: str
     vnet: str = DEFAULT_VNET
+    proxy_protocol: str | None = None  # "v1" or "v2": origins get a PROXY header
 
 
 class RouteLike(Protocol):
@@ -38,6 +39,8 @@ class RouteLike(Protocol):
     def tunnel_name(self) -> str: ...
     @property
     def vnet(self) -> str: ...
+    @property
+    def proxy_protocol(self) -> str | None: ...
 
 
 class RouteTable:
@@ -80,6 +83,7 @@ class RouteTable:
 Resolve = Callable[[str, int], Awaitable[str]]
 ZoneLookup = Callable[[str], tuple[str, str, str] | None]  # name -> (tunnel id, name, zone)
 Replicas = Callable[[str], list[str]]  # tunnel id -> connector ids connected now
+DirectProxy = Callable[[str], str | None]  # address -> PROXY version for direct egress to it
 
 
 class Router:
@@ -98,17 +102,29 @@ class Router:
         allow_direct: bool = False,
         zone_lookup: ZoneLookup | None = None,
         replicas: Replicas | None = None,
+        direct_proxy: DirectProxy | None = None,
     ) -> None:
         self.tables: Mapping[str, RouteTable] = {}
         self._resolve = resolve
         self.allow_direct = allow_direct
         self._zone_lookup = zone_lookup
         self._replicas = replicas
+        self.direct_proxy = direct_proxy
 
-    def _tunnel(self, vnet: str, tid: str, name: str, net: str, replicas: bool) -> list[Route]:
-        found = [Route("tunnel", vnet, tid, name, net)]
+    def _tunnel(
+        self,
+        vnet: str,
+        tid: str,
+        name: str,
+        net: str,
+        replicas: bool,
+        proxy: str | None = None,
+    ) -> list[Route]:
+        found = [Route("tunnel", vnet, tid, name, net, proxy_protocol=proxy)]
         if replicas and self._replicas is not None:
-            found += [Route("tunnel", vnet, tid, name, net, cid) for cid in self._replicas(tid)]
+            found += [
+                Route("tunnel", vnet, tid, name, net, cid, proxy) for cid in self._replicas(tid)
+            ]
         return found
 
     async def candidates(self, flow: Flow, vnet: str, *, replicas: bool = False) -> list[Route]:
@@ -132,10 +148,16 @@ class Router:
         hit = table.lookup(flow.resolved) if table is not None else None
         if hit is not None:
             found += self._tunnel(
-                vnet, hit.tunnel_id, hit.tunnel_name, _cidr(hit.network), replicas
+                vnet,
+                hit.tunnel_id,
+                hit.tunnel_name,
+                _cidr(hit.network),
+                replicas,
+                hit.proxy_protocol,
             )
         if self.allow_direct and hit is None:
-            found.append(Route("direct", vnet))
+            proxy = self.direct_proxy(flow.resolved) if self.direct_proxy is not None else None
+            found.append(Route("direct", vnet, proxy_protocol=proxy))
         return found
 
 
@@ -154,7 +176,7 @@ class VnetRoutes:
             entry = (
                 r
                 if isinstance(r, RouteEntry)
-                else RouteEntry(r.network, r.tunnel_id, r.tunnel_name, r.vnet)
+                else RouteEntry(r.network, r.tunnel_id, r.tunnel_name, r.vnet, r.proxy_protocol)
             )
             by_vnet.setdefault(entry.vnet, []).append(entry)
         self._tables = {vnet: RouteTable(entries) for vnet, entries in by_vnet.items()}

@@ -17,6 +17,10 @@ later under the same name can never revive the old tokens.
 IP routes live in virtual networks (vnets): a CIDR is unique within one vnet only, so tenants
 can route the same private range to their own tunnels. The `default` vnet always exists, and
 holds every route of a store made before vnets (schema version 1), migrated on open.
+
+A route may ask that its origins get a PROXY protocol header (`proxy_protocol`: "v1", "v2" or
+NULL). The column is added in place to stores made before it, as they are opened; an older ramp
+still reads and writes such a store, and sends no header.
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ _LEAF_RENEW_BEFORE = dt.timedelta(days=30)
 
 SCHEMA_VERSION = 2
 DEFAULT_VNET = "default"
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
+# Columns added to version 2 tables after the version was set: (table, column, definition).
+# Each is added in place when missing; NULL is what a row made before it means.
+_ADDED_COLUMNS = (("routes", "proxy_protocol", "TEXT"),)
 
 # Tables whose shape is the same in every schema version.
 _SCHEMA = (
@@ -183,6 +191,7 @@ class Route:
     tunnel_id: str
     tunnel_name: str
     vnet: str = DEFAULT_VNET  # the virtual network's name
+    proxy_protocol: str | None = None  # "v1" or "v2": origins get a PROXY header
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -417,6 +426,7 @@ class Store:
                 db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
             for stmt in _SCHEMA_V2:
                 db.execute(stmt)
+            _add_missing_columns(db)
             _ensure_default_vnet(db)
             self._seed_policy(db)
             db.execute(
@@ -706,10 +716,19 @@ class Store:
 
     # -- routes -------------------------------------------------------------------------------
 
-    def add_route(self, cidr: str, tunnel_name: str, vnet: str = DEFAULT_VNET) -> Route:
+    def add_route(
+        self,
+        cidr: str,
+        tunnel_name: str,
+        vnet: str = DEFAULT_VNET,
+        *,
+        proxy_protocol: str | None = None,
+    ) -> Route:
         """Send traffic for `cidr` in virtual network `vnet` to the tunnel `tunnel_name` (a
-        name or an id)."""
+        name or an id); with `proxy_protocol` ("v1" or "v2") its origins get a PROXY header."""
         net = normalize_cidr(cidr)
+        if proxy_protocol not in (None, *PROXY_PROTOCOL_VERSIONS):
+            raise StoreError(f"unknown PROXY protocol version {proxy_protocol!r} (v1 or v2)")
         with self._write() as db:
             vnet_id = self._vnet_id(db, vnet)
             tunnel = self._find_tunnel(db, tunnel_name)
@@ -725,16 +744,17 @@ class Store:
                     f"route {net} already exists (tunnel {row[0]!r}, virtual network {vnet!r})"
                 )
             db.execute(
-                "INSERT INTO routes(vnet_id, cidr, tunnel_id, created_at) VALUES (?, ?, ?, ?)",
-                (vnet_id, net, tunnel.id, _ts(_now())),
+                "INSERT INTO routes(vnet_id, cidr, tunnel_id, created_at, proxy_protocol)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (vnet_id, net, tunnel.id, _ts(_now()), proxy_protocol),
             )
-        return Route(net, tunnel.id, tunnel.name, vnet)
+        return Route(net, tunnel.id, tunnel.name, vnet, proxy_protocol)
 
     def list_routes(self, vnet: str | None = None) -> list[Route]:
         """The routes of `vnet`, or of every vnet (`default` first, then by name); within a
         vnet IPv4 before IPv6, in address order."""
         sql = (
-            "SELECT r.cidr, r.tunnel_id, t.name, v.name FROM routes r"
+            "SELECT r.cidr, r.tunnel_id, t.name, v.name, r.proxy_protocol FROM routes r"
             " JOIN tunnels t ON t.id = r.tunnel_id JOIN vnets v ON v.id = r.vnet_id"
         )
         if vnet is None:
@@ -746,7 +766,7 @@ class Store:
                 except sqlite3.Error as e:
                     raise StoreError(f"store {self.path}: {e}") from e
             rows = self._query(sql + " WHERE r.vnet_id = ?", (vnet_id,))
-        return sorted((Route(c, i, n, v) for c, i, n, v in rows), key=_route_sort_key)
+        return sorted((Route(*row) for row in rows), key=_route_sort_key)
 
     def delete_route(self, cidr: str, vnet: str = DEFAULT_VNET) -> str:
         """Delete the route for `cidr` in `vnet`; returns it normalized."""
@@ -917,6 +937,13 @@ def _ensure_default_vnet(db: sqlite3.Connection) -> None:
         "INSERT OR IGNORE INTO vnets(id, name, created_at) VALUES (?, ?, ?)",
         (str(uuid.uuid4()), DEFAULT_VNET, _ts(_now())),
     )
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    for table, column, definition in _ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _migrate_v1_to_v2(db: sqlite3.Connection) -> None:

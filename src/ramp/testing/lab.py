@@ -17,7 +17,8 @@
 - The edge resolves `origin.ramp.test` (and friends) from its own /etc/hosts.
 - UDP: an echo on :7/udp of each origin address. DNS: dnsmasq in P on 198.51.100.53:53 serves
   the private zone corp.example (`app.corp.example` -> 198.51.100.10, a TXT record too big for
-  one 1232-byte UDP answer, ...) and refuses everything else; E has no route to it. On demand
+  one 1232-byte UDP answer, `dual.corp.example` with an A record of the blackhole and an AAAA
+  record of the IPv6 origin, ...) and refuses everything else; E has no route to it. On demand
   (`start_upstream_dns`), a second dnsmasq in E on 127.0.0.53:53 plays the edge's public
   upstream resolver (`www.example.net`).
 - `Lab(..., router=True)` puts a router namespace R between P and the origins, which then live
@@ -26,6 +27,8 @@
 - Options: `tunnel_mtu` for the E<->P veth (jumbo datagrams), `add_edge_address` for a second
   client-facing address of the edge (203.0.113.3, source-address tests), `add_client_address`
   for a second source address in C (203.0.113.4, a legitimate client beside an attacker),
+  `route_to_edge` for a prefix routed from C to E that no interface holds (203.0.113.64/26
+  or 2001:db8:203:64::/64, the any-port on-ramp's),
   `add_private_network` for another private network behind its own veth to E (198.18.N.0/24)
   with an origin at the same address 198.51.100.10 (tenants, virtual networks), `start_sshd`
   for OpenSSH on 198.51.100.10:22 (key login as root; `Lab.ssh` is the client in C).
@@ -115,6 +118,10 @@ ROUTER_ORIGIN_ADDR6 = "2001:db8:198:2::1"
 ORIGIN_HOST_ADDR6 = "2001:db8:198:2::2"
 
 EDGE_PUBLIC_ADDR2 = "203.0.113.3"  # see `Lab.add_edge_address`
+# A prefix of public addresses no interface holds, routed from C to E (`route_to_edge`): the
+# any-port on-ramp answers on all of it
+ANYPORT_PREFIX = "203.0.113.64/26"
+ANYPORT_PREFIX6 = "2001:db8:203:64::/64"
 EDGE_PUBLIC_ADDR6_2 = "2001:db8:203::3"
 # More private networks (`Lab.add_private_network`): E 198.18.N.1/24 <-> 198.18.N.2/24.
 SECOND_PRIVATE_PREFIX = "198.18"
@@ -128,6 +135,9 @@ DB_NAME = f"db.{DNS_ZONE}"  # -> ORIGIN2
 BIG_NAME = f"big.{DNS_ZONE}"  # TXT BIG_TXT: more than one 1232-byte UDP answer holds
 BIG_TXT = tuple(f"{i:02d}" + chr(ord("a") + i) * 198 for i in range(8))
 PRIVATE_DNS_RECORDS = {APP_NAME: ORIGIN, DB_NAME: ORIGIN2}
+# A -> the blackhole (connects time out), AAAA -> the IPv6 origin: only happy eyeballs gets in
+DUAL_NAME = f"dual.{DNS_ZONE}"
+DUAL_RECORDS = (BLACKHOLE, ORIGIN6)
 UPSTREAM_DNS_ADDR = "127.0.0.53"
 UPSTREAM_DNS = f"{UPSTREAM_DNS_ADDR}:53"
 PUBLIC_NAME = "www.example.net"  # known only to the upstream resolver
@@ -777,6 +787,7 @@ class Lab:
     def start_private_dns(self) -> LabProcess:
         """dnsmasq in P for the zone corp.example on 198.51.100.53:53 (started by `build`)."""
         records = [f"--address=/{name}/{ip}" for name, ip in PRIVATE_DNS_RECORDS.items()]
+        records += [f"--address=/{DUAL_NAME}/{ip}" for ip in DUAL_RECORDS]
         # One argv word, no shell: quotes would end up inside the strings.
         records.append(f"--txt-record={BIG_NAME}," + ",".join(BIG_TXT))
         self.dns_server = self._dnsmasq(
@@ -795,6 +806,11 @@ class Lab:
     def add_edge_address(self, address: str = EDGE_PUBLIC_ADDR2) -> None:
         """Another address on the edge's client-facing veth, in the prefix of the first."""
         self.edge_ns.add_address("to-client", f"{address}/{64 if ':' in address else 24}")
+
+    def route_to_edge(self, prefix: str = ANYPORT_PREFIX) -> None:
+        """Route `prefix` from C to E, as an upstream router sends a service's addresses to
+        the edge; E holds none of them (the any-port on-ramp makes them its own)."""
+        self.client.add_route(prefix, via=EDGE_PUBLIC_ADDR6 if ":" in prefix else EDGE_PUBLIC_ADDR)
 
     def add_client_address(self, address: str = CLIENT_ADDR2) -> None:
         """Another source address for C (a second client, told apart by its address)."""

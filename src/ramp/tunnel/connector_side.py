@@ -19,6 +19,7 @@ from qh3.quic.connection import QuicConnection
 from ramp import __version__
 from ramp.flows.budget import MemoryBudget, reserve
 from ramp.flows.flow import FlowError, FlowResult
+from ramp.offramps.egress import Egress
 from ramp.offramps.tcp import dial_tcp
 from ramp.quic import endpoint
 from ramp.quic.pin import PinError, check_pin
@@ -30,9 +31,11 @@ from ramp.tunnel.control_state import ConnectorControl
 from ramp.tunnel.flow_state import FlowAccept
 from ramp.tunnel.interfaces import ConnectorDatagramSink, ConnectorPacketSink
 from ramp.tunnel.resolver import RESOLVER_HOST, Resolver
+from ramp.wire import proxy_protocol
 from ramp.wire.tunnel import (
     ALPN,
     CAP_IP_PACKETS,
+    META_PROXY_PROTOCOL,
     CloseCode,
     ConnectCode,
     ConnectTcp,
@@ -41,6 +44,7 @@ from ramp.wire.tunnel import (
     RegisterError,
     StreamError,
     is_packet_datagram,
+    proxy_sent,
     with_capabilities,
 )
 
@@ -84,6 +88,36 @@ def client_configuration(idle_timeout: float) -> QuicConfiguration:
         verify_mode=ssl.CERT_NONE,
         max_datagram_frame_size=65536,
     )
+
+
+def split_source(text: str) -> tuple[str, int] | None:
+    """`HOST:PORT` (the edge's `src` metadata; an IPv6 host is bare) as a pair, or None."""
+    host, _, port = text.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() and int(port) <= 65535 else None
+
+
+async def send_proxy_header(sock: socket.socket, header: ConnectTcp, version: str) -> None:
+    """Tell the origin whom the flow is from, before any payload byte: the client's address
+    as the edge saw it, the origin's own as dialled; v2 adds the identity, the flow id and
+    the name the client asked for. Raises FlowError."""
+    meta = header.metadata
+    try:
+        raw = proxy_protocol.outbound(
+            version,
+            split_source(meta.get("src", "")),
+            sock.getpeername()[:2],
+            identity=meta.get("identity"),
+            flow_id=header.flow_id,
+            authority=meta.get("host"),
+        )
+    except ValueError as e:
+        raise FlowError(FlowResult.ERROR, str(e)) from None
+    except OSError as e:
+        raise FlowError(FlowResult.RESET, f"origin gone before the PROXY header: {e}") from None
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, raw)
+    except OSError as e:
+        raise FlowError(FlowResult.RESET, f"origin gone before the PROXY header: {e}") from None
 
 
 class ConnectorConnection(endpoint.TunnelConnection):
@@ -254,6 +288,7 @@ class TunnelClient:
         self.sessions: ConnectorDatagramSink | None = None  # UDP sessions, set by the connector
         self.packets: ConnectorPacketSink | None = None  # ICMP, set by the connector
         self.resolver: Resolver | None = None
+        self.egress: Egress | None = None  # source addresses and port sharing for origins
 
     def start(self) -> None:
         index = 0
@@ -391,6 +426,15 @@ class TunnelClient:
                 sock.close()
                 result, reason = FlowResult.ERROR, "edge gave up before the origin answered"
                 return
+            message = ""
+            version = header.metadata.get(META_PROXY_PROTOCOL)
+            if version is not None:
+                try:
+                    await send_proxy_header(sock, header, version)
+                except BaseException:
+                    sock.close()
+                    raise
+                message = proxy_sent(version)
             bridge = StreamBridge(
                 conn,
                 flow.stream_id,
@@ -399,7 +443,7 @@ class TunnelClient:
                 window=flow.state.window,
             )
             flow.bridge = bridge
-            answer, early, fin = flow.state.succeeded()
+            answer, early, fin = flow.state.succeeded(message)
             # bytes that came before the bridge go first, then the bridge takes the stream
             for chunk in early:
                 bridge.stream_data(chunk, False)
@@ -459,7 +503,7 @@ class TunnelClient:
                 raise FlowError(FlowResult.HOST_UNREACHABLE, "the connector has no DNS resolver")
             host, port = resolver.address
         return await dial_tcp(
-            host, port, self.connect_timeout, resolver.resolve if resolver else None
+            host, port, self.connect_timeout, resolver.resolve if resolver else None, self.egress
         )
 
     async def drain(self, grace: float) -> None:

@@ -196,11 +196,12 @@ class FlowAccept:
     def connection_lost(self) -> list[AcceptAction]:
         return self.stream_reset(0)
 
-    def succeeded(self) -> tuple[bytes, list[bytes], bool]:
-        """The origin answered: (CONNECT_RESULT to send, early bytes for the bridge, FIN)."""
+    def succeeded(self, message: str = "") -> tuple[bytes, list[bytes], bool]:
+        """The origin answered: (CONNECT_RESULT to send, early bytes for the bridge, FIN).
+        `message` rides in the OK answer (what the connector did: `proxy-protocol v2`)."""
         self.bridged = True
         early, self.early = self.early, []
-        answer = encode_frame(ConnectResult(ConnectCode.OK, self.window))
+        answer = encode_frame(ConnectResult(ConnectCode.OK, self.window, message))
         return answer, early, self.fin
 
     @staticmethod

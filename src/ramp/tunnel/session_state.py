@@ -28,7 +28,8 @@ LINK_POLL = 0.1  # how often to look again for a connection when the tunnel has 
 
 SESSION_RESULTS = {
     SessionError.UNREACHABLE: FlowResult.HOST_UNREACHABLE,
-    SessionError.CANNOT_BIND: FlowResult.ERROR,
+    # the connector has no source port left for the destination (ramp.offramps.egress)
+    SessionError.CANNOT_BIND: FlowResult.NET_UNREACHABLE,
     SessionError.TOO_MANY_SESSIONS: FlowResult.ERROR,
     SessionError.NOT_PERMITTED: FlowResult.NOT_PERMITTED,
     SessionError.ERROR: FlowResult.ERROR,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ramp.flows.client_shares import IDENTITY_SHARE, SOURCE_SHARE, ClientShares
 from ramp.flows.flow import FlowError, FlowResult
 from ramp.observe.loglimit import LogLimiter
+from ramp.offramps.egress import Egress, SourcePortsExhausted
 from ramp.offramps.udp import UdpOrigin, open_udp_origin
 from ramp.tunnel import session_state as ss
 from ramp.tunnel.interfaces import ConnectorLink
@@ -125,8 +126,10 @@ class ConnectorSessions:
         per_identity: int = 0,
         metrics_refused: Callable[[str], None] = lambda reason: None,
         metrics_expired: Callable[[str], None] = lambda reason: None,
+        egress: Egress | None = None,
     ) -> None:
         self.resolver = resolver
+        self.egress = egress
         self.limit = limit
         self.idle_timeout = idle_timeout
         self.unreplied_timeout = unreplied_timeout
@@ -225,11 +228,16 @@ class ConnectorSessions:
             session = ConnectorSession(self, key, self.admission.link_for(key), msg, idle)
             s = session
             session.origin = await open_udp_origin(
-                ip, port, lambda d: s.to_edge(d), lambda what: s.origin_error(what)
+                ip, port, lambda d: s.to_edge(d), lambda what: s.origin_error(what), self.egress
             )
         except FlowError as e:
-            log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
-            code = _ERRORS.get(e.result, SessionError.CANNOT_BIND)
+            if self._refusal_log.allow(e.result):  # as often as a client asks: rate-limited
+                log.info("udp session to %s:%d refused: %s", msg.host, msg.port, e.reason)
+            code = (
+                SessionError.CANNOT_BIND
+                if isinstance(e, SourcePortsExhausted)
+                else _ERRORS.get(e.result, SessionError.ERROR)
+            )
             self._run(self.admission.open_failed(key, msg.session_id, code, e.reason), key, msg)
             return
         except asyncio.CancelledError:
@@ -241,7 +249,7 @@ class ConnectorSessions:
                 session.origin.close()
             why = f"cannot open: {e}"
             self._run(
-                self.admission.open_failed(key, msg.session_id, SessionError.CANNOT_BIND, why),
+                self.admission.open_failed(key, msg.session_id, SessionError.ERROR, why),
                 key,
                 msg,
             )

@@ -33,6 +33,17 @@ MAX_UDP_PAYLOAD = 65535
 MAX_STREAM_DATAGRAM = MAX_UDP_PAYLOAD + 32  # payload plus the datagram header
 
 
+# CONNECT_TCP metadata: the origin must get a PROXY protocol header of this version ("v1" or
+# "v2") first; a connector that sent one says so in CONNECT_RESULT OK's message, as
+# `proxy_sent(version)`. An older connector ignores the key and says nothing, and the edge
+# then fails the flow instead of passing it on without the header.
+META_PROXY_PROTOCOL = "proxy-protocol"
+
+
+def proxy_sent(version: str) -> str:
+    return f"proxy-protocol {version} sent"
+
+
 class ProtocolError(ValueError):
     """The peer sent something the protocol forbids; the message says what."""
 
