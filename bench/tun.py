@@ -4,11 +4,12 @@ OpenVPN as a peer, measured in one run on the namespace lab.
     python -m bench.tun [--seconds S] [--pings N] [--bytes N] [--udp-rate MBIT]
 
 Paths:
-- tun: a program in C uses the TUN device ramp0 with no proxy settings -> connect-ip on the
-  client's QUIC connection -> edge (ICMP as whole packets down the tunnel, TCP upgraded to a
-  kernel socket, UDP as tunnel UDP sessions) -> connector -> origin in P;
-- tun_large: the same from a second client namespace whose device has a 65,000-byte MTU (the
-  edge's `masque_ip_mtu` raised to match): a TCP segment is one IP packet of up to 65,000
+- tun: a program in C uses the TUN device ramp0 (MTU 1,400: every packet one QUIC DATAGRAM)
+  with no proxy settings -> connect-ip on the client's QUIC connection -> edge (ICMP as whole
+  packets down the tunnel, TCP upgraded to a kernel socket, UDP as tunnel UDP sessions) ->
+  connector -> origin in P;
+- tun_large: the same from a second client namespace whose device has the default MTU, 65,000
+  (the edge's `masque_ip_mtu` raised to match): a TCP segment is one IP packet of up to 65,000
   bytes, which rides a DATAGRAM capsule on the request stream instead of ~46 QUIC DATAGRAMs;
 - proxy: the same bulk client through `ramp client run`'s SOCKS5 listener (HTTP/3 CONNECT);
 - veth: straight between P and E over their veth pair, no ramp;
@@ -162,7 +163,9 @@ def main() -> int:
         quiet = ("--log-level", "warning", "--audit-log", "/dev/null")
         edge_args = (*quiet, "--masque-ip-mtu", str(LARGE_MTU))  # the default 1,400 client too
         lab.start_standard(connector_args=("--log-level", "warning"), edge_args=edge_args)
-        client = lab.start_client(lab.client_token("bench"), "--tun", "--log-level", "warning")
+        client = lab.start_client(
+            lab.client_token("bench"), "--tun", "--tun-mtu", "1400", "--log-level", "warning"
+        )
         large_ns = lab.add_client_namespace("client2")
         large = lab.start_client(
             lab.client_token("bench-large"),
