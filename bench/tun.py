@@ -4,9 +4,13 @@ OpenVPN as a peer, measured in one run on the namespace lab.
     python -m bench.tun [--seconds S] [--pings N] [--bytes N] [--udp-rate MBIT]
 
 Paths:
-- tun: a program in C uses the TUN device ramp0 with no proxy settings -> connect-ip on the
-  client's QUIC connection -> edge (ICMP as whole packets down the tunnel, TCP upgraded to a
-  kernel socket, UDP as tunnel UDP sessions) -> connector -> origin in P;
+- tun: a program in C uses the TUN device ramp0 (MTU 1,400: every packet one QUIC DATAGRAM)
+  with no proxy settings -> connect-ip on the client's QUIC connection -> edge (ICMP as whole
+  packets down the tunnel, TCP upgraded to a kernel socket, UDP as tunnel UDP sessions) ->
+  connector -> origin in P;
+- tun_large: the same from a second client namespace whose device has the default MTU, 65,000
+  (the edge's `masque_ip_mtu` raised to match): a TCP segment is one IP packet of up to 65,000
+  bytes, which rides a DATAGRAM capsule on the request stream instead of ~46 QUIC DATAGRAMs;
 - proxy: the same bulk client through `ramp client run`'s SOCKS5 listener (HTTP/3 CONNECT);
 - veth: straight between P and E over their veth pair, no ramp;
 - openvpn (if Debian's `openvpn` is installed): a static-key point-to-point TUN VPN between C
@@ -45,6 +49,7 @@ TUN = "ramp0"
 # OpenVPN's point-to-point addresses: the benchmarking range (RFC 2544)
 OVPN_E, OVPN_C = "198.18.250.1", "198.18.250.2"
 OVPN_PORT = 1194
+LARGE_MTU = 65000
 
 
 def ping_rtts(ns: Netns, target: str, count: int) -> list[float]:
@@ -114,7 +119,7 @@ def start_openvpn(lab: Lab, workdir: Path) -> list[LabProcess]:
         str(key),
         "--cipher",
         "AES-256-CBC",
-        "--allow-deprecated-insecure-static-crypto",
+        "--disable-dco",  # user space, as ramp's client is
         "--verb",
         "1",
         "--port",
@@ -156,14 +161,29 @@ def main() -> int:
         start_in(lab.private, ORIGIN, BASE_PORT)
         start_in(lab.edge_ns, EDGE_TUNNEL_ADDR, BASE_PORT)
         quiet = ("--log-level", "warning", "--audit-log", "/dev/null")
-        lab.start_standard(connector_args=("--log-level", "warning"), edge_args=quiet)
-        client = lab.start_client(lab.client_token("bench"), "--tun", "--log-level", "warning")
-        wait_until(
-            lambda: ORIGIN_PREFIX in lab.client.ip("route", "show", "dev", TUN),
-            30,
-            interval=0.2,
-            what=lambda: f"the route to the origins on {TUN}\n{client.tail()}",
+        edge_args = (*quiet, "--masque-ip-mtu", str(LARGE_MTU))  # the default 1,400 client too
+        lab.start_standard(connector_args=("--log-level", "warning"), edge_args=edge_args)
+        client = lab.start_client(
+            lab.client_token("bench"), "--tun", "--tun-mtu", "1400", "--log-level", "warning"
         )
+        large_ns = lab.add_client_namespace("client2")
+        large = lab.start_client(
+            lab.client_token("bench-large"),
+            "--tun",
+            "--tun-mtu",
+            str(LARGE_MTU),
+            "--log-level",
+            "warning",
+            ns=large_ns,
+            metrics_port=20244,
+        )
+        for ns, proc in ((lab.client, client), (large_ns, large)):
+            wait_until(
+                lambda ns=ns: ORIGIN_PREFIX in ns.ip("route", "show", "dev", TUN),  # type: ignore[misc]
+                30,
+                interval=0.2,
+                what=lambda proc=proc: f"the route to the origins on {TUN}\n{proc.tail()}",  # type: ignore[misc]
+            )
 
         # -- ping ---------------------------------------------------------------------------
         ping_rtts(lab.client, ORIGIN, 20)  # warm up: flows, NAT slots, code paths
@@ -183,6 +203,11 @@ def main() -> int:
             s.connect((ORIGIN, BASE_PORT))
             return s
 
+        def large_sock() -> socket.socket:
+            s = large_ns.socket()
+            s.connect((ORIGIN, BASE_PORT))
+            return s
+
         def proxy_sock() -> socket.socket:
             s = lab.client.socket()
             s.connect(LOCAL)
@@ -194,7 +219,12 @@ def main() -> int:
             s.connect((EDGE_TUNNEL_ADDR, BASE_PORT))
             return s
 
-        bulk_paths = {"tun": tun_sock, "proxy": proxy_sock, "veth": veth_sock}
+        bulk_paths = {
+            "tun": tun_sock,
+            "tun_large": large_sock,
+            "proxy": proxy_sock,
+            "veth": veth_sock,
+        }
         for make in bulk_paths.values():
             bulk(make, 16 * MB)
         for key, make in bulk_paths.items():
@@ -203,6 +233,9 @@ def main() -> int:
         # iperf3 sends from the client: C -> origin over the TUN, P -> E over the veth
         r["iperf_tcp_tun_MBps"] = tcp_mbps(
             iperf(lab, lab.private, lab.client, ORIGIN, args.seconds)
+        )
+        r["iperf_tcp_tun_large_MBps"] = tcp_mbps(
+            iperf(lab, lab.private, large_ns, ORIGIN, args.seconds)
         )
         r["iperf_tcp_veth_MBps"] = tcp_mbps(
             iperf(lab, lab.edge_ns, lab.private, EDGE_TUNNEL_ADDR, args.seconds)
@@ -242,6 +275,7 @@ def main() -> int:
     r["ping_added_p50_us"] = (r["ping_tun_p50_ms"] - r["ping_veth_p50_ms"]) * 1000
     r["ping_added_p99_us"] = (r["ping_tun_p99_ms"] - r["ping_veth_p99_ms"]) * 1000
     r["bulk_ratio_tun_vs_proxy"] = r["bulk_tun_MBps"] / r["bulk_proxy_MBps"]
+    r["bulk_ratio_tun_large_vs_proxy"] = r["bulk_tun_large_MBps"] / r["bulk_proxy_MBps"]
     r["bulk_ratio_tun_vs_veth"] = r["bulk_tun_MBps"] / r["bulk_veth_MBps"]
     r["iperf_tcp_ratio_tun_vs_veth"] = r["iperf_tcp_tun_MBps"] / r["iperf_tcp_veth_MBps"]
     if "iperf_tcp_openvpn_MBps" in r:
@@ -256,16 +290,17 @@ def main() -> int:
         "at p99 (bar: under 1,000 us at p50)"
     )
     print(f"TCP, one flow ({args.bytes / MB:.0f} MB, the bench's client)")
-    for key in ("tun", "proxy", "veth"):
-        print(f"  {key:8} {r[f'bulk_{key}_MBps']:8.1f} MB/s")
+    for key in ("tun", "tun_large", "proxy", "veth"):
+        print(f"  {key:9} {r[f'bulk_{key}_MBps']:8.1f} MB/s")
     print(
-        f"  tun/proxy {r['bulk_ratio_tun_vs_proxy']:.2f}   tun/veth "
+        f"  tun/proxy {r['bulk_ratio_tun_vs_proxy']:.2f}   tun_large/proxy "
+        f"{r['bulk_ratio_tun_large_vs_proxy']:.2f}   tun/veth "
         f"{r['bulk_ratio_tun_vs_veth']:.3f}   (bar: tun at least 100 MB/s)"
     )
     print(f"iperf3 TCP ({args.seconds:.0f} s)")
-    for key in ("tun", "veth", "openvpn"):
+    for key in ("tun", "tun_large", "veth", "openvpn"):
         if f"iperf_tcp_{key}_MBps" in r:
-            print(f"  {key:8} {r[f'iperf_tcp_{key}_MBps']:8.1f} MB/s")
+            print(f"  {key:9} {r[f'iperf_tcp_{key}_MBps']:8.1f} MB/s")
     if "iperf_tcp_ratio_tun_vs_openvpn" in r:
         print(f"  tun/openvpn {r['iperf_tcp_ratio_tun_vs_openvpn']:.2f}")
     print(f"iperf3 UDP ({args.udp_rate}bit/s offered, 1,200-byte datagrams)")

@@ -520,6 +520,26 @@ def test_a_packet_too_big_for_the_edge_gets_fragmentation_needed(
 # --- lifecycle ------------------------------------------------------------------------------
 
 
+def test_the_device_stays_and_the_session_comes_back_when_the_edge_restarts(
+    tmp_path: Path, payload: Payload, lab_opener: LabOpener
+) -> None:
+    with lab_opener(tmp_path, payload, standard=False) as lab:
+        client = start_tun_lab(lab)
+
+        def opens() -> float:
+            return client.metrics().value("ramp_client_connect_ip_opens_total")
+
+        before = opens()
+        lab.restart_edge()
+        lab.wait_tunnel_connections("corp", 1)
+        wait_until(lambda: opens() > before, 60, interval=0.2, what="connect-ip to reopen")
+        assert device_exists(lab.client)
+        wait_routes(lab.client, {ORIGIN_PREFIX, ORIGIN6_PREFIX}, client)
+        got = ping(lab.client, ORIGIN)
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert loss(got.stdout) == 0.0
+
+
 def test_sigterm_removes_the_device_and_its_routes(
     tmp_path: Path, payload: Payload, lab_opener: LabOpener
 ) -> None:

@@ -391,7 +391,9 @@ class ClientMetrics(ProxyMetrics):
         self.tun_drops = Counter(
             "ramp_client_tun_drops",
             "IP packets the client dropped, by reason (no_session: the edge connection is "
-            "down; queue_full; malformed_ip_capsule, unknown_capsule: bad input from the edge).",
+            "down; link_local: IPv6 the kernel sends on any link, never forwarded; "
+            "tun_refused: the kernel refused a packet from the edge; malformed_ip_capsule, "
+            "unknown_capsule, unexpected_capsule: bad input from the edge).",
             ["reason"],
             registry=self.registry,
         )

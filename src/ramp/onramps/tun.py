@@ -189,6 +189,9 @@ class TunOnRamp:
                 return
             if not packet:
                 return
+            if _link_local(packet):
+                self._drop("link_local")
+                continue
             self.packets_up += 1
             self.bytes_up += len(packet)
             self._count("up", len(packet))
@@ -211,6 +214,18 @@ class TunOnRamp:
         self.packets_down += 1
         self.bytes_down += len(packet)
         self._count("down", len(packet))
+
+
+def _link_local(packet: bytes) -> bool:
+    """An IPv6 packet the kernel sends on any link by itself (router solicitations, MLD
+    reports: from fe80::/10 or ::, or to multicast): it has no business at the edge."""
+    if len(packet) < 40 or packet[0] >> 4 != 6:
+        return False
+    return (
+        packet[24] == 0xFF
+        or (packet[8] == 0xFE and packet[9] & 0xC0 == 0x80)
+        or not any(packet[8:24])
+    )
 
 
 def _set_queue_len(name: str, length: int) -> None:
