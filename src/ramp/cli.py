@@ -729,8 +729,8 @@ def _hop_target(value: str) -> EdgeTarget:
 )
 @_user_errors
 def client_status(metrics_listen: str) -> None:
-    """Show the running client's edge connection (state, RTT) and flows; exit 1 when it is
-    not connected."""
+    """Show the running client's edge connection (state, RTT) and flows, and with --tun the
+    device's addresses, routes and packet counters; exit 1 when it is not connected."""
     import json
     import urllib.request
 
@@ -748,6 +748,11 @@ def client_status(metrics_listen: str) -> None:
     except ValueError:
         _fail(f"{url} did not answer JSON")
     for key, value in info.items():
+        if isinstance(value, dict) and key == "tun":  # --tun: the device, one line a field
+            for sub, item in value.items():
+                text = ", ".join(map(str, item)) or "none" if isinstance(item, list) else item
+                click.echo(f"{'tun ' + sub:14} {text}")
+            continue
         click.echo(f"{key:14} {value}")
     raise SystemExit(0 if code == 200 else 1)
 

@@ -1,11 +1,13 @@
 """The client role (`ramp client run`): the edge's own SOCKS5 and HTTP on-ramps on loopback,
 with the MASQUE off-ramp: every TCP flow one HTTP/3 CONNECT stream, every UDP flow one
-connect-udp request, all on one QUIC connection to the edge (proxy mode).
+connect-udp request, all on one QUIC connection to the edge (proxy mode). With `--tun`, a TUN
+device too, whose packets ride one connect-ip request on the same connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -18,10 +20,12 @@ from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.metrics import ClientMetrics
 from ramp.observe.status import start_status_server
 from ramp.offramps.masque import EdgeTarget, MasqueLink, MasqueOffRamp
+from ramp.offramps.masque_ip import IpTunnel
 from ramp.offramps.nested import nested_dialer
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
 from ramp.onramps.socks5_udp import AssociationLimits
+from ramp.onramps.tun import TunOnRamp, TunUnavailable
 
 log = logging.getLogger("ramp.client")
 
@@ -67,11 +71,50 @@ class Client:
         self.onramps: list[Any] = []
         self.status: Any = None
         m.edge_rtt.set_function(lambda: self.link.rtt or 0.0)
+        self.tun: TunOnRamp | None = None
+        self.ip: IpTunnel | None = None
+        if config.tun:
+            self._wire_tun()
+
+    def _wire_tun(self) -> None:
+        m, config = self.metrics, self.config
+        self.tun = device = TunOnRamp(
+            config.tun_name,
+            config.tun_mtu,
+            send=lambda packet: self.ip is not None and self.ip.send(packet),
+            count=self._count_packet,
+            drop=lambda reason: m.tun_drops.labels(reason).inc(),
+            changed=self._tun_changed,
+        )
+        self.ip = IpTunnel(
+            self.link,
+            template=config.masque_ip_template,
+            request=[ipaddress.ip_network(a, strict=False) for a in config.tun_address],
+            timeout=config.connect_timeout,
+            on_packet=device.deliver,
+            on_addresses=device.set_addresses,
+            on_routes=device.set_routes,
+            bad=lambda reason: m.tun_drops.labels(reason).inc(),
+            drop=lambda reason: m.tun_drops.labels(reason).inc(),
+            on_open=m.connect_ip_opens.inc,
+        )
+
+    def _count_packet(self, direction: str, size: int) -> None:
+        self.metrics.tun_packets.labels(direction).inc()
+        self.metrics.tun_bytes.labels(direction).inc(size)
+
+    def _tun_changed(self, what: str, prefixes: list[Any]) -> None:
+        gauge = self.metrics.tun_addresses if what == "addresses" else self.metrics.tun_routes
+        gauge.set(len(prefixes))
 
     async def start(self) -> None:
+        if self.tun is not None:
+            await self.tun.open()  # first: a user without the rights hears it at once
         for hop in self.hop_links:
             hop.start()
         self.link.start()
+        if self.ip is not None:
+            self.ip.start()
         ctx = OnRampContext(
             self.config,
             self.opener,
@@ -90,6 +133,10 @@ class Client:
     async def close(self) -> None:
         for server in self.onramps:
             await server.close()
+        if self.ip is not None:
+            await self.ip.close()
+        if self.tun is not None:
+            await self.tun.close()
         await self.link.close()
         for hop in reversed(self.hop_links):
             await hop.close()
@@ -101,7 +148,7 @@ class Client:
         link = self.link
         up = link.state == "connected"
         connected_at = link.connected_at
-        return up, {
+        info: dict[str, Any] = {
             "status": link.state,
             "edge": link.peer.peer if link.peer is not None else None,
             "hops": len(self.hops),
@@ -111,6 +158,23 @@ class Client:
             "flows": len(self.table),
             "listeners": {s.onramp: s.port for s in self.onramps},
         }
+        if self.tun is not None and self.ip is not None:
+            tun, ip = self.tun, self.ip
+            # ready once packets can flow: the session is open and the device has an address
+            up = up and ip.status == "open" and bool(tun.addresses)
+            info["tun"] = {
+                "device": tun.name,
+                "session": ip.status,
+                "session_error": ip.error or None,
+                "addresses": [str(p) for p in tun.addresses],
+                "routes": [str(p) for p in tun.routes],
+                "mtu": tun.mtu,
+                "packets_up": tun.packets_up,
+                "packets_down": tun.packets_down,
+                "bytes_up": tun.bytes_up,
+                "bytes_down": tun.bytes_down,
+            }
+        return up, info
 
     def _state(self, state: str) -> None:
         up = state == "connected"
@@ -138,11 +202,17 @@ async def serve_client(
     client = Client(config, target, hops)
     try:
         await client.start()
+    except TunUnavailable as e:
+        log.error("cannot start the client: %s", e.strerror)
+        await client.close()
+        return 1
     except OSError as e:
         log.error("cannot start the client: %s", e)
         await client.close()
         return 1
     listeners = ", ".join(f"{s.onramp} {config_listen(s)}" for s in client.onramps)
+    if client.tun is not None:
+        listeners = ", ".join(filter(None, [listeners, f"TUN {client.tun.name}"]))
     log.info("client ready: %s -> MASQUE %s", listeners, ", ".join(target.addresses))
     try:
         await stop.wait()

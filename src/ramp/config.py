@@ -29,10 +29,11 @@ from ramp.config_lines import (
     normalize_keys,
     read_yaml_file,
 )
+from ramp.flows.ip_pool import DEFAULT_IP_POOL
 from ramp.net.sources import parse_pool
 from ramp.onramps.registry import OnRampOptions, check_conflicts, parse_entry
 from ramp.quic.admission import DEFAULT_LIMITS
-from ramp.wire.masque import UdpTemplate
+from ramp.wire.masque import IpTemplate, UdpTemplate
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -73,6 +74,30 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
 def _check_template(value: str) -> str:
     UdpTemplate(value)  # ValueError says what is wrong
     return value
+
+
+def _check_ip_template(value: str) -> str:
+    if value.strip() in ("", "off"):
+        return "off"
+    IpTemplate(value)
+    return value
+
+
+def _check_pool(value: list[str]) -> list[str]:
+    out = []
+    versions = set()
+    for text in value:
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as e:
+            raise ValueError(f"bad pool prefix {text!r}: {e}") from None
+        if net.num_addresses < 4:
+            raise ValueError(f"pool prefix {text!r} is too small (at least a /30 or /126)")
+        if net.version in versions:
+            raise ValueError(f"more than one IPv{net.version} pool prefix: {text!r}")
+        versions.add(net.version)
+        out.append(str(net))
+    return out
 
 
 def _check_listen(value: str) -> str:
@@ -278,12 +303,38 @@ class EdgeConfig(_ProxyOnRamps, _Egress):
     )
     masque_listen: str = Field(
         "0.0.0.0:443",
-        description="HTTP/3 proxy (MASQUE: CONNECT, connect-udp) UDP HOST:PORT, or 'off'. "
-        "Every request must carry a client identity's credentials.",
+        description="HTTP/3 proxy (MASQUE: CONNECT, connect-udp, connect-ip) UDP HOST:PORT, "
+        "or 'off'. Every request must carry a client identity's credentials.",
     )
     masque_udp_template: str = Field(
         "/.well-known/masque/udp/{target_host}/{target_port}/",
         description="connect-udp URI template path of the MASQUE listener.",
+    )
+    masque_ip_template: str = Field(
+        "/.well-known/masque/ip/{target}/{ipproto}/",
+        description="connect-ip (RFC 9484) URI template path of the MASQUE listener, with "
+        "{target} and {ipproto}; 'off' = no connect-ip.",
+    )
+    masque_ip_pool: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IP_POOL),
+        description="Prefixes connect-ip clients get their addresses from (ADDRESS_ASSIGN): one "
+        "address of each IP version per request, returned when the request ends. The first "
+        "address of each prefix is the edge's own (ICMP errors such as time exceeded come "
+        "from it).",
+    )
+    masque_ip_mtu: int = Field(
+        1400,
+        ge=1280,
+        le=65535,
+        description="Largest IP packet a connect-ip client may send through the edge; a bigger "
+        "one gets ICMP fragmentation needed / packet too big naming this MTU.",
+    )
+    masque_ip_max_flows: int = Field(
+        65536,
+        ge=1,
+        description="Packet flows (per protocol, addresses and ports) the edge tracks for all "
+        "connect-ip clients together; past it a packet starting a new flow is dropped "
+        "(ramp_packets_dropped{reason=flow_limit}).",
     )
     masque_idle_timeout: float = Field(
         30.0, gt=0, description="Seconds without packets before a MASQUE client connection is dead."
@@ -471,6 +522,10 @@ class EdgeConfig(_ProxyOnRamps, _Egress):
     _v_template = field_validator("masque_udp_template")(
         classmethod(lambda cls, v: _check_template(v))
     )
+    _v_ip_template = field_validator("masque_ip_template")(
+        classmethod(lambda cls, v: _check_ip_template(v))
+    )
+    _v_ip_pool = field_validator("masque_ip_pool")(classmethod(lambda cls, v: _check_pool(v)))
     _v_resolver = field_validator("dns_upstream")(classmethod(lambda cls, v: _check_resolver(v)))
 
     @field_validator("direct_egress_proxy_protocol")
@@ -505,6 +560,9 @@ class EdgeConfig(_ProxyOnRamps, _Egress):
             entry = {"type": kind, "listen": value}
             if kind == "masque":
                 entry["udp_template"] = self.masque_udp_template
+                entry["ip_template"] = self.masque_ip_template
+                entry["ip_pool"] = list(self.masque_ip_pool)
+                entry["ip_mtu"] = self.masque_ip_mtu
             found.append(parse_entry(entry))
         return found
 
@@ -559,10 +617,68 @@ class ClientConfig(_ProxyOnRamps):
     max_udp_associations_per_source: int = Field(
         0, ge=0, description="SOCKS5 UDP associations one local address may hold; 0 = no share."
     )
+    tun: bool = Field(
+        False,
+        description="Also create a TUN device whose packets ride connect-ip (RFC 9484): it gets "
+        "the address the edge assigns and a route for each prefix this identity may reach, "
+        "so ping, traceroute, ssh or any program reaches private addresses without proxy "
+        "settings. Needs root or CAP_NET_ADMIN and /dev/net/tun.",
+    )
+    tun_name: str = Field(
+        "ramp0",
+        description="Name of the TUN device; a leftover device of this name is replaced at start.",
+    )
+    tun_mtu: int = Field(
+        65000,
+        ge=1280,
+        le=65535,
+        description="MTU of the TUN device. A packet that fits one QUIC DATAGRAM (up to about "
+        "1,400 bytes on a 1,500-byte path) travels as one; a larger one, such as a TCP segment "
+        "of up to this size, rides a capsule on the request stream, so per-packet work is paid "
+        "once per segment. The edge's `masque_ip_mtu` caps what it accepts (larger packets get "
+        "ICMP fragmentation needed) and sizes the TCP segments it sends: raise both for bulk "
+        "speed; 1400 keeps every packet a datagram.",
+    )
+    tun_address: list[str] = Field(
+        default_factory=list,
+        description="Addresses (or prefixes) to ask the edge for with ADDRESS_REQUEST, e.g. "
+        "100.96.0.7/32; the edge may assign others. Without it the edge picks from its pool.",
+    )
+    masque_ip_template: str = Field(
+        "/.well-known/masque/ip/{target}/{ipproto}/",
+        description="The edge's connect-ip URI template (its path; RFC 9484 section 3), as the "
+        "edge's `masque_ip_template` says; the client asks for target and ipproto `*`.",
+    )
 
     _v_listen = field_validator("socks5_listen", "http_listen", "metrics_listen")(
         classmethod(lambda cls, v: _check_listen(v))
     )
+
+    @field_validator("tun_name")
+    @classmethod
+    def _v_tun_name(cls, v: str) -> str:
+        # IFNAMSIZ is 16 with the terminating NUL; "/" and whitespace are not allowed in names
+        if not v or len(v) > 15 or any(c in v for c in "/: \t\n") or v in (".", ".."):
+            raise ValueError(
+                f"{v!r} is not a network device name (1-15 characters, no / : or space)"
+            )
+        return v
+
+    @field_validator("tun_address")
+    @classmethod
+    def _v_tun_address(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or prefix") from None
+        return v
+
+    @field_validator("masque_ip_template")
+    @classmethod
+    def _v_ip_template(cls, v: str) -> str:
+        IpTemplate(v)
+        return v
 
     def effective_onramps(self) -> list[OnRampOptions]:
         return [

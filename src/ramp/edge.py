@@ -253,10 +253,13 @@ class Edge:
             tls=(ident.leaf_cert_pem + ident.ca_cert_pem, ident.leaf_key_pem),
             datagram_dropped=lambda reason: m.udp_drops.labels(reason).inc(),
             credentials=self.credentials,
+            registry=m.registry,
+            packets=self.packets,
             proxy_header=lambda onramp, version, kind: m.proxy_headers.labels(
                 onramp, version, kind
             ).inc(),
         )
+        self.packets.on_packet = self._packet_from_tunnel
         for options in self.config.effective_onramps():
             server = lookup_onramp(options.type).build(ctx, options)
             h, p = parse_hostport(options.listen)
@@ -284,6 +287,14 @@ class Edge:
             await self.status.close()
         self.store.close()
         self.audit.close()
+
+    def _packet_from_tunnel(self, tunnel_id: str, packet: bytes) -> None:
+        """A connector's IP packet (an echo reply, an ICMP error) for a connect-ip client."""
+        for server in self.onramps:
+            take = getattr(server, "packet_from_tunnel", None)
+            if take is not None and take(tunnel_id, packet):
+                return
+        self.metrics.tunnel_packet_drops.labels("no_client").inc()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         assert self.tunnels is not None

@@ -382,3 +382,40 @@ class ClientMetrics(ProxyMetrics):
             registry=self.registry,
         )
         self.add_association_metrics()
+        # --tun: the TUN device and its connect-ip session
+        self.tun_packets = Counter(
+            "ramp_client_tun_packets",
+            "IP packets through the TUN device: up (device to edge), down (edge to device).",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.tun_bytes = Counter(
+            "ramp_client_tun_bytes",
+            "Bytes of IP packets through the TUN device, by direction.",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.tun_drops = Counter(
+            "ramp_client_tun_drops",
+            "IP packets the client dropped, by reason (no_session: the edge connection is "
+            "down; link_local: IPv6 the kernel sends on any link, never forwarded; "
+            "tun_refused: the kernel refused a packet from the edge; malformed_ip_capsule, "
+            "unknown_capsule, unexpected_capsule: bad input from the edge).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.tun_addresses = Gauge(
+            "ramp_client_tun_addresses",
+            "Addresses the edge assigned to the TUN device.",
+            registry=self.registry,
+        )
+        self.tun_routes = Gauge(
+            "ramp_client_tun_routes",
+            "Routes through the TUN device (prefixes the edge advertised).",
+            registry=self.registry,
+        )
+        self.connect_ip_opens = Counter(
+            "ramp_client_connect_ip_opens",
+            "Times the connect-ip session opened (more than once: reopened after a redial).",
+            registry=self.registry,
+        )

@@ -1,4 +1,5 @@
-"""The MASQUE on-ramp: an HTTP/3 proxy endpoint (CONNECT and connect-udp) on a UDP port.
+"""The MASQUE on-ramp: an HTTP/3 proxy endpoint (CONNECT, connect-udp, connect-ip) on a UDP
+port. connect-ip (RFC 9484, whole IP packets) lives in ramp.onramps.connect_ip.
 
 Each CONNECT stream (RFC 9114 section 4.4) is a stream flow whose client end is the QUIC
 stream itself; each connect-udp request (RFC 9298) is a datagram flow whose UDP payloads ride
@@ -23,7 +24,10 @@ from ramp.flows.answers import ProxyRequest as HookRequest
 from ramp.flows.answers import Reply
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
 from ramp.flows.http_errors import failure, proxy_status
+from ramp.flows.ip_pool import DEFAULT_IP_POOL, AddressPool
 from ramp.flows.opener import UdpSession
+from ramp.observe.packet_metrics import PacketMetrics
+from ramp.onramps.connect_ip import ConnectIp, IpSession
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
 from ramp.onramps.tcp_listener import CLIENT_GONE, check_user
 from ramp.quic import endpoint
@@ -54,6 +58,17 @@ class MasqueOptions(OnRampOptions):
         masque.DEFAULT_UDP_TEMPLATE,
         description="connect-udp URI template path, with {target_host} and {target_port}.",
     )
+    ip_template: str = Field(
+        masque.DEFAULT_IP_TEMPLATE,
+        description="connect-ip URI template path, with {target} and {ipproto}; 'off' = none.",
+    )
+    ip_pool: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IP_POOL),
+        description="connect-ip address pool: one prefix per IP version.",
+    )
+    ip_mtu: int = Field(
+        1400, ge=1280, le=65535, description="Largest IP packet a connect-ip client may send."
+    )
 
 
 def _headers(status: int, *extra: tuple[str, str]) -> Headers:
@@ -73,6 +88,10 @@ class MasqueServer:
         self.opener = ctx.opener
         self.options = options
         self.template = masque.UdpTemplate(options.udp_template)
+        self.ip_template = (
+            masque.IpTemplate(options.ip_template) if options.ip_template != "off" else None
+        )
+        self.connect_ip: ConnectIp | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self.server: endpoint.TunnelServer | None = None
         self.peers: set[H3Peer] = set()
@@ -113,6 +132,17 @@ class MasqueServer:
             ),
             max_streams_bidi=c.masque_max_streams_per_connection,
         )
+        if self.ip_template is not None:
+            self.connect_ip = ConnectIp(
+                self,
+                AddressPool(options_pool(self.options)),
+                self.options.ip_mtu,
+                max_flows=getattr(c, "masque_ip_max_flows", 65536),
+                udp_idle=getattr(c, "udp_idle_timeout", 210.0),
+                packets=self.ctx.packets,
+                metrics=PacketMetrics(self.ctx.registry) if self.ctx.registry else None,
+            )
+            self.connect_ip.start()
         log.info("masque on-ramp listening on %s:%d/udp (HTTP/3)", host, self.port)
 
     @property
@@ -120,7 +150,15 @@ class MasqueServer:
         assert self._transport is not None
         return int(self._transport.get_extra_info("sockname")[1])
 
+    def packet_from_tunnel(self, tunnel_id: str, packet: bytes) -> bool:
+        """A connector's packet for a connect-ip client: True when one of ours took it."""
+        if self.connect_ip is None:
+            return False
+        return self.connect_ip.packet_from_tunnel(tunnel_id, packet)
+
     async def close(self) -> None:
+        if self.connect_ip is not None:
+            self.connect_ip.close()
         for peer in list(self.peers):
             peer.close_with(H3_NO_ERROR, "edge shutting down")
         tasks = list(self._tasks)
@@ -182,7 +220,7 @@ class MasqueServer:
         self, peer: H3Peer, stream_id: int, headers: Headers, ended: bool
     ) -> Any:  # Request | None
         try:
-            req = masque.parse_request(headers, self.template)
+            req = masque.parse_request(headers, self.template, self.ip_template)
         except masque.RequestRefused as e:
             if e.bad_input is not None:
                 self._bad(e.bad_input, peer)
@@ -198,6 +236,8 @@ class MasqueServer:
             self._bad("too_many_flows", peer)
             self._refuse(peer, stream_id, 503, "connection_limit_reached", "too many flows", ended)
             return None
+        if isinstance(req, masque.IpRequest):
+            return self._connect_ip(peer, stream_id, identity, req, ended)
         flow = Flow(
             onramp=self.onramp,
             source=_source(peer),
@@ -224,6 +264,21 @@ class MasqueServer:
         udp = UdpRequest(self, peer, stream_id, flow)
         self._spawn(udp.run())
         return udp
+
+    def _connect_ip(
+        self, peer: H3Peer, stream_id: int, identity: str, req: masque.IpRequest, ended: bool
+    ) -> Any:
+        service = self.connect_ip
+        if service is None or ended:
+            self._refuse(peer, stream_id, 400, "http_request_error", "stream ended", ended)
+            return None
+        session = IpSession(service, peer, stream_id, identity, req.scope, _source(peer))
+        if not session.start():
+            self._refuse(
+                peer, stream_id, 503, "connection_limit_reached", "address pool exhausted", False
+            )
+            return None
+        return session
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -408,6 +463,10 @@ def _source(peer: H3Peer) -> tuple[str, int]:
     return "?", 0
 
 
+def options_pool(options: MasqueOptions) -> list[str]:
+    return list(options.ip_pool)
+
+
 def _build(ctx: OnRampContext, options: OnRampOptions) -> MasqueServer:
     assert isinstance(options, MasqueOptions)
     return MasqueServer(ctx, options)
@@ -417,7 +476,8 @@ register(
     "masque",
     MasqueOptions,
     _build,
-    "HTTP/3 proxy (MASQUE): CONNECT (RFC 9114) and connect-udp (RFC 9298), UDP port",
+    "HTTP/3 proxy (MASQUE): CONNECT (RFC 9114), connect-udp (RFC 9298) and connect-ip "
+    "(RFC 9484), UDP port",
 )
 
 __all__ = ["ALPN", "H3_DATAGRAM_ERROR", "H3_REQUEST_CANCELLED", "MasqueOptions", "MasqueServer"]

@@ -78,6 +78,10 @@ class OnRampContext:
     credentials: Any = None
     # the reason for each datagram an on-ramp dropped: the role counts them
     datagram_dropped: Callable[[str], None] | None = None
+    # the edge's IP packets to and from connectors (ramp.tunnel.packets_edge.EdgePackets)
+    packets: Any = None
+    # the role's prometheus registry, for on-ramps with metrics of their own
+    registry: Any = None
     # (on-ramp type, version, kind) for each PROXY protocol header a TCP on-ramp accepted
     proxy_header: Callable[[str, str, str], None] | None = None
 

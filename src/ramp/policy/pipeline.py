@@ -15,13 +15,24 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ramp.flows.client_shares import ClientShares
-from ramp.flows.flow import Decision, Flow, FlowError, FlowKind, FlowResult, FlowState, Identity
+from ramp.flows.flow import (
+    Decision,
+    Flow,
+    FlowError,
+    FlowKind,
+    FlowResult,
+    FlowState,
+    Identity,
+    Route,
+    parse_ip,
+)
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
 from ramp.offramps.base import OffRamp
 from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import Deny, Hooks, ProxyRequest, Reply
-from ramp.policy.router import Router
+from ramp.policy.reach import IPNetwork, reachable_prefixes
+from ramp.policy.router import DEFAULT_VNET, Router
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,9 @@ class FlowPipeline:
         # Identities whose credentials were revoked (client identities): a flow that was
         # still opening when its identity was revoked must not become established after.
         self.revoked: set[str] = set()
+        # Called after each policy or store change, once open flows were checked: on-ramps
+        # that told clients what they may reach (connect-ip routes) tell them again.
+        self.on_policy_change: list[Callable[[], None]] = []
 
     # -- the path ---------------------------------------------------------------------------
 
@@ -211,6 +225,66 @@ class FlowPipeline:
         flow.stop = stop
         return session
 
+    async def open_packet(self, flow: Flow) -> Route:
+        """Admit, decide and route a packet flow whose packets the caller carries itself
+        (ICMP echo over the tunnel's IP-packet datagrams): the same table, hooks and policy
+        as every flow, no off-ramp. Only a tunnel route will do. Raises FlowError, the flow
+        then reported here."""
+        flow.kind = FlowKind.PACKET
+        started = time.monotonic()
+        try:
+            self._admit(flow)
+            self._take_opening(flow)
+            try:
+                route, _ = await self._decide_and_route(flow)
+            finally:
+                self._release_opening(flow)
+            if route.offramp != "tunnel":
+                raise FlowError(
+                    FlowResult.NOT_PERMITTED,
+                    f"{flow.protocol} packets go to tunnels only, not {route.offramp}",
+                )
+            self._refuse_revoked(flow)
+        except FlowError as e:
+            flow.fail(e.result, e.reason)
+            self.table.end(flow)
+            raise
+        except BaseException:
+            flow.fail(FlowResult.ERROR, "cancelled while opening")
+            self.table.end(flow)
+            raise
+        flow.advance(FlowState.ESTABLISHED)
+        if self._on_open is not None:
+            self._on_open(flow)
+        if self._on_setup is not None:
+            self._on_setup(time.monotonic() - started)
+        return route
+
+    def reachable(
+        self,
+        identity: str | None,
+        source: str,
+        *,
+        onramp: str,
+        vnet: str | None = None,
+        scope: IPNetwork | None = None,
+        ipproto: int | None = None,
+    ) -> list[IPNetwork]:
+        """The prefixes this identity's packets may reach: its virtual network's routes that
+        the built-in policy allows (ramp.policy.reach). Hooks still decide each flow."""
+        groups = self._groups(identity) if identity is not None else frozenset()
+        assigned = self._vnet_of(identity) if identity is not None else None
+        return reachable_prefixes(
+            self.policy.policy,
+            self.router.tables.get(assigned or vnet or DEFAULT_VNET),
+            identity=identity,
+            groups=groups,
+            onramp=onramp,
+            source=parse_ip(source),
+            scope=scope,
+            ipproto=ipproto,
+        )
+
     async def dns_query(self, query: bytes) -> bytes | None:
         return await self._dns(query) if self._dns is not None else None
 
@@ -249,6 +323,11 @@ class FlowPipeline:
             ended += 1
             if self._on_revoked is not None:
                 self._on_revoked()
+        for notify in list(self.on_policy_change):
+            try:
+                notify()
+            except Exception:
+                log.exception("a policy change listener failed")
         return ended
 
     def end_identity(self, names: Iterable[str]) -> int:

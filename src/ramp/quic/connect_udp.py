@@ -44,6 +44,10 @@ class UdpStream:
 
     def stream_broken(self, why: str) -> None: ...
 
+    def capsule(self, capsule: masque.Capsule) -> bool:
+        """A capsule other than DATAGRAM (connect-ip's own): True when it was taken."""
+        return False
+
     # -- sending --------------------------------------------------------------------------
 
     def send_udp(self, payload: bytes) -> bool:
@@ -85,8 +89,10 @@ class UdpStream:
         for capsule in capsules:
             if capsule.type == masque.CAPSULE_DATAGRAM:
                 self.datagram(capsule.value)
-            else:  # RFC 9297 section 3.2: unknown capsule types are skipped
+            elif not self.capsule(capsule):  # RFC 9297 section 3.2: unknown types are skipped
                 self._bad("unknown_capsule")
+            if self.done:
+                return
         if ended:
             self.stream_ended()
 

@@ -99,6 +99,7 @@ OUTSIDE = "192.0.2.200"  # in no route: nothing may ever dial it
 
 CLIENT_ADDR6 = "2001:db8:203::2"
 CLIENT_ADDR2 = "203.0.113.4"  # see `Lab.add_client_address`
+CLIENT_NS2_ADDR = "203.0.113.5"  # see `Lab.add_client_namespace`
 EDGE_PUBLIC_ADDR6 = "2001:db8:203::1"
 EDGE_TUNNEL_ADDR6 = "2001:db8:192::1"
 PRIVATE_ADDR6 = "2001:db8:192::2"
@@ -814,6 +815,25 @@ class Lab:
     def add_client_address(self, address: str = CLIENT_ADDR2) -> None:
         """Another source address for C (a second client, told apart by its address)."""
         self.client.add_address("to-edge", f"{address}/{64 if ':' in address else 24}")
+
+    def add_client_namespace(self, role: str, address: str = CLIENT_NS2_ADDR) -> Netns:
+        """Another client namespace with its own veth to E: `address`/32 there, and in E a
+        host route to it over the new veth (more specific than C's 203.0.113.0/24), so two
+        `ramp client run --tun` can each own a TUN device and the same routes."""
+        assert self._group is not None
+        ns = self._group.new(role)
+        dev = f"to-{role}"[:15]
+        veth(self.edge_ns, dev, ns, "to-edge")
+        ns.add_address("to-edge", f"{address}/32")
+        ns.add_route(f"{EDGE_PUBLIC_ADDR}/32", dev="to-edge")
+        ns.add_route("default", via=EDGE_PUBLIC_ADDR)
+        self.edge_ns.add_route(f"{address}/32", dev=dev)
+        for conf in ("all", dev):
+            self.edge_ns.sysctl(f"net.ipv4.conf.{conf}.rp_filter", 0)
+        ns.sysctl("net.ipv4.ip_forward", 0)
+        ns.set_etc_file("resolv.conf", _RESOLV)
+        ns.set_etc_file("hosts", "127.0.0.1 localhost\n::1 localhost\n")
+        return ns
 
     def add_private_network(self, role: str, root: Path) -> Netns:
         """Another private network behind the edge, built like P: its own namespace with a

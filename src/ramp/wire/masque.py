@@ -1,5 +1,5 @@
 """MASQUE framing, sans-I/O: capsules and HTTP Datagrams (RFC 9297), connect-udp payloads and
-its URI template (RFC 9298).
+its URI template (RFC 9298), connect-ip's URI template and request (RFC 9484).
 
 A connect-udp request carries UDP payloads two ways. In a QUIC DATAGRAM frame the HTTP Datagram
 is `Quarter Stream ID (i), Context ID (i), payload`; where datagrams cannot be used (the peer
@@ -21,6 +21,8 @@ CAPSULE_DATAGRAM = 0x00  # RFC 9297 section 3.5
 CONTEXT_UDP = 0  # RFC 9298 section 4: the UDP payload context
 MAX_CAPSULE = 65536 + 64  # a UDP payload of up to 65,527 bytes and its headers, with room
 DEFAULT_UDP_TEMPLATE = "/.well-known/masque/udp/{target_host}/{target_port}/"
+DEFAULT_IP_TEMPLATE = "/.well-known/masque/ip/{target}/{ipproto}/"  # RFC 9484 section 3
+CONTEXT_IP = 0  # RFC 9484 section 6: context id 0 carries whole IP packets
 
 
 class MasqueError(ValueError):
@@ -165,6 +167,75 @@ class UdpTemplate:
         )
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class IpScope:
+    """What a connect-ip request asks to reach (RFC 9484 section 4.6): `target` None for any
+    address ("*"), else a prefix (an address is its /32 or /128); `ipproto` None for any
+    protocol ("*"), else the one IP protocol number."""
+
+    target: IPNetwork | None
+    ipproto: int | None
+
+
+def _template_path(template: str) -> str:
+    path = template.split("?", 1)[0]
+    if "://" in path:  # a full URI: only its path is matched
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return path
+
+
+class IpTemplate:
+    """The server side of a connect-ip URI template (RFC 9484 section 3): a path with the
+    variables `{target}` and `{ipproto}`, each a whole path segment. The default has the
+    client ask for any address and protocol (`/.well-known/masque/ip/*/*/`)."""
+
+    def __init__(self, template: str = DEFAULT_IP_TEMPLATE) -> None:
+        self.path = _template_path(template)
+        self.segments = self.path.split("/")
+        for var in ("{target}", "{ipproto}"):
+            if self.segments.count(var) != 1:
+                raise ValueError(f"URI template {template!r} needs {var} once, as a path segment")
+        self.template = template
+
+    def match(self, path: str) -> IpScope | None:
+        """The scope a request's `:path` names, or None when the path is not this template's
+        (MasqueError when it is, with a bad target or protocol)."""
+        parts = path.split("?", 1)[0].split("/")
+        if len(parts) != len(self.segments):
+            return None
+        target = proto = None
+        for seg, got in zip(self.segments, parts, strict=True):
+            if seg == "{target}":
+                target = unquote(got)
+            elif seg == "{ipproto}":
+                proto = unquote(got)
+            elif seg != got:
+                return None
+        assert target is not None and proto is not None
+        if proto == "*":
+            ipproto = None
+        elif proto.isascii() and proto.isdigit() and len(proto) <= 3 and int(proto) <= 255:
+            ipproto = int(proto)
+        else:
+            raise MasqueError(f"bad ipproto {proto[:16]!r}")
+        if target == "*":
+            return IpScope(None, ipproto)
+        try:
+            net = ipaddress.ip_network(target, strict=True)
+        except ValueError:
+            # RFC 9484 allows a DNS name here; this proxy routes by address only
+            raise MasqueError(f"bad target {target[:64]!r}: not an IP address or prefix") from None
+        return IpScope(net, ipproto)
+
+    def expand(self, target: str = "*", ipproto: str | int = "*") -> str:
+        """The request `:path` a client sends (a prefix's "/" and an address's ":" encoded)."""
+        t = target.replace(":", "%3A").replace("/", "%2F")
+        return self.path.replace("{target}", t).replace("{ipproto}", str(ipproto))
+
+
 # -- requests ----------------------------------------------------------------------------------
 
 
@@ -199,10 +270,23 @@ class UdpRequest:
     path: str
 
 
+@dataclass(frozen=True, slots=True)
+class IpRequest:
+    """Extended CONNECT with `:protocol = connect-ip` (RFC 9484)."""
+
+    scope: IpScope
+    authorization: bytes | None
+    authority: str
+    path: str
+
+
 def parse_request(
-    headers: list[tuple[bytes, bytes]], template: UdpTemplate
-) -> ConnectRequest | UdpRequest:
-    """What a proxy request on an HTTP/3 stream asks for, or RequestRefused."""
+    headers: list[tuple[bytes, bytes]],
+    template: UdpTemplate,
+    ip_template: IpTemplate | None = None,
+) -> ConnectRequest | UdpRequest | IpRequest:
+    """What a proxy request on an HTTP/3 stream asks for, or RequestRefused. connect-ip is
+    served only with an `ip_template`."""
     pseudo: dict[bytes, bytes] = {}
     authorization = None
     for name, value in headers:
@@ -227,6 +311,8 @@ def parse_request(
                 400, "destination_not_found", f"bad CONNECT target: {e}", bad_input="bad_target"
             ) from None
         return ConnectRequest(host, port, authorization)
+    if protocol == b"connect-ip" and ip_template is not None:
+        return _parse_ip_request(pseudo, authorization, ip_template)
     if protocol != b"connect-udp":
         raise RequestRefused(501, "http_request_denied", f"unsupported :protocol {protocol[:32]!r}")
     path = pseudo.get(b":path", b"")
@@ -249,3 +335,27 @@ def parse_request(
     return UdpRequest(
         target.host, target.port, authorization, authority.decode("latin-1"), path.decode()
     )
+
+
+def _parse_ip_request(
+    pseudo: dict[bytes, bytes], authorization: bytes | None, template: IpTemplate
+) -> IpRequest:
+    path = pseudo.get(b":path", b"")
+    authority = pseudo.get(b":authority", b"")
+    if pseudo.get(b":scheme") != b"https" or not path or not authority:
+        raise RequestRefused(
+            400,
+            "http_request_error",
+            "connect-ip needs :scheme https, :authority and :path",
+            bad_input="malformed",
+        )
+    try:
+        text = path.decode("ascii")
+        scope = template.match(text)
+    except UnicodeDecodeError:
+        scope = None
+    except MasqueError as e:
+        raise RequestRefused(400, "destination_not_found", str(e), bad_input="bad_target") from None
+    if scope is None:
+        raise RequestRefused(404, "http_request_denied", "no connect-ip template at this path")
+    return IpRequest(scope, authorization, authority.decode("latin-1"), text)
