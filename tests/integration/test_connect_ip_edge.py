@@ -5,6 +5,7 @@ the tunnel's UDP sessions, TCP is upgraded to kernel sockets in the edge's own n
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 
@@ -13,6 +14,7 @@ from ip_bridge import ip_bridge
 from ramp.client_token import decode_client_token
 from ramp.testing.lab import (
     APP_NAME,
+    CLOSED_PORT,
     EDGE_PUBLIC_ADDR,
     MASQUE_PORT,
     ORIGIN,
@@ -53,6 +55,15 @@ def test_dig_and_curl_reach_private_hosts_through_the_tun_device(
         assert got.returncode == 0, got.stderr
         assert (got.size, got.sha256) == (payload.small.size, payload.small.sha256)
 
+        # a refused origin port: the edge answers the SYN with port unreachable, so the
+        # client's connect() is refused at once, as with a direct connection
+        sock = lab.client.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(20)
+        try:
+            assert sock.connect_ex((ORIGIN, CLOSED_PORT)) == errno.ECONNREFUSED
+        finally:
+            sock.close()
+
         # both went down the edge's flow path: audited with the identity and the origin
         def audited() -> list[dict[str, object]]:
             return [
@@ -81,7 +92,7 @@ def test_one_allowed_address_is_the_only_route_and_others_are_prohibited(lab: La
             err = sock.connect_ex((ORIGIN2, 80))
         finally:
             sock.close()
-        assert err == 113, err  # EHOSTUNREACH: ICMP type 3 code 13
+        assert err == errno.EHOSTUNREACH, err  # ICMP type 3 code 13
         assert (
             lab.edge_metrics().value(
                 "ramp_connect_ip_packets_dropped_total", reason="not_advertised"

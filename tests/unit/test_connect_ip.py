@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 from aioquic.h3.events import DataReceived
 from test_masque_interop import AUTH, DatagramClient, edge, h3_client
 
+from ramp.policy.identities import bearer
 from ramp.policy.rules import Rule
 from ramp.testing.loopback import Tunnel, run, udp_echo_origin
 from ramp.testing.wait import until
@@ -228,6 +231,13 @@ def test_bad_packets_are_dropped_answered_and_counted(tmp_path: Path) -> None:
             await until(lambda: bad(t, "icmp_type") == 1, what="the ICMP type counted")
             assert dropped(t, "not_advertised") == 1 and dropped(t, "too_big") == 1
             assert dropped(t, "ttl_exceeded") == 1
+            # a TCP segment of no connection the edge knows: reset at once
+            seg = bytearray(struct.pack("!HHIIBBHHH", 40003, 80, 1, 77, 5 << 4, 0x10, 999, 0, 0))
+            seg[16:18] = wip.pseudo_header_checksum(me, ORIGIN, 6, bytes(seg)).to_bytes(2, "big")
+            ipc.send(wip.build_ip(me, ORIGIN, 6, bytes(seg)))
+            rst = await ipc.receive()
+            tcp = wip.parse_tcp(rst)
+            assert (rst.src, tcp.sport, tcp.dport, tcp.flags, tcp.seq) == (ORIGIN, 80, 40003, 4, 77)
             # the session still works after all that
             ipc.send(good)
             reply = await ipc.receive()
@@ -291,5 +301,58 @@ def test_echo_requests_get_replies_and_two_clients_only_their_own(tmp_path: Path
             t.edge._packet_from_tunnel(next(iter(t.edge.tunnels.tunnels)), stray)
             assert dropped(t, "no_flow") == 1
             assert first.c.datagrams[first.sid].empty()
+            # the second client leaves: its echo flow ends with one audit line, its counts in it
+            second_address = str(second.address)
+            c.send(sid2, b"", end=True)
+
+            def echo_records() -> list[dict[str, Any]]:
+                return [
+                    r
+                    for r in _audit(t)
+                    if r["protocol"] == "icmp" and second_address in str(r.get("annotations"))
+                ]
+
+            (record,) = await until(echo_records, what="the echo flow's audit line")
+            assert (record["kind"], record["identity"], record["onramp"]) == (
+                "packet",
+                "u",
+                "masque",
+            )
+            assert (record["packets_up"], record["packets_down"]) == (3, 3)
+            assert record["tunnel"] == "corp" and record["result"] == "ok"
+
+    run(go())
+
+
+def _audit(t: Tunnel) -> list[dict[str, Any]]:
+    path = t.data_dir / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_revoked_client_identity_loses_its_session_and_its_addresses(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with edge(tmp_path, masque_ip_pool=POOL) as (t, port):
+            client = t.edge.store.create_client("alice")
+            token = bearer("alice", t.edge.store.client_secret("alice"))
+            headers = [h for h in ip_headers() if h[0] != b"proxy-authorization"]
+            headers.append((b"proxy-authorization", f"Bearer {token}".encode()))
+            async with h3_client(port, DatagramClient) as c:
+                sid = c.request(headers)
+                assert (await c.status(sid))[0] == 200
+                ipc = IpClient(c, sid)
+                await ipc.wait_setup()
+                server = next(o for o in t.edge.onramps if o.onramp == "masque")
+                assert server.connect_ip.pool.in_use(4) == 1
+                t.edge.store.revoke_client(client.name)
+
+                # the edge's next store poll ends the session: FIN on the stream
+                async def ended() -> bool:
+                    while True:
+                        ev = await c.next(sid)
+                        if isinstance(ev, DataReceived) and ev.stream_ended:
+                            return True
+
+                assert await asyncio.wait_for(ended(), 30)
+                assert server.connect_ip.pool.in_use(4) == 0
 
     run(go())

@@ -60,6 +60,7 @@ from ramp.quic.h3 import H3_MESSAGE_ERROR, H3Peer
 from ramp.wire import connect_ip as cip
 from ramp.wire import ip as wip
 from ramp.wire import masque
+from ramp.wire.tcp_reset import reset_for
 
 
 class MasqueHost(Protocol):
@@ -84,6 +85,10 @@ PENDING_PER_FLOW = 16  # packets held while a flow opens
 EXPIRY_INTERVAL = 1.0
 ICMP_ERROR_RATE = 100.0  # ICMP errors per second one session may get, after a burst of
 ICMP_ERROR_BURST = 200
+# what UdpStream.send_udp reserves in front of a packet: quarter stream id and context id (8),
+# and the context id's own byte
+DATAGRAM_HEADER = 9
+MIN_MSS = {4: 536, 6: 1220}  # RFC 9293 and RFC 8200's minimums
 # how a flow that could not open is answered (RFC 792 / 4443 words)
 _FAILURE_ICMP = {
     FlowResult.NOT_PERMITTED: "admin_prohibited",
@@ -112,6 +117,9 @@ class ConnectIp:
         self.flows = PacketFlows(max_flows, udp_idle=udp_idle + 5.0)
         self.packets = packets
         self.metrics = metrics or PacketMetrics()
+        # labels() takes a lock and a dict lookup: bound once, not per packet
+        self.count_up = self.metrics.packets.labels("up").inc
+        self.count_down = self.metrics.packets.labels("down").inc
         self.sessions: dict[IPAddress, IpSession] = {}
         self.all_sessions: set[IpSession] = set()
         self.upgrade: TcpUpgrade | None = None
@@ -164,9 +172,14 @@ class ConnectIp:
             self.metrics.flows.labels(name).set(n)
 
     def readvertise(self) -> None:
-        """Policy or routes changed: each session learns its prefixes again."""
+        """Policy, routes or identities changed: a revoked identity's sessions end (their
+        addresses go back to the pool), the others learn their prefixes again."""
+        revoked = getattr(self.opener, "revoked", set())
         for sess in list(self.all_sessions):
-            sess.advertise()
+            if sess.identity.name in revoked:
+                sess.finish("identity revoked")
+            else:
+                sess.advertise()
 
     # -- counting -----------------------------------------------------------------------
 
@@ -391,8 +404,13 @@ class IpSession(UdpStream):
         log.debug("connect-ip session %d from %s ended: %s", self.stream_id, self.source[0], why)
 
     def stream_ended(self) -> None:
-        self.peer.send_data(self.stream_id, b"", end_stream=True)
-        self.end("client ended the request")
+        self.finish("client ended the request")
+
+    def finish(self, why: str) -> None:
+        """End the session from the edge's side too: FIN on the request stream."""
+        if not self.done:
+            self.peer.send_data(self.stream_id, b"", end_stream=True)
+        self.end(why)
 
     def stream_broken(self, why: str) -> None:
         self.end(why)
@@ -485,7 +503,7 @@ class IpSession(UdpStream):
 
     def send_packet(self, packet: bytes) -> None:
         if self.send_udp(packet):
-            self.service.metrics.packets.labels("down").inc()
+            self.service.count_down()
 
     def icmp_error(self, packet: wip.Packet, kind: str, mtu: int | None = None) -> None:
         if not wip.error_allowed(packet):
@@ -510,13 +528,24 @@ class IpSession(UdpStream):
         self.service.metrics.icmp_errors.labels(kind).inc()
         self.send_packet(err)
 
+    def tcp_mss(self, version: int) -> int:
+        """The MSS an upgraded TCP flow announces both ways: segments fit one DATAGRAM frame
+        of this client's connection (when it takes datagrams) and the edge's MTU."""
+        largest = self.service.mtu
+        if self.peer.takes_datagrams():
+            room = self.peer.datagram_limit() - DATAGRAM_HEADER
+            if room > 0:
+                largest = min(largest, room)
+        headers = 40 if version == 4 else 60
+        return max(largest - headers, MIN_MSS[version])
+
     def _advertised_to(self, dst: IPAddress) -> bool:
         return any(dst in net for net in (self._routes4 if dst.version == 4 else self._routes6))
 
     def udp_received(self, payload: bytes) -> None:
         """One IP packet from the client (context id 0)."""
         svc = self.service
-        svc.metrics.packets.labels("up").inc()
+        svc.count_up()
         try:
             packet = wip.parse_packet(payload)
         except wip.PacketError as e:
@@ -658,7 +687,12 @@ class IpSession(UdpStream):
         pf = svc.flows.touch(key, now)
         if pf is None:
             if tcp.flags & (wip.Tcp.SYN | wip.Tcp.ACK | wip.Tcp.RST) != wip.Tcp.SYN:
-                svc.drop("tcp_no_flow")  # not the start of a connection we know
+                # not the start of a connection, and none we know (expired, or from before
+                # a restart): reset, so the client's end fails now, not after its timeouts
+                svc.drop("tcp_no_flow")
+                rst = reset_for(packet)
+                if rst is not None:
+                    self.send_packet(rst)
                 return
             upgrade = svc.tcp_upgrade()
             if upgrade is None:
@@ -703,7 +737,7 @@ class IpSession(UdpStream):
                 return
             accepted: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
             pf.extra["accepted"] = accepted
-            if not upgrade.admit(key, pf.extra["syn"]):
+            if not upgrade.admit(key, pf.extra["syn"], self.tcp_mss(key.client.version)):
                 raise FlowError(FlowResult.BUSY, "no upgrade slot free")
             try:
                 conn = await asyncio.wait_for(accepted, svc.server.config.connect_timeout)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -35,6 +36,8 @@ from ramp.flows.packet_flows import PacketKey
 from ramp.net import tun
 from ramp.net.ownns import OwnNetns
 from ramp.wire.ip import Packet, PacketError, parse_packet, rewrite
+from ramp.wire.nat import NatError, nat
+from ramp.wire.tcp_mss import SYN, clamp_mss
 
 log = logging.getLogger("ramp.edge.upgrade")
 
@@ -48,12 +51,23 @@ BACKLOG = 4096
 READ_BATCH = 256  # packets read from the TUN device per wake-up
 SO_LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST
 IPPROTO_TCP = 6
+IPV6_HEADER = 40
 
 
 @dataclass(slots=True)
 class Slot:
     key: PacketKey
     address: IPAddress
+    mss: int  # the largest segment that fits one DATAGRAM frame of the client's connection
+    # packed addresses, for the per-packet NAT
+    packed: bytes = b""
+    peer: bytes = b""
+    client: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.packed = self.address.packed
+        self.peer = self.key.peer.packed
+        self.client = self.key.client.packed
 
 
 class TcpUpgrade:
@@ -79,6 +93,7 @@ class TcpUpgrade:
         self.listen_addr = {v: self.pool.gateway(v) for v in (4, 6)}
         self.by_key: dict[PacketKey, Slot] = {}
         self.by_address: dict[IPAddress, Slot] = {}
+        self.by_packed: dict[bytes, Slot] = {}  # the same, by packed address
         self.ns: OwnNetns | None = None
         self.dev: tun.TunDevice | None = None
         self.listeners: list[socket.socket] = []
@@ -138,11 +153,14 @@ class TcpUpgrade:
             self.ns = None
         self.by_key.clear()
         self.by_address.clear()
+        self.by_packed.clear()
 
     # -- slots --------------------------------------------------------------------------
 
-    def admit(self, key: PacketKey, syn: Packet) -> bool:
-        """Give flow `key` a NAT slot and inject its SYN; False when no slot is free."""
+    def admit(self, key: PacketKey, syn: Packet, mss: int) -> bool:
+        """Give flow `key` a NAT slot and inject its SYN; False when no slot is free. Both
+        SYNs announce at most `mss`, so neither side sends a segment the client's datagrams
+        cannot carry."""
         if key in self.by_key:
             return self.from_client(key, syn)
         try:
@@ -150,15 +168,17 @@ class TcpUpgrade:
         except (PoolExhausted, KeyError):
             self._bad("upgrade_slots_full")
             return False
-        slot = Slot(key, address)
+        slot = Slot(key, address, mss)
         self.by_key[key] = slot
         self.by_address[address] = slot
+        self.by_packed[slot.packed] = slot
         return self.from_client(key, syn)
 
     def release(self, key: PacketKey) -> None:
         slot = self.by_key.pop(key, None)
         if slot is not None:
             self.by_address.pop(slot.address, None)
+            self.by_packed.pop(slot.packed, None)
             self.pool.give_back(slot.address)
 
     def has(self, key: PacketKey) -> bool:
@@ -173,28 +193,51 @@ class TcpUpgrade:
             return False
         listen = self.listen_addr[packet.version]
         assert listen is not None
-        return self.dev.write(rewrite(packet, src=slot.address, dst=listen, dport=LISTEN_PORT))
+        syn = len(packet.payload) > 13 and packet.payload[13] & SYN
+        if syn or (packet.version == 6 and len(packet.header) != IPV6_HEADER):
+            # a SYN gets its MSS clamped; IPv6 extension headers need the full rewrite
+            if syn:
+                packet = dataclasses.replace(packet, payload=clamp_mss(packet.payload, slot.mss))
+            out = rewrite(packet, src=slot.address, dst=listen, dport=LISTEN_PORT)
+        else:  # the common case: checksums updated, not summed again
+            out = nat(packet.raw, slot.packed, listen.packed, dport=LISTEN_PORT)
+        return self.dev.write(out)
 
     def _read_tun(self) -> None:
         dev = self.dev
         if dev is None:
             return
+        by_packed = self.by_packed
         for _ in range(READ_BATCH):
             data = dev.read()
             if data is None:
                 return
-            try:
-                packet = parse_packet(data)
-            except PacketError as e:  # the kernel's own packets: never expected
-                self._bad("upgrade_" + e.reason)
-                continue
-            if packet.proto != IPPROTO_TCP:
+            version = data[0] >> 4 if data else 0
+            if version == 4 and len(data) >= 40 and data[9] == IPPROTO_TCP:
+                slot = by_packed.get(data[16:20])
+                flags_at = (data[0] & 0x0F) * 4 + 13
+            elif version == 6 and len(data) >= 60 and data[6] == IPPROTO_TCP:
+                slot = by_packed.get(data[24:40])
+                flags_at = 53
+            else:
                 continue  # router solicitations and such of the namespace's own
-            slot = self.by_address.get(packet.dst)
             if slot is None:
                 continue  # a slot released while the kernel still had something to say
             key = slot.key
-            out = rewrite(packet, src=key.peer, sport=key.dport, dst=key.client, dport=key.sport)
+            try:
+                if flags_at < len(data) and data[flags_at] & SYN:
+                    packet = parse_packet(data)
+                    packet = dataclasses.replace(
+                        packet, payload=clamp_mss(packet.payload, slot.mss)
+                    )
+                    out = rewrite(
+                        packet, src=key.peer, sport=key.dport, dst=key.client, dport=key.sport
+                    )
+                else:
+                    out = nat(data, slot.peer, slot.client, key.dport, key.sport)
+            except (PacketError, NatError) as e:  # the kernel's own packets: never expected
+                self._bad("upgrade_" + getattr(e, "reason", "malformed"))
+                continue
             self._to_client(key, out)
 
     def _accept(self, listener: socket.socket) -> None:
