@@ -69,11 +69,13 @@ def test_dig_and_curl_reach_private_hosts_through_the_tun_device(
             return [
                 r
                 for r in lab.audit_records()
-                if r.get("identity") == "alice" and r.get("protocol") == "tcp"
+                if r.get("identity") == "alice"
+                and r.get("protocol") == "tcp"
+                and r.get("destination") == f"{ORIGIN}:80"
             ]
 
         records = wait_until(audited, 30, what="the TCP flow's audit line")
-        assert records[0]["destination"] == f"{ORIGIN}:80"
+        assert records[0]["onramp"] == "masque" and records[0]["result"] == "ok"
         assert int(records[0]["bytes_down"]) >= payload.small.size  # type: ignore[call-overload]
 
 

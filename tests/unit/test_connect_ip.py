@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import random
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -354,5 +355,65 @@ def test_a_revoked_client_identity_loses_its_session_and_its_addresses(tmp_path:
 
                 assert await asyncio.wait_for(ended(), 30)
                 assert server.connect_ip.pool.in_use(4) == 0
+
+    run(go())
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(("flip", "set", "truncate", "insert", "delete"))
+        at = rng.randrange(len(out)) if out else 0
+        if kind == "flip" and out:
+            out[at] ^= 1 << rng.randrange(8)
+        elif kind == "set" and out:
+            out[at] = rng.choice((0, 1, 0x45, 0x60, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+        elif kind == "truncate":
+            del out[at:]
+        elif kind == "insert":
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif out:
+            del out[at : at + rng.randint(1, 8)]
+    return bytes(out)
+
+
+def test_damaged_packets_never_break_the_session(tmp_path: Path) -> None:
+    """Thousands of packets made from valid ones with a few bytes damaged (IPv4 and IPv6,
+    UDP, TCP, ICMP): each is dropped, answered or forwarded, and the session still works."""
+
+    async def go() -> None:
+        echo, uport = await udp_echo_origin()
+        async with session(tmp_path) as (t, _, ipc):
+            me = ipc.address
+            me6 = next(e.prefix.network_address for e in ipc.assigned if e.ip_version == 6)
+            other6 = A("2001:db8:77::99")
+            seg = struct.pack("!HHIIBBHHH", 40009, 80, 1, 0, 5 << 4, 0x02, 999, 0, 0)
+            valid = [
+                wip.build_udp(me, ORIGIN, 40010, uport, b"payload" * 10),
+                wip.build_echo(me, ORIGIN, 5, 1, b"ping" * 8, reply=False),
+                wip.build_ip(me, ORIGIN, 6, seg),
+                wip.build_udp(me6, other6, 40010, 53, b"x" * 40),
+                wip.build_echo(me6, other6, 5, 1, b"ping", reply=False),
+            ]
+            rng = random.Random(9484)
+            for i in range(3000):
+                ipc.send(_mutate(rng, valid[i % len(valid)]))
+                if i % 100 == 0:
+                    await asyncio.sleep(0)  # let the edge read them
+            # the session still carries packets both ways
+            queue = ipc.c.datagrams.setdefault(ipc.sid, asyncio.Queue())
+
+            async def answered() -> bool:
+                ipc.send(wip.build_udp(me, ORIGIN, 40011, uport, b"still here"))
+                while True:
+                    data = await asyncio.wait_for(queue.get(), 10)
+                    got = wip.parse_packet(data[1:])
+                    if got.proto == 17 and wip.parse_udp(got).payload == b"still here":
+                        return True
+
+            assert await answered()
+            assert dropped(t, "internal_error") == 0
+            assert sum(bad(t, r) for r in ("truncated", "bad_checksum", "bad_length")) > 100
+        echo.close()
 
     run(go())

@@ -544,8 +544,16 @@ class IpSession(UdpStream):
 
     def udp_received(self, payload: bytes) -> None:
         """One IP packet from the client (context id 0)."""
+        self.service.count_up()
+        try:
+            self._packet(payload)
+        except Exception:  # a bug here must cost one packet, not the client's connection
+            self.service.drop("internal_error")
+            if self.service._log.allow("internal_error"):
+                log.exception("connect-ip: a packet from %s failed", self.source[0])
+
+    def _packet(self, payload: bytes) -> None:
         svc = self.service
-        svc.count_up()
         try:
             packet = wip.parse_packet(payload)
         except wip.PacketError as e:
