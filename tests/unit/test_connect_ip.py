@@ -417,3 +417,15 @@ def test_damaged_packets_never_break_the_session(tmp_path: Path) -> None:
         echo.close()
 
     run(go())
+
+
+def test_connect_ip_can_be_turned_off(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with (
+            edge(tmp_path, masque_ip_template="off") as (_, port),
+            h3_client(port, DatagramClient) as c,
+        ):
+            sid = c.request(ip_headers())
+            assert (await c.status(sid))[0] == 501
+
+    run(go())

@@ -175,11 +175,12 @@ class ConnectIp:
         """Policy, routes or identities changed: a revoked identity's sessions end (their
         addresses go back to the pool), the others learn their prefixes again."""
         revoked = getattr(self.opener, "revoked", set())
+        memo: dict[Any, list[IPNetwork]] = {}
         for sess in list(self.all_sessions):
             if sess.identity.name in revoked:
                 sess.finish("identity revoked")
             else:
-                sess.advertise()
+                sess.advertise(memo)
 
     # -- counting -----------------------------------------------------------------------
 
@@ -435,17 +436,24 @@ class IpSession(UdpStream):
         ]
         self.peer.send_data(self.stream_id, cip.encode_capsule(cip.AddressAssign(entries)))
 
-    def advertise(self) -> None:
+    def advertise(self, memo: dict[Any, list[IPNetwork]] | None = None) -> None:
+        """Send the prefixes this identity may reach, when they changed. `memo` shares the
+        answers among the sessions of one re-advertisement (many sessions, few identities)."""
         if self.done:
             return
-        prefixes = self.service.opener.reachable(
-            self.identity.name,
-            self.source[0],
-            onramp=self.service.server.onramp,
-            vnet=self.service.server.options.vnet,
-            scope=self.scope.target,
-            ipproto=self.scope.ipproto,
-        )
+        ask = (self.identity.name, self.source[0], self.scope)
+        prefixes = memo.get(ask) if memo is not None else None
+        if prefixes is None:
+            prefixes = self.service.opener.reachable(
+                self.identity.name,
+                self.source[0],
+                onramp=self.service.server.onramp,
+                vnet=self.service.server.options.vnet,
+                scope=self.scope.target,
+                ipproto=self.scope.ipproto,
+            )
+            if memo is not None:
+                memo[ask] = prefixes
         prefixes = [p for p in prefixes if p.version in self.addresses]
         adv = cip.advertise(prefixes, self.scope.ipproto or cip.IP_PROTOCOL_ANY)
         if adv == self._advertised:
