@@ -8,9 +8,10 @@ Paths:
   with no proxy settings -> connect-ip on the client's QUIC connection -> edge (ICMP as whole
   packets down the tunnel, TCP upgraded to a kernel socket, UDP as tunnel UDP sessions) ->
   connector -> origin in P;
-- tun_large: the same from a second client namespace whose device has the default MTU, 65,000
-  (the edge's `masque_ip_mtu` raised to match): a TCP segment is one IP packet of up to 65,000
-  bytes, which rides a DATAGRAM capsule on the request stream instead of ~46 QUIC DATAGRAMs;
+- tun_large: the same from a second client namespace whose device has a 65,000-byte MTU (the
+  edge's `masque_ip_mtu` raised to match): packets that do not fit a QUIC DATAGRAM ride
+  capsules; the edge clamps upgraded TCP's MSS to one DATAGRAM frame, so this shows what a
+  larger device MTU changes (for TCP: little);
 - proxy: the same bulk client through `ramp client run`'s SOCKS5 listener (HTTP/3 CONNECT);
 - veth: straight between P and E over their veth pair, no ramp;
 - openvpn (if Debian's `openvpn` is installed): a static-key point-to-point TUN VPN between C

@@ -629,15 +629,13 @@ class ClientConfig(_ProxyOnRamps):
         description="Name of the TUN device; a leftover device of this name is replaced at start.",
     )
     tun_mtu: int = Field(
-        65000,
+        1400,
         ge=1280,
         le=65535,
-        description="MTU of the TUN device. A packet that fits one QUIC DATAGRAM (up to about "
-        "1,400 bytes on a 1,500-byte path) travels as one; a larger one, such as a TCP segment "
-        "of up to this size, rides a capsule on the request stream, so per-packet work is paid "
-        "once per segment. The edge's `masque_ip_mtu` caps what it accepts (larger packets get "
-        "ICMP fragmentation needed) and sizes the TCP segments it sends: raise both for bulk "
-        "speed; 1400 keeps every packet a datagram.",
+        description="MTU of the TUN device. The default fits one QUIC DATAGRAM on a 1,500-byte "
+        "path and is the edge's default `masque_ip_mtu`; a larger packet rides a capsule on "
+        "the request stream (slower, never dropped), and one over the edge's `masque_ip_mtu` "
+        "gets ICMP fragmentation needed.",
     )
     tun_address: list[str] = Field(
         default_factory=list,

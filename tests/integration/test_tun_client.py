@@ -520,6 +520,26 @@ def test_a_packet_too_big_for_the_edge_gets_fragmentation_needed(
 # --- lifecycle ------------------------------------------------------------------------------
 
 
+def test_a_revoked_identity_loses_the_tunnel_and_nothing_leaks_around_it(
+    tmp_path: Path, payload: Payload, lab_opener: LabOpener
+) -> None:
+    with lab_opener(tmp_path, payload, standard=False) as lab:
+        client = start_tun_lab(lab)
+        lab.ramp("client", "revoke", CLIENT_NAME)
+        wait_until(
+            lambda: ready_info(client)["tun"]["session"] != "open",
+            30,
+            interval=0.2,
+            what="the edge to end the revoked identity's session",
+        )
+        # the routes stay on the dead device: the private prefixes fail closed
+        assert device_routes(lab.client) == {ORIGIN_PREFIX, ORIGIN6_PREFIX}
+        got = ping(lab.client, ORIGIN, count=2)
+        assert got.returncode != 0 and loss(got.stdout) == 100.0
+        assert client.metrics().value("ramp_client_tun_drops_total", reason="no_session") >= 2
+        assert "edge answered" in (ready_info(client)["tun"]["session_error"] or ""), client.tail()
+
+
 def test_the_device_stays_and_the_session_comes_back_when_the_edge_restarts(
     tmp_path: Path, payload: Payload, lab_opener: LabOpener
 ) -> None:

@@ -149,3 +149,37 @@ def test_the_session_comes_back_after_the_connection_is_lost(tmp_path: Path) -> 
             await until(lambda: device.packets, what="an echo reply on the new session")
 
     run(go())
+
+
+def test_an_edge_without_connect_ip_is_reported_and_retried(tmp_path: Path) -> None:
+    async def go() -> None:
+        with Store(tmp_path) as store:
+            store.create_client("alice")
+            secret = store.client_secret("alice")
+            fp = store.edge_identity().ca_fingerprint
+        async with tunnel(
+            tmp_path, ha=1, masque_listen="127.0.0.1:0", masque_ip_template="off"
+        ) as t:
+            masque = next(o for o in t.edge.onramps if o.onramp == "masque")
+            target = EdgeTarget((f"127.0.0.1:{masque.port}",), fp, bearer("alice", secret))
+            link = MasqueLink(target)
+            dropped: list[str] = []
+            ipt = IpTunnel(
+                link,
+                on_packet=lambda p: None,
+                on_addresses=lambda p: None,
+                on_routes=lambda p: None,
+                drop=dropped.append,
+            )
+            link.start()
+            ipt.start()
+            try:
+                await until(lambda: "edge answered" in ipt.error, what="the refusal reported")
+                assert ipt.status == "reconnecting" and ipt.opens == 0
+                assert not ipt.send(b"\x45" + bytes(19))
+                assert dropped == ["no_session"]
+            finally:
+                await ipt.close()
+                await link.close()
+
+    run(go())

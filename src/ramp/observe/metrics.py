@@ -399,6 +399,7 @@ class ClientMetrics(ProxyMetrics):
             "ramp_client_tun_drops",
             "IP packets the client dropped, by reason (no_session: the edge connection is "
             "down; link_local: IPv6 the kernel sends on any link, never forwarded; "
+            "packets the QUIC connection cannot take count in ramp_udp_drops_total; "
             "tun_refused: the kernel refused a packet from the edge; malformed_ip_capsule, "
             "unknown_capsule, unexpected_capsule: bad input from the edge).",
             ["reason"],

@@ -188,7 +188,6 @@ class IpTunnel:
         self.status = "connecting"
         self.error = ""
         self.opens = 0
-        self.first_open = asyncio.get_event_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -231,8 +230,6 @@ class IpTunnel:
                 raise
             except Exception as e:
                 self.status, self.error = "reconnecting", str(e) or type(e).__name__
-                if isinstance(e, IpRefused) and not self.first_open.done():
-                    self.first_open.set_exception(e)
                 log.warning("connect-ip: %s (next try in %.1f s)", self.error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -242,8 +239,6 @@ class IpTunnel:
             self.opens += 1
             self.on_open()
             self.status, self.error = "open", ""
-            if not self.first_open.done():
-                self.first_open.set_result(None)
             log.info("connect-ip session open (stream %d)", session.stream_id)
             why = await session.ended()
             self.session = None
