@@ -68,10 +68,7 @@ def test_udp_never_overshadows_a_socket_someone_else_connected(tmp_path: Path) -
 
 
 def test_udp_ipv6(tmp_path: Path) -> None:
-    try:
-        first = free_ports(1, socket.AF_INET6, "::1")
-    except OSError as e:  # pragma: no cover - a host without IPv6 loopback
-        pytest.skip(f"no ::1: {e}")
+    first = free_ports(1, socket.AF_INET6, "::1")
     ports = port_range(tmp_path, first, first)
     with echo_servers(2, socket.AF_INET6, "::1") as (a, b), contextlib.ExitStack() as held:
         s1 = held.enter_context(udp_connectx(socket.AF_INET6, "::1", a.getsockname(), ports))
@@ -113,8 +110,13 @@ def test_tcp_bind_takes_the_address_only_with_port_sharing() -> None:
             shared.connect(listener.getsockname())
             assert shared.getsockname()[1] != 0
             listener.accept()[0].close()
-        with tcp_socket(socket.AF_INET, LOCAL, share_port=False) as alone:
-            assert alone.getsockname()[1] != 0  # bind took a port for this socket alone
+        # bind took a port for this socket alone: nobody else may bind it
+        with (
+            tcp_socket(socket.AF_INET, LOCAL, share_port=False) as alone,
+            socket.socket() as other,
+            pytest.raises(OSError),
+        ):
+            other.bind(alone.getsockname())
 
 
 def test_port_range_is_read_as_the_kernel_has_it(tmp_path: Path) -> None:
