@@ -111,12 +111,10 @@ def test_tcp_bind_takes_the_address_only_with_port_sharing() -> None:
             assert shared.getsockname()[1] != 0
             listener.accept()[0].close()
         # bind took a port for this socket alone: nobody else may bind it
-        with (
-            tcp_socket(socket.AF_INET, LOCAL, share_port=False) as alone,
-            socket.socket() as other,
-            pytest.raises(OSError),
-        ):
-            other.bind(alone.getsockname())
+        with tcp_socket(socket.AF_INET, LOCAL, share_port=False) as alone, socket.socket() as other:
+            taken = alone.getsockname()
+            with pytest.raises(OSError, match="in use"):
+                other.bind(taken)
 
 
 def test_port_range_is_read_as_the_kernel_has_it(tmp_path: Path) -> None:
