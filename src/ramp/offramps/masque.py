@@ -292,7 +292,36 @@ class MasqueLeg:
         self.stream.abort()
 
 
-class MasqueSession(UdpStream):
+class EdgeSession(UdpStream):
+    """A request stream of ours to the edge (connect-udp, connect-ip): however the stream or
+    the connection ends, `response` fails if it is still waiting and `_end(why)` runs once."""
+
+    response: asyncio.Future[Any]
+
+    def stream_ended(self) -> None:
+        self._end("the edge ended the session")
+
+    def stream_broken(self, why: str) -> None:
+        self._end(f"bad capsule from the edge: {why}")
+
+    def reset(self, code: int) -> None:
+        if not self.response.done():
+            self.response.set_exception(ConnectionResetError(f"stream reset (0x{code:x})"))
+        self._end(f"the edge reset the session (0x{code:x})")
+
+    def stop_sending(self, code: int) -> None:
+        self.reset(code)
+
+    def connection_lost(self) -> None:
+        if not self.response.done():
+            self.response.set_exception(ConnectionResetError("edge connection lost"))
+        self._end("edge connection lost")
+
+    def _end(self, why: str) -> None:
+        raise NotImplementedError
+
+
+class MasqueSession(EdgeSession):
     """One connect-udp request: UDP payloads to the edge and back."""
 
     def __init__(
@@ -340,25 +369,6 @@ class MasqueSession(UdpStream):
         self.flow.packets_down += 1
         self.flow.bytes_down += len(payload)
         self._receive(payload)
-
-    def stream_ended(self) -> None:
-        self._end("the edge ended the session")
-
-    def stream_broken(self, why: str) -> None:
-        self._end(f"bad capsule from the edge: {why}")
-
-    def reset(self, code: int) -> None:
-        if not self.response.done():
-            self.response.set_exception(ConnectionResetError(f"stream reset (0x{code:x})"))
-        self._end(f"the edge reset the session (0x{code:x})")
-
-    def stop_sending(self, code: int) -> None:
-        self.reset(code)
-
-    def connection_lost(self) -> None:
-        if not self.response.done():
-            self.response.set_exception(ConnectionResetError("edge connection lost"))
-        self._end("edge connection lost")
 
     def _end(self, why: str | None) -> None:
         if self.done:

@@ -17,8 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ramp.offramps.masque import SERVER_NAME, MasqueLink, _refusal
-from ramp.quic.connect_udp import UdpStream
+from ramp.offramps.masque import SERVER_NAME, EdgeSession, MasqueLink, _refusal
 from ramp.quic.h3 import H3_MESSAGE_ERROR, H3_REQUEST_CANCELLED, H3Peer, Headers
 from ramp.wire import connect_ip, masque
 
@@ -37,7 +36,7 @@ class IpState:
     routes: list[Prefix] = field(default_factory=list)
 
 
-class IpSession(UdpStream):
+class IpSession(EdgeSession):
     """One connect-ip request stream: IP packets both ways, and the edge's capsules."""
 
     def __init__(
@@ -113,25 +112,6 @@ class IpSession(UdpStream):
         else:  # ADDRESS_REQUEST from the edge: this side assigns nothing, so none is granted
             self._bad("unexpected_capsule")
         return True
-
-    def stream_ended(self) -> None:
-        self._end("the edge ended the session")
-
-    def stream_broken(self, why: str) -> None:
-        self._end(f"bad capsule from the edge: {why}")
-
-    def reset(self, code: int) -> None:
-        if not self.response.done():
-            self.response.set_exception(ConnectionResetError(f"stream reset (0x{code:x})"))
-        self._end(f"the edge reset the session (0x{code:x})")
-
-    def stop_sending(self, code: int) -> None:
-        self.reset(code)
-
-    def connection_lost(self) -> None:
-        if not self.response.done():
-            self.response.set_exception(ConnectionResetError("edge connection lost"))
-        self._end("edge connection lost")
 
     def _end(self, why: str) -> None:
         if self.done:
