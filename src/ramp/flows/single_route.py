@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, FlowState, Route
+from ramp.flows.flow import Flow, FlowKind, FlowResult, FlowState, Route
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
 from ramp.offramps.base import OffRamp
@@ -45,17 +45,9 @@ class SingleRoute:
     ) -> UdpSession:
         flow.protocol = "udp"
         flow.kind = FlowKind.DATAGRAM
-        try:
+        with self.table.reporting_failures(flow):
             self._admit(flow)
             session = await self.offramp.open_datagram(flow, self.route, receive, closed)
-        except FlowError as e:
-            flow.fail(e.result, e.reason)
-            self.table.end(flow)
-            raise
-        except BaseException:
-            flow.fail(FlowResult.ERROR, "cancelled while opening")
-            self.table.end(flow)
-            raise
         flow.advance(FlowState.ESTABLISHED)
 
         def stop(result: FlowResult, reason: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from ramp.flows.client_shares import ClientShares
 from ramp.flows.flow import Flow, FlowError, FlowResult, FlowState
@@ -67,6 +68,21 @@ class FlowTable:
         self._flows[flow.id] = flow
         if self._on_count is not None:
             self._on_count(len(self._flows))
+
+    @contextmanager
+    def reporting_failures(self, flow: Flow) -> Iterator[None]:
+        """Around the opening of `flow`: one that fails (or is cancelled) is marked with its
+        result and ended here, once; its opener only sees the exception."""
+        try:
+            yield
+        except FlowError as e:
+            flow.fail(e.result, e.reason)
+            self.end(flow)
+            raise
+        except BaseException:
+            flow.fail(FlowResult.ERROR, "cancelled while opening")
+            self.end(flow)
+            raise
 
     def end(self, flow: Flow) -> None:
         """Report `flow` as finished, once; later calls for the same flow do nothing."""

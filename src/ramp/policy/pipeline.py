@@ -191,7 +191,9 @@ class FlowPipeline:
     ) -> UdpSession:
         flow.protocol = "udp"
         flow.kind = FlowKind.DATAGRAM
-        try:
+        # a datagram flow that fails while opening is reported here: the on-ramp only sees
+        # the exception
+        with self.table.reporting_failures(flow):
             self._admit(flow)
             self._take_opening(flow)
             try:
@@ -204,16 +206,6 @@ class FlowPipeline:
             except FlowError:
                 session.close()
                 raise
-        except FlowError as e:
-            # a datagram flow that fails while opening is reported here: the on-ramp only
-            # sees the exception
-            flow.fail(e.result, e.reason)
-            self.table.end(flow)
-            raise
-        except BaseException:
-            flow.fail(FlowResult.ERROR, "cancelled while opening")
-            self.table.end(flow)
-            raise
         flow.advance(FlowState.ESTABLISHED)
         if self._on_open is not None:
             self._on_open(flow)
@@ -232,7 +224,7 @@ class FlowPipeline:
         then reported here."""
         flow.kind = FlowKind.PACKET
         started = time.monotonic()
-        try:
+        with self.table.reporting_failures(flow):
             self._admit(flow)
             self._take_opening(flow)
             try:
@@ -245,14 +237,6 @@ class FlowPipeline:
                     f"{flow.protocol} packets go to tunnels only, not {route.offramp}",
                 )
             self._refuse_revoked(flow)
-        except FlowError as e:
-            flow.fail(e.result, e.reason)
-            self.table.end(flow)
-            raise
-        except BaseException:
-            flow.fail(FlowResult.ERROR, "cancelled while opening")
-            self.table.end(flow)
-            raise
         flow.advance(FlowState.ESTABLISHED)
         if self._on_open is not None:
             self._on_open(flow)
