@@ -11,7 +11,9 @@ extensions this endpoint does not speak, and are skipped (and counted) by the ca
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import unquote
 
 from ramp.wire.http import BadTarget, parse_authority
@@ -315,47 +317,41 @@ def parse_request(
         return _parse_ip_request(pseudo, authorization, ip_template)
     if protocol != b"connect-udp":
         raise RequestRefused(501, "http_request_denied", f"unsupported :protocol {protocol[:32]!r}")
-    path = pseudo.get(b":path", b"")
-    if pseudo.get(b":scheme") != b"https" or not path or not authority:
-        raise RequestRefused(
-            400,
-            "http_request_error",
-            "connect-udp needs :scheme https, :authority and :path",
-            bad_input="malformed",
-        )
-    try:
-        text = path.decode("ascii")
-        target = template.match(text)
-    except UnicodeDecodeError:
-        target = None
-    except MasqueError as e:
-        raise RequestRefused(400, "destination_not_found", str(e), bad_input="bad_target") from None
-    if target is None:
-        raise RequestRefused(404, "http_request_denied", "no connect-udp template at this path")
-    return UdpRequest(
-        target.host, target.port, authorization, authority.decode("latin-1"), path.decode()
-    )
+    target, authority_text, path_text = _match_template(pseudo, "connect-udp", template.match)
+    return UdpRequest(target.host, target.port, authorization, authority_text, path_text)
 
 
 def _parse_ip_request(
     pseudo: dict[bytes, bytes], authorization: bytes | None, template: IpTemplate
 ) -> IpRequest:
+    scope, authority_text, path_text = _match_template(pseudo, "connect-ip", template.match)
+    return IpRequest(scope, authorization, authority_text, path_text)
+
+
+_T = TypeVar("_T")
+
+
+def _match_template(
+    pseudo: dict[bytes, bytes], protocol: str, match: Callable[[str], _T | None]
+) -> tuple[_T, str, str]:
+    """What an extended CONNECT's :path names by the template of `protocol`, with its
+    :authority and :path; RequestRefused when the request or the path does not fit."""
     path = pseudo.get(b":path", b"")
     authority = pseudo.get(b":authority", b"")
     if pseudo.get(b":scheme") != b"https" or not path or not authority:
         raise RequestRefused(
             400,
             "http_request_error",
-            "connect-ip needs :scheme https, :authority and :path",
+            f"{protocol} needs :scheme https, :authority and :path",
             bad_input="malformed",
         )
     try:
         text = path.decode("ascii")
-        scope = template.match(text)
+        found = match(text)
     except UnicodeDecodeError:
-        scope = None
+        found = None
     except MasqueError as e:
         raise RequestRefused(400, "destination_not_found", str(e), bad_input="bad_target") from None
-    if scope is None:
-        raise RequestRefused(404, "http_request_denied", "no connect-ip template at this path")
-    return IpRequest(scope, authorization, authority.decode("latin-1"), text)
+    if found is None:
+        raise RequestRefused(404, "http_request_denied", f"no {protocol} template at this path")
+    return found, authority.decode("latin-1"), text
