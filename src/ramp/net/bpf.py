@@ -46,15 +46,22 @@ BPF_X = 0x08
 # ALU operations
 BPF_ADD = 0x00
 BPF_SUB = 0x10
+BPF_MUL = 0x20
+BPF_OR = 0x40
 BPF_AND = 0x50
 BPF_LSH = 0x60
 BPF_RSH = 0x70
+BPF_MOD = 0x90
+BPF_XOR = 0xA0
 BPF_MOV = 0xB0
+BPF_END = 0xD0  # byte swap; with BPF_TO_BE: host order to big-endian
+BPF_TO_BE = 0x08
 # jumps
 BPF_JA = 0x00
 BPF_JEQ = 0x10
 BPF_JGT = 0x20
 BPF_JGE = 0x30
+BPF_JSET = 0x40
 BPF_JNE = 0x50
 BPF_JLT = 0xA0
 BPF_JLE = 0xB0
@@ -67,6 +74,8 @@ R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 
 # helper functions (the FN(...) list of include/uapi/linux/bpf.h)
 BPF_FUNC_map_lookup_elem = 1
+BPF_FUNC_skb_load_bytes = 26
+BPF_FUNC_sk_select_reuseport = 82
 BPF_FUNC_sk_release = 86
 BPF_FUNC_sk_assign = 124
 
@@ -116,6 +125,30 @@ def mov64_imm(dst: int, imm: int) -> Insn:
 
 def alu64_imm(op: int, dst: int, imm: int) -> Insn:
     return Insn(BPF_ALU64 | op | BPF_K, dst, imm=imm)
+
+
+def alu64_reg(op: int, dst: int, src: int) -> Insn:
+    return Insn(BPF_ALU64 | op | BPF_X, dst, src)
+
+
+def _s32(value: int) -> int:
+    """A 32-bit constant as the signed immediate field holds it."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def alu32_imm(op: int, dst: int, imm: int) -> Insn:
+    """32-bit arithmetic (the upper half of dst becomes zero); imm taken modulo 2**32."""
+    return Insn(BPF_ALU | op | BPF_K, dst, imm=_s32(imm))
+
+
+def alu32_reg(op: int, dst: int, src: int) -> Insn:
+    return Insn(BPF_ALU | op | BPF_X, dst, src)
+
+
+def be(dst: int, bits: int) -> Insn:
+    """dst = the low `bits` of dst read as big-endian (a swap on little-endian hosts)."""
+    return Insn(BPF_ALU | BPF_END | BPF_TO_BE, dst, imm=bits)
 
 
 def ldx_mem(size: int, dst: int, src: int, off: int) -> Insn:
@@ -216,11 +249,14 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_SOCKMAP = 15
+BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 BPF_F_NO_PREALLOC = 1  # map_flags: an LPM trie must be created with it
 
 # program and attach types (enum bpf_prog_type, enum bpf_attach_type)
+BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_PROG_TYPE_SK_LOOKUP = 30
 BPF_SK_LOOKUP = 36
+BPF_SK_REUSEPORT_SELECT = 39
 
 BPF_ANY = 0  # map update flag: create or replace
 

@@ -1,0 +1,86 @@
+"""A steering group on loopback: datagrams reach the socket their connection id names."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ramp.net.reuseport import SteeringGroup
+from ramp.quic.cookies import CidCookies
+from ramp.testing.wait import DEADLINE
+
+
+@pytest.fixture(params=["ebpf", "cbpf"])
+def group(request: pytest.FixtureRequest) -> Iterator[SteeringGroup]:
+    g = SteeringGroup.create(mechanism=request.param)
+    assert g.mechanism == request.param
+    yield g
+    g.close()
+
+
+def short_packet(cid: bytes, tag: bytes) -> bytes:
+    return bytes([0x40]) + cid + tag
+
+
+def initial_packet(dcid: bytes, tag: bytes) -> bytes:
+    scid = os.urandom(8)
+    return bytes([0xC0]) + b"\x00\x00\x00\x01" + bytes([len(dcid)]) + dcid + b"\x08" + scid + tag
+
+
+def forged_cid(cookies: CidCookies, slot: int) -> bytes:
+    """An id with `slot` in its slot bits but no valid check."""
+    while True:
+        cid = bytearray(os.urandom(8))
+        cid[6] = slot << 2 | cid[6] & 3
+        if cookies.slot_of(bytes(cid)) is None:
+            return bytes(cid)
+
+
+def deliver(socks: list[socket.socket], packets: list[bytes]) -> dict[bytes, int]:
+    """Send every packet to the group's port; which socket index each arrived at."""
+    port = socks[0].getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        for p in packets:
+            client.sendto(p, ("127.0.0.1", port))
+    arrived: dict[bytes, int] = {}
+    deadline = time.monotonic() + DEADLINE
+    while len(arrived) < len(packets):
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(arrived)} of {len(packets)} datagrams arrived"
+        ready, _, _ = select.select(socks, [], [], left)
+        for s in ready:
+            arrived[s.recv(2048)] = socks.index(s)
+    return arrived
+
+
+def test_datagrams_follow_their_cookie_and_new_ones_the_working_slot(
+    group: SteeringGroup,
+) -> None:
+    s0 = group.socket("127.0.0.1", 0, 0)
+    s1 = group.socket("127.0.0.1", s0.getsockname()[1], 1)
+    group.set_working([0])
+    c = group.cookies
+    to1 = [short_packet(c.issue(1), b"to1-%d" % i) for i in range(20)]
+    to0 = [short_packet(c.issue(0), b"to0-%d" % i) for i in range(20)]
+    long_to1 = [initial_packet(c.issue(1), b"lto1-%d" % i) for i in range(10)]
+    new = [initial_packet(os.urandom(8), b"new-%d" % i) for i in range(20)]
+    forged = [short_packet(forged_cid(c, 1), b"forged-%d" % i) for i in range(20)]
+    empty_slot = [short_packet(c.issue(5), b"empty-%d" % i) for i in range(10)]
+    arrived = deliver([s0, s1], to1 + to0 + long_to1 + new + forged + empty_slot)
+    for p in to1 + long_to1:
+        assert arrived[p] == 1
+    for p in to0 + new + forged + empty_slot:
+        assert arrived[p] == 0
+
+    # a new working slot takes new connections; old cookies still reach their socket
+    group.set_working([1])
+    to0 = [short_packet(c.issue(0), b"again0-%d" % i) for i in range(20)]
+    new = [initial_packet(os.urandom(8), b"new1-%d" % i) for i in range(20)]
+    arrived = deliver([s0, s1], to0 + new)
+    assert all(arrived[p] == 0 for p in to0)
+    assert all(arrived[p] == 1 for p in new)
