@@ -21,7 +21,7 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation
 
-from ramp.net.sockopts import set_buffers
+from ramp.net.reuseport import SteeringGroup, udp_socket
 from ramp.quic import qh3compat
 from ramp.quic.admission import (
     DEFAULT_LIMITS,
@@ -249,7 +249,9 @@ def _source(addr: Any) -> str:
 
 class TunnelServer(qh3compat.Server):
     """qh3's server with datagram batching per connection, counters for dropped packets, and
-    the handshake admission rules of ramp.quic.admission."""
+    the handshake admission rules of ramp.quic.admission. With `steering` (a group and this
+    server's slot in it), the connection ids it chooses (each connection's first one, and a
+    Retry's) carry the slot, so the group keeps their packets on this server's socket."""
 
     def __init__(
         self,
@@ -258,9 +260,11 @@ class TunnelServer(qh3compat.Server):
         on_event: Callable[[str], None] = lambda event: None,
         limits: HandshakeLimits = DEFAULT_LIMITS,
         max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
+        steering: tuple[SteeringGroup, int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.steering = steering
         self.max_streams_bidi = max_streams_bidi
         self.limits = limits
         self._on_drop = on_drop
@@ -275,6 +279,13 @@ class TunnelServer(qh3compat.Server):
     @property
     def handshaking(self) -> int:
         return len(self._handshaking)
+
+    def _new_cid(self) -> bytes | None:
+        """A connection id for this server to choose: with a cookie when steered."""
+        if self.steering is None:
+            return None
+        group, slot = self.steering
+        return group.cookies.issue(slot)
 
     def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
         # group consecutive datagrams for the same known connection: one qh3 call per batch
@@ -360,7 +371,8 @@ class TunnelServer(qh3compat.Server):
             self._on_drop(decision.reason)
             return None
         if isinstance(decision, SendRetry):
-            retry_scid = os.urandom(self.configuration.connection_id_length)
+            # the client's next Initial is addressed to it: a cookie brings it back here
+            retry_scid = self._new_cid() or os.urandom(self.configuration.connection_id_length)
             self.udp_transport.sendto(
                 encode_quic_retry(
                     version=version,
@@ -381,6 +393,7 @@ class TunnelServer(qh3compat.Server):
             # fewer packets per byte; qh3 cannot build its first flight to a 1,200-byte
             # Initial with larger ones ("packet builder capacity exhausted")
             max_datagram_size=LARGE_DATAGRAM_SIZE if size >= QH3_DATAGRAM_SIZE else None,
+            host_cid=self._new_cid(),
         )
 
     def registration_refused(self, addr: Any) -> None:
@@ -430,22 +443,6 @@ class TunnelServer(qh3compat.Server):
         self._handshake_over(protocol)
 
 
-def _udp_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and host in ("::", ""):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # bursts of a fast tunnel outrun the default 208 KiB socket buffers
-        set_buffers(sock, 4 * 1024 * 1024)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def _datagram_endpoint(
     factory: Callable[[], asyncio.DatagramProtocol], sock: socket.socket
 ) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
@@ -466,10 +463,25 @@ async def serve(
     on_event: Callable[[str], None] = lambda event: None,
     limits: HandshakeLimits = DEFAULT_LIMITS,
     max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
+    steering: tuple[SteeringGroup, int] | None = None,
+    name: str = "tunnel",
 ) -> tuple[asyncio.DatagramTransport, TunnelServer]:
     """Listen for QUIC connections; each lets its peer open `max_streams_bidi` streams at
-    once."""
-    sock = _udp_socket(host, port)
+    once. With `steering` (group, slot) the socket is the group's at that slot and the
+    connections' ids carry the slot (ramp.net.reuseport); `name` names the listener."""
+    if steering is None:
+        sock = udp_socket(host, port)
+    else:
+        group, slot = steering
+        sock = group.socket(host, port, slot)
+        log.info(
+            "%s listener on %s:%d: slot %d of a %s steering group",
+            name,
+            host,
+            sock.getsockname()[1],
+            slot,
+            group.mechanism,
+        )
     transport, server = await _datagram_endpoint(
         lambda: TunnelServer(
             configuration=configuration,
@@ -478,6 +490,7 @@ async def serve(
             on_event=on_event,
             limits=limits,
             max_streams_bidi=max_streams_bidi,
+            steering=steering,
         ),
         sock,
     )
@@ -498,7 +511,7 @@ async def dial(
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = infos[0]
-    sock = _udp_socket("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+    sock = udp_socket("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
     connection = qh3compat.LimitedConnection(
         configuration=configuration, max_streams_bidi=max_streams_bidi
     )

@@ -129,11 +129,22 @@ def _advertising(limit: int) -> Iterator[None]:
 class LimitedConnection(QuicConnection):
     """A QuicConnection that lets its peer open `max_streams_bidi` bidirectional streams at
     once instead of qh3's fixed 100, and that does not parse what it sends for a log it has
-    not got."""
+    not got. `host_cid`, when given, is the connection id it issues first (qh3 draws one at
+    random): a steering cookie (ramp.quic.cookies) that keeps the peer's packets on this
+    process's socket."""
 
-    def __init__(self, *args: Any, max_streams_bidi: int = QH3_MAX_STREAMS_BIDI, **kw: Any):
+    def __init__(
+        self,
+        *args: Any,
+        max_streams_bidi: int = QH3_MAX_STREAMS_BIDI,
+        host_cid: bytes | None = None,
+        **kw: Any,
+    ):
         self.max_streams_bidi = max_streams_bidi
         super().__init__(*args, **kw)
+        if host_cid is not None:
+            # qh3 reads it only when it builds the core and the TLS bridge (first datagram)
+            self.host_cid = host_cid
 
     def _create_core(self, *args: Any, **kw: Any) -> None:
         with _advertising(self.max_streams_bidi):
@@ -270,12 +281,13 @@ class Server(QuicServer):
         original_dcid: bytes | None = None,
         retry_scid: bytes | None = None,
         max_datagram_size: int | None = None,
+        host_cid: bytes | None = None,
     ) -> QuicConnectionProtocol:
         """Create the connection for a new client's first packet, wired into the server's
         connection-id table the way QuicServer.datagram_received does. After a Retry, `dcid`
         is the Retry's source cid and `original_dcid` the client's first choice: both go into
         the transport parameters, which the client checks. `max_datagram_size` overrides the
-        configuration's for this connection."""
+        configuration's for this connection; `host_cid` is the connection id it issues first."""
         configuration = self._configuration
         if max_datagram_size is not None and max_datagram_size != configuration.max_datagram_size:
             configuration = dataclasses.replace(configuration, max_datagram_size=max_datagram_size)
@@ -284,6 +296,7 @@ class Server(QuicServer):
             original_destination_connection_id=original_dcid or dcid,
             retry_source_connection_id=retry_scid,
             max_streams_bidi=self.max_streams_bidi,
+            host_cid=host_cid,
         )
         protocol = self._create_protocol(connection, stream_handler=None)
         protocol.connection_made(self._transport)
