@@ -33,6 +33,7 @@ addresses: classic BPF cannot read them after the UDP header is pulled).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -216,41 +217,47 @@ NO_SOCKET = 0xFFFFFFFF  # an index past the group's sockets: the kernel picks by
 class _CInsn:
     code: int
     k: int = 0
-    jt: str | None = None  # conditional jumps: labels; JA: jt is the target
-    jf: str | None = None
+    jt: int = 0
+    jf: int = 0
+    target: str | None = None  # JA: the label it jumps to
 
 
 class _CAssembler:
-    """Classic BPF with forward jumps to labels."""
+    """Classic BPF with jumps to labels. Conditional jumps reach only 255 instructions, so a
+    conditional jump to a label becomes a short one over unconditional jumps (32-bit reach)."""
 
     def __init__(self) -> None:
         self.insns: list[_CInsn] = []
         self.labels: dict[str, int] = {}
 
     def emit(self, code: int, k: int = 0, jt: str | None = None, jf: str | None = None) -> None:
-        self.insns.append(_CInsn(code, k & 0xFFFFFFFF, jt, jf))
+        if jt is None and jf is None:
+            self.insns.append(_CInsn(code, k & 0xFFFFFFFF))
+            return
+        assert jt is not None
+        self.only_if(code, k)
+        self.insns.append(_CInsn(_JA, target=jt))
+        if jf is not None:
+            self.insns.append(_CInsn(_JA, target=jf))
+
+    def only_if(self, code: int, k: int) -> None:
+        """The next instruction runs only when the condition holds."""
+        self.insns.append(_CInsn(code, k & 0xFFFFFFFF, 0, 1))
 
     def label(self, name: str) -> None:
         self.labels[name] = len(self.insns)
 
-    def _off(self, pc: int, label: str | None, limit: int) -> int:
-        if label is None:
-            return 0
-        off = self.labels[label] - (pc + 1)
-        if not 0 <= off <= limit:
-            raise ValueError(f"classic BPF jump to {label!r} out of range ({off})")
-        return off
-
     def assemble(self) -> bytes:
-        out = bytearray()
-        for pc, i in enumerate(self.insns):
-            if i.code == _JA:
-                out += struct.pack("<HBBI", i.code, 0, 0, self._off(pc, i.jt, 0xFFFFFFFF))
-            else:
-                jt, jf = self._off(pc, i.jt, 255), self._off(pc, i.jf, 255)
-                out += struct.pack("<HBBI", i.code, jt, jf, i.k)
         if len(self.insns) > _CBPF_MAX:
             raise ValueError("classic BPF program too long")
+        out = bytearray()
+        for pc, i in enumerate(self.insns):
+            k = i.k
+            if i.target is not None:
+                k = self.labels[i.target] - (pc + 1)
+                if k < 0:
+                    raise ValueError(f"classic BPF jumps only forward (to {i.target!r})")
+            out += struct.pack("<HBBI", i.code, i.jt, i.jf, k)
         return bytes(out)
 
 
@@ -300,11 +307,8 @@ def cbpf_program(
         a.label(f"valid{base}")
         a.emit(_LD_MEM, 0)
         for slot, index in sorted(index_of.items()):
-            a.emit(_JEQ_K, slot, f"s{base}_{slot}", None)
-            a.emit(_JA, 0, f"n{base}_{slot}")
-            a.label(f"s{base}_{slot}")
+            a.only_if(_JEQ_K, slot)
             a.emit(_RET_K, index)
-            a.label(f"n{base}_{slot}")
         a.label(f"working{base}")
         if len(working) <= 1:
             a.emit(_RET_K, working[0] if working else NO_SOCKET)
@@ -313,11 +317,8 @@ def cbpf_program(
         a.emit(_LDW_ABS, base)
         a.emit(_ALU_K | BPF_MOD, len(working))
         for i, index in enumerate(working):
-            a.emit(_JEQ_K, i, f"w{base}_{i}", None)
-            a.emit(_JA, 0, f"x{base}_{i}")
-            a.label(f"w{base}_{i}")
+            a.only_if(_JEQ_K, i)
             a.emit(_RET_K, index)
-            a.label(f"x{base}_{i}")
         a.emit(_RET_K, working[0])
     return a.assemble()
 
@@ -489,8 +490,11 @@ class SteeringGroup:
         if slot in self._working:
             self.set_working([s for s in self._working if s != slot])
         if self.mechanism == "ebpf":
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 bpf.map_delete(self._fds[1], struct.pack("<I", slot))
+            except bpf.BpfError as e:
+                if e.errno != errno.ENOENT:  # ENOENT: the kernel emptied it when it closed
+                    raise
         sock = self._sockets.pop(slot, None)
         if sock is not None:
             sock.close()

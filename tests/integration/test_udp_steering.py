@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -41,12 +42,19 @@ def forged_cid(cookies: CidCookies, slot: int) -> bytes:
             return bytes(cid)
 
 
-def deliver(socks: list[socket.socket], packets: list[bytes]) -> dict[bytes, int]:
-    """Send every packet to the group's port; which socket index each arrived at."""
-    port = socks[0].getsockname()[1]
+def deliver(
+    socks: list[socket.socket], packets: list[bytes], *, client_per_packet: bool = False
+) -> dict[bytes, int]:
+    """Send every packet to the group's port (from one client socket, or each from its own);
+    which socket index each arrived at."""
+    target = ("127.0.0.1", socks[0].getsockname()[1])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         for p in packets:
-            client.sendto(p, ("127.0.0.1", port))
+            if client_per_packet:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+                    own.sendto(p, target)
+            else:
+                client.sendto(p, target)
     arrived: dict[bytes, int] = {}
     deadline = time.monotonic() + DEADLINE
     while len(arrived) < len(packets):
@@ -84,3 +92,48 @@ def test_datagrams_follow_their_cookie_and_new_ones_the_working_slot(
     arrived = deliver([s0, s1], to0 + new)
     assert all(arrived[p] == 0 for p in to0)
     assert all(arrived[p] == 1 for p in new)
+
+
+def test_a_successor_joins_through_the_handoff_and_a_released_slot_loses_its_packets(
+    group: SteeringGroup,
+) -> None:
+    s0 = group.socket("127.0.0.1", 0, 0)
+    port = s0.getsockname()[1]
+    group.set_working([0])
+    fds, meta = group.handoff()
+    json.dumps(meta)  # it travels as JSON
+    successor = SteeringGroup.from_handoff([os.dup(fd) for fd in fds], meta)
+    try:
+        assert successor.mechanism == group.mechanism
+        s1 = successor.socket("127.0.0.1", port, 1)
+        successor.set_working([1])
+        c = successor.cookies
+        old = [short_packet(c.issue(0), b"old-%d" % i) for i in range(20)]
+        new = [initial_packet(os.urandom(8), b"new-%d" % i) for i in range(20)]
+        arrived = deliver([s0, s1], old + new)
+        assert all(arrived[p] == 0 for p in old)
+        assert all(arrived[p] == 1 for p in new)
+
+        # the predecessor's slot is gone: its cookies now reach the working socket
+        group.release(0)
+        successor.release(0)
+        old = [short_packet(c.issue(0), b"late-%d" % i) for i in range(20)]
+        assert all(i == 0 for i in deliver([s1], old).values())
+    finally:
+        successor.close()
+
+
+def test_new_connections_spread_over_several_working_slots(group: SteeringGroup) -> None:
+    s0 = group.socket("127.0.0.1", 0, 0)
+    port = s0.getsockname()[1]
+    s1 = group.socket("127.0.0.1", port, 1)
+    s2 = group.socket("127.0.0.1", port, 2)
+    group.set_working([1, 2])
+    socks = [s0, s1, s2]
+    # eBPF spreads by the addresses (each packet from its own client socket), classic BPF by
+    # the connection id
+    new = [initial_packet(os.urandom(8), b"spread-%d" % i) for i in range(60)]
+    to0 = [short_packet(group.cookies.issue(0), b"zero-%d" % i) for i in range(10)]
+    arrived = deliver(socks, new + to0, client_per_packet=True)
+    assert all(arrived[p] == 0 for p in to0)
+    assert {arrived[p] for p in new} == {1, 2}

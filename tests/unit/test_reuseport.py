@@ -1,0 +1,80 @@
+"""The steering group's programs and its fallback when eBPF cannot be loaded."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pytest
+
+from ramp.net import bpf, reuseport
+from ramp.net.reuseport import SteeringGroup, cbpf_program, program
+
+KEY = bytes(range(8))
+
+
+def test_the_program_is_the_same_bytes_every_time() -> None:
+    assert program(3, 4, KEY).assemble() == program(3, 4, KEY).assemble()
+    assert program(3, 4, KEY).assemble() != program(3, 4, bytes(8)).assemble()
+
+
+def test_the_printed_program_is_the_assembled_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert reuseport.main([]) == 0
+    printed = "".join(line.split()[1] for line in capsys.readouterr().out.splitlines())
+    assert bytes.fromhex(printed) == program(0, 0, bytes(8)).assemble()
+
+
+def test_the_classic_program_fits_its_jumps_with_every_slot_in_use() -> None:
+    code = cbpf_program(KEY, 8, {s: s for s in range(64)}, list(range(64)))
+    assert len(code) % 8 == 0
+
+
+def test_a_group_falls_back_to_classic_bpf_when_ebpf_is_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: object, **kw: object) -> int:
+        raise bpf.BpfError(errno.EINVAL, "loading BPF program ramp_reuseport", "R1 invalid")
+
+    monkeypatch.setattr(bpf, "prog_load", refuse)
+    with caplog.at_level(logging.WARNING, "ramp.net.reuseport"):
+        group = SteeringGroup.create()
+    try:
+        assert group.mechanism == "cbpf"
+        assert "classic BPF" in caplog.text and "R1 invalid" in caplog.text
+        sock = group.socket("127.0.0.1", 0, 0)
+        group.set_working([0])
+        assert sock.getsockname()[1] > 0
+    finally:
+        group.close()
+
+
+def test_the_environment_forces_a_mechanism(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(reuseport.MECHANISM_ENV, "cbpf")
+    with caplog.at_level(logging.WARNING, "ramp.net.reuseport"):
+        group = SteeringGroup.create()
+    group.close()
+    assert group.mechanism == "cbpf"
+    assert "classic BPF" in caplog.text
+
+
+def test_the_handoff_carries_the_cookie_key() -> None:
+    group = SteeringGroup.create(mechanism="none")
+    fds, meta = group.handoff()
+    successor = SteeringGroup.from_handoff(fds, meta)
+    cid = group.cookies.issue(9)
+    assert successor.cookies.slot_of(cid) == 9
+    assert successor.mechanism == "none"
+
+
+def test_bad_slots_are_refused() -> None:
+    group = SteeringGroup.create(mechanism="none", max_slots=4)
+    with pytest.raises(ValueError):
+        group.socket("127.0.0.1", 0, 4)
+    with pytest.raises(ValueError):
+        group.set_working([7])
+    sock = group.socket("127.0.0.1", 0, 1)
+    with pytest.raises(ValueError):
+        group.socket("127.0.0.1", sock.getsockname()[1], 1)
+    group.close()
