@@ -78,3 +78,19 @@ def test_bad_slots_are_refused() -> None:
     with pytest.raises(ValueError):
         group.socket("127.0.0.1", sock.getsockname()[1], 1)
     group.close()
+
+
+def test_a_given_socket_joins_only_with_reuseport() -> None:
+    group = SteeringGroup.create(mechanism="ebpf")
+    try:
+        plain = reuseport.udp_socket("127.0.0.1", 0)
+        with pytest.raises(ValueError, match="ReusePort"):
+            group.adopt(plain, 0)
+        plain.close()
+        given = reuseport.udp_socket("127.0.0.1", 0, reuse_port=True)
+        group.adopt(given, 0)
+        # the group's next socket shares the given one's port
+        mine = group.socket("127.0.0.1", given.getsockname()[1], 1)
+        assert mine.getsockname() == given.getsockname()
+    finally:
+        group.close()
