@@ -6,6 +6,8 @@ import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -137,3 +139,52 @@ def test_new_connections_spread_over_several_working_slots(group: SteeringGroup)
     arrived = deliver(socks, new + to0, client_per_packet=True)
     assert all(arrived[p] == 0 for p in to0)
     assert {arrived[p] for p in new} == {1, 2}
+
+
+# a successor process: joins the group it is handed at slot 1, takes the new connections and
+# answers every datagram it gets with b"successor:" + the datagram
+_SUCCESSOR = """
+import json, socket, sys
+from ramp.net.reuseport import SteeringGroup
+fds, meta, port = json.loads(sys.argv[1])
+group = SteeringGroup.from_handoff(fds, meta)
+sock = group.socket("127.0.0.1", port, 1)
+group.set_working([1])
+print("ready", flush=True)
+while True:
+    data, addr = sock.recvfrom(2048)
+    sock.sendto(b"successor:" + data, addr)
+"""
+
+
+def test_a_successor_process_takes_new_connections_and_leaves_the_old(
+    group: SteeringGroup,
+) -> None:
+    s0 = group.socket("127.0.0.1", 0, 0)
+    port = s0.getsockname()[1]
+    group.set_working([0])
+    fds, meta = group.handoff()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SUCCESSOR, json.dumps([fds, meta, port])],
+        pass_fds=fds,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+        c = group.cookies
+        old = [short_packet(c.issue(0), b"old-%d" % i) for i in range(20)]
+        new = [initial_packet(os.urandom(8), b"new-%d" % i) for i in range(20)]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(DEADLINE)
+            for p in old + new:
+                client.sendto(p, ("127.0.0.1", port))
+            answers = {client.recv(2048) for _ in new}
+        assert answers == {b"successor:" + p for p in new}
+        s0.settimeout(DEADLINE)
+        assert {s0.recv(2048) for _ in old} == set(old)
+    finally:
+        child.kill()
+        child.wait()
