@@ -49,11 +49,12 @@ def deliver(
 ) -> dict[bytes, int]:
     """Send every packet to the group's port (from one client socket, or each from its own);
     which socket index each arrived at."""
-    target = ("127.0.0.1", socks[0].getsockname()[1])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+    family = socks[0].family
+    target = socks[0].getsockname()[:2]
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
         for p in packets:
             if client_per_packet:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+                with socket.socket(family, socket.SOCK_DGRAM) as own:
                     own.sendto(p, target)
             else:
                 client.sendto(p, target)
@@ -68,11 +69,12 @@ def deliver(
     return arrived
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_datagrams_follow_their_cookie_and_new_ones_the_working_slot(
-    group: SteeringGroup,
+    group: SteeringGroup, host: str
 ) -> None:
-    s0 = group.socket("127.0.0.1", 0, 0)
-    s1 = group.socket("127.0.0.1", s0.getsockname()[1], 1)
+    s0 = group.socket(host, 0, 0)
+    s1 = group.socket(host, s0.getsockname()[1], 1)
     group.set_working([0])
     c = group.cookies
     to1 = [short_packet(c.issue(1), b"to1-%d" % i) for i in range(20)]
