@@ -265,6 +265,10 @@ class TunnelServer(qh3compat.Server):
     ) -> None:
         super().__init__(**kwargs)
         self.steering = steering
+        if steering is not None:
+            cid_length = self.configuration.connection_id_length
+            if steering[0].cookies.cid_length != cid_length:
+                raise ValueError(f"steering cookies must be {cid_length}-byte connection ids")
         self.max_streams_bidi = max_streams_bidi
         self.limits = limits
         self._on_drop = on_drop
