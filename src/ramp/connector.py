@@ -16,6 +16,7 @@ from ramp.flows.flow import Destination, Flow, FlowKind, FlowResult, Identity, R
 from ramp.flows.table import FlowTable
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
+from ramp.observe.sdnotify import Notifier
 from ramp.observe.status import start_status_server
 from ramp.offramps.egress import Egress
 from ramp.offramps.icmp import ConnectorIcmp
@@ -206,11 +207,15 @@ class Connector:
         self.icmp.start()
         self.client.packets = self.icmp
         self.client.start()
+        notify = Notifier()
+        notify.ready(f"connecting to {edges}")
+        notify.start_watchdog()
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({stop_wait, self.client.fatal}, return_when=asyncio.FIRST_COMPLETED)
             if self.client.fatal.done():
                 return self._fatal(self.client.fatal.result())
+            notify.stopping(f"draining: {self.client.active_flows} open flows")
             log.info(
                 "draining: %d open flow(s), grace period %gs",
                 self.client.active_flows,
@@ -227,6 +232,7 @@ class Connector:
             if self.status is not None:
                 await self.status.close()
             self.audit.close()
+            await notify.close()
 
     def _fatal(self, e: Exception) -> int:
         if isinstance(e, RegistrationRefused):

@@ -22,6 +22,7 @@ from ramp.net.resolve import AsyncResolver, set_default_resolver
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.loglimit import LogLimiter
 from ramp.observe.metrics import EdgeMetrics
+from ramp.observe.sdnotify import Notifier
 from ramp.observe.status import start_status_server
 from ramp.offramps.base import OffRamp
 from ramp.offramps.direct import DirectOffRamp
@@ -603,19 +604,32 @@ async def serve_edge(
         await edge.close()
         return 1
     log.info("edge %s ready", uuid.uuid4().hex[:8])
-    reloader = asyncio.ensure_future(_reloads(edge, reloaded)) if reloaded else None
+    notify = Notifier()
+    notify.ready(_status_line(edge))
+    notify.start_watchdog()
+    reloader = asyncio.ensure_future(_reloads(edge, reloaded, notify)) if reloaded else None
     try:
         await stop.wait()
     finally:
+        notify.stopping(f"stopping: {len(edge.table)} flows open")
         if reloader is not None:
             reloader.cancel()
         await edge.close()
+        await notify.close()
     return 0
 
 
-async def _reloads(edge: Edge, reloaded: asyncio.Queue[Callable[[], EdgeConfig]]) -> None:
+def _status_line(edge: Edge) -> str:
+    _, detail = edge.ready()
+    return f"{detail['status']}: {sum(detail['connections'].values())} tunnel connections"
+
+
+async def _reloads(
+    edge: Edge, reloaded: asyncio.Queue[Callable[[], EdgeConfig]], notify: Notifier
+) -> None:
     while True:
         load = await reloaded.get()
+        notify.reloading()
         try:
             try:
                 config = load()
@@ -632,6 +646,7 @@ async def _reloads(edge: Edge, reloaded: asyncio.Queue[Callable[[], EdgeConfig]]
         else:
             edge.metrics.config_reloads.labels("ok").inc()
             log.info("configuration reloaded: %d hook(s)", len(edge.hooks.hooks) - 1)
+        notify.ready(_status_line(edge))  # also after a failed reload: the old config serves
 
 
 def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -> int:
