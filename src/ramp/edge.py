@@ -18,6 +18,7 @@ from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route, parse_
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
 from ramp.net.egress import EgressGuard
+from ramp.net.inherit import SocketSet, inherited, install
 from ramp.net.resolve import AsyncResolver, set_default_resolver
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.loglimit import LogLimiter
@@ -597,12 +598,14 @@ async def serve_edge(
     except HookLoadError as e:
         log.error("cannot start the edge: %s", e)
         return 2
+    install(SocketSet.from_systemd())
     try:
         await edge.start()
     except OSError as e:
         log.error("cannot start the edge: %s", e)
         await edge.close()
         return 1
+    inherited().close_untaken()
     log.info("edge %s ready", uuid.uuid4().hex[:8])
     notify = Notifier()
     notify.ready(_status_line(edge))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ramp.observe.sdnotify import Notifier, encode, socket_address, watchdog_interval
-
-
-def parse(data: bytes) -> dict[str, str]:
-    # systemd splits on newlines only
-    return dict(line.split("=", 1) for line in data.decode().split("\n") if line)
+from ramp.testing.notify import Manager, parse
 
 
 @given(st.dictionaries(st.from_regex(r"[A-Z][A-Z_]{0,15}", fullmatch=True), st.text(), min_size=1))
@@ -59,28 +53,6 @@ def test_a_gone_service_manager_is_counted_not_fatal(tmp_path: Path) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody")})
     notifier.ready()
     assert notifier.failed == 1 and notifier.sent == 0
-
-
-class Manager:
-    """The service manager's end: a datagram socket the role notifies."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(1.0)
-        self.messages: list[dict[str, str]] = []
-
-    def wait_for(self, key: str, deadline: float = 60.0) -> dict[str, str]:
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            try:
-                message = parse(self.sock.recv(4096))
-            except TimeoutError:
-                continue
-            self.messages.append(message)
-            if key in message:
-                return message
-        raise AssertionError(f"no {key} notification; got {self.messages}")
 
 
 def test_a_real_edge_notifies_ready_watchdog_reloading_and_stopping(tmp_path: Path) -> None:

@@ -9,12 +9,21 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from ramp.net.inherit import inherited
+
 log = logging.getLogger(__name__)
 
 
-async def tcp_listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+async def tcp_listen_socket(
+    host: str, port: int, backlog: int = 1024, *, name: str | None = None
+) -> socket.socket:
     """A non-blocking listening socket on host:port (port 0 picks one). `::` means IPv6
-    only: a dual-stack listener is a separate, explicit choice."""
+    only: a dual-stack listener is a separate, explicit choice. A listener with a `name`
+    takes the socket given to the process under that name, if any (ramp.net.inherit)."""
+    if name is not None:
+        given = inherited().take(name, socket.SOCK_STREAM, host, port)
+        if given is not None:
+            return given
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]

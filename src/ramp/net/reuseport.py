@@ -98,6 +98,10 @@ MECHANISM_ENV = "RAMP_STEERING"  # "ebpf", "cbpf" or "none": force a mechanism (
 __all__ = ["MAX_SLOTS", "SteeringGroup", "udp_socket"]
 
 
+# bursts of a fast tunnel outrun the default 208 KiB socket buffers
+UDP_BUFFER = 4 * 1024 * 1024
+
+
 def udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A UDP socket bound to host:port with large buffers; `::` is dual-stack."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -108,8 +112,7 @@ def udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.sock
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # bursts of a fast tunnel outrun the default 208 KiB socket buffers
-        set_buffers(sock, 4 * 1024 * 1024)
+        set_buffers(sock, UDP_BUFFER)
         sock.bind((host, port))
     except BaseException:
         sock.close()

@@ -135,7 +135,7 @@ class DnsServer:
         log.info("dns on-ramp listening on %s:%d (udp, tcp)", *self.address)
 
     async def _listen_tcp(self, host: str, port: int) -> asyncio.Task[None]:
-        sock = await tcp_listen_socket(host, port)
+        sock = await tcp_listen_socket(host, port, name="dns")
 
         async def serve() -> None:
             try:

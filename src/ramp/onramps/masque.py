@@ -121,6 +121,7 @@ class MasqueServer:
             configuration=configuration,
             create_protocol=self._new_peer,
             on_drop=lambda reason: self._bad("quic_" + reason),
+            name="masque",
             limits=HandshakeLimits(
                 max_handshakes=c.quic_max_handshakes,
                 retry_threshold=c.quic_retry_threshold,

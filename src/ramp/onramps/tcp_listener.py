@@ -149,7 +149,7 @@ class TcpOnRamp:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (port 0 picks one: see `port`) and start accepting."""
-        sock = await tcp_listen_socket(host, port)
+        sock = await tcp_listen_socket(host, port, name=self.onramp)
         self._sock = sock
         loop = accept_loop(sock, self._accepted, self.accept_errors)
         self._accept_task = asyncio.create_task(loop)

@@ -21,7 +21,9 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation
 
-from ramp.net.reuseport import SteeringGroup, udp_socket
+from ramp.net.inherit import inherited
+from ramp.net.reuseport import UDP_BUFFER, SteeringGroup, udp_socket
+from ramp.net.sockopts import set_buffers
 from ramp.quic import qh3compat
 from ramp.quic.admission import (
     DEFAULT_LIMITS,
@@ -473,11 +475,18 @@ async def serve(
     """Listen for QUIC connections; each lets its peer open `max_streams_bidi` streams at
     once. With `steering` (group, slot) the socket is the group's at that slot and the
     connections' ids carry the slot (ramp.net.reuseport); `name` names the listener."""
+    given = inherited().take(name, socket.SOCK_DGRAM, host, port)  # systemd's, by name
+    if given is not None:
+        set_buffers(given, UDP_BUFFER)
     if steering is None:
-        sock = udp_socket(host, port)
+        sock = given if given is not None else udp_socket(host, port)
     else:
         group, slot = steering
-        sock = group.socket(host, port, slot)
+        if given is not None:
+            group.adopt(given, slot)
+            sock = given
+        else:
+            sock = group.socket(host, port, slot)
         log.info(
             "%s listener on %s:%d: slot %d of a %s steering group",
             name,
