@@ -1160,5 +1160,70 @@ def _report_problems(text: str) -> typing.NoReturn:
     raise SystemExit(2)
 
 
+# -- systemd units ----------------------------------------------------------------------------
+
+
+@main.group("systemd")
+def systemd_group() -> None:
+    """systemd unit files for the edge and the connector (docs/systemd.md)."""
+
+
+@systemd_group.command("units")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    default=None,
+    help="Write the unit files into DIR (e.g. /etc/systemd/system) instead of printing them.",
+)
+@click.option(
+    "--ramp",
+    "ramp_path",
+    metavar="PATH",
+    default=None,
+    help="The ramp executable for ExecStart. [default: `ramp` on PATH, else /usr/local/bin/ramp]",
+)
+@click.option("--force", is_flag=True, help="Overwrite unit files already in DIR.")
+def systemd_units(out: Path | None, ramp_path: str | None, force: bool) -> None:
+    """Print ramp's systemd units (ramp-edge.service, ramp-edge.socket,
+    ramp-connector.service), each after a `# file: NAME` line, or write them into DIR."""
+    import os
+    import shutil
+
+    from ramp.systemd import DEFAULT_RAMP, HIDDEN_PREFIXES, units
+
+    if force and out is None:
+        _fail("--force goes with --out")
+    if ramp_path is None:
+        found = shutil.which("ramp")
+        ramp_path = os.path.abspath(found) if found else DEFAULT_RAMP
+    try:
+        files = units(ramp_path)
+    except ValueError as e:
+        _fail(str(e))
+    if ramp_path.startswith(HIDDEN_PREFIXES):
+        click.echo(
+            f"warning: {ramp_path} is hidden from the services by ProtectHome=/PrivateTmp=: "
+            "pass --ramp with a path under /usr or /opt",
+            err=True,
+        )
+    if out is None:
+        for name, text in files.items():
+            click.echo(f"# file: {name}")
+            click.echo(text, nl=False)
+        return
+    there = [n for n in files if (out / n).exists() or (out / n).is_symlink()]
+    if there and not force:
+        _fail(f"{out}: {', '.join(there)} already there; pass --force to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(out / name)  # replaces a symlink itself, not the file it points to
+        click.echo(f"wrote {out / name}")
+    click.echo("then: systemctl daemon-reload", err=True)
+
+
 if __name__ == "__main__":
     main()
