@@ -289,16 +289,59 @@ def main() -> None:
 cli = main
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @_model_options(EdgeConfig)
 @_user_errors
-def edge(config_file: Path | None, **flags: Any) -> None:
-    """Run the edge: proxy listeners, routing, and the tunnel listener connectors dial."""
+@click.pass_context
+def edge(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
+    """Run the edge: proxy listeners, routing, and the tunnel listener connectors dial.
+
+    SIGHUP reloads the config, SIGTERM drains (`--drain-timeout`) and exits, SIGQUIT starts
+    a successor process that takes over without dropping anything (as `ramp edge restart`).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     cfg = _load(EdgeConfig, config_file, flags)
     setup_logging(cfg.log_level)
     from ramp.edge import run_edge
 
     raise SystemExit(run_edge(cfg, lambda: _load(EdgeConfig, config_file, flags)))
+
+
+def _restart(data_dir: Path | None, timeout: float, role: str) -> None:
+    from ramp.restart.coordinator import SOCKET_NAME, request_restart
+
+    path = _data_dir(data_dir) / SOCKET_NAME
+    if not path.exists():
+        _fail(f"no {role} runs with data directory {path.parent} ({path} does not exist)", 1)
+    try:
+        answer = request_restart(path, timeout, lambda text: click.echo(f"... {text}"))
+    except OSError as e:
+        _fail(f"cannot reach the {role} at {path}: {e}", 1)
+    if not answer.get("ok"):
+        _fail(f"restart failed, the running {role} serves on: {answer.get('error')}", 1)
+    click.echo(f"restarted: pid {answer.get('pid')} serves")
+
+
+_RESTART_TIMEOUT = click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the successor to take over.",
+)
+
+
+@edge.command("restart")
+@_RESTART_TIMEOUT
+@_common
+@_user_errors
+def edge_restart(data_dir: Path | None, log_level: str, timeout: float) -> None:
+    """Restart the running edge in place: a successor (the installed ramp, the current
+    config) takes over its sockets and tunnel connections; the old one drains and exits.
+    Fails, with the successor's error, if it does not take over; the old one serves on."""
+    setup_logging(log_level)
+    _restart(data_dir, timeout, "edge")
 
 
 @main.group()

@@ -387,6 +387,12 @@ class EdgeConfig(_ProxyOnRamps, _Egress):
     store_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between checks of the store for CLI changes."
     )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds open flows may run once the edge stops accepting (SIGTERM, "
+        "or a restart's successor serves) before the rest are cut.",
+    )
     quic_idle_timeout: float = Field(
         5.0, gt=0, description="Seconds without packets before a tunnel connection is dead."
     )

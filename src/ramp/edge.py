@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable, Set
 from typing import Any
@@ -18,8 +21,9 @@ from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route, parse_
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
 from ramp.net.egress import EgressGuard
-from ramp.net.inherit import SocketSet, inherited, install
+from ramp.net.inherit import SocketSet, inherited, install, published
 from ramp.net.resolve import AsyncResolver, set_default_resolver
+from ramp.net.reuseport import SteeringGroup
 from ramp.observe.audit import AuditLog, flow_record
 from ramp.observe.loglimit import LogLimiter
 from ramp.observe.metrics import EdgeMetrics
@@ -39,6 +43,9 @@ from ramp.policy.pipeline import FlowPipeline
 from ramp.policy.router import RouteEntry, Router, RouteTable, VnetRoutes
 from ramp.policy.rules import Policy
 from ramp.quic.admission import HandshakeLimits
+from ramp.restart.channel import ChannelError
+from ramp.restart.coordinator import SOCKET_NAME, RestartRefused, RestartServer, socket_in_use
+from ramp.restart.successor import Handoff, Predecessor, Successor, SuccessorFailed
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
@@ -80,6 +87,15 @@ class Edge:
         self.onramps: list[Any] = []
         self.status: Any = None
         self._poller: asyncio.Task[None] | None = None
+        # restarts: the QUIC listeners' steering groups (name: group, our slot), the process
+        # this one takes over from, the coordination socket, and the successor once it serves
+        self.steering: dict[str, tuple[SteeringGroup, int]] = {}
+        self.predecessor: Predecessor | None = None
+        self.restart_server: RestartServer | None = None
+        self.handed_over = asyncio.Event()
+        self.command: list[str] = []  # what starts a successor (`ramp edge` sets it)
+        self._restarting = False
+        self._successor: Successor | None = None
         m = self.metrics
         for key, value in limits_in_force(config).items():
             m.limits.labels(key).set(value)
@@ -168,8 +184,22 @@ class Edge:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def _steering(self, name: str) -> tuple[SteeringGroup, int]:
+        """The group a QUIC listener's socket joins: the predecessor's, at the next slot, or
+        a new one (so that a later restart can join it)."""
+        if self.predecessor is not None:
+            given = self.predecessor.steering(name)
+            if given is not None:
+                self.steering[name] = given
+                return given
+        self.steering[name] = (SteeringGroup.create(), 0)
+        return self.steering[name]
+
+    async def start(self, *, listeners: bool = True) -> None:
+        """Start the tunnel listener and (unless a restart's successor waits for its turn)
+        the on-ramps and the status listener."""
         ident = self.store.edge_identity()
+        self._ident = ident
         self.reload_store()
         self.tunnels = TunnelEdge(
             configuration=server_configuration(
@@ -194,7 +224,7 @@ class Edge:
             max_streams_bidi=self.config.max_streams_per_connection,
         )
         host, port = parse_hostport(self.config.tunnel_listen)
-        await self.tunnels.start(host, port)
+        await self.tunnels.start(host, port, self._steering("tunnel"))
         listener = self.tunnels.server
         assert listener is not None
         self.metrics.tunnel_handshaking.set_function(lambda: listener.handshaking)
@@ -244,6 +274,13 @@ class Edge:
             ),
         )
         log.info("tunnel listener on %s:%d/udp (QUIC, ALPN ramp-tunnel/1)", host, self.tunnels.port)
+        if listeners:
+            await self.start_listeners()
+
+    async def start_listeners(self) -> None:
+        """The on-ramps, the status listener, the restart socket and the store's poller."""
+        m = self.metrics
+        ident = self._ident
         associations = AssociationLimits.for_role(self.config, m)
         self.on_revoked(associations.revoke)
         ctx = OnRampContext(
@@ -260,6 +297,7 @@ class Edge:
             proxy_header=lambda onramp, version, kind: m.proxy_headers.labels(
                 onramp, version, kind
             ).inc(),
+            steering=self._steering,
         )
         self.packets.on_packet = self._packet_from_tunnel
         for options in self.config.effective_onramps():
@@ -272,11 +310,142 @@ class Edge:
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
         )
+        await self._start_restart_server()
         self._poller = asyncio.ensure_future(self._poll_store())
 
+    async def _start_restart_server(self) -> None:
+        path = self.store.data_dir / SOCKET_NAME
+        given = inherited().take("restart", socket.SOCK_STREAM, "", 0)
+        if given is None and socket_in_use(path):
+            log.warning(
+                "%s answers for another process sharing this data directory: "
+                "`ramp edge restart` reaches that one, not this edge",
+                path,
+            )
+            return
+        server = RestartServer(
+            path, self.restart, lambda outcome: self.metrics.restart_requests.labels(outcome).inc()
+        )
+        await server.start(given)
+        self.restart_server = server
+
+    # -- restarts --------------------------------------------------------------------------------
+
+    async def restart(self, progress: Callable[[str], None] = lambda text: None) -> int:
+        """Start a successor with this process's command line (re-reading the config), hand
+        it the listeners and steering, and return its pid once it serves; this process then
+        only drains. Raises SuccessorFailed (this process serving on) if it does not."""
+        if self.handed_over.is_set():
+            raise RestartRefused("this process has handed over to its successor and drains")
+        if self._restarting:
+            raise RestartRefused("a restart is already in progress")
+        if not self.command:
+            raise RestartRefused("this edge was not started by `ramp edge`: no command to rerun")
+        assert self.tunnels is not None
+        self._restarting = True
+        sockets = published()
+        if self.restart_server is not None and self.restart_server.sock is not None:
+            sockets.append(("restart", self.restart_server.sock))
+        handoff = Handoff(sockets, dict(self.steering), {"flows": len(self.table)})
+        try:
+            progress("starting the successor")
+            successor = await Successor.spawn(self.command, handoff)
+            try:
+                listening = await successor.wait_for("listening")
+                self._successor_joined(listening.body.get("slots", {}))
+                told = self.tunnels.announce_successor(str(listening.body.get("edge_id", "")))
+                progress(
+                    f"successor pid {successor.pid} listens; {sum(told.values())} tunnel "
+                    "connection(s) told to follow it"
+                )
+                successor.send("expect", {"tunnels": told})
+                await successor.wait_for("ready")
+                progress("the successor holds the tunnel connections; handing over the listeners")
+                successor.send("serve")
+                serving = await successor.wait_for("serving")
+                self._successor_joined(serving.body.get("slots", {}))
+            except BaseException:
+                for group, slot in self.steering.values():
+                    with contextlib.suppress(OSError, ValueError):
+                        group.set_working([slot])
+                await successor.kill()
+                raise
+            successor.release()
+            self._successor = successor  # its channel closes when this process exits
+        finally:
+            self._restarting = False
+        log.info("successor pid %d serves: draining and exiting", successor.pid)
+        self.handed_over.set()
+        return successor.pid
+
+    def _successor_joined(self, slots: dict[str, Any]) -> None:
+        """New connections of these listeners go to the successor's sockets from now on."""
+        for name, slot in slots.items():
+            if name in self.steering:
+                group, _ = self.steering[name]
+                group.joined(int(slot))
+                group.set_working([int(slot)])
+
+    async def stop_accepting(self) -> None:
+        """Accept nothing new (a drain); flows already open go on."""
+        for server in self.onramps:
+            stop = getattr(server, "stop_accepting", None)
+            if stop is not None:
+                await stop()
+        if self.status is not None:
+            self.status.stop_accepting()
+        if self.restart_server is not None:
+            self.restart_server.stop_accepting()
+            self.restart_server.refusal = "this process is draining"
+
+    def open_streams(self) -> int:
+        """Stream flows and on-ramp connections still open (a SOCKS5 UDP association lives
+        as long as its TCP connection: it finishes here too)."""
+        flows = sum(1 for f in self.table if f.kind is not FlowKind.DATAGRAM)
+        return flows + sum(getattr(s, "open_connections", 0) for s in self.onramps)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the open stream flows have finished, up to `timeout` seconds. UDP
+        sessions get no new datagrams once the listeners are closed (a successor reads the
+        sockets), so they are not waited for beyond the first second."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < min(1.0, timeout) or (
+            self.open_streams() and loop.time() - start < timeout
+        ):
+            await asyncio.sleep(0.05)
+        if self.open_streams():
+            log.warning("drain timeout: cutting %d open flows", self.open_streams())
+
+    async def wait_tunnels(self, expected: dict[str, int], timeout: float) -> bool:
+        """Wait until as many connections as the predecessor told to follow are registered."""
+        assert self.tunnels is not None
+        tunnels = self.tunnels
+        try:
+            async with asyncio.timeout(timeout):
+                while any(tunnels.count(tid) < int(n) for tid, n in expected.items()):
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            return False
+        return True
+
+    def _final_counts(self) -> str:
+        """Datagram drops of this process, for its last log line (after a restart its
+        counters leave with it: the successor's /metrics start from zero)."""
+        drops = []
+        for metric in (self.metrics.udp_drops, self.metrics.tunnel_bad_packets):
+            for family in metric.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total") and sample.value:
+                        drops.append(f"{sample.labels.get('reason', '?')}={sample.value:.0f}")
+        return ", ".join(drops) or "none"
+
     async def close(self) -> None:
+        log.info("closing: datagrams dropped: %s", self._final_counts())
         if self._poller is not None:
             self._poller.cancel()
+        if self.restart_server is not None:
+            await self.restart_server.close(unlink=not self.handed_over.is_set())
         for server in self.onramps:
             await server.close()
         for client in self._dns_clients.values():
@@ -287,6 +456,10 @@ class Edge:
             self.tunnels.close()
         if self.status is not None:
             await self.status.close()
+        for group, slot in self.steering.values():
+            with contextlib.suppress(OSError, ValueError):
+                group.release(slot)
+            group.close()
         self.store.close()
         self.audit.close()
 
@@ -592,34 +765,123 @@ async def serve_edge(
     config: EdgeConfig,
     stop: asyncio.Event,
     reloaded: asyncio.Queue[Callable[[], EdgeConfig]] | None = None,
+    *,
+    command: list[str] | None = None,
+    upgrade: asyncio.Queue[None] | None = None,
 ) -> int:
+    """Run an edge until `stop` (then drain) or until a successor serves (then drain and
+    return). `command` is what a restart runs; `upgrade` takes SIGQUIT's restarts."""
+    try:
+        predecessor = await Predecessor.from_environment()
+    except ChannelError as e:
+        log.error("cannot take over from the previous edge process: %s", e)
+        return 1
     try:
         edge = Edge(config)
     except HookLoadError as e:
         log.error("cannot start the edge: %s", e)
+        if predecessor is not None:
+            predecessor.failed(str(e))
         return 2
-    install(SocketSet.from_systemd())
+    edge.command = command or []
+    edge.predecessor = predecessor
+    install(
+        SocketSet.from_systemd()
+        if predecessor is None
+        else SocketSet(predecessor.sockets, strict=True)
+    )
     try:
-        await edge.start()
-    except OSError as e:
+        if predecessor is None:
+            await edge.start()
+        else:
+            await _take_over(edge, predecessor)
+    except (OSError, ChannelError, TimeoutError, ValueError) as e:
         log.error("cannot start the edge: %s", e)
+        if predecessor is not None:
+            predecessor.failed(f"cannot start the edge: {e}")
         await edge.close()
         return 1
     inherited().close_untaken()
     log.info("edge %s ready", uuid.uuid4().hex[:8])
     notify = Notifier()
+    if predecessor is not None:
+        notify.main_pid(os.getpid())
     notify.ready(_status_line(edge))
     notify.start_watchdog()
-    reloader = asyncio.ensure_future(_reloads(edge, reloaded, notify)) if reloaded else None
+    tasks = []
+    if reloaded is not None:
+        tasks.append(asyncio.ensure_future(_reloads(edge, reloaded, notify)))
+    if upgrade is not None:
+        tasks.append(asyncio.ensure_future(_upgrades(edge, upgrade)))
+    if predecessor is not None:
+        tasks.append(asyncio.ensure_future(predecessor.gone(_predecessor_gone)))
+    stopping = asyncio.ensure_future(stop.wait())
+    handed = asyncio.ensure_future(edge.handed_over.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({stopping, handed}, return_when=asyncio.FIRST_COMPLETED)
+        if handed.done():  # the successor is the service now: not a stop
+            notify.status(f"handed over; draining {len(edge.table)} flows")
+        else:
+            notify.stopping(f"stopping: {len(edge.table)} flows open")
+        await edge.stop_accepting()
+        drain = asyncio.ensure_future(edge.drain(config.drain_timeout))
+        # a second SIGTERM (run_until_signal) exits at once; `stop` set during a handover's
+        # drain ends it early too
+        await asyncio.wait(
+            {drain, stopping} if handed.done() else {drain}, return_when=asyncio.FIRST_COMPLETED
+        )
+        drain.cancel()
     finally:
-        notify.stopping(f"stopping: {len(edge.table)} flows open")
-        if reloader is not None:
-            reloader.cancel()
+        stopping.cancel()
+        handed.cancel()
+        for task in tasks:
+            task.cancel()
         await edge.close()
         await notify.close()
     return 0
+
+
+async def _take_over(edge: Edge, predecessor: Predecessor) -> None:
+    """Start as a restart's successor: join the tunnel port, wait for the connectors the
+    predecessor told to follow, then take the listeners when it says so."""
+    assert edge.tunnels is None
+    await edge.start(listeners=False)
+    assert edge.tunnels is not None
+    predecessor.send(
+        "listening",
+        {"pid": os.getpid(), "edge_id": edge.tunnels.edge_id, "slots": predecessor.joined()},
+    )
+    expect = await predecessor.expect("expect")
+    tunnels = {str(k): int(v) for k, v in dict(expect.body.get("tunnels", {})).items()}
+    if not await edge.wait_tunnels(tunnels, CONNECTOR_FOLLOW_TIMEOUT):
+        log.warning(
+            "not every connector followed within %.0f s: taking over all the same",
+            CONNECTOR_FOLLOW_TIMEOUT,
+        )
+    predecessor.send("ready")
+    await predecessor.expect("serve")
+    await edge.start_listeners()
+    predecessor.take_stderr()
+    predecessor.send("serving", {"slots": predecessor.joined()})
+    log.info("took over from pid %d", predecessor.pid)
+
+
+CONNECTOR_FOLLOW_TIMEOUT = 10.0  # a successor waits this long for the connectors told to follow
+
+
+def _predecessor_gone() -> None:
+    log.info("the previous edge process has exited")
+
+
+async def _upgrades(edge: Edge, upgrade: asyncio.Queue[None]) -> None:
+    while True:
+        await upgrade.get()
+        try:
+            pid = await edge.restart(lambda text: log.info("restart: %s", text))
+        except (RestartRefused, SuccessorFailed) as e:
+            log.error("SIGQUIT restart failed, serving on: %s", e)
+        else:
+            log.info("SIGQUIT restart: successor pid %d serves", pid)
 
 
 def _status_line(edge: Edge) -> str:
@@ -653,23 +915,31 @@ async def _reloads(
 
 
 def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -> int:
-    """`ramp edge`: run until SIGINT/SIGTERM; SIGHUP re-reads the config with `load`."""
+    """`ramp edge`: run until SIGINT/SIGTERM (then drain); SIGHUP re-reads the config with
+    `load`; SIGQUIT starts a successor (`ramp edge restart` does the same)."""
+    from ramp.restart.successor import successor_command
     from ramp.runtime import run_until_signal
 
     queue: asyncio.Queue[Callable[[], EdgeConfig]] | None = None
+    upgrades: asyncio.Queue[None] | None = None
 
     apply_budget(config)
 
     async def main(stop: asyncio.Event) -> int:
-        nonlocal queue
+        nonlocal queue, upgrades
         queue = asyncio.Queue()
-        return await serve_edge(config, stop, queue)
+        upgrades = asyncio.Queue()
+        return await serve_edge(config, stop, queue, command=successor_command(), upgrade=upgrades)
 
     def reload() -> None:
         if queue is not None and load is not None:
             queue.put_nowait(load)
 
-    return run_until_signal(main, reload if load is not None else None)
+    def upgrade() -> None:
+        if upgrades is not None:
+            upgrades.put_nowait(None)
+
+    return run_until_signal(main, reload if load is not None else None, upgrade)
 
 
 __all__ = ["Edge", "run_edge", "serve_edge"]

@@ -16,9 +16,11 @@ EXIT_SECOND_SIGNAL = 130
 def run_until_signal(
     main: Callable[[asyncio.Event], Awaitable[int]],
     reload: Callable[[], None] | None = None,
+    upgrade: Callable[[], None] | None = None,
 ) -> int:
     """Run `main(stop)` on uvloop (if installed). The first SIGINT/SIGTERM sets `stop` so the
-    role can shut down gracefully; a second one exits at once. SIGHUP calls `reload`."""
+    role can shut down gracefully; a second one exits at once. SIGHUP calls `reload`, SIGQUIT
+    `upgrade` (a restart into a successor process)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay usable
@@ -50,6 +52,13 @@ def run_until_signal(
                     log.exception("reload failed")
 
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if upgrade is not None:
+
+            def on_quit() -> None:
+                log.info("SIGQUIT: starting a successor")
+                upgrade()
+
+            loop.add_signal_handler(signal.SIGQUIT, on_quit)
         return await main(stop)
 
     if uvloop is not None:

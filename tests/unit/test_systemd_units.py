@@ -207,6 +207,8 @@ def _leaf_context(args: list[str]) -> click.Context:
     command: click.Command = main
     name, ctx = "ramp", None
     while isinstance(command, click.Group):
+        if command.invoke_without_command and (not args or args[0].startswith("-")):
+            break  # `ramp edge [OPTIONS]` runs the group itself (`ramp edge restart` is its own)
         ctx = click.Context(command, info_name=name, parent=ctx)
         resolved, sub, args = command.resolve_command(ctx, args)
         assert resolved is not None and sub is not None

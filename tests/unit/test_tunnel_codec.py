@@ -27,6 +27,7 @@ from ramp.wire.tunnel import (
     SessionRegister,
     SessionRegistered,
     StreamDatagram,
+    Successor,
     Unregister,
     Window,
     encode_frame,
@@ -54,6 +55,7 @@ frames = st.one_of(
     st.builds(Registered, tunnel_name=text, edge_id=text),
     st.builds(RegisterRefused, code=st.sampled_from(RegisterError), message=text),
     st.just(Unregister()),
+    st.builds(Successor, edge_id=text),
     st.builds(Window, stream_id=st.integers(0, MAX_VARINT), increment=st.integers(1, 1 << 32)),
     st.builds(
         ConnectTcp,

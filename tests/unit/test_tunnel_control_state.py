@@ -16,6 +16,7 @@ from ramp.wire.tunnel import (
     Registered,
     RegisterError,
     RegisterRefused,
+    Successor,
     Unregister,
     Window,
     encode_frame,
@@ -203,3 +204,33 @@ def test_connector_rejects_a_second_answer_and_windows_before_it_route() -> None
     assert actions[:2] == [cs.RouteCredit(1, 2), cs.RegistrationDone(answer)]
     assert actions[-1] == cs.CloseConnection(CloseCode.PROTOCOL_ERROR, "unexpected Registered")
     assert m.unregister() == []  # closing: nothing more goes out
+
+
+def test_edge_announces_a_successor_only_on_registered_connections() -> None:
+    m, _ = edge()
+    assert m.announce_successor("edge-2") == []  # not registered yet: nothing to tell
+    m.control_data(encode_frame(REGISTER), False, 101.0)
+    assert sent_frames(m.announce_successor("edge-2")) == [Successor("edge-2")]
+    m.connection_lost()
+    assert m.announce_successor("edge-2") == []
+
+
+def test_connector_learns_of_a_successor_once_registered() -> None:
+    m = ConnectorControl()
+    m.start(REGISTER)
+    early = m.control_data(encode_frame(Successor("edge-2")), False, 0.0)
+    assert early[-1] == cs.CloseConnection(CloseCode.PROTOCOL_ERROR, "unexpected Successor")
+
+    m = ConnectorControl()
+    m.start(REGISTER)
+    m.control_data(encode_frame(Registered("t1", "edge-1")), False, 0.0)
+    actions = m.control_data(encode_frame(Successor("edge-2")), False, 0.0)
+    assert actions == [cs.SuccessorServes("edge-2")]
+    assert m.accepts_flows  # the old connection keeps serving its flows
+
+
+def test_edge_refuses_a_successor_frame_from_a_connector() -> None:
+    m, _ = edge()
+    m.control_data(encode_frame(REGISTER), False, 101.0)
+    actions = m.control_data(encode_frame(Successor("x")), False, 102.0)
+    assert actions[-1] == cs.CloseConnection(CloseCode.PROTOCOL_ERROR, "unexpected Successor")

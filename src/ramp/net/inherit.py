@@ -23,8 +23,13 @@ UNNAMED = "unknown"  # systemd's name for a descriptor without FileDescriptorNam
 class SocketSet:
     """Sockets given to this process, by name; each can be taken once."""
 
-    def __init__(self, entries: Iterable[tuple[str, socket.socket]] = ()) -> None:
+    def __init__(
+        self, entries: Iterable[tuple[str, socket.socket]] = (), *, strict: bool = False
+    ) -> None:
         self._entries = list(entries)
+        # a predecessor's sockets (strict) go only to a listener of the same address: a
+        # restart with a changed config binds the new address itself
+        self.strict = strict
 
     @classmethod
     def from_systemd(
@@ -63,6 +68,8 @@ class SocketSet:
         one bound to host:port; an unnamed one only if bound exactly to host:port."""
         named = [e for e in self._entries if e[0] == name and e[1].type == type]
         exact = [e for e in self._entries if e[1].type == type and _bound_to(e[1], host, port)]
+        if self.strict and port != 0:
+            named = [e for e in named if e in exact]
         pick = None
         if len(named) == 1:
             pick = named[0]
@@ -118,6 +125,7 @@ def _describe(sock: socket.socket) -> str:
 
 
 _inherited = SocketSet()
+_published: list[tuple[str, socket.socket]] = []
 
 
 def inherited() -> SocketSet:
@@ -128,3 +136,14 @@ def inherited() -> SocketSet:
 def install(sockets: SocketSet) -> None:
     global _inherited
     _inherited = sockets
+
+
+def publish(name: str, sock: socket.socket) -> None:
+    """A listener's socket, by name, for a restart to hand on to the successor."""
+    _published.append((name, sock))
+
+
+def published() -> list[tuple[str, socket.socket]]:
+    """The listeners' sockets still open."""
+    _published[:] = [(n, s) for n, s in _published if s.fileno() != -1]
+    return list(_published)

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ramp.net.inherit import inherited
+from ramp.net.inherit import inherited, publish
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ async def tcp_listen_socket(
     if name is not None:
         given = inherited().take(name, socket.SOCK_STREAM, host, port)
         if given is not None:
+            publish(name, given)
             return given
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -38,6 +39,8 @@ async def tcp_listen_socket(
     except BaseException:
         sock.close()
         raise
+    if name is not None:
+        publish(name, sock)
     return sock
 
 
@@ -90,16 +93,40 @@ class AcceptErrors:
             self.delay = 0.0
 
 
+ACCEPT_BATCH = 64  # connections taken per wake-up before other tasks get the loop
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
 async def accept_loop(
     lsock: socket.socket,
     handle: Callable[[socket.socket, Any], None],
     errors: AcceptErrors,
 ) -> None:
-    """Accept connections on `lsock` for ever, handing each (non-blocking) to `handle`."""
+    """Accept connections on `lsock` for ever, handing each (non-blocking) to `handle`.
+
+    accept(2) runs only in this task, never in a loop callback: cancelling the task (a
+    listener that stops accepting while a successor serves the same socket) can then never
+    lose a connection the kernel already handed over, as a cancelled `loop.sock_accept`
+    could."""
     loop = asyncio.get_running_loop()
+    fd = lsock.fileno()
+    batch = 0
     while True:
         try:
-            conn, addr = await loop.sock_accept(lsock)
+            conn, addr = lsock.accept()
+        except BlockingIOError:
+            batch = 0
+            ready = loop.create_future()
+            loop.add_reader(fd, _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            continue
         except OSError as e:
             delay = errors.failed(e)
             if delay:
@@ -108,3 +135,7 @@ async def accept_loop(
         errors.succeeded()
         conn.setblocking(False)
         handle(conn, addr)
+        batch += 1
+        if batch >= ACCEPT_BATCH:
+            batch = 0
+            await asyncio.sleep(0)

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from ramp.net.inherit import inherited, publish
 from ramp.net.sockopts import set_buffers
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,21 @@ class PktinfoEndpoint:
     ) -> None:
         """Bind host:port (port 0 picks one: see `port`) and start delivering datagrams."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-        family, type_, proto, _, addr = infos[0]
-        sock = socket.socket(family, type_, proto)
+        given = inherited().take(self.name, socket.SOCK_DGRAM, host, port)
+        if given is not None:
+            sock, family = given, given.family
+        else:
+            infos = await loop.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+            )
+            family, type_, proto, _, addr = infos[0]
+            sock = socket.socket(family, type_, proto)
         try:
-            if family == socket.AF_INET6:
-                # "::" means IPv6 only, as for the TCP listeners; dual stack is a separate choice.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
+            if given is None:
+                if family == socket.AF_INET6:
+                    # "::" means IPv6 only, as for the TCP listeners; dual stack is separate.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
             bound = sock.getsockname()[0]
             wildcard = ipaddress.ip_address(bound.split("%")[0]).is_unspecified
             if wildcard:
@@ -100,11 +108,18 @@ class PktinfoEndpoint:
         except BaseException:
             sock.close()
             raise
+        publish(self.name, sock)
         self._sock, self._loop, self._family = sock, loop, family
         self._wildcard, self._bound_ip = wildcard, bound
         self._on_datagram, self._max_size = on_datagram, max_size
         loop.add_reader(sock.fileno(), self._readable)
         log.debug("%s: UDP endpoint on %s (pktinfo %s)", self.name, self.address, wildcard)
+
+    def pause(self) -> None:
+        """Stop reading (another process reads the same socket now); sending still works."""
+        if self._sock is not None and self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock.fileno())
 
     def close(self) -> None:
         if self._sock is None:

@@ -471,6 +471,16 @@ class SteeringGroup:
             self._order.append(slot)
             self._attach_cbpf()
 
+    def joined(self, slot: int) -> None:
+        """Another process (a successor) put its socket at `slot`: with classic BPF its place
+        in the kernel's join order is the last, and the program must know it."""
+        if self.mechanism != "cbpf" or slot in self._sockets:
+            return
+        if slot in self._order:
+            self._forget_order(slot)
+        self._order.append(slot)
+        self._attach_cbpf()
+
     def set_working(self, slots: Sequence[int]) -> None:
         """New connections (Initials, ids without a valid cookie) go to these slots."""
         for slot in slots:

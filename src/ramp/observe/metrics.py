@@ -311,6 +311,13 @@ class EdgeMetrics(ProxyMetrics):
             ["result"],
             registry=self.registry,
         )
+        self.restart_requests = Counter(
+            "ramp_restart_requests",
+            "Requests on the restart socket by outcome (ok, failed: the successor did not "
+            "take over; busy, bad_request, bad_peer: refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
 
 class ConnectorMetrics(FlowMetrics):

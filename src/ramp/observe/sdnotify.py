@@ -94,6 +94,11 @@ class Notifier:
     def ready(self, status: str = "") -> None:
         self.send(READY=1, **({"STATUS": status} if status else {}))
 
+    def main_pid(self, pid: int) -> None:
+        """A restart's successor takes over as the service's main process (the unit needs
+        NotifyAccess=all to accept it from a new pid)."""
+        self.send(MAINPID=pid)
+
     def reloading(self) -> None:
         # notify-reload units need the monotonic time of the reload's start with it
         self.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)

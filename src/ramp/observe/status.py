@@ -19,6 +19,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ramp.config import parse_hostport
+from ramp.net.listen import tcp_listen_socket
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,15 @@ class StatusServer:
         self.port = 0
 
     async def _start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._on_client, host, port)
+        sock = await tcp_listen_socket(host, port, name="metrics")
+        self._server = await asyncio.start_server(self._on_client, sock=sock)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
+
+    def stop_accepting(self) -> None:
+        """Close the listener (a successor answers from now on); requests in flight finish."""
+        if self._server is not None:
+            self._server.close()
 
     async def close(self) -> None:
         if self._server is not None:

@@ -172,6 +172,16 @@ class DnsServer:
     def port(self) -> int:
         return self.address[1]
 
+    async def stop_accepting(self) -> None:
+        """Stop taking queries (a successor reads the socket); answers in flight still go."""
+        if self._udp is not None:
+            self._udp.pause()
+        if self._tcp is not None:
+            self._tcp.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tcp
+            self._tcp = None
+
     async def close(self) -> None:
         if self._udp is not None:
             self._udp.close()

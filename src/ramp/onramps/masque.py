@@ -122,6 +122,7 @@ class MasqueServer:
             create_protocol=self._new_peer,
             on_drop=lambda reason: self._bad("quic_" + reason),
             name="masque",
+            steering=self.ctx.steering("masque") if self.ctx.steering else None,
             limits=HandshakeLimits(
                 max_handshakes=c.quic_max_handshakes,
                 retry_threshold=c.quic_retry_threshold,

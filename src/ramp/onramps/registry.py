@@ -84,6 +84,9 @@ class OnRampContext:
     registry: Any = None
     # (on-ramp type, version, kind) for each PROXY protocol header a TCP on-ramp accepted
     proxy_header: Callable[[str, str, str], None] | None = None
+    # the steering group and slot of a QUIC listener by name (ramp.net.reuseport), so its
+    # connections stay with this process when a successor joins the port
+    steering: Callable[[str], Any] | None = None
 
 
 Builder = Callable[[OnRampContext, Any], OnRampServer]

@@ -170,6 +170,21 @@ class TcpOnRamp:
     def port(self) -> int:
         return self.address[1]
 
+    async def stop_accepting(self) -> None:
+        """Close the listener; connections already accepted go on (a drain)."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._tasks)
+
     async def close(self) -> None:
         """Stop listening and end every connection (handshakes and relays)."""
         if self._accept_task is not None:

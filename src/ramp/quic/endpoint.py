@@ -478,6 +478,13 @@ async def serve(
     given = inherited().take(name, socket.SOCK_DGRAM, host, port)  # systemd's, by name
     if given is not None:
         set_buffers(given, UDP_BUFFER)
+        if steering is not None and not given.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            log.warning(
+                "%s: the given socket has no SO_REUSEPORT (systemd: ReusePort=yes): no "
+                "steering, so a restart cannot keep this listener's connections",
+                name,
+            )
+            steering = None
     if steering is None:
         sock = given if given is not None else udp_socket(host, port)
     else:

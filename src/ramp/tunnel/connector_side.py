@@ -35,6 +35,7 @@ from ramp.wire import proxy_protocol
 from ramp.wire.tunnel import (
     ALPN,
     CAP_IP_PACKETS,
+    CAP_SUCCESSOR,
     META_PROXY_PROTOCOL,
     CloseCode,
     ConnectCode,
@@ -53,6 +54,8 @@ log = logging.getLogger("ramp.connector")
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 REGISTER_TIMEOUT = 10.0
+SUCCESSOR_FOLLOW_TIMEOUT = 30.0  # trying to reach an edge's successor, then keep the old
+SUCCESSOR_RETRY = 0.2
 EDGE_SERVER_NAME = "ramp-edge"
 
 
@@ -135,6 +138,8 @@ class ConnectorConnection(endpoint.TunnelConnection):
         self.registered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.flow_tasks: set[asyncio.Task[None]] = set()
         self.edge_id = ""
+        self.successor = asyncio.Event()  # the edge said SUCCESSOR: a new process serves
+        self.successor_id = ""
 
     def start_registration(self, frame: Register) -> None:
         sid = self.open_stream(None)  # type: ignore[arg-type]
@@ -152,6 +157,15 @@ class ConnectorConnection(endpoint.TunnelConnection):
                 if not self.registered.done():
                     self.edge_id = a.answer.edge_id
                     self.registered.set_result(a.answer)
+            elif isinstance(a, cs.SuccessorServes):
+                log.info(
+                    "edge %s says its successor %s serves: dialling it (connection %d stays)",
+                    self.edge_id,
+                    a.edge_id,
+                    self.index,
+                )
+                self.successor_id = a.edge_id
+                self.successor.set()
             elif isinstance(a, cs.RegistrationFailed) and not self.registered.done():
                 if a.code is None:
                     self.registered.set_exception(ConnectionError(a.message))
@@ -284,6 +298,7 @@ class TunnelClient:
         self.draining = False
         self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self._supervisors: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()  # connections left to an old edge
         self.active_flows = 0
         self.sessions: ConnectorDatagramSink | None = None  # UDP sessions, set by the connector
         self.packets: ConnectorPacketSink | None = None  # ICMP, set by the connector
@@ -299,14 +314,17 @@ class TunnelClient:
                 index += 1
 
     async def _supervise(self, host: str, port: int, index: int) -> None:
-        """Keep one connection up: dial, register, serve, and redial with backoff."""
+        """Keep one connection up: dial, register, serve, and redial with backoff. When the
+        edge announces a successor, make before break: register a new connection (the
+        edge's steering sends it to the successor) and let the old one end with its edge."""
         attempt = 0
         while not self.draining:
             conn: ConnectorConnection | None = None
             try:
                 conn = await self._connect(host, port, index)
                 attempt = 0
-                await conn.wait_closed()
+                while not await self._closed_or_successor(conn):
+                    conn = await self._follow(conn, host, port, index)
                 if not self.draining:
                     log.warning(
                         "connection %d to %s:%d lost (%s); redialling",
@@ -353,6 +371,50 @@ class TunnelClient:
             delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt - 1, 10)))
             await asyncio.sleep(delay)
 
+    async def _closed_or_successor(self, conn: ConnectorConnection) -> bool:
+        """Wait until the connection closes (True) or its edge announces a successor."""
+        closed = asyncio.ensure_future(conn.wait_closed())
+        told = asyncio.ensure_future(conn.successor.wait())
+        try:
+            await asyncio.wait({closed, told}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            told.cancel()
+        return conn.closed or self.draining
+
+    async def _follow(
+        self, old: ConnectorConnection, host: str, port: int, index: int
+    ) -> ConnectorConnection:
+        """Register a connection with the successor; the old one serves its flows until its
+        edge closes it. Returns the connection to watch from now on."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUCCESSOR_FOLLOW_TIMEOUT
+        while not old.closed and not self.draining and loop.time() < deadline:
+            try:
+                new = await self._connect(host, port, index)
+            except (OSError, ConnectionError, TimeoutError, RegistrationRefused) as e:
+                log.warning("connection %d: dialling the successor failed: %s", index, e)
+                await asyncio.sleep(SUCCESSOR_RETRY)
+                continue
+            if new.edge_id == old.edge_id:  # the old process took it: no steering there
+                log.warning(
+                    "connection %d: the new connection reached the old edge process again",
+                    index,
+                )
+            task = asyncio.ensure_future(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            return new
+        old.successor.clear()
+        return old
+
+    async def _retire(self, conn: ConnectorConnection) -> None:
+        """The old edge process closes its connections once it has drained."""
+        try:
+            await conn.wait_closed()
+        finally:
+            self._drop(conn)
+
     async def _connect(self, host: str, port: int, index: int) -> ConnectorConnection:
         config = client_configuration(self.idle_timeout)
         async with asyncio.timeout(REGISTER_TIMEOUT):
@@ -396,7 +458,9 @@ class TunnelClient:
 
     def client_info(self) -> str:
         """REGISTER's client info: version, host, and the optional features served here."""
-        caps = {CAP_IP_PACKETS} if self.packets is not None else set()
+        caps = {CAP_SUCCESSOR}
+        if self.packets is not None:
+            caps.add(CAP_IP_PACKETS)
         return with_capabilities(f"ramp/{__version__} {socket.gethostname()}", caps)
 
     def _drop(self, conn: ConnectorConnection) -> None:

@@ -22,6 +22,7 @@ from ramp.wire.tunnel import (
     Registered,
     RegisterError,
     RegisterRefused,
+    Successor,
     Unregister,
     Window,
     encode_frame,
@@ -111,6 +112,13 @@ class Draining:
 
 
 @dataclass(frozen=True, slots=True)
+class SuccessorServes:
+    """The edge said SUCCESSOR: a new edge process serves; dial it, keep this connection."""
+
+    edge_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class RegistrationDone:
     """The connector's registration was accepted."""
 
@@ -135,6 +143,7 @@ ControlAction = (
     | Refused
     | Accepted
     | Draining
+    | SuccessorServes
     | RegistrationDone
     | RegistrationFailed
 )
@@ -254,6 +263,12 @@ class EdgeControl(_Control):
             return [Draining()]
         return self._unexpected(frame)
 
+    def announce_successor(self, edge_id: str) -> list[ControlAction]:
+        """Tell a registered connector that a successor process took over the listener."""
+        if self.closing or not self.registered:
+            return []
+        return [SendControl(encode_frame(Successor(edge_id)))]
+
     def _register(self, frame: Register, now: float) -> list[ControlAction]:
         actions: list[ControlAction] = [CancelTimer(TIMER_REGISTRATION)]
         verdict = self._check(frame)
@@ -309,6 +324,8 @@ class ConnectorControl(_Control):
             self.state = "registered"
             self.edge_id = frame.edge_id
             return [RegistrationDone(frame)]
+        if isinstance(frame, Successor) and self.state == "registered":
+            return [SuccessorServes(frame.edge_id)]
         if isinstance(frame, RegisterRefused) and self.state == "registering":
             self.state = "refused"
             return [RegistrationFailed(frame.code, frame.message)]

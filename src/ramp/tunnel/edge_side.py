@@ -14,6 +14,7 @@ from typing import Any
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
+from ramp.net.reuseport import SteeringGroup
 from ramp.observe.loglimit import LogLimiter
 from ramp.quic import endpoint
 from ramp.quic.admission import DEFAULT_LIMITS, HandshakeLimits
@@ -25,9 +26,11 @@ from ramp.tunnel.interfaces import STALE_AFTER, EdgeDatagramSink
 from ramp.tunnel.packets_edge import EdgePackets
 from ramp.wire.tunnel import (
     ALPN,
+    CAP_SUCCESSOR,
     PROTOCOL_VERSION,
     CloseCode,
     Register,
+    capabilities,
     is_packet_datagram,
 )
 
@@ -54,6 +57,7 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.bridges: dict[int, StreamBridge] = {}
         self.sessions: dict[int, Any] = {}  # UDP sessions riding this connection, by id
         self.ip_packets = False  # its connector takes PACKET datagrams (said at registration)
+        self.follows_successor = False  # it answers SUCCESSOR by dialling the successor
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def handshake_done(self, alpn: str | None) -> None:
@@ -101,6 +105,9 @@ class EdgeConnection(endpoint.TunnelConnection):
 
     # -- carrying out the machine's actions ---------------------------------------------------
 
+    def announce_successor(self, edge_id: str) -> None:
+        self._run(self.machine.announce_successor(edge_id))
+
     def _timer(self, name: str) -> None:
         self._timers.pop(name, None)
         self._run(self.machine.timer(name, self.loop.time()))
@@ -142,6 +149,7 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.tunnel_name = tunnel_name
         self.connector_id = str(frame.connector_id)
         self.conn_index = frame.conn_index
+        self.follows_successor = CAP_SUCCESSOR in capabilities(frame.client_info)
         if self.edge.packets is not None:
             self.ip_packets = self.edge.packets.connection_registered(self, frame.client_info)
         self.edge.add(self)
@@ -199,7 +207,9 @@ class TunnelEdge:
         # it joined, drained or left (the tunnel off-ramp's waiting flows)
         self.on_slots: Callable[[EdgeConnection], None] | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(
+        self, host: str, port: int, steering: tuple[SteeringGroup, int] | None = None
+    ) -> None:
         self.transport, self.server = await endpoint.serve(
             host,
             port,
@@ -209,6 +219,7 @@ class TunnelEdge:
             on_event=self._on_handshake_event,
             limits=self.limits,
             max_streams_bidi=self.max_streams_bidi,
+            steering=steering,
         )
 
     @property
@@ -282,6 +293,17 @@ class TunnelEdge:
             entry = self.tunnels.get(tunnel_id)
             return len(entry.conns) if entry else 0
         return sum(len(e.conns) for e in self.tunnels.values())
+
+    def announce_successor(self, edge_id: str) -> dict[str, int]:
+        """Tell every registered connector that can follow it that `edge_id` took over; the
+        number of connections told, by tunnel: the successor waits for as many."""
+        told: dict[str, int] = {}
+        for tid, entry in self.tunnels.items():
+            for conn in entry.conns:
+                if conn.follows_successor and not conn.closed and not conn.draining:
+                    conn.announce_successor(edge_id)
+                    told[tid] = told.get(tid, 0) + 1
+        return told
 
     def drop_tunnel(self, tunnel_id: str, code: int, reason: str) -> None:
         entry = self.tunnels.pop(tunnel_id, None)

@@ -54,6 +54,7 @@ class FrameType(enum.IntEnum):
     REGISTER_ERROR = 0x03
     UNREGISTER = 0x04
     WINDOW = 0x05
+    SUCCESSOR = 0x06
     CONNECT_TCP = 0x10
     CONNECT_RESULT = 0x11
     DATAGRAM = 0x20  # a tunnel datagram too large for a QUIC DATAGRAM frame, on a uni stream
@@ -264,6 +265,24 @@ class Unregister:
 
 
 @dataclass(frozen=True, slots=True)
+class Successor:
+    """Edge -> connector: a successor process serves this edge's address now (a restart);
+    dial new connections, which reach it, and keep this one until the edge closes it."""
+
+    edge_id: str  # the successor's edge id, as its REGISTERED will say
+
+    def payload(self) -> bytes:
+        return _text(self.edge_id)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Successor:
+        return cls(r.text("edge id", MAX_MESSAGE_LEN))
+
+
+CAP_SUCCESSOR = "successor"  # a REGISTER's client info word "+successor": answers SUCCESSOR
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
     """Either way on the control stream: the sender may send `increment` more bytes on a flow."""
 
@@ -357,6 +376,7 @@ Frame = (
     | Registered
     | RegisterRefused
     | Unregister
+    | Successor
     | Window
     | ConnectTcp
     | ConnectResult
@@ -368,6 +388,7 @@ _TYPES: dict[type, FrameType] = {
     Registered: FrameType.REGISTERED,
     RegisterRefused: FrameType.REGISTER_ERROR,
     Unregister: FrameType.UNREGISTER,
+    Successor: FrameType.SUCCESSOR,
     Window: FrameType.WINDOW,
     ConnectTcp: FrameType.CONNECT_TCP,
     ConnectResult: FrameType.CONNECT_RESULT,
