@@ -309,9 +309,9 @@ def edge(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
 
 
 def _restart(data_dir: Path | None, timeout: float, role: str) -> None:
-    from ramp.restart.coordinator import SOCKET_NAME, request_restart
+    from ramp.restart.coordinator import CONNECTOR_SOCKET_NAME, SOCKET_NAME, request_restart
 
-    path = _data_dir(data_dir) / SOCKET_NAME
+    path = _data_dir(data_dir) / (SOCKET_NAME if role == "edge" else CONNECTOR_SOCKET_NAME)
     if not path.exists():
         _fail(f"no {role} runs with data directory {path.parent} ({path} does not exist)", 1)
     try:
@@ -347,6 +347,18 @@ def edge_restart(data_dir: Path | None, log_level: str, timeout: float) -> None:
 @main.group()
 def tunnel() -> None:
     """Create and manage tunnels, their routes and tokens; run a connector."""
+
+
+@tunnel.command("restart")
+@_RESTART_TIMEOUT
+@_common
+@_user_errors
+def tunnel_restart(data_dir: Path | None, log_level: str, timeout: float) -> None:
+    """Restart the running connector in place: a successor registers its tunnel connections
+    before the old one unregisters, so the tunnel never has fewer than configured; flows in
+    progress finish on the old one. Fails, with the successor's error, if it cannot."""
+    setup_logging(log_level)
+    _restart(data_dir, timeout, "connector")
 
 
 @tunnel.command("create")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from ramp.config import ConnectorConfig, parse_hostport
@@ -14,12 +17,28 @@ from ramp.fdbudget import apply_budget, limits_in_force
 from ramp.flows.echo_nat import EchoFlow
 from ramp.flows.flow import Destination, Flow, FlowKind, FlowResult, Identity, Route
 from ramp.flows.table import FlowTable
+from ramp.net.inherit import SocketSet, inherited, install, published
 from ramp.observe.audit import AuditLog
 from ramp.observe.metrics import ConnectorMetrics
 from ramp.observe.sdnotify import Notifier
 from ramp.observe.status import start_status_server
 from ramp.offramps.egress import Egress
 from ramp.offramps.icmp import ConnectorIcmp
+from ramp.restart.channel import ChannelError
+from ramp.restart.coordinator import (
+    CONNECTOR_SOCKET_NAME,
+    RestartRefused,
+    RestartServer,
+    socket_in_use,
+)
+from ramp.restart.successor import (
+    Handoff,
+    Predecessor,
+    Successor,
+    hand_over,
+    successor_command,
+    take_over,
+)
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
@@ -30,6 +49,7 @@ log = logging.getLogger("ramp.connector")
 
 EXIT_BAD_TOKEN = 2
 EXIT_REFUSED = 3
+SUCCESSOR_CONNECT_TIMEOUT = 30.0  # a successor's connections must register within this
 
 _REFUSAL_HINTS = {
     RegisterError.UNKNOWN_TUNNEL: "the edge knows no such tunnel: wrong token for this edge?",
@@ -97,6 +117,14 @@ class Connector:
             on_end=self._icmp_end,
         )
         self.status: Any = None
+        # restarts: what starts a successor (`ramp tunnel run` sets it), the process this one
+        # takes over from, the coordination socket, and the successor once it connected
+        self.command: list[str] = []
+        self.predecessor: Predecessor | None = None
+        self.restart_server: RestartServer | None = None
+        self.handed_over = asyncio.Event()
+        self._restarting = False
+        self._successor: Successor | None = None
         self.audit = AuditLog(
             config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
         )
@@ -173,10 +201,86 @@ class Connector:
         flow.packets_up, flow.packets_down = end.packets_up, end.packets_down
         self.table.end(flow)
 
-    async def run(self, stop: asyncio.Event) -> int:
+    async def _start_serving(self) -> None:
+        """The status listener and the restart socket (a successor takes them last)."""
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
         )
+        path = self.config.data_dir.expanduser() / CONNECTOR_SOCKET_NAME
+        given = inherited().take("restart", socket.SOCK_STREAM, "", 0)
+        if given is None and socket_in_use(path):
+            log.warning(
+                "%s answers for another connector sharing this data directory: "
+                "`ramp tunnel restart` reaches that one",
+                path,
+            )
+            return
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        server = RestartServer(
+            path, self.restart, lambda outcome: self.metrics.restart_requests.labels(outcome).inc()
+        )
+        await server.start(given)
+        self.restart_server = server
+
+    @property
+    def wanted_connections(self) -> int:
+        return self.config.ha_connections * len(self.edges)
+
+    async def restart(self, progress: Callable[[str], None] = lambda text: None) -> int:
+        """Start a successor connector with this command line; once its connections are
+        registered, this one unregisters its own, lets open flows finish and exits: the
+        tunnel never has fewer connections than configured."""
+        if self.handed_over.is_set():
+            raise RestartRefused("this connector has handed over to its successor and drains")
+        if self._restarting:
+            raise RestartRefused("a restart is already in progress")
+        if not self.command:
+            raise RestartRefused("not started by `ramp tunnel run`: no command to rerun")
+        self._restarting = True
+        sockets = published()
+        if self.restart_server is not None and self.restart_server.sock is not None:
+            sockets.append(("restart", self.restart_server.sock))
+        try:
+            progress("starting the successor")
+            successor = await Successor.spawn(self.command, Handoff(sockets))
+
+            def listening(body: dict[str, Any]) -> dict[str, Any]:
+                progress(f"successor pid {body.get('pid')} dials its tunnel connections")
+                return {"connections": self.wanted_connections}
+
+            try:
+                await hand_over(
+                    successor, on_listening=listening, on_serving=lambda b: None, progress=progress
+                )
+            except BaseException:
+                await successor.kill()
+                raise
+            successor.release()
+            self._successor = successor
+        finally:
+            self._restarting = False
+        log.info("successor pid %d holds the tunnel: draining and exiting", successor.pid)
+        self.handed_over.set()
+        return successor.pid
+
+    async def _until_connected(self, expect: dict[str, Any]) -> None:
+        want = int(expect.get("connections", self.wanted_connections))
+        try:
+            async with asyncio.timeout(SUCCESSOR_CONNECT_TIMEOUT):
+                while len(self.client.live) < want:
+                    if self.client.fatal.done():
+                        raise RuntimeError(f"cannot register: {self.client.fatal.result()}")
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise RuntimeError(
+                f"only {len(self.client.live)} of {want} tunnel connections registered within "
+                f"{SUCCESSOR_CONNECT_TIMEOUT:.0f} s"
+            ) from None
+
+    async def run(self, stop: asyncio.Event) -> int:
+        predecessor = self.predecessor
+        if predecessor is None:
+            await self._start_serving()
         edges = ", ".join(f"{h}:{p}" for h, p in self.edges)
         log.info(
             "connector %s for tunnel %s: %d connection(s) to each of %s",
@@ -208,14 +312,37 @@ class Connector:
         self.client.packets = self.icmp
         self.client.start()
         notify = Notifier()
+        if predecessor is not None:
+            try:
+                await take_over(
+                    predecessor, {}, until_ready=self._until_connected, serve=self._start_serving
+                )
+            except (ChannelError, RuntimeError, OSError) as e:
+                log.error("cannot take over from the previous connector: %s", e)
+                predecessor.failed(str(e))
+                await self.client.close()
+                return 1
+            inherited().close_untaken()
+            tasks_gone = asyncio.ensure_future(predecessor.gone(lambda: None))
+            notify.main_pid(os.getpid())
         notify.ready(f"connecting to {edges}")
         notify.start_watchdog()
         stop_wait = asyncio.ensure_future(stop.wait())
+        handed = asyncio.ensure_future(self.handed_over.wait())
         try:
-            await asyncio.wait({stop_wait, self.client.fatal}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {stop_wait, self.client.fatal, handed}, return_when=asyncio.FIRST_COMPLETED
+            )
             if self.client.fatal.done():
                 return self._fatal(self.client.fatal.result())
-            notify.stopping(f"draining: {self.client.active_flows} open flows")
+            if handed.done():
+                notify.status(f"handed over; draining {self.client.active_flows} flows")
+                if self.status is not None:
+                    self.status.stop_accepting()
+                if self.restart_server is not None:
+                    self.restart_server.stop_accepting()
+            else:
+                notify.stopping(f"draining: {self.client.active_flows} open flows")
             log.info(
                 "draining: %d open flow(s), grace period %gs",
                 self.client.active_flows,
@@ -225,6 +352,11 @@ class Connector:
             return 0
         finally:
             stop_wait.cancel()
+            handed.cancel()
+            if predecessor is not None:
+                tasks_gone.cancel()
+            if self.restart_server is not None:
+                await self.restart_server.close(unlink=not self.handed_over.is_set())
             if self.client.sessions is not None:
                 self.client.sessions.close()
             self.icmp.close()
@@ -314,7 +446,16 @@ def run_connector(config: ConnectorConfig) -> int:
     running: list[Connector] = []
 
     async def main(stop: asyncio.Event) -> int:
+        try:
+            predecessor = await Predecessor.from_environment()
+        except ChannelError as e:
+            log.error("cannot take over from the previous connector: %s", e)
+            return 1
         connector = Connector(config, token)
+        connector.command = successor_command()
+        connector.predecessor = predecessor
+        if predecessor is not None:
+            install(SocketSet(predecessor.sockets, strict=True))
         running.append(connector)
         return await connector.run(stop)
 

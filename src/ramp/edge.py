@@ -45,7 +45,14 @@ from ramp.policy.rules import Policy
 from ramp.quic.admission import HandshakeLimits
 from ramp.restart.channel import ChannelError
 from ramp.restart.coordinator import SOCKET_NAME, RestartRefused, RestartServer, socket_in_use
-from ramp.restart.successor import Handoff, Predecessor, Successor, SuccessorFailed
+from ramp.restart.successor import (
+    Handoff,
+    Predecessor,
+    Successor,
+    SuccessorFailed,
+    hand_over,
+    take_over,
+)
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
@@ -351,19 +358,12 @@ class Edge:
             progress("starting the successor")
             successor = await Successor.spawn(self.command, handoff)
             try:
-                listening = await successor.wait_for("listening")
-                self._successor_joined(listening.body.get("slots", {}))
-                told = self.tunnels.announce_successor(str(listening.body.get("edge_id", "")))
-                progress(
-                    f"successor pid {successor.pid} listens; {sum(told.values())} tunnel "
-                    "connection(s) told to follow it"
+                await hand_over(
+                    successor,
+                    on_listening=lambda body: self._successor_listens(body, progress),
+                    on_serving=lambda body: self._successor_joined(body.get("slots", {})),
+                    progress=progress,
                 )
-                successor.send("expect", {"tunnels": told})
-                await successor.wait_for("ready")
-                progress("the successor holds the tunnel connections; handing over the listeners")
-                successor.send("serve")
-                serving = await successor.wait_for("serving")
-                self._successor_joined(serving.body.get("slots", {}))
             except BaseException:
                 for group, slot in self.steering.values():
                     with contextlib.suppress(OSError, ValueError):
@@ -377,6 +377,20 @@ class Edge:
         log.info("successor pid %d serves: draining and exiting", successor.pid)
         self.handed_over.set()
         return successor.pid
+
+    def _successor_listens(
+        self, body: dict[str, Any], progress: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """The successor's tunnel socket is in the group: new connections go to it, and the
+        connectors are told to follow; it waits for as many connections as were told."""
+        assert self.tunnels is not None
+        self._successor_joined(body.get("slots", {}))
+        told = self.tunnels.announce_successor(str(body.get("edge_id", "")))
+        progress(
+            f"successor pid {body.get('pid')} listens; {sum(told.values())} tunnel "
+            "connection(s) told to follow it"
+        )
+        return {"tunnels": told}
 
     def _successor_joined(self, slots: dict[str, Any]) -> None:
         """New connections of these listeners go to the successor's sockets from now on."""
@@ -847,23 +861,21 @@ async def _take_over(edge: Edge, predecessor: Predecessor) -> None:
     assert edge.tunnels is None
     await edge.start(listeners=False)
     assert edge.tunnels is not None
-    predecessor.send(
-        "listening",
-        {"pid": os.getpid(), "edge_id": edge.tunnels.edge_id, "slots": predecessor.joined()},
+
+    async def until_ready(expect: dict[str, Any]) -> None:
+        tunnels = {str(k): int(v) for k, v in dict(expect.get("tunnels", {})).items()}
+        if not await edge.wait_tunnels(tunnels, CONNECTOR_FOLLOW_TIMEOUT):
+            log.warning(
+                "not every connector followed within %.0f s: taking over all the same",
+                CONNECTOR_FOLLOW_TIMEOUT,
+            )
+
+    await take_over(
+        predecessor,
+        {"edge_id": edge.tunnels.edge_id},
+        until_ready=until_ready,
+        serve=edge.start_listeners,
     )
-    expect = await predecessor.expect("expect")
-    tunnels = {str(k): int(v) for k, v in dict(expect.body.get("tunnels", {})).items()}
-    if not await edge.wait_tunnels(tunnels, CONNECTOR_FOLLOW_TIMEOUT):
-        log.warning(
-            "not every connector followed within %.0f s: taking over all the same",
-            CONNECTOR_FOLLOW_TIMEOUT,
-        )
-    predecessor.send("ready")
-    await predecessor.expect("serve")
-    await edge.start_listeners()
-    predecessor.take_stderr()
-    predecessor.send("serving", {"slots": predecessor.joined()})
-    log.info("took over from pid %d", predecessor.pid)
 
 
 CONNECTOR_FOLLOW_TIMEOUT = 10.0  # a successor waits this long for the connectors told to follow

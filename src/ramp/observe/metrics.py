@@ -19,6 +19,13 @@ class FlowMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.flows_active = Gauge("ramp_flows_active", "Flows open now.", registry=registry)
+        self.restart_requests = Counter(
+            "ramp_restart_requests",
+            "Requests on the restart socket by outcome (ok, failed: the successor did not "
+            "take over; busy, bad_request, bad_peer: refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.flows = Counter(
             "ramp_flows",
             "Finished flows by on-ramp and result.",
@@ -309,13 +316,6 @@ class EdgeMetrics(ProxyMetrics):
             "ramp_config_reloads",
             "SIGHUP reloads by result (ok, failed).",
             ["result"],
-            registry=self.registry,
-        )
-        self.restart_requests = Counter(
-            "ramp_restart_requests",
-            "Requests on the restart socket by outcome (ok, failed: the successor did not "
-            "take over; busy, bad_request, bad_peer: refused).",
-            ["outcome"],
             registry=self.registry,
         )
 

@@ -23,7 +23,8 @@ from typing import Any
 
 log = logging.getLogger("ramp.restart")
 
-SOCKET_NAME = "restart.sock"
+SOCKET_NAME = "restart.sock"  # the edge's, in its data directory
+CONNECTOR_SOCKET_NAME = "tunnel-restart.sock"  # a connector's (both may share a directory)
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0  # to send the request line once connected
 _UCRED = struct.Struct("3i")  # pid, uid, gid

@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +196,44 @@ class Successor:
         """The handover is done: the successor lives on. The channel stays open until this
         process exits, which is how the successor learns that it has (`Predecessor.gone`)."""
         self._relay.cancel()
+
+
+async def hand_over(
+    successor: Successor,
+    *,
+    on_listening: Callable[[dict[str, Any]], dict[str, Any]],
+    on_serving: Callable[[dict[str, Any]], None],
+    progress: Callable[[str], None],
+) -> None:
+    """The old process's side of the steps (module doc): `on_listening(body)` returns what the
+    successor is to expect; raises SuccessorFailed at the first step that fails."""
+    listening = await successor.wait_for("listening")
+    successor.send("expect", on_listening(listening.body))
+    await successor.wait_for("ready")
+    progress("the successor is ready; handing over the listeners")
+    successor.send("serve")
+    serving = await successor.wait_for("serving")
+    on_serving(serving.body)
+
+
+async def take_over(
+    predecessor: Predecessor,
+    listening: dict[str, Any],
+    *,
+    until_ready: Callable[[dict[str, Any]], Awaitable[None]],
+    serve: Callable[[], Awaitable[None]],
+) -> None:
+    """The successor's side: say `listening`, wait for what the predecessor says to expect
+    (`until_ready`), then start serving (`serve`) when it says so."""
+    predecessor.send("listening", {"pid": os.getpid(), **listening, "slots": predecessor.joined()})
+    expect = await predecessor.expect("expect")
+    await until_ready(expect.body)
+    predecessor.send("ready")
+    await predecessor.expect("serve")
+    await serve()
+    predecessor.take_stderr()
+    predecessor.send("serving", {"slots": predecessor.joined()})
+    log.info("took over from pid %d", predecessor.pid)
 
 
 class Predecessor:

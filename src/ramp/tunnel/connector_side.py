@@ -483,8 +483,8 @@ class TunnelClient:
         bridge: StreamBridge | None = None
         self.active_flows += 1
         try:
-            if self.draining:
-                raise FlowError(FlowResult.ERROR, "connector is shutting down")
+            # served while draining too: the edge sends no flow after it has read UNREGISTER,
+            # so one that arrives now was sent before; it finishes within the grace period
             sock = await self._dial(header.host, header.port)
             if flow.gone or conn.closed:
                 sock.close()

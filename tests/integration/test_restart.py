@@ -1,6 +1,6 @@
-"""`ramp edge restart`: a successor takes over the sockets and the tunnel connections while
-the old process drains; under load nothing fails, where a naive stop-and-start loses flows.
-And a restart that cannot happen leaves the running edge serving."""
+"""`ramp edge restart` and `ramp tunnel restart`: a successor takes over the sockets and the
+tunnel connections while the old process drains; under load nothing fails, where a naive
+stop-and-start loses flows. And a restart that cannot happen leaves the old process serving."""
 
 from __future__ import annotations
 
@@ -45,8 +45,18 @@ DOWNLOAD_RATE = 100_000  # bytes/s each: slow enough that the machine carries th
 
 
 def restart(lab: Lab, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    proc = lab.edge_ns.run(
-        [*RAMP, "edge", "restart", "--data-dir", str(lab.data_dir), "--timeout", str(timeout)],
+    return _restart(lab, "edge", lab.edge_ns, lab.data_dir, timeout)
+
+
+def restart_connector(lab: Lab, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return _restart(lab, "tunnel", lab.private, lab.workdir / "connector-1-data", timeout)
+
+
+def _restart(
+    lab: Lab, role: str, ns: Any, data_dir: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    proc = ns.run(
+        [*RAMP, role, "restart", "--data-dir", str(data_dir), "--timeout", str(timeout)],
         check=False,
         timeout=timeout + 10,
         env=lab.env,
@@ -388,3 +398,36 @@ def _accepts(lab: Lab) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.slow
+def test_connector_restarts_under_load_keep_the_tunnel_up(bare_lab: Lab, payload: Payload) -> None:
+    lab = bare_lab
+    start(lab)
+    assert lab.connectors
+    pids = {lab.connectors[0].pid}
+    restarts = []
+    with ConnectionSampler(lab) as sampler:
+        load = Load(lab, download_file(payload, 14.0))
+        time.sleep(1.0)
+        for _ in range(3):
+            result = restart_connector(lab)
+            assert result.returncode == 0, result.stdout + result.stderr + lab.log_tails()
+            pids.add(successor_pid(result))
+            restarts.append(round(time.monotonic() - load.started, 1))
+        got = load.stop(at_least=max(10.0, restarts[-1] + 1.0))
+    print(
+        f"\nramp tunnel restart x3 (done at {restarts} s) under {got['seconds']} s of load: "
+        f"TCP flows {got['flows']}, UDP {got['udp_received']}/{got['udp_sent']} echoed, "
+        f"DNS {got['dns']}, downloads {got['downloads']}, tunnel connections min "
+        f"{min(sampler.samples, default=-1)}, kernel drops {net_drops(lab)}"
+    )
+    assert got["flows_failed"] == 0, got
+    assert got["dns_failed"] == 0, got
+    assert got["downloads"] == {"ok": DOWNLOADS}, got
+    assert not sampler.errors, sampler.errors[:5]
+    assert len(sampler.samples) > 50 and min(sampler.samples) >= HA, sampler.samples
+    assert len(pids) == 4
+    newest = successor_pid(result)
+    wait_until(lambda: not any(alive(p) for p in pids - {newest}), 60, what="old connectors")
+    assert got["udp_lost"] == 0, got
