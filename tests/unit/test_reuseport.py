@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import struct
 
 import pytest
 
@@ -94,3 +96,28 @@ def test_a_given_socket_joins_only_with_reuseport() -> None:
         assert mine.getsockname() == given.getsockname()
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("mechanism", ["ebpf", "cbpf"])
+def test_a_successor_keeps_its_working_slot_when_the_predecessor_leaves(mechanism: str) -> None:
+    old = SteeringGroup.create(mechanism=mechanism)
+    first = old.socket("127.0.0.1", 0, 0)
+    port = first.getsockname()[1]
+    old.set_working([0])
+    fds, meta = old.handoff()
+    new = SteeringGroup.from_handoff([os.dup(fd) for fd in fds], meta)
+    new.socket("127.0.0.1", port, 1)
+    old.joined(1)
+    old.set_working([1])  # the predecessor moves new connections to the successor
+    new.assume_working([1])
+    old.release(0)  # it has drained and goes
+    old.close()
+    new.release(0)  # the successor forgets the predecessor's slot
+    assert new.working == [1]
+    if mechanism == "ebpf":
+        work = new._fds[2]
+        count = bpf.map_lookup(work, struct.pack("<I", 0), 4)
+        first_slot = bpf.map_lookup(work, struct.pack("<I", 1), 4)
+        assert count is not None and struct.unpack("<I", count)[0] == 1
+        assert first_slot is not None and struct.unpack("<I", first_slot)[0] == 1
+    new.close()

@@ -481,6 +481,13 @@ class SteeringGroup:
         self._order.append(slot)
         self._attach_cbpf()
 
+    def assume_working(self, slots: Sequence[int]) -> None:
+        """Another process (the predecessor) made these the working slots: take them as this
+        process's view without writing them again."""
+        self._working = list(dict.fromkeys(slots))
+        if self.mechanism == "cbpf":
+            self._attach_cbpf()  # the program is rebuilt from this view on every change
+
     def set_working(self, slots: Sequence[int]) -> None:
         """New connections (Initials, ids without a valid cookie) go to these slots."""
         for slot in slots:

@@ -233,6 +233,7 @@ async def take_over(
     await serve()
     predecessor.take_stderr()
     predecessor.send("serving", {"slots": predecessor.joined()})
+    predecessor.working()
     log.info("took over from pid %d", predecessor.pid)
 
 
@@ -309,6 +310,12 @@ class Predecessor:
         slot = (theirs + 1) % group.max_slots
         self._slots[name] = slot
         return group, slot
+
+    def working(self) -> None:
+        """The predecessor has made our slots the working ones (at `listening` and at
+        `serving`): our groups' view says so too, so releasing its slot later keeps them."""
+        for name, slot in self._slots.items():
+            self.groups[name][0].assume_working([slot])
 
     def joined(self) -> dict[str, int]:
         """The slots taken so far (for `listening` and `serving`)."""
