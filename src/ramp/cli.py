@@ -289,7 +289,7 @@ def main() -> None:
 cli = main
 
 
-@main.group(invoke_without_command=True)
+@main.group(invoke_without_command=True, subcommand_metavar="[restart]")
 @_model_options(EdgeConfig)
 @_user_errors
 @click.pass_context

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import types
 from collections.abc import Iterator
@@ -465,3 +466,16 @@ def test_dns_settings_from_flags_and_their_errors(
     assert ConnectorConfig().dns_resolver == "" and ConnectorConfig().udp_idle_timeout == 210.0
     with pytest.raises(ValueError, match="expected an IP address"):
         ConnectorConfig(dns_resolver="resolver.internal")
+
+
+def test_restart_without_a_running_process_says_so(home: Path, tmp_path: Path) -> None:
+    for role, what in (("edge", "edge"), ("tunnel", "connector")):
+        r = ramp(role, "restart", "--data-dir", str(tmp_path))
+        assert r.exit_code == 1
+        assert f"no {what} runs with data directory {tmp_path}" in r.output
+    # a stale socket file nobody answers on
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "restart.sock"))
+    stale.close()
+    r = ramp("edge", "restart", "--data-dir", str(tmp_path), "--timeout", "2")
+    assert r.exit_code == 1 and "cannot reach the edge" in r.output
