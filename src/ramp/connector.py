@@ -29,7 +29,7 @@ from ramp.restart.coordinator import (
     CONNECTOR_SOCKET_NAME,
     RestartRefused,
     RestartServer,
-    socket_in_use,
+    open_restart_server,
 )
 from ramp.restart.successor import (
     Handoff,
@@ -206,21 +206,13 @@ class Connector:
         self.status = await start_status_server(
             self.config.metrics_listen, self.metrics.registry, self.ready
         )
-        path = self.config.data_dir.expanduser() / CONNECTOR_SOCKET_NAME
-        given = inherited().take("restart", socket.SOCK_STREAM, "", 0)
-        if given is None and socket_in_use(path):
-            log.warning(
-                "%s answers for another connector sharing this data directory: "
-                "`ramp tunnel restart` reaches that one",
-                path,
-            )
-            return
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        server = RestartServer(
-            path, self.restart, lambda outcome: self.metrics.restart_requests.labels(outcome).inc()
+        self.restart_server = await open_restart_server(
+            self.config.data_dir.expanduser() / CONNECTOR_SOCKET_NAME,
+            self.restart,
+            lambda outcome: self.metrics.restart_requests.labels(outcome).inc(),
+            inherited().take("restart", socket.SOCK_STREAM, "", 0),
+            "connector",
         )
-        await server.start(given)
-        self.restart_server = server
 
     @property
     def wanted_connections(self) -> int:

@@ -44,7 +44,12 @@ from ramp.policy.router import RouteEntry, Router, RouteTable, VnetRoutes
 from ramp.policy.rules import Policy
 from ramp.quic.admission import HandshakeLimits
 from ramp.restart.channel import ChannelError
-from ramp.restart.coordinator import SOCKET_NAME, RestartRefused, RestartServer, socket_in_use
+from ramp.restart.coordinator import (
+    SOCKET_NAME,
+    RestartRefused,
+    RestartServer,
+    open_restart_server,
+)
 from ramp.restart.successor import (
     Handoff,
     Predecessor,
@@ -321,20 +326,13 @@ class Edge:
         self._poller = asyncio.ensure_future(self._poll_store())
 
     async def _start_restart_server(self) -> None:
-        path = self.store.data_dir / SOCKET_NAME
-        given = inherited().take("restart", socket.SOCK_STREAM, "", 0)
-        if given is None and socket_in_use(path):
-            log.warning(
-                "%s answers for another process sharing this data directory: "
-                "`ramp edge restart` reaches that one, not this edge",
-                path,
-            )
-            return
-        server = RestartServer(
-            path, self.restart, lambda outcome: self.metrics.restart_requests.labels(outcome).inc()
+        self.restart_server = await open_restart_server(
+            self.store.data_dir / SOCKET_NAME,
+            self.restart,
+            lambda outcome: self.metrics.restart_requests.labels(outcome).inc(),
+            inherited().take("restart", socket.SOCK_STREAM, "", 0),
+            "edge",
         )
-        await server.start(given)
-        self.restart_server = server
 
     # -- restarts --------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,29 +218,43 @@ def download_file(payload: Payload, seconds: float) -> tuple[Path, str]:
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def restarts_under_load(
+    lab: Lab,
+    payload: Payload,
+    do_restart: Callable[[Lab], subprocess.CompletedProcess[str]],
+    first_pid: int,
+) -> tuple[dict[str, Any], ConnectionSampler, set[int], int]:
+    """Three restarts one after the other under the restart load, /metrics sampled all the
+    while: the load's result, the sampler, every pid that served, the newest one."""
+    pids = {first_pid}
+    restarts = []
+    with ConnectionSampler(lab) as sampler:
+        load = Load(lab, download_file(payload, 14.0))
+        time.sleep(1.0)  # the load is under way before the first restart
+        for _ in range(3):
+            result = do_restart(lab)
+            assert result.returncode == 0, result.stdout + result.stderr + lab.log_tails()
+            pids.add(successor_pid(result))
+            restarts.append(round(time.monotonic() - load.started, 1))
+        got = load.stop(at_least=max(10.0, restarts[-1] + 1.0))
+    print(
+        f"\n{' '.join(result.args[-6:-4])} x3 (done at {restarts} s) under "
+        f"{got['seconds']} s of load: TCP flows {got['flows']}, UDP "
+        f"{got['udp_received']}/{got['udp_sent']} echoed, DNS {got['dns']}, downloads "
+        f"{got['downloads']}, tunnel connections min {min(sampler.samples, default=-1)}, "
+        f"kernel drops {net_drops(lab)}"
+    )
+    return got, sampler, pids, successor_pid(result)
+
+
 @pytest.mark.slow
 def test_restarts_under_load_drop_nothing_where_a_naive_restart_does(
     bare_lab: Lab, payload: Payload
 ) -> None:
     lab = bare_lab
     start(lab, "--drain-timeout", "30")
-    pids = {lab.edge.pid} if lab.edge else set()
-    restarts = []
-    with ConnectionSampler(lab) as sampler:
-        load = Load(lab, download_file(payload, 14.0))
-        time.sleep(1.0)
-        for _ in range(3):  # one after the other, while the load runs
-            result = restart(lab)
-            assert result.returncode == 0, result.stdout + result.stderr + lab.log_tails()
-            pids.add(successor_pid(result))
-            restarts.append(round(time.monotonic() - load.started, 1))
-        got = load.stop(at_least=max(10.0, restarts[-1] + 1.0))
-    print(
-        f"\nramp edge restart x3 (done at {restarts} s) under {got['seconds']} s of load: "
-        f"TCP flows {got['flows']}, UDP {got['udp_received']}/{got['udp_sent']} echoed, "
-        f"DNS {got['dns']}, downloads {got['downloads']}, tunnel connections min "
-        f"{min(sampler.samples, default=-1)}, kernel drops {net_drops(lab)}"
-    )
+    assert lab.edge is not None
+    got, sampler, pids, newest = restarts_under_load(lab, payload, restart, lab.edge.pid)
     assert got["flows_failed"] == 0, got
     assert got["udp_lost"] == 0 and got["udp_sent"] > 10_000, got
     assert got["dns_failed"] == 0 and got["dns"].get("ok", 0) > 50, got
@@ -248,7 +263,6 @@ def test_restarts_under_load_drop_nothing_where_a_naive_restart_does(
     assert len(sampler.samples) > 50 and min(sampler.samples) >= HA, sampler.samples
     assert len(pids) == 4  # three successors, each a new process
     # the predecessors drain and go; the last successor serves on
-    newest = successor_pid(result)
     wait_until(lambda: not any(alive(p) for p in pids - {newest}), DEADLINE, what="old edges")
     assert alive(newest)
 
@@ -405,22 +419,8 @@ def test_connector_restarts_under_load_keep_the_tunnel_up(bare_lab: Lab, payload
     lab = bare_lab
     start(lab)
     assert lab.connectors
-    pids = {lab.connectors[0].pid}
-    restarts = []
-    with ConnectionSampler(lab) as sampler:
-        load = Load(lab, download_file(payload, 14.0))
-        time.sleep(1.0)
-        for _ in range(3):
-            result = restart_connector(lab)
-            assert result.returncode == 0, result.stdout + result.stderr + lab.log_tails()
-            pids.add(successor_pid(result))
-            restarts.append(round(time.monotonic() - load.started, 1))
-        got = load.stop(at_least=max(10.0, restarts[-1] + 1.0))
-    print(
-        f"\nramp tunnel restart x3 (done at {restarts} s) under {got['seconds']} s of load: "
-        f"TCP flows {got['flows']}, UDP {got['udp_received']}/{got['udp_sent']} echoed, "
-        f"DNS {got['dns']}, downloads {got['downloads']}, tunnel connections min "
-        f"{min(sampler.samples, default=-1)}, kernel drops {net_drops(lab)}"
+    got, sampler, pids, newest = restarts_under_load(
+        lab, payload, restart_connector, lab.connectors[0].pid
     )
     assert got["flows_failed"] == 0, got
     assert got["dns_failed"] == 0, got
@@ -428,7 +428,6 @@ def test_connector_restarts_under_load_keep_the_tunnel_up(bare_lab: Lab, payload
     assert not sampler.errors, sampler.errors[:5]
     assert len(sampler.samples) > 50 and min(sampler.samples) >= HA, sampler.samples
     assert len(pids) == 4
-    newest = successor_pid(result)
     wait_until(lambda: not any(alive(p) for p in pids - {newest}), 60, what="old connectors")
     # Not asserted: UDP datagrams in flight when an old connector closes its connections are
     # lost (its sessions end with them and the edge opens new ones on the successor's); the

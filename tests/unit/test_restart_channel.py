@@ -25,6 +25,7 @@ from ramp.restart.channel import (
     state_memfd,
 )
 from ramp.restart.coordinator import RestartRefused, RestartServer, request_restart
+from ramp.restart.successor import Predecessor
 from ramp.testing.mutate import mutated
 
 bodies = st.dictionaries(
@@ -162,3 +163,19 @@ def test_the_restart_socket_answers_one_restart_at_a_time(tmp_path: Path) -> Non
 
     asyncio.run(run())
     assert outcomes == ["busy", "ok", "busy", "failed", *["bad_request"] * 3]
+
+
+def test_a_handoff_that_names_more_descriptors_than_it_carries_is_refused() -> None:
+    async def run() -> None:
+        ours, theirs = pair()
+        sender = Channel(ours)
+        layout = {"sockets": [{"name": "socks5", "kind": "tcp"}], "groups": {}, "state": {}}
+        memfd = state_memfd(layout)
+        sender.send("hello", {"pid": 1}, [memfd, 2])  # the socket itself is missing
+        os.close(memfd)
+        env = {"RAMP_HANDOFF_FD": str(theirs.detach())}
+        with pytest.raises(ChannelError, match="descriptors where the layout names 1"):
+            await Predecessor.from_environment(env, timeout=5)
+        sender.close()
+
+    asyncio.run(run())

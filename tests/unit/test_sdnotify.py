@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ramp.observe.sdnotify import Notifier, encode, socket_address, watchdog_interval
-from ramp.testing.notify import Manager, parse
+from ramp.testing.notify import Manager, parse, reap
 
 
 @given(st.dictionaries(st.from_regex(r"[A-Z][A-Z_]{0,15}", fullmatch=True), st.text(), min_size=1))
@@ -81,9 +81,4 @@ def test_a_real_edge_notifies_ready_watchdog_reloading_and_stopping(tmp_path: Pa
         assert manager.wait_for("STOPPING")["STOPPING"] == "1"
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
-        manager.sock.close()
+        reap(proc, manager)

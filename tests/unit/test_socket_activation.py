@@ -8,14 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ramp.net.inherit import UNNAMED, SocketSet, install
 from ramp.testing.clients import socks5_connect_async
+from ramp.testing.lab import wait_until
 from ramp.testing.loopback import run
 from ramp.testing.loopback import tunnel as loopback_tunnel
-from ramp.testing.notify import Manager
+from ramp.testing.notify import Manager, reap
+from ramp.testing.wait import DEADLINE
 
 
 def listener(family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
@@ -83,14 +84,11 @@ def test_systemd_socket_activate_starts_an_edge_on_its_socket(tmp_path: Path) ->
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
     try:
         # systemd-socket-activate starts the edge at the first connection
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client = socket.create_connection(("127.0.0.1", port), timeout=30)
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline, "systemd-socket-activate never listened"
-                time.sleep(0.05)
+        client = wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=30),
+            DEADLINE,
+            what="systemd-socket-activate to listen",
+        )
         with client:
             client.sendall(b"\x05\x01\x00")  # SOCKS5: no authentication
             assert client.recv(2) == b"\x05\x00"  # answered by the edge on the given socket
@@ -99,13 +97,7 @@ def test_systemd_socket_activate_starts_an_edge_on_its_socket(tmp_path: Path) ->
         assert manager.wait_for("STOPPING")["STOPPING"] == "1"
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-        manager.sock.close()
+        err = reap(proc, manager)
     assert "socks5: using the inherited socket" in err
 
 

@@ -537,6 +537,11 @@ class SteeringGroup:
         code = cbpf_program(self.cookies.key, self.cookies.cid_length, index_of, working)
         _attach_cbpf(next(iter(self._sockets.values())), code)
 
+    def detach(self) -> None:
+        """Give up the program's and maps' descriptors without closing them (their owner,
+        a handoff message that could not be read, closes them)."""
+        self._fds = []
+
     def close(self) -> None:
         """Close this process's sockets and its descriptors of the program and maps."""
         for sock in self._sockets.values():

@@ -187,14 +187,7 @@ class TcpOnRamp:
 
     async def close(self) -> None:
         """Stop listening and end every connection (handshakes and relays)."""
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        await self.stop_accepting()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

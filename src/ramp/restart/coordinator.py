@@ -138,6 +138,30 @@ class RestartServer:
         _write(writer, {"ok": False, "error": error})
 
 
+async def open_restart_server(
+    path: Path,
+    restart: RestartFn,
+    on_request: Callable[[str], None],
+    given: socket.socket | None,
+    role: str,
+) -> RestartServer | None:
+    """The role's coordination socket at `path` (or the predecessor's `given` one); None,
+    with a warning, when another live process already answers there."""
+    if given is None and socket_in_use(path):
+        log.warning(
+            "%s answers for another %s sharing this data directory: `ramp %s restart` "
+            "reaches that one, not this process",
+            path,
+            role,
+            "edge" if role == "edge" else "tunnel",
+        )
+        return None
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    server = RestartServer(path, restart, on_request)
+    await server.start(given)
+    return server
+
+
 def _parse(line: bytes) -> dict[str, Any] | None:
     if len(line) > MAX_REQUEST:
         return None
@@ -197,7 +221,9 @@ def request_restart(path: Path, timeout: float, progress: Progress) -> dict[str,
                 try:
                     obj = json.loads(line)
                 except ValueError:
-                    raise OSError(f"unexpected answer: {line[:100]!r}") from None
+                    obj = None
+                if not isinstance(obj, dict):
+                    raise OSError(f"unexpected answer: {line[:100]!r}")
                 if "progress" in obj:
                     progress(str(obj["progress"]))
                 elif "ok" in obj:

@@ -283,19 +283,29 @@ class Predecessor:
             raise ValueError("no state in the handoff")
         memfd, stderr_fd, rest = fds[0], fds[1], fds[2:]
         layout = read_state(memfd)
-        os.close(memfd)
-        sockets = []
-        for entry in layout["sockets"]:
-            fd = rest.pop(0)
-            sock = socket.socket(fileno=fd)
-            if sock.type != _KINDS[entry["kind"]]:
-                raise ValueError(f"socket {entry['name']} is not {entry['kind']}")
-            sockets.append((str(entry["name"]), sock))
+        needed = len(layout["sockets"]) + sum(int(g["nfds"]) for g in layout["groups"].values())
+        if len(rest) < needed:
+            raise ValueError(f"{len(rest)} descriptors where the layout names {needed}")
+        sockets: list[tuple[str, socket.socket]] = []
         groups = {}
-        for name, g in layout["groups"].items():
-            n = int(g["nfds"])
-            gfds, rest = rest[:n], rest[n:]
-            groups[name] = (SteeringGroup.from_handoff(gfds, g["meta"]), int(g["slot"]))
+        try:
+            for entry in layout["sockets"]:
+                sock = socket.socket(fileno=rest.pop(0))
+                sockets.append((str(entry["name"]), sock))
+                if sock.type != _KINDS[entry["kind"]]:
+                    raise ValueError(f"socket {entry['name']} is not {entry['kind']}")
+            for name, g in layout["groups"].items():
+                n = int(g["nfds"])
+                gfds, rest = rest[:n], rest[n:]
+                meta, slot = dict(g["meta"]), int(g["slot"])
+                groups[name] = (SteeringGroup.from_handoff(gfds, meta), slot)
+        except BaseException:
+            for _, sock in sockets:
+                sock.detach()  # the caller closes every descriptor of the message, once
+            for group, _ in groups.values():
+                group.detach()
+            raise
+        os.close(memfd)
         for fd in rest:
             os.close(fd)
         return cls(

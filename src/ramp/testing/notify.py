@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,3 +33,16 @@ class Manager:
             if key in message:
                 return message
         raise AssertionError(f"no {key} notification; got {self.messages}")
+
+
+def reap(proc: subprocess.Popen[bytes], manager: Manager) -> str:
+    """End a role started with stderr=PIPE (killed if it still runs) and the manager's
+    socket; the role's stderr."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    manager.sock.close()
+    return err
