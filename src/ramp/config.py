@@ -393,6 +393,13 @@ class EdgeConfig(_ProxyOnRamps, _Egress):
         description="Seconds open flows may run once the edge stops accepting (SIGTERM, "
         "or a restart's successor serves) before the rest are cut.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes sharing the listeners (SO_REUSEPORT, QUIC steered by "
+        "connection id) under one supervisor that serves /metrics and /ready for all.",
+    )
     quic_idle_timeout: float = Field(
         5.0, gt=0, description="Seconds without packets before a tunnel connection is dead."
     )
@@ -709,6 +716,13 @@ class ConnectorConfig(_Egress):
     )
     ha_connections: int = Field(
         4, ge=1, le=16, description="QUIC connections to open to each edge address."
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Worker processes, each holding its share of the --ha-connections, "
+        "under one supervisor that serves /metrics and /ready for all.",
     )
     metrics_listen: str = Field(
         "127.0.0.1:20242", description="HTTP listener for /metrics and /ready, or 'off'."

@@ -12,10 +12,20 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from ramp.config import ConnectorConfig, parse_hostport
 from ramp.fdbudget import apply_budget, limits_in_force
 from ramp.flows.echo_nat import EchoFlow
-from ramp.flows.flow import Destination, Flow, FlowKind, FlowResult, Identity, Route
+from ramp.flows.flow import (
+    Destination,
+    Flow,
+    FlowKind,
+    FlowResult,
+    Identity,
+    Route,
+    number_flows,
+)
 from ramp.flows.table import FlowTable
 from ramp.net.inherit import SocketSet, inherited, install, published
 from ramp.observe.audit import AuditLog
@@ -44,6 +54,7 @@ from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
 from ramp.tunnel.token import Token, TokenError, token_text
 from ramp.wire.tunnel import RegisterError
+from ramp.workers.link import WORKER_ENV, WorkerLink
 
 log = logging.getLogger("ramp.connector")
 
@@ -125,6 +136,7 @@ class Connector:
         self.handed_over = asyncio.Event()
         self._restarting = False
         self._successor: Successor | None = None
+        self.worker: WorkerLink | None = None  # with --workers: the channel to the supervisor
         self.audit = AuditLog(
             config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
         )
@@ -271,7 +283,14 @@ class Connector:
 
     async def run(self, stop: asyncio.Event) -> int:
         predecessor = self.predecessor
-        if predecessor is None:
+        worker = self.worker
+        if worker is not None:  # the supervisor serves status for all workers
+            self.client.first_index = worker.index * MAX_CONNECTIONS_PER_WORKER
+            worker.scrape = self.scrape
+            worker.start()
+            worker.listening()
+            stop_on_gone = asyncio.ensure_future(_stop_when(worker.closed, stop))
+        elif predecessor is None:
             await self._start_serving()
         edges = ", ".join(f"{h}:{p}" for h, p in self.edges)
         log.info(
@@ -347,6 +366,9 @@ class Connector:
             handed.cancel()
             if predecessor is not None:
                 tasks_gone.cancel()
+            if worker is not None:
+                stop_on_gone.cancel()
+                worker.close()
             if self.restart_server is not None:
                 await self.restart_server.close(unlink=not self.handed_over.is_set())
             if self.client.sessions is not None:
@@ -357,6 +379,11 @@ class Connector:
                 await self.status.close()
             self.audit.close()
             await notify.close()
+
+    def scrape(self) -> tuple[str, bool, dict[str, Any]]:
+        """This worker's metrics and readiness, for the supervisor's one view."""
+        ok, info = self.ready()
+        return generate_latest(self.metrics.registry).decode(), ok, info
 
     def _fatal(self, e: Exception) -> int:
         if isinstance(e, RegistrationRefused):
@@ -424,6 +451,14 @@ def load_token(config: ConnectorConfig) -> Token:
     return token
 
 
+MAX_CONNECTIONS_PER_WORKER = 64  # a worker's connection indexes start at index * this
+
+
+async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
+
+
 def run_connector(config: ConnectorConfig) -> int:
     """`ramp tunnel run`: returns the process exit code."""
     from ramp.runtime import run_until_signal
@@ -435,15 +470,35 @@ def run_connector(config: ConnectorConfig) -> int:
         return EXIT_BAD_TOKEN
 
     apply_budget(config)
+    if config.workers > 1 and WORKER_ENV not in os.environ:
+        if config.workers > config.ha_connections:
+            print(
+                f"ramp: --workers {config.workers} needs at least as many --ha-connections "
+                f"(now {config.ha_connections}): each worker holds its share",
+                file=sys.stderr,
+            )
+            return 2
+        from ramp.workers.supervisor import supervise
+
+        return supervise("connector", successor_command(), config.workers, config.metrics_listen)
     running: list[Connector] = []
 
     async def main(stop: asyncio.Event) -> int:
         try:
+            worker = await WorkerLink.from_environment()
             predecessor = await Predecessor.from_environment()
         except ChannelError as e:
             log.error("cannot take over from the previous connector: %s", e)
             return 1
-        connector = Connector(config, token)
+        own = config
+        if worker is not None:  # this worker's share of the connections to each edge
+            share, extra = divmod(config.ha_connections, worker.workers)
+            own = config.model_copy(
+                update={"ha_connections": share + (1 if worker.index < extra else 0)}
+            )
+            number_flows(worker.index + 1, worker.workers)
+        connector = Connector(own, token)
+        connector.worker = worker
         connector.command = successor_command()
         connector.predecessor = predecessor
         if predecessor is not None:

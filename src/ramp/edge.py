@@ -14,14 +14,25 @@ from typing import Any
 
 import dns.exception
 import dns.message
+from prometheus_client import generate_latest
 
 from ramp.config import ConfigError, EdgeConfig, parse_hostport
 from ramp.fdbudget import apply_budget, limits_in_force
-from ramp.flows.flow import Flow, FlowError, FlowKind, FlowResult, Route, parse_ip
+from ramp.flows.flow import (
+    Flow,
+    FlowError,
+    FlowKind,
+    FlowResult,
+    Route,
+    number_flows,
+    parse_ip,
+)
+from ramp.flows.moved import flow_from_dict, flow_to_dict
 from ramp.flows.opener import TcpLeg, UdpSession
 from ramp.flows.table import FlowTable
 from ramp.net.egress import EgressGuard
 from ramp.net.inherit import SocketSet, inherited, install, published
+from ramp.net.listen import share_ports
 from ramp.net.resolve import AsyncResolver, set_default_resolver
 from ramp.net.reuseport import SteeringGroup
 from ramp.observe.audit import AuditLog, flow_record
@@ -36,6 +47,7 @@ from ramp.offramps.tunnel import TunnelOffRamp
 from ramp.onramps.registry import OnRampContext
 from ramp.onramps.registry import lookup as lookup_onramp
 from ramp.onramps.socks5_udp import AssociationLimits
+from ramp.onramps.tcp_listener import FlowMover, FlowPlan, TcpOnRamp, plan_from_dict, plan_to_dict
 from ramp.policy.engine import PolicyHook
 from ramp.policy.hooks import HookLoadError, Hooks, HookSpec, LoadedHook, load_hooks
 from ramp.policy.identities import ClientCredentials
@@ -65,6 +77,7 @@ from ramp.tunnel.packets_edge import EdgePackets
 from ramp.tunnel.resolver import RESOLVER_HOST
 from ramp.tunnel.sessions_edge import EdgeSessions
 from ramp.wire.tunnel import PROTOCOL_VERSION, CloseCode, Register, RegisterError
+from ramp.workers.link import WORKER_ENV, WorkerLink
 
 log = logging.getLogger("ramp.edge")
 
@@ -108,6 +121,7 @@ class Edge:
         self.command: list[str] = []  # what starts a successor (`ramp edge` sets it)
         self._restarting = False
         self._successor: Successor | None = None
+        self.worker: WorkerLink | None = None  # with --workers: the channel to the supervisor
         m = self.metrics
         for key, value in limits_in_force(config).items():
             m.limits.labels(key).set(value)
@@ -198,7 +212,13 @@ class Edge:
 
     def _steering(self, name: str) -> tuple[SteeringGroup, int]:
         """The group a QUIC listener's socket joins: the predecessor's, at the next slot, or
-        a new one (so that a later restart can join it)."""
+        a new one (so that a later restart can join it). A worker joins the supervisor's
+        group at its own slot."""
+        if self.worker is not None:
+            given = self.worker.steering(name)
+            if given is not None:
+                self.steering[name] = given
+                return given
         if self.predecessor is not None:
             given = self.predecessor.steering(name)
             if given is not None:
@@ -273,6 +293,8 @@ class Edge:
             on_reject=lambda reason: m.flows_rejected.labels(reason).inc(),
             budget=m.flow_budget(self.config.flow_memory_budget),
         )
+        if self.worker is not None:
+            self.offramps["tunnel"].elsewhere = self.worker.elsewhere  # type: ignore[attr-defined]
         self.offramps["direct"] = DirectOffRamp(
             self.sessions,
             timeout,
@@ -317,12 +339,15 @@ class Edge:
             h, p = parse_hostport(options.listen)
             await server.start(h, p)
             self.onramps.append(server)
+            if self.worker is not None and isinstance(server, TcpOnRamp):
+                server.mover = self._mover(options.listen)
             if mechanism := getattr(server, "mechanism", ""):
                 m.onramp_steering.labels(options.type, options.listen, mechanism).inc()
-        self.status = await start_status_server(
-            self.config.metrics_listen, self.metrics.registry, self.ready
-        )
-        await self._start_restart_server()
+        if self.worker is None:  # a worker's supervisor serves these for all workers
+            self.status = await start_status_server(
+                self.config.metrics_listen, self.metrics.registry, self.ready
+            )
+            await self._start_restart_server()
         self._poller = asyncio.ensure_future(self._poll_store())
 
     async def _start_restart_server(self) -> None:
@@ -662,6 +687,53 @@ class Edge:
             self.metrics.tunnel_connections.labels(self._tunnel_names.get(tid, tid)).set(
                 len(entry.conns)
             )
+        if self.worker is not None:
+            self.worker.tunnels(
+                {tid: len(entry.conns) for tid, entry in self.tunnels.tunnels.items()}
+            )
+
+    # -- workers (ramp.workers, ramp.flows.moved) ------------------------------------------------
+
+    def _mover(self, listen: str) -> FlowMover:
+        """How an on-ramp on `listen` hands a flow to the worker holding its tunnel."""
+
+        async def move(sock: socket.socket, flow: Flow, plan: FlowPlan, worker: int) -> bool:
+            described = plan_to_dict(plan)
+            if self.worker is None or described is None:
+                return False
+            body = {"listen": listen, "flow": flow_to_dict(flow), "plan": described}
+            if not self.worker.move(sock, worker, body):
+                return False
+            self.metrics.flows_moved.labels("out").inc()
+            return True
+
+        return move
+
+    def _adopt(self, sock: socket.socket, body: dict[str, Any]) -> None:
+        """A flow another worker moved here: go on with it on the on-ramp it came in on."""
+        try:
+            flow = flow_from_dict({**body["flow"], "from": body.get("from")})
+            plan = plan_from_dict(body["plan"], flow.destination)
+            listen = str(body["listen"])
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("a moved flow with a malformed description: %r; closed", e)
+            self.bad_input("workers", "malformed_moved_flow")
+            sock.close()
+            return
+        for server in self.onramps:
+            options = getattr(server, "options", None)
+            if isinstance(server, TcpOnRamp) and options is not None and options.listen == listen:
+                self.metrics.flows_moved.labels("in").inc()
+                server.take(server.adopt(sock, flow, plan))
+                return
+        log.warning("a moved flow for on-ramp %s, which this worker lacks: closed", listen)
+        self.bad_input("workers", "moved_flow_without_onramp")
+        sock.close()
+
+    def scrape(self) -> tuple[str, bool, dict[str, Any]]:
+        """This worker's metrics and readiness, for the supervisor's one view."""
+        ok, info = self.ready()
+        return generate_latest(self.metrics.registry).decode(), ok, info
 
     # -- the flow path (delegated) ---------------------------------------------------------------
 
@@ -683,6 +755,8 @@ class Edge:
     def _report(self, flow: Flow) -> None:
         m = self.metrics
         assert flow.result is not None
+        if "moved_to" in flow.annotations:
+            return  # the worker it moved to reports it
         if flow.kind is FlowKind.DATAGRAM:
             m.udp_sessions.labels(flow.result.value).inc()
             if self.sessions is not None:
@@ -784,10 +858,14 @@ async def serve_edge(
     """Run an edge until `stop` (then drain) or until a successor serves (then drain and
     return). `command` is what a restart runs; `upgrade` takes SIGQUIT's restarts."""
     try:
+        worker = await WorkerLink.from_environment()
         predecessor = await Predecessor.from_environment()
     except ChannelError as e:
         log.error("cannot take over from the previous edge process: %s", e)
         return 1
+    if worker is not None:
+        share_ports()  # the other workers bind the same ports
+        number_flows(worker.index + 1, worker.workers)
     try:
         edge = Edge(config)
     except HookLoadError as e:
@@ -797,6 +875,7 @@ async def serve_edge(
         return 2
     edge.command = command or []
     edge.predecessor = predecessor
+    edge.worker = worker
     install(
         SocketSet.from_systemd()
         if predecessor is None
@@ -814,6 +893,12 @@ async def serve_edge(
         await edge.close()
         return 1
     inherited().close_untaken()
+    if worker is not None:
+        worker.scrape = edge.scrape
+        worker.adopt = edge._adopt
+        worker.start()
+        worker.listening()
+        log.info("edge worker %d of %d ready", worker.index, worker.workers)
     log.info("edge %s ready", uuid.uuid4().hex[:8])
     notify = Notifier()
     if predecessor is not None:
@@ -829,6 +914,8 @@ async def serve_edge(
         tasks.append(asyncio.ensure_future(predecessor.gone(_predecessor_gone)))
     stopping = asyncio.ensure_future(stop.wait())
     handed = asyncio.ensure_future(edge.handed_over.wait())
+    if worker is not None:  # a worker whose supervisor is gone drains and exits
+        tasks.append(asyncio.ensure_future(_stop_when(worker.closed, stop)))
     try:
         await asyncio.wait({stopping, handed}, return_when=asyncio.FIRST_COMPLETED)
         if handed.done():  # the successor is the service now: not a stop
@@ -850,7 +937,14 @@ async def serve_edge(
             task.cancel()
         await edge.close()
         await notify.close()
+        if worker is not None:
+            worker.close()
     return 0
+
+
+async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
 
 
 async def _take_over(edge: Edge, predecessor: Predecessor) -> None:
@@ -934,6 +1028,8 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
     upgrades: asyncio.Queue[None] | None = None
 
     apply_budget(config)
+    if config.workers > 1 and WORKER_ENV not in os.environ:
+        return _supervise(config, successor_command())
 
     async def main(stop: asyncio.Event) -> int:
         nonlocal queue, upgrades
@@ -950,6 +1046,29 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
             upgrades.put_nowait(None)
 
     return run_until_signal(main, reload if load is not None else None, upgrade)
+
+
+# on-ramps that own an address (any-port, TUN, TCP upgrade): one process binds it
+_ONE_PROCESS_ONRAMPS = frozenset({"anyport", "tun", "tcp_upgrade", "connect_ip"})
+
+
+def _supervise(config: EdgeConfig, command: list[str]) -> int:
+    """`ramp edge --workers N`: the supervisor (ramp.workers.supervisor)."""
+    from ramp.workers.supervisor import supervise
+
+    kinds = sorted({o.type for o in config.effective_onramps()} & _ONE_PROCESS_ONRAMPS)
+    if kinds:
+        log.error("--workers: the %s on-ramp(s) run in one process only", ", ".join(kinds))
+        return 2
+    for listen in [config.tunnel_listen, *(o.listen for o in config.effective_onramps())]:
+        if parse_hostport(listen)[1] == 0:
+            log.error("--workers: listener %s has port 0; each worker would get its own", listen)
+            return 2
+
+    def groups() -> dict[str, SteeringGroup]:
+        return {"tunnel": SteeringGroup.create(), "masque": SteeringGroup.create()}
+
+    return supervise("edge", command, config.workers, config.metrics_listen, groups)
 
 
 __all__ = ["Edge", "run_edge", "serve_edge"]

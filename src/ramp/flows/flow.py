@@ -149,6 +149,13 @@ class FlowKey:
 _flow_ids = itertools.count(1)
 
 
+def number_flows(first: int, step: int) -> None:
+    """Number this process's flows first, first + step, ...: worker i of N starts at i + 1
+    with step N, so flow ids in the audit log stay unique across workers."""
+    global _flow_ids
+    _flow_ids = itertools.count(first, step)
+
+
 @dataclass(slots=True, eq=False)
 class Flow:
     """One proxied stream, datagram session or packet flow, from accept to end."""

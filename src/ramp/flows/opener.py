@@ -52,6 +52,10 @@ class FlowOpener(Protocol):
         """Route `flow` and open its outbound leg; raises `FlowError` with the reason."""
         ...
 
+    async def open_moved(self, flow: Flow) -> TcpLeg:
+        """Open the leg of a flow another worker routed (ramp.flows.moved)."""
+        ...
+
     async def open_udp(
         self,
         flow: Flow,

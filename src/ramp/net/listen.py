@@ -14,6 +14,20 @@ from ramp.net.inherit import inherited, publish
 log = logging.getLogger(__name__)
 
 
+_share_ports = False
+
+
+def share_ports(on: bool = True) -> None:
+    """Bind every listener of this process with SO_REUSEPORT (a worker: its siblings bind
+    the same ports, and the kernel spreads new connections over them)."""
+    global _share_ports
+    _share_ports = on
+
+
+def sharing_ports() -> bool:
+    return _share_ports
+
+
 async def tcp_listen_socket(
     host: str, port: int, backlog: int = 1024, *, name: str | None = None
 ) -> socket.socket:
@@ -31,6 +45,8 @@ async def tcp_listen_socket(
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if _share_ports:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ramp.net.inherit import inherited, publish
+from ramp.net.listen import sharing_ports
 from ramp.net.sockopts import set_buffers
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class PktinfoEndpoint:
             sock = socket.socket(family, type_, proto)
         try:
             if given is None:
+                if sharing_ports():
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     # "::" means IPv6 only, as for the TCP listeners; dual stack is separate.
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -261,6 +261,13 @@ class EdgeMetrics(ProxyMetrics):
             ["action"],
             registry=self.registry,
         )
+        self.flows_moved = Counter(
+            "ramp_flows_moved",
+            "TCP flows handed to (out) or taken from (in) another worker holding their "
+            "tunnel's connections, as the client socket's descriptor.",
+            ["direction"],
+            registry=self.registry,
+        )
         self.flows_revoked = Counter(
             "ramp_flows_revoked",
             "Open flows ended because a policy change denies them now.",

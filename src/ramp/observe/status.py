@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -24,6 +24,7 @@ from ramp.net.listen import tcp_listen_socket
 log = logging.getLogger(__name__)
 
 ReadyFn = Callable[[], tuple[bool, dict[str, Any]]]
+RefreshFn = Callable[[], Awaitable[None]]  # gathers what /metrics and /ready show next
 
 MAX_HEADER_BYTES = 8192
 MAX_BODY_BYTES = 4096
@@ -44,9 +45,12 @@ class _Reject(Exception):
 class StatusServer:
     """A running status listener; `port` is the bound port (useful with port 0)."""
 
-    def __init__(self, registry: Collector, ready: ReadyFn) -> None:
+    def __init__(
+        self, registry: Collector, ready: ReadyFn, refresh: RefreshFn | None = None
+    ) -> None:
         self._registry = registry
         self._ready = ready
+        self._refresh = refresh
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self.host = ""
@@ -109,6 +113,8 @@ class StatusServer:
                 return
             if request is None:
                 return
+            if self._refresh is not None:
+                await self._refresh()
             status, body, ctype = self._respond(request)
             head = request.method == b"HEAD"
             await self._send(conn, writer, status, body, ctype, not head)
@@ -196,13 +202,13 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 
 async def start_status_server(
-    listen: str, registry: Collector, ready: ReadyFn
+    listen: str, registry: Collector, ready: ReadyFn, *, refresh: RefreshFn | None = None
 ) -> StatusServer | None:
     """Serve /metrics and /ready on `listen` (HOST:PORT); `"off"` serves nothing."""
     if listen in ("", "off"):
         return None
     host, port = parse_hostport(listen)
-    server = StatusServer(registry, ready)
+    server = StatusServer(registry, ready, refresh)
     await server._start(host, port)
     log.info("status: serving /metrics and /ready on %s:%d", server.host, server.port)
     return server

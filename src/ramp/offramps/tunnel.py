@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ramp.flows.budget import MemoryBudget, reserve, unbudgeted
 from ramp.flows.endpoint import StreamEndpoint, as_endpoint
 from ramp.flows.flow import Flow, FlowError, FlowResult, Route
+from ramp.flows.moved import FlowMoved
 from ramp.flows.opener import UdpSession
 from ramp.tunnel.bridge import FLOW_WINDOW, StreamBridge, TunnelSide
 from ramp.tunnel.control import CODE_TO_RESULT
@@ -211,6 +212,8 @@ class TunnelOffRamp:
         # flows waiting for a stream slot, by (tunnel id, replica or None)
         self.waiting: dict[tuple[str, str | None], SlotQueue] = {}
         tunnels.on_slots = self._slots_changed
+        # with workers: the worker that holds connections of a tunnel this one has none of
+        self.elsewhere: Callable[[str], int | None] | None = None
 
     def _candidates(self, route: Route) -> list[EdgeConnection]:
         assert route.tunnel_id is not None
@@ -249,9 +252,22 @@ class TunnelOffRamp:
         queue = self.waiting.get(key)
         return waited or queue is None or not queue.busy
 
+    def _moved(self, route: Route) -> None:
+        """Raise FlowMoved when this worker has no connection of the route's tunnel and
+        another worker has."""
+        if self.elsewhere is None or route.replica is not None:
+            return
+        assert route.tunnel_id is not None
+        if self.tunnels.tunnels.get(route.tunnel_id) is not None and self._candidates(route):
+            return
+        worker = self.elsewhere(route.tunnel_id)
+        if worker is not None:
+            raise FlowMoved(worker, route.tunnel_name or route.tunnel_id)
+
     async def open_stream(self, flow: Flow, route: Route) -> TunnelLeg:
         candidates = self._candidates(route)
         if not candidates:
+            self._moved(route)
             raise FlowError(
                 FlowResult.NET_UNREACHABLE,
                 f"tunnel {route.tunnel_name} has no connected connector"
@@ -327,6 +343,8 @@ class TunnelOffRamp:
         closed: Callable[[str], None],
     ) -> UdpSession:
         assert route.tunnel_id is not None
+        if not self._candidates(route):
+            self._moved(route)
         host = flow.resolved or flow.destination.host
         return await self.sessions.open(
             flow, route.tunnel_id, host, receive, closed, self.connect_timeout

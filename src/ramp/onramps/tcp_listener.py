@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ramp.flows.endpoint import StreamEndpoint
 from ramp.flows.flow import Destination, Flow, FlowError, FlowResult, FlowState, Identity
+from ramp.flows.moved import FlowMoved
 from ramp.flows.opener import FlowOpener, TcpLeg
 from ramp.flows.shares import POOL_FULL, Pool
 from ramp.net.listen import AcceptErrors, accept_loop, tcp_listen_socket
@@ -75,6 +76,38 @@ class FlowPlan:
     answer: Callable[[Any], bytes] | None = None
 
 
+def plan_to_dict(plan: FlowPlan) -> dict[str, Any] | None:
+    """What another worker needs to answer and relay for this plan (ramp.flows.moved), or
+    None for a plan that cannot move (its client is wrapped, or served by the on-ramp)."""
+    if plan.client is not None or plan.serve is not None:
+        return None
+    return {
+        "ok": plan.ok_reply.hex(),
+        "errors": {r.value: plan.error_reply(r).hex() for r in FlowResult},
+        "busy": plan.busy_reply.hex(),
+        "initial": plan.initial.hex(),
+        "eof_is_gone": plan.eof_is_gone,
+    }
+
+
+def plan_from_dict(d: dict[str, Any], destination: Destination) -> FlowPlan:
+    """The plan `plan_to_dict` described; raises KeyError or ValueError when malformed."""
+    errors = {FlowResult(k): bytes.fromhex(v) for k, v in d["errors"].items()}
+    return FlowPlan(
+        destination=destination,
+        identity=None,
+        ok_reply=bytes.fromhex(d["ok"]),
+        error_reply=lambda result: errors.get(result, b""),
+        busy_reply=bytes.fromhex(d["busy"]),
+        initial=bytes.fromhex(d["initial"]),
+        eof_is_gone=bool(d["eof_is_gone"]),
+    )
+
+
+# hands a client socket, its flow and plan to worker N; False when that cannot be done
+FlowMover = Callable[[socket.socket, Flow, FlowPlan, int], Awaitable[bool]]
+
+
 def peer_of(addr: object) -> tuple[str, int]:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[0]), int(addr[1])
@@ -102,6 +135,8 @@ class TcpOnRamp:
     credentials: ClientCredentials | None = None
     # (on-ramp, version, kind) of each PROXY header accepted (set by the builder): counted
     proxy_header_seen: Callable[[str, str, str], None] | None = None
+    # with workers: hands a flow whose tunnel another worker holds to it (set by the role)
+    mover: FlowMover | None = None
 
     def __init__(
         self,
@@ -180,6 +215,12 @@ class TcpOnRamp:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def take(self, work: Awaitable[None]) -> None:
+        """Run `work` (a moved flow: `adopt`) as one of this on-ramp's connections."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def open_connections(self) -> int:
@@ -330,12 +371,34 @@ class TcpOnRamp:
             # The relay closes the socket itself; closing again is a no-op then.
             sock.close()
 
-    async def _run_flow(self, sock: socket.socket, flow: Flow, plan: FlowPlan) -> None:
+    async def adopt(self, sock: socket.socket, flow: Flow, plan: FlowPlan) -> None:
+        """Go on with a flow another worker accepted, decided and routed (ramp.flows.moved):
+        open its stream here, answer the client, relay."""
+        try:
+            await self._run_flow(sock, flow, plan, moved=True)
+        finally:
+            sock.close()
+
+    async def _run_flow(
+        self, sock: socket.socket, flow: Flow, plan: FlowPlan, *, moved: bool = False
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.flows += 1
         try:
             try:
-                leg = await self._open_watching(sock, flow, plan.eof_is_gone)
+                leg = await self._open_watching(sock, flow, plan.eof_is_gone, moved)
+            except FlowMoved as e:
+                if (
+                    not moved
+                    and self.mover is not None
+                    and await self.mover(sock, flow, plan, e.worker)
+                ):
+                    flow.result, flow.reason = FlowResult.OK, f"moved to worker {e.worker}"
+                    flow.annotations["moved_to"] = str(e.worker)
+                    return
+                flow.result, flow.reason = e.result, e.reason
+                await self.send_final(sock, plan.error_reply(e.result))
+                return
             except FlowError as e:
                 flow.result, flow.reason = e.result, e.reason
                 if e.reason == CLIENT_GONE:
@@ -396,7 +459,7 @@ class TcpOnRamp:
                 log.exception("%s flow %d: flow_finished failed", self.onramp, flow.id)
 
     async def _open_watching(
-        self, sock: socket.socket, flow: Flow, eof_is_gone: bool = True
+        self, sock: socket.socket, flow: Flow, eof_is_gone: bool = True, moved: bool = False
     ) -> TcpLeg:
         """Open the flow's outbound leg, given up as soon as the client closes or resets.
 
@@ -427,6 +490,8 @@ class TcpOnRamp:
 
         loop.add_reader(fd, readable)
         try:
+            if moved:
+                return await self.opener.open_moved(flow)
             return await self.opener.open_tcp(flow)
         except asyncio.CancelledError:
             if gone and task is not None and task.uncancel() == 0:

@@ -186,6 +186,30 @@ class FlowPipeline:
             self._on_setup(time.monotonic() - started)
         return leg
 
+    async def open_moved(self, flow: Flow) -> TcpLeg:
+        """A flow another worker decided and routed (ramp.flows.moved): admitted here, its
+        stream opened on this worker's connections, with no second policy decision."""
+        started = time.monotonic()
+        route = flow.route
+        if route is None:
+            raise FlowError(FlowResult.ERROR, "a moved flow without a route")
+        self._admit(flow)
+        flow.advance(FlowState.ROUTED)
+        offramp = self.offramps.get(route.offramp)
+        if offramp is None:
+            raise FlowError(FlowResult.ERROR, f"no off-ramp {route.offramp!r} on this edge")
+        self._take_opening(flow)
+        try:
+            leg: TcpLeg = await offramp.open_stream(flow, route)
+        finally:
+            self._release_opening(flow)
+        flow.advance(FlowState.OPENED)
+        if self._on_open is not None:
+            self._on_open(flow)
+        if self._on_setup is not None:
+            self._on_setup(time.monotonic() - started)
+        return leg
+
     async def open_udp(
         self, flow: Flow, receive: Callable[[bytes], None], closed: Callable[[str], None]
     ) -> UdpSession:

@@ -271,13 +271,13 @@ class Predecessor:
         channel = Channel.from_fd(int(raw))
         hello = await channel.expect("hello", timeout)
         try:
-            return cls._unpack(channel, hello)
+            return cls.unpack(channel, hello)
         except (KeyError, TypeError, ValueError) as e:
             hello.close_fds()
             raise ChannelError(f"malformed handoff: {e!r}") from None
 
     @classmethod
-    def _unpack(cls, channel: Channel, hello: Message) -> Predecessor:
+    def unpack(cls, channel: Channel, hello: Message) -> Predecessor:
         fds = list(hello.fds)
         if len(fds) < 2:
             raise ValueError("no state in the handoff")

@@ -36,6 +36,9 @@
   `reload_edge` sends SIGHUP); the store has policy rules (`add_rule`, `policy_test`,
   `reset_policy`) and virtual networks (`vnet`, `add_route(..., vnet=)`); `audit_records`
   parses the edge's audit lines.
+- `Lab(..., workers=N)` (default: $RAMP_LAB_WORKERS, else 1) starts the edge and every
+  connector with `--workers N` (a connector's --ha-connections raised to N where lower), so
+  the whole suite can run against worker processes.
 
 Router topology (`router=True`):
 
@@ -178,6 +181,9 @@ HTTP_PROXY = f"{EDGE_PUBLIC_ADDR}:{HTTP_PROXY_PORT}"
 RAMP = [sys.executable, "-m", "ramp"]
 
 T = TypeVar("T")
+
+
+WORKERS_ENV = "RAMP_LAB_WORKERS"  # run every lab's edge and connectors with --workers N
 
 
 class LabError(RuntimeError):
@@ -521,11 +527,13 @@ class Lab:
         ipv6: bool = True,
         private_dns: bool = True,
         router: bool = False,
+        workers: int | None = None,
     ) -> None:
         """`mtu` applies to both veth pairs, `tunnel_mtu` (if set) to the E<->P pair instead;
         `private_dns` starts the dnsmasq of the corp.example zone in P; `router` puts a router
         namespace between P and the origins (see the module's "Router topology")."""
         self.router = router
+        self.workers = workers or int(os.environ.get(WORKERS_ENV, "1") or 1)
         self._router_ns: Netns | None = None
         self._origin_ns: Netns | None = None
         self.workdir = Path(workdir)
@@ -1051,8 +1059,20 @@ UseDNS no
             EDGE_MASQUE,
             "--metrics-listen",
             f"{EDGE_PUBLIC_ADDR}:{EDGE_METRICS_PORT}",
+            *self._workers_flags(extra),
             *extra,
         ]
+
+    def _workers_flags(self, extra: Sequence[str], connector: bool = False) -> list[str]:
+        """`--workers N` unless the caller chose its own; a connector needs N connections."""
+        if self.workers <= 1 or "--workers" in extra:
+            return []
+        flags = ["--workers", str(self.workers)]
+        if connector:
+            ha = _last_flag(list(extra), "--ha-connections", "4")
+            if int(ha) < self.workers:
+                flags += ["--ha-connections", str(self.workers)]
+        return flags
 
     def start_edge(
         self,
@@ -1198,6 +1218,7 @@ UseDNS no
             "--metrics-listen",
             f"127.0.0.1:{CONNECTOR_METRICS_BASE_PORT + index}",
             *extra,
+            *self._workers_flags(extra, connector=True),
         ]
 
     def start_connector(

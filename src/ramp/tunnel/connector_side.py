@@ -305,8 +305,10 @@ class TunnelClient:
         self.resolver: Resolver | None = None
         self.egress: Egress | None = None  # source addresses and port sharing for origins
 
+    first_index = 0  # a worker's connections are numbered from its own base
+
     def start(self) -> None:
-        index = 0
+        index = self.first_index
         for host, port in self.edges:
             for _ in range(self.ha_connections):
                 task = asyncio.ensure_future(self._supervise(host, port, index))
