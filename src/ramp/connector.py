@@ -480,7 +480,13 @@ def run_connector(config: ConnectorConfig) -> int:
             return 2
         from ramp.workers.supervisor import supervise
 
-        return supervise("connector", successor_command(), config.workers, config.metrics_listen)
+        return supervise(
+            "connector",
+            successor_command(),
+            config.workers,
+            config.metrics_listen,
+            restart_socket=config.data_dir.expanduser() / CONNECTOR_SOCKET_NAME,
+        )
     running: list[Connector] = []
 
     async def main(stop: asyncio.Event) -> int:

@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Set
+from pathlib import Path
 from typing import Any
 
 import dns.exception
@@ -1028,7 +1029,8 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
     upgrades: asyncio.Queue[None] | None = None
 
     apply_budget(config)
-    if config.workers > 1 and WORKER_ENV not in os.environ:
+    worker = WORKER_ENV in os.environ  # read here: the worker's link takes it out
+    if config.workers > 1 and not worker:
         return _supervise(config, successor_command())
 
     async def main(stop: asyncio.Event) -> int:
@@ -1042,8 +1044,11 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
             queue.put_nowait(load)
 
     def upgrade() -> None:
-        if upgrades is not None:
-            upgrades.put_nowait(None)
+        if worker or upgrades is None:
+            # a worker's restarts are its supervisor's (Ctrl-\ reaches the whole group)
+            log.warning("SIGQUIT ignored: this is a worker; its supervisor decides restarts")
+            return
+        upgrades.put_nowait(None)
 
     return run_until_signal(main, reload if load is not None else None, upgrade)
 
@@ -1066,9 +1071,20 @@ def _supervise(config: EdgeConfig, command: list[str]) -> int:
             return 2
 
     def groups() -> dict[str, SteeringGroup]:
-        return {"tunnel": SteeringGroup.create(), "masque": SteeringGroup.create()}
+        made = {"tunnel": SteeringGroup.create(), "masque": SteeringGroup.create()}
+        if any(g.mechanism != "ebpf" for g in made.values()):
+            # classic BPF steers only by the join order one process knows, and without
+            # steering QUIC packets reach any worker: connections would break
+            for group in made.values():
+                group.close()
+            raise SystemExit(
+                "ramp: --workers needs the eBPF reuseport program (see the warning above); "
+                "run one process instead"
+            )
+        return made
 
-    return supervise("edge", command, config.workers, config.metrics_listen, groups)
+    restart_socket = Path(config.data_dir).expanduser() / SOCKET_NAME
+    return supervise("edge", command, config.workers, config.metrics_listen, groups, restart_socket)
 
 
 __all__ = ["Edge", "run_edge", "serve_edge"]

@@ -141,6 +141,11 @@ def test_two_workers_on_each_role_share_the_listeners_and_show_one_view(
     records = [r for r in lab.audit_records() if r.get("kind") == "stream"]
     assert len(records) == 40
     assert len({r["flow"] for r in records}) == 40
+    # an in-place restart is refused with the reason; the workers serve on
+    refused = lab.ramp("edge", "restart", check=False)
+    assert refused.returncode == 1
+    assert "does not restart in place" in refused.stderr
+    assert worker_pids(lab.edge) == edge_workers
 
 
 def test_a_flow_moves_to_the_worker_holding_its_tunnel(workers_lab: Lab, payload: Payload) -> None:

@@ -22,11 +22,13 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ramp.net.reuseport import SteeringGroup
+from ramp.observe.sdnotify import Notifier
 from ramp.observe.status import StatusServer, start_status_server
 from ramp.restart.channel import (
     Channel,
@@ -37,6 +39,7 @@ from ramp.restart.channel import (
     read_state,
     state_memfd,
 )
+from ramp.restart.coordinator import RestartRefused, RestartServer, open_restart_server
 from ramp.restart.successor import Handoff
 from ramp.workers.link import WORKER_ENV, size_buffers
 from ramp.workers.metrics_sum import SummedCollector, sum_expositions
@@ -47,6 +50,10 @@ SCRAPE_TIMEOUT = 2.0
 STOP_TIMEOUT = 45.0  # SIGTERM drains (up to --drain-timeout) before this kills
 YOUNG = 5.0  # a worker that dies sooner than this after its start is restarted slower
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+NO_RESTART = (
+    "a role running --workers does not restart in place: a worker that exits is started "
+    "again by the supervisor; to upgrade, stop it (SIGTERM drains) and start it again"
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +98,7 @@ class Supervisor:
         workers: int,
         status_listen: str,
         groups: dict[str, SteeringGroup] | None = None,
+        restart_socket: Path | None = None,
     ) -> None:
         if workers < 2:
             raise ValueError("a supervisor needs at least 2 workers")
@@ -110,7 +118,11 @@ class Supervisor:
         self._backoff: dict[int, float] = {}
         self._stopping = False
         self.status: StatusServer | None = None
+        self.restart_socket = restart_socket
+        self.restart_server: RestartServer | None = None
         self.exited = asyncio.Queue[Worker]()
+        self.notify = Notifier()
+        self._told_ready = False
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -173,7 +185,16 @@ class Supervisor:
     def _handle(self, worker: Worker, msg: Message) -> None:
         if msg.kind == "listening":
             worker.listening = True
+            for group in self.groups.values():
+                group.joined(worker.index)
             self._set_working()
+            if (
+                not self._told_ready
+                and len(self.workers) == self.count
+                and all(w.listening for w in self.workers.values())
+            ):
+                self._told_ready = True
+                self.notify.ready(f"{self.count} workers listening")
         elif msg.kind == "tunnels":
             counts = msg.body.get("counts", {})
             worker.tunnels = {str(t): int(n) for t, n in counts.items() if int(n) > 0}
@@ -192,8 +213,6 @@ class Supervisor:
         """New connections of every steered port go to the listening workers' slots."""
         slots = sorted(w.index for w in self.workers.values() if w.listening)
         for group in self.groups.values():
-            for slot in slots:
-                group.joined(slot)
             group.set_working(slots)
 
     def _tell_siblings(self) -> None:
@@ -309,30 +328,47 @@ class Supervisor:
         self.status = await start_status_server(
             self.status_listen, self.registry, self.ready, refresh=self.refresh
         )
+        if self.restart_socket is not None:  # answers, so `ramp ... restart` says why not
+            self.restart_server = await open_restart_server(
+                self.restart_socket, self._restart, lambda outcome: None, None, self.role
+            )
         for index in range(self.count):
             await self.spawn(index)
         log.info("%s supervisor: %d workers", self.role, self.count)
+        self.notify.start_watchdog()
         keeper = asyncio.ensure_future(self._keep(stop))
         forwarder = asyncio.ensure_future(self._forward(reload)) if reload is not None else None
         try:
             await stop.wait()
         finally:
             self._stopping = True
+            self.notify.stopping(f"stopping {len(self.workers)} workers")
             keeper.cancel()
             if forwarder is not None:
                 forwarder.cancel()
             await self.stop_workers()
+            if self.restart_server is not None:
+                await self.restart_server.close()
             if self.status is not None:
                 await self.status.close()
             for group in self.groups.values():
                 group.close()
+            await self.notify.close()
         return 0
+
+    async def _restart(self, progress: Callable[[str], None]) -> int:
+        raise RestartRefused(NO_RESTART)
 
     async def _forward(self, reload: asyncio.Event) -> None:
         while True:
             await reload.wait()
             reload.clear()
-            self.signal_all(signal.SIGHUP)
+            self.reloaded()
+
+    def reloaded(self) -> None:
+        self.notify.reloading()
+        self.signal_all(signal.SIGHUP)
+        self.notify.ready(f"{len(self.workers)} workers; reload passed to each")
 
     def signal_all(self, sig: int) -> None:
         for worker in list(self.workers.values()):
@@ -392,8 +428,10 @@ def supervise(
     workers: int,
     status_listen: str,
     groups: Callable[[], dict[str, SteeringGroup]] = dict,
+    restart_socket: Path | None = None,
 ) -> int:
-    """Run a supervisor until SIGINT/SIGTERM; SIGHUP goes to every worker."""
+    """Run a supervisor until SIGINT/SIGTERM; SIGHUP goes to every worker; SIGQUIT (an
+    in-place restart elsewhere) is refused with a log line."""
     from ramp.runtime import run_until_signal
 
     reload: asyncio.Event | None = None
@@ -401,11 +439,14 @@ def supervise(
     async def main(stop: asyncio.Event) -> int:
         nonlocal reload
         reload = asyncio.Event()
-        supervisor = Supervisor(role, command, workers, status_listen, groups())
+        supervisor = Supervisor(role, command, workers, status_listen, groups(), restart_socket)
         return await supervisor.run(stop, reload)
 
     def on_hup() -> None:
         if reload is not None:
             reload.set()
 
-    return run_until_signal(main, on_hup)
+    def on_quit() -> None:
+        log.warning("SIGQUIT: %s", NO_RESTART)
+
+    return run_until_signal(main, on_hup, on_quit)
