@@ -142,18 +142,25 @@ def measure(workers: int, args: argparse.Namespace) -> dict[str, float]:
         edge, connector = lab.edge, lab.connectors[0]
         bulk_rate(lab, 2, 16 * MB)  # warm up
         r: dict[str, float] = {"workers": workers}
-        pids = _pids(edge) | _pids(connector)
-        cpu0 = _cpu(pids)
+        edge_pids, connector_pids = _pids(edge), _pids(connector)
+        e0, c0 = _cpu(edge_pids), _cpu(connector_pids)
         r["setups_per_s"], failed = setup_rate(lab, args.seconds)
         r["setups_failed"] = failed
         flows = r["setups_per_s"] * args.seconds
-        r["cpu_us_per_setup"] = (_cpu(pids) - cpu0) / max(flows, 1) * 1e6
+        e1, c1 = _cpu(edge_pids), _cpu(connector_pids)
+        r["cpu_us_per_setup"] = (e1 - e0 + c1 - c0) / max(flows, 1) * 1e6
+        # cores each role kept busy during the setup test (the load processes use the rest)
+        r["edge_cores"] = (e1 - e0) / args.seconds
+        r["connector_cores"] = (c1 - c0) / args.seconds
         r["bulk_MBps"] = bulk_rate(lab, args.streams, args.bytes)
         m = edge.metrics()
         r["moved_flows"] = m.value("ramp_flows_moved_total", direction="out")
         _, body = edge.http_get("/ready")
         doc = json.loads(body)
-        r["edge_workers_with_tunnel"] = sum(1 for w in doc.get("workers", []) if w.get("ready"))
+        listed = doc.get("workers")
+        r["edge_workers_with_tunnel"] = (
+            sum(1 for w in listed if w.get("ready")) if listed else float(bool(doc.get("ready")))
+        )
         return r
 
 
@@ -178,18 +185,21 @@ def main() -> int:
         f"{args.runs} run(s)"
     )
     print(
-        f"{'workers':>8} {'setups/s':>10} {'failed':>7} {'CPU us/setup':>13} {'bulk MB/s':>10} "
-        f"{'moved':>7} {'edge workers w/ tunnel':>23}"
+        f"{'workers':>8} {'setups/s':>10} {'failed':>7} {'CPU us/setup':>13} "
+        f"{'edge cores':>11} {'conn cores':>11} {'bulk MB/s':>10} {'moved':>7} "
+        f"{'edge workers w/ tunnel':>23}"
     )
     for w, r in med.items():
         print(
             f"{w:>8} {r['setups_per_s']:>10,.0f} {r['setups_failed']:>7.0f} "
-            f"{r['cpu_us_per_setup']:>13,.0f} {r['bulk_MBps']:>10,.1f} {r['moved_flows']:>7.0f} "
+            f"{r['cpu_us_per_setup']:>13,.0f} {r['edge_cores']:>11.2f} "
+            f"{r['connector_cores']:>11.2f} {r['bulk_MBps']:>10,.1f} {r['moved_flows']:>7.0f} "
             f"{r['edge_workers_with_tunnel']:>23.0f}"
         )
     print(
         f"   ratio {med[2]['setups_per_s'] / med[1]['setups_per_s']:>10.2f} "
-        f"{'':>7} {'':>13} {med[2]['bulk_MBps'] / med[1]['bulk_MBps']:>10.2f}   (2 workers / 1; "
+        f"{'':>7} {'':>13} {'':>11} {'':>11} "
+        f"{med[2]['bulk_MBps'] / med[1]['bulk_MBps']:>10.2f}   (2 workers / 1; "
         "bar: setups 1.3x)"
     )
     print(json.dumps({str(w): rs for w, rs in runs.items()}))

@@ -275,6 +275,7 @@ class Edge:
             per_identity=self.config.max_udp_sessions_per_identity,
             metrics_refused=m.udp_session_refused,
             metrics_expired=m.udp_session_expired,
+            metrics_moved=m.udp_sessions_moved.inc,
         )
         self.tunnels.sessions = self.sessions
         self.packets = EdgePackets(
@@ -776,7 +777,18 @@ class Edge:
 
     # -- DNS through tunnels (internal flows of the edge itself) ---------------------------------
 
-    async def dns_query(self, query: bytes) -> bytes | None:
+    def _dns_elsewhere(self, tunnel_id: str) -> int | None:
+        """The worker to ask when this one holds no connection of the zone's tunnel."""
+        if self.worker is None or self.tunnels is None or self.tunnels.serving(tunnel_id, None):
+            return None
+        return self.worker.elsewhere(tunnel_id)
+
+    async def _answer_dns(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Another worker's DNS query for a tunnel this worker holds."""
+        answer = await self.dns_query(bytes.fromhex(str(body["query"])), local_only=True)
+        return {"answer": answer.hex() if answer is not None else None}
+
+    async def dns_query(self, query: bytes, *, local_only: bool = False) -> bytes | None:
         try:
             msg = dns.message.from_wire(query)
         except dns.exception.DNSException as e:
@@ -786,6 +798,15 @@ class Edge:
         zone = self.dns_zones.lookup(msg.question[0].name.to_text(omit_final_dot=True))
         if zone is None:
             return None
+        holder = self._dns_elsewhere(zone.tunnel_id) if not local_only else None
+        if holder is not None:  # only another worker holds the tunnel: it asks for us
+            assert self.worker is not None
+            answer = await self.worker.ask(
+                holder, "dns", {"query": query.hex()}, self.config.dns_timeout + 1
+            )
+            if answer.get("error"):
+                raise FlowError(FlowResult.ERROR, f"worker {holder}: {answer['error']}")
+            return bytes.fromhex(answer["answer"]) if answer.get("answer") else None
         client = self._dns_clients.get(zone.tunnel_id)
         if client is None:
             route = Route("tunnel", "default", zone.tunnel_id, zone.tunnel_name, zone.zone)
@@ -897,6 +918,7 @@ async def serve_edge(
     if worker is not None:
         worker.scrape = edge.scrape
         worker.adopt = edge._adopt
+        worker.answerers["dns"] = edge._answer_dns
         worker.start()
         worker.listening()
         log.info("edge worker %d of %d ready", worker.index, worker.workers)

@@ -17,9 +17,13 @@ from typing import Any
 import pytest
 
 from ramp.testing.lab import (
+    APP_NAME,
+    DNS_ZONE,
+    EDGE_DNS,
     HTTP_PORT,
     HTTP_PROXY,
     ORIGIN,
+    PRIVATE_DNS,
     SOCKS_PORT,
     SOCKS_PROXY,
     Digest,
@@ -152,7 +156,12 @@ def test_a_flow_moves_to_the_worker_holding_its_tunnel(workers_lab: Lab, payload
     """One tunnel connection: one edge worker holds it. Flows the other worker accepts are
     handed over as descriptors; the client's socket then lives in the holder alone."""
     lab = workers_lab
-    lab.start_standard(connector_args=(*CONNECTOR_ARGS, "--workers", "1"), ha_connections=1)
+    lab.start_standard(
+        edge_args=("--dns-listen", EDGE_DNS),
+        connector_args=(*CONNECTOR_ARGS, "--workers", "1", "--dns-resolver", PRIVATE_DNS),
+        ha_connections=1,
+    )
+    lab.add_dns_route(DNS_ZONE, "corp")
     doc = ready_doc(lab.edge)
     holder = [w["pid"] for w in doc["workers"] if w["ready"]]
     assert len(holder) == 1, doc
@@ -161,7 +170,15 @@ def test_a_flow_moves_to_the_worker_holding_its_tunnel(workers_lab: Lab, payload
     assert all(d.returncode == 0 and d.sha256 == payload.small.sha256 for d in got), [
         d.stderr for d in got if d.returncode
     ]
+    # private DNS through the tunnel, over UDP and TCP, whichever worker the query reaches:
+    # a worker without the tunnel asks the holder
+    wait_until(lambda: lab.dig(APP_NAME).answers("A") == [ORIGIN], DEADLINE, what="the DNS route")
+    digs = [lab.dig(APP_NAME, *(["+tcp"] if i % 2 else [])) for i in range(20)]
+    assert all(d.status == "NOERROR" and d.answers("A") == [ORIGIN] for d in digs), [
+        d.output for d in digs if d.answers("A") != [ORIGIN]
+    ]
     m = lab.edge_metrics()
+    assert m.value("ramp_worker_questions_total", what="dns") > 0
     moved = m.value("ramp_flows_moved_total", direction="out")
     assert moved > 0
     assert m.value("ramp_flows_moved_total", direction="in") == moved

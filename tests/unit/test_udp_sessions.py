@@ -115,6 +115,41 @@ def test_session_moves_when_its_connection_dies(tmp_path: Path) -> None:
     run(main())
 
 
+def test_session_moves_off_a_draining_connection_without_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connector restart: the old connection drains; the session registers on another
+    connection while datagrams still take the old path, then switches; nothing is lost."""
+    from ramp.tunnel import sessions_edge
+
+    monkeypatch.setattr(sessions_edge, "MOVE_LINGER", 0.2)
+
+    async def main() -> None:
+        transport, port = await udp_echo_origin()
+        async with tunnel(tmp_path, ha=2) as t:
+            session, got, closed = await open_session(t.edge, port)
+            session.send(b"first")
+            assert await asyncio.wait_for(got.get(), 5) == b"first"
+            old = session.conn
+            old.draining = True  # what an UNREGISTER from the connector does, then:
+            t.edge.sessions.connection_draining(old)  # type: ignore[union-attr]
+            sent = [f"{i}".encode() for i in range(200)]
+            for payload in sent:
+                session.send(payload)
+                await asyncio.sleep(0.002)
+            back = {await asyncio.wait_for(got.get(), 5) for _ in sent}
+            assert back == set(sent)  # every one echoed, across the switch
+            await until(lambda: session.conn is not old, what="the session to move")
+            await until(lambda: session.id not in old.sessions, what="its old path to close")
+            assert t.edge.metrics.registry.get_sample_value("ramp_udp_sessions_moved_total") == 1
+            session.send(b"after")
+            assert await asyncio.wait_for(got.get(), 5) == b"after"
+            assert not closed
+        transport.close()
+
+    run(main())
+
+
 def test_unrouted_udp_is_refused(tmp_path: Path) -> None:
     async def main() -> None:
         async with tunnel(tmp_path) as t:

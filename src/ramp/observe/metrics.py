@@ -261,6 +261,12 @@ class EdgeMetrics(ProxyMetrics):
             ["action"],
             registry=self.registry,
         )
+        self.udp_sessions_moved = Counter(
+            "ramp_udp_sessions_moved",
+            "UDP sessions moved off a draining tunnel connection (a connector restart) to "
+            "another connection of the tunnel before it closed.",
+            registry=self.registry,
+        )
         self.flows_moved = Counter(
             "ramp_flows_moved",
             "TCP flows handed to (out) or taken from (in) another worker holding their "

@@ -104,12 +104,13 @@ class Channel:
                 data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
             except BlockingIOError:
                 ready = loop.create_future()
-                loop.add_reader(self.sock.fileno(), ready.set_result, None)
+                fd = self.sock.fileno()  # the socket may be closed while this waits
+                loop.add_reader(fd, ready.set_result, None)
                 try:
                     async with asyncio.timeout(timeout):
                         await ready
                 finally:
-                    loop.remove_reader(self.sock.fileno())
+                    loop.remove_reader(fd)
                 continue
             except (ConnectionError, OSError) as e:
                 raise ChannelClosed(f"the other process is gone: {e}") from None

@@ -256,6 +256,9 @@ class _IncomingFlow:
                 self.conn.forget(self.stream_id)
 
 
+UDP_MOVE_WAIT = 4.0  # a drain waits this long for the edge to move the UDP sessions away
+
+
 class TunnelClient:
     """All of a connector's connections to its edges."""
 
@@ -579,7 +582,14 @@ class TunnelClient:
             conn.unregister()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.active_flows and loop.time() < deadline:
+        # UDP sessions have no end to wait for, but the edge moves them to the tunnel's other
+        # connections (a restart's successor) and then closes them here: wait for that
+        udp_deadline = loop.time() + min(grace, UDP_MOVE_WAIT)
+
+        def udp_open() -> bool:
+            return bool(getattr(self.sessions, "sessions", None)) and loop.time() < udp_deadline
+
+        while (self.active_flows or udp_open()) and loop.time() < deadline:
             await asyncio.sleep(0.1)
         if self.active_flows:
             log.warning("grace period over: cutting %d open flows", self.active_flows)

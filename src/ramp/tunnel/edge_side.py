@@ -142,6 +142,8 @@ class EdgeConnection(endpoint.TunnelConnection):
                 )
                 self.edge.changed()
                 self.edge.slots_changed(self)
+                if self.edge.sessions is not None:  # UDP sessions move before it goes
+                    self.edge.sessions.connection_draining(self)
 
     def _accepted(self, frame: Register, tunnel_name: str) -> None:
         self.registered = True

@@ -39,6 +39,8 @@ log = logging.getLogger("ramp.edge.udp")
 INTERNAL_SOURCE = "edge"  # the source address of flows the edge opens itself (dns_edge.py)
 PENDING_LIMIT = 64  # datagrams held per session while it (re)registers
 MIGRATE_TIMEOUT = 5.0
+# a session moved off a draining connection keeps that path for late replies this long
+MOVE_LINGER = 2.0
 
 
 class UdpSessionBase:
@@ -192,6 +194,35 @@ class EdgeSession(UdpSessionBase):
         finally:
             self._migrating = None
 
+    def move(self) -> None:
+        """Its connection drains (the connector restarts): register on another connection
+        while datagrams still go the old way, then switch (make before break)."""
+        conn = self.conn
+        if self.finished or self._migrating is not None or not self.registered or conn is None:
+            return
+        self._migrating = asyncio.ensure_future(self._move(conn))
+
+    async def _move(self, old: EdgeLink) -> None:
+        try:
+            await self.manager.register(self, MIGRATE_TIMEOUT)
+        except FlowError as e:
+            log.info("udp session %d stays on its draining connection: %s", self.id, e.reason)
+            return
+        finally:
+            self._migrating = None
+        log.info("udp session %d moved off a draining tunnel connection", self.id)
+        self.manager.metrics_moved()
+        await asyncio.sleep(MOVE_LINGER)
+        if old.sessions.get(self.id) is self:
+            old.sessions.pop(self.id)
+            # the same connector moved its side when the new link registered it; another
+            # connector (a restart's predecessor) is told to let its side go
+            same = getattr(old, "connector_id", None) == getattr(self.conn, "connector_id", "")
+            if not old.closed and not same:
+                old.send_datagram(
+                    encode_session_control(SessionClose(self.id, SessionCloseReason.SHUTDOWN))
+                )
+
     def _release(self, notify_peer: SessionCloseReason | None) -> None:
         if self._migrating is not None:
             self._migrating.cancel()
@@ -218,8 +249,10 @@ class EdgeSessions:
         per_identity: int = 0,
         metrics_refused: Callable[[str], None] = lambda reason: None,
         metrics_expired: Callable[[str], None] = lambda reason: None,
+        metrics_moved: Callable[[], None] = lambda: None,
     ) -> None:
         self.tunnels = tunnels
+        self.metrics_moved = metrics_moved  # a session moved off a draining connection
         self.idle_timeout = idle_timeout
         self.unreplied_timeout = unreplied_timeout
         self.limit = limit
@@ -385,6 +418,9 @@ class EdgeSessions:
             if not isinstance(msg, SessionClose):
                 self.metrics_drop("unknown_session")
             return
+        if isinstance(msg, SessionClose) and session.conn is not conn:
+            conn.sessions.pop(msg.session_id, None)  # its old path, after a move: it goes on
+            return
         if isinstance(msg, SessionRegistered | SessionRefused):
             if session.answer is not None and not session.answer.done():
                 session.answer.set_result(msg)
@@ -399,7 +435,16 @@ class EdgeSessions:
         for s in sessions:
             if s.answer is not None and not s.answer.done():
                 continue  # its register loop notices the closed connection and moves on
+            if s.conn is not None and s.conn is not conn:
+                continue  # moved to another connection already; this was its old path
             s.connection_lost()
+
+    def connection_draining(self, conn: EdgeLink) -> None:
+        """`conn` takes no new flows: its UDP sessions move to the tunnel's other
+        connections (a connector restart's successor has registered them already)."""
+        for s in list(conn.sessions.values()):
+            if isinstance(s, EdgeSession) and s.conn is conn:
+                s.move()
 
     def forget(self, session: UdpSessionBase) -> None:
         self.sessions.pop(session.id, None)

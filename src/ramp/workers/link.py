@@ -5,6 +5,9 @@ Messages, worker -> supervisor:
     listening  {slots}             its steered sockets are in their groups
     tunnels    {counts}            tunnel id: connections registered with this worker
     flow       {to, flow, plan}    + the client socket: for worker `to` (ramp.flows.moved)
+    ask        {to, id, what, ...} a question for worker `to` (a DNS query through a tunnel
+                                   only `to` holds)
+    reply      {to, id, ...}       the answer to worker `to`'s question `id`
     scraped    {id, ok, info}      + a memfd with its metrics, the answer to `scrape`
 
 supervisor -> worker:
@@ -12,6 +15,7 @@ supervisor -> worker:
     hello      {index, workers}    + the layout memfd, stderr, the groups' descriptors
     siblings   {tunnels}           tunnel id: the other workers holding connections of it
     flow       {from, flow, plan}  + the client socket, from worker `from`
+    ask, reply {from, id, ...}     passed on from worker `from`
     scrape     {id}
 """
 
@@ -23,7 +27,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ramp.net.reuseport import SteeringGroup
@@ -46,6 +50,8 @@ CHANNEL_BUFFER = 4 << 20  # flow moves come in bursts: room for thousands of mes
 Scrape = Callable[[], tuple[str, bool, dict[str, Any]]]
 # a moved flow's client socket and its description
 Adopt = Callable[[socket.socket, dict[str, Any]], None]
+# answers another worker's question (the body of an `ask`) with the body of the `reply`
+Answerer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def size_buffers(sock: socket.socket) -> None:
@@ -72,6 +78,10 @@ class WorkerLink:
         self.siblings: dict[str, list[int]] = {}
         self.scrape: Scrape | None = None
         self.adopt: Adopt | None = None
+        self.answerers: dict[str, Answerer] = {}
+        self._questions: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._question_ids = itertools.count(1)
+        self._answering: set[asyncio.Task[None]] = set()
         self._turn = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -110,6 +120,8 @@ class WorkerLink:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        for task in self._answering:
+            task.cancel()
         self.channel.close()
 
     # -- to the supervisor ----------------------------------------------------------------
@@ -139,6 +151,31 @@ class WorkerLink:
         """Send the client socket and the flow's description to `worker`."""
         return self._send("flow", {"to": worker, **body}, [sock.fileno()])
 
+    async def ask(
+        self, worker: int, what: str, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """Ask `worker` (its answerer for `what`); raises TimeoutError or ChannelError."""
+        qid = next(self._question_ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._questions[qid] = waiter
+        try:
+            if not self._send("ask", {"to": worker, "id": qid, "what": what, **body}):
+                raise ChannelError("the supervisor is gone")
+            async with asyncio.timeout(timeout):
+                return await waiter
+        finally:
+            self._questions.pop(qid, None)
+
+    async def _answer(self, body: dict[str, Any]) -> None:
+        answerer = self.answerers.get(str(body.get("what")))
+        try:
+            if answerer is None:
+                raise ValueError(f"no answer for {body.get('what')!r}")
+            answer = await answerer(body)
+        except Exception as e:  # the asker gets the reason, not a silence
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        self._send("reply", {"to": body.get("from"), "id": body.get("id"), **answer})
+
     # -- from the supervisor --------------------------------------------------------------
 
     async def _read(self) -> None:
@@ -164,6 +201,14 @@ class WorkerLink:
             self.siblings = {str(t): [int(w) for w in ws] for t, ws in tunnels.items()}
         elif msg.kind == "scrape":
             self._answer_scrape(msg.body.get("id"))
+        elif msg.kind == "ask":
+            task = asyncio.ensure_future(self._answer(msg.body))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+        elif msg.kind == "reply":
+            waiter = self._questions.get(int(msg.body.get("id", 0)))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg.body)
         elif msg.kind == "flow" and len(msg.fds) == 1:
             sock = socket.socket(fileno=msg.fds.pop())
             if self.adopt is None or sock.type != socket.SOCK_STREAM:

@@ -14,9 +14,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-# gauges every worker sets alike, from the config or the shared store
+# metrics every worker sets alike, from the config, the shared store or a signal they all get
 SAME_IN_EVERY_WORKER = frozenset(
-    {"ramp_limit", "ramp_policy_rules", "ramp_routes", "ramp_icmp_mode", "ramp_onramp_steering"}
+    {
+        "ramp_limit",
+        "ramp_policy_rules",
+        "ramp_routes",
+        "ramp_icmp_mode",
+        "ramp_onramp_steering",
+        "ramp_config_reloads",  # every worker takes each SIGHUP: one reload, not N
+    }
 )
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]

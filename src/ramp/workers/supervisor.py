@@ -83,6 +83,13 @@ class SupervisorMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.questions = Counter(
+            "ramp_worker_questions",
+            "Questions one worker passed to another through the supervisor (dns: a query "
+            "through a tunnel only the other worker holds).",
+            ["what"],
+            registry=registry,
+        )
         self.scrape_failures = Counter(
             "ramp_worker_scrape_failures",
             "Workers that did not answer a /metrics or /ready scrape in time.",
@@ -122,6 +129,7 @@ class Supervisor:
         self.restart_server: RestartServer | None = None
         self.exited = asyncio.Queue[Worker]()
         self.notify = Notifier()
+        self.status_code = 0  # what the supervisor exits with
         self._told_ready = False
 
     # -- workers ----------------------------------------------------------------------------
@@ -201,6 +209,8 @@ class Supervisor:
             self._tell_siblings()
         elif msg.kind == "flow":
             self._pass_flow(worker, msg)
+        elif msg.kind in ("ask", "reply"):
+            self._pass_on(worker, msg)
         elif msg.kind == "scraped":
             scrape_id, waiter = self._scrapes.get(worker.index, (0, None))
             if waiter is not None and not waiter.done() and msg.body.get("id") == scrape_id:
@@ -242,6 +252,25 @@ class Supervisor:
             return
         self.metrics.moves.labels("ok").inc()
 
+    def _pass_on(self, worker: Worker, msg: Message) -> None:
+        """A question to another worker, or its answer: passed on with who sent it. A
+        question for a worker that is gone gets an error reply at once."""
+        body = dict(msg.body)
+        target = body.pop("to", None)
+        to = self.workers.get(target) if isinstance(target, int) else None
+        body["from"] = worker.index
+        if msg.kind == "ask":
+            self.metrics.questions.labels(str(body.get("what", ""))[:16]).inc()
+        if to is not None:
+            with contextlib.suppress(ChannelError, ValueError):
+                to.channel.send(msg.kind, body)
+                return
+        if msg.kind == "ask":
+            with contextlib.suppress(ChannelError, ValueError):
+                worker.channel.send(
+                    "reply", {"id": body.get("id"), "error": "that worker is gone", "from": -1}
+                )
+
     def _gone(self, worker: Worker, code: int) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
@@ -272,6 +301,19 @@ class Supervisor:
             if self._stopping or stop.is_set():
                 continue
             code = worker.proc.returncode or 0
+            if code >= 2 or (code > 0 and not worker.listening):
+                # it chose to exit (a config, token or registration error, or a listener it
+                # cannot bind): every worker would, so the supervisor exits with it
+                log.error(
+                    "worker %d exited with status %d%s: stopping the %s",
+                    worker.index,
+                    code,
+                    "" if worker.listening else " before it listened",
+                    self.role,
+                )
+                self.status_code = code
+                stop.set()
+                continue
             self.metrics.restarts.labels("signal" if code < 0 else "exit").inc()
             young = loop.time() - worker.started < YOUNG
             pause = self._backoff.get(worker.index, 0.0)
@@ -354,7 +396,7 @@ class Supervisor:
             for group in self.groups.values():
                 group.close()
             await self.notify.close()
-        return 0
+        return self.status_code
 
     async def _restart(self, progress: Callable[[str], None]) -> int:
         raise RestartRefused(NO_RESTART)
