@@ -99,6 +99,7 @@ class Edge:
         self.packets: EdgePackets | None = None  # IP packets to and from connectors
         self._bad_input_log = LogLimiter()
         self._store_version = -1
+        self._loaded_once = False
         self._tunnel_names: dict[str, str] = {}
         self._vnet_assignments: dict[str, str] = {}
         # Client identities: their credentials (the store answers for every check, so a
@@ -560,11 +561,15 @@ class Edge:
 
     # -- store -----------------------------------------------------------------------------------
 
-    def reload_store(self) -> None:
+    def reload_store(self, *, told: bool = False) -> None:
+        """Read the store again if it changed (`told`: another worker saw it change)."""
         version = self.store.data_version()
         if version == self._store_version:
             return
         self._store_version = version
+        if self.worker is not None and not told and self._loaded_once:
+            self.worker.store_changed()
+        self._loaded_once = True
         tunnels = {t.id: t.name for t in self.store.list_tunnels()}
         routes = VnetRoutes(self.store.list_routes())
         self.router.tables = routes.tables
@@ -919,6 +924,7 @@ async def serve_edge(
         worker.scrape = edge.scrape
         worker.adopt = edge._adopt
         worker.answerers["dns"] = edge._answer_dns
+        worker.on_store = lambda: edge.reload_store(told=True)
         worker.start()
         worker.listening()
         log.info("edge worker %d of %d ready", worker.index, worker.workers)

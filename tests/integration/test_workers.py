@@ -52,7 +52,12 @@ def worker_pids(proc: LabProcess) -> dict[int, int]:
 
 
 def fetch_small(lab: Lab, via: str) -> Digest:
-    proxy = ["--socks5", SOCKS_PROXY] if via == "socks5" else ["--proxytunnel", "--proxy", via]
+    if via == "socks5":
+        proxy = ["--socks5", SOCKS_PROXY]
+    elif via == "forward":  # an absolute-form request (GET http://...)
+        proxy = ["--proxy", f"http://{HTTP_PROXY}"]
+    else:
+        proxy = ["--proxytunnel", "--proxy", via]
     return lab.curl_digest(*proxy, f"http://{ORIGIN}:{HTTP_PORT}/small.bin", timeout=30)
 
 
@@ -167,6 +172,7 @@ def test_a_flow_moves_to_the_worker_holding_its_tunnel(workers_lab: Lab, payload
     assert len(holder) == 1, doc
     got = [fetch_small(lab, "socks5") for _ in range(40)]
     got += [fetch_small(lab, f"http://{HTTP_PROXY}") for _ in range(10)]
+    got += [fetch_small(lab, "forward") for _ in range(10)]
     assert all(d.returncode == 0 and d.sha256 == payload.small.sha256 for d in got), [
         d.stderr for d in got if d.returncode
     ]
@@ -184,7 +190,7 @@ def test_a_flow_moves_to_the_worker_holding_its_tunnel(workers_lab: Lab, payload
     assert m.value("ramp_flows_moved_total", direction="in") == moved
     assert m.value("ramp_worker_flow_moves_total", outcome="ok") == moved
     records = [r for r in lab.audit_records() if r.get("kind") == "stream"]
-    assert len(records) == 50  # a moved flow is reported once, by the worker it moved to
+    assert len(records) == 60  # a moved flow is reported once, by the worker it moved to
     assert sum(1 for r in records if "moved_from" in r.get("annotations", {})) == moved
     # while slow downloads run, every client connection is held by the holder only: the
     # bytes are not copied through the worker that accepted them

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -144,7 +145,38 @@ def test_a_plan_moves_with_its_replies_and_a_wrapped_one_does_not() -> None:
     assert back.busy_reply == b"busy"
     assert all(back.error_reply(r) == r.value.encode() for r in FlowResult)
     plan.client = lambda sock: sock  # type: ignore[assignment,return-value]
-    assert plan_to_dict(plan) is None
+    assert plan_to_dict(plan) is None  # a wrapped client that cannot be rebuilt stays
+
+
+def test_an_absolute_form_request_moves_and_is_rebuilt() -> None:
+    import socket as socket_module
+
+    import ramp.onramps.http_connect  # noqa: F401  (registers its rebuilder)
+
+    raw = b"GET http://198.51.100.10/small.bin HTTP/1.1\r\nHost: 198.51.100.10\r\n\r\n"
+    plan = FlowPlan(
+        destination=Destination("198.51.100.10", 80),
+        identity=None,
+        ok_reply=b"",
+        error_reply=lambda r: b"HTTP/1.1 502 Bad Gateway\r\n\r\n",
+        busy_reply=b"",
+        client=lambda sock: sock,  # type: ignore[arg-type,return-value]
+        resume=("http-request", raw),
+    )
+    described = plan_to_dict(plan)
+    assert described is not None
+    back = plan_from_dict(described, plan.destination)
+    assert back.client is not None
+    a, b = socket_module.socketpair()
+    try:
+        endpoint = back.client(a)
+        assert endpoint.kind == "http-request"  # type: ignore[attr-defined]
+    finally:
+        a.close()
+        b.close()
+    described["resume"] = ["http-request", b"GARBAGE\r\n\r\n".hex()]
+    with pytest.raises(ValueError):
+        plan_from_dict(described, plan.destination)
 
 
 def _ramp(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

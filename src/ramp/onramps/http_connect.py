@@ -33,7 +33,7 @@ from ramp.flows.endpoint import ProtocolFactory, SocketEndpoint, StreamEndpoint
 from ramp.flows.flow import Destination, FlowResult
 from ramp.flows.http_errors import failure, proxy_status
 from ramp.onramps.registry import OnRampContext, OnRampOptions, register
-from ramp.onramps.tcp_listener import FlowPlan, TcpOnRamp
+from ramp.onramps.tcp_listener import CLIENT_REBUILDERS, FlowPlan, TcpOnRamp
 from ramp.wire.http import (
     BadBody,
     RequestBody,
@@ -83,9 +83,12 @@ class HttpConnectServer(TcpOnRamp):
 
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> FlowPlan | None:
         reader = RequestReader()
+        raw = bytearray()  # what was read, for a worker this flow may move to
         try:
             while (head := reader.next_request()) is None:
-                reader.receive_data(await self.recv(sock, reader.received > 0))
+                data = await self.recv(sock, reader.received > 0)
+                raw += data
+                reader.receive_data(data)
             identity: str | None = None
             if self.auth_required():
                 value = proxy_authorization(head)
@@ -114,6 +117,7 @@ class HttpConnectServer(TcpOnRamp):
             busy_reply=response(503, "ramp: too many flows"),
             initial=initial,
             client=client,
+            resume=None if request.connect else (ONE_REQUEST, bytes(raw)),
             eof_is_gone=request.connect,
             request=HookRequest(
                 head.method.decode("ascii", "replace"),
@@ -224,6 +228,28 @@ class OneRequestEndpoint:
 
     def close(self) -> None:
         self._socket.close()
+
+
+ONE_REQUEST = "http-request"
+
+
+def _one_request_again(raw: bytes) -> Callable[[socket.socket], StreamEndpoint]:
+    """The client wrapper of an absolute-form request, from the bytes the worker that
+    accepted it read (ramp.flows.moved)."""
+    reader = RequestReader()
+    try:
+        reader.receive_data(raw)
+        head = reader.next_request()
+        if head is None:
+            raise ValueError("the moved request is incomplete")
+        initial = interpret(head, reader.trailing).initial
+    except RequestRejected as e:
+        raise ValueError(f"the moved request does not parse: {e}") from None
+    head_bytes = initial[: len(initial) - len(reader.trailing)]
+    return partial(OneRequestEndpoint, head=head_bytes, body=RequestBody(reader, head))
+
+
+CLIENT_REBUILDERS[ONE_REQUEST] = _one_request_again
 
 
 def hook_reply(reply: Reply) -> bytes:

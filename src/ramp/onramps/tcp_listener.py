@@ -74,14 +74,24 @@ class FlowPlan:
     # send a hook's own answer (policy.hooks.Reply) in this on-ramp's protocol.
     request: object | None = None
     answer: Callable[[Any], bytes] | None = None
+    # How another worker rebuilds `client` (a moved flow): a kind in CLIENT_REBUILDERS and
+    # the raw bytes the on-ramp read.
+    resume: tuple[str, bytes] | None = None
+
+
+# an on-ramp's way back from FlowPlan.resume to FlowPlan.client; raises ValueError
+ClientRebuilder = Callable[[bytes], Callable[[socket.socket], StreamEndpoint]]
+CLIENT_REBUILDERS: dict[str, ClientRebuilder] = {}
 
 
 def plan_to_dict(plan: FlowPlan) -> dict[str, Any] | None:
     """What another worker needs to answer and relay for this plan (ramp.flows.moved), or
     None for a plan that cannot move (its client is wrapped, or served by the on-ramp)."""
-    if plan.client is not None or plan.serve is not None:
+    if plan.serve is not None or (plan.client is not None and plan.resume is None):
         return None
+    resume = None if plan.resume is None else [plan.resume[0], plan.resume[1].hex()]
     return {
+        "resume": resume,
         "ok": plan.ok_reply.hex(),
         "errors": {r.value: plan.error_reply(r).hex() for r in FlowResult},
         "busy": plan.busy_reply.hex(),
@@ -93,6 +103,13 @@ def plan_to_dict(plan: FlowPlan) -> dict[str, Any] | None:
 def plan_from_dict(d: dict[str, Any], destination: Destination) -> FlowPlan:
     """The plan `plan_to_dict` described; raises KeyError or ValueError when malformed."""
     errors = {FlowResult(k): bytes.fromhex(v) for k, v in d["errors"].items()}
+    client = None
+    if d.get("resume"):
+        kind, raw = d["resume"]
+        rebuild = CLIENT_REBUILDERS.get(str(kind))
+        if rebuild is None:
+            raise ValueError(f"no on-ramp rebuilds a {kind!r} client")
+        client = rebuild(bytes.fromhex(raw))
     return FlowPlan(
         destination=destination,
         identity=None,
@@ -101,6 +118,7 @@ def plan_from_dict(d: dict[str, Any], destination: Destination) -> FlowPlan:
         busy_reply=bytes.fromhex(d["busy"]),
         initial=bytes.fromhex(d["initial"]),
         eof_is_gone=bool(d["eof_is_gone"]),
+        client=client,
     )
 
 

@@ -8,6 +8,7 @@ Messages, worker -> supervisor:
     ask        {to, id, what, ...} a question for worker `to` (a DNS query through a tunnel
                                    only `to` holds)
     reply      {to, id, ...}       the answer to worker `to`'s question `id`
+    store      {}                  it saw the store change: the others read it now too
     scraped    {id, ok, info}      + a memfd with its metrics, the answer to `scrape`
 
 supervisor -> worker:
@@ -16,6 +17,7 @@ supervisor -> worker:
     siblings   {tunnels}           tunnel id: the other workers holding connections of it
     flow       {from, flow, plan}  + the client socket, from worker `from`
     ask, reply {from, id, ...}     passed on from worker `from`
+    store      {from}              another worker saw the store change
     scrape     {id}
 """
 
@@ -79,6 +81,7 @@ class WorkerLink:
         self.scrape: Scrape | None = None
         self.adopt: Adopt | None = None
         self.answerers: dict[str, Answerer] = {}
+        self.on_store: Callable[[], None] | None = None  # read the store again
         self._questions: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._question_ids = itertools.count(1)
         self._answering: set[asyncio.Task[None]] = set()
@@ -139,6 +142,11 @@ class WorkerLink:
 
     def tunnels(self, counts: dict[str, int]) -> None:
         self._send("tunnels", {"counts": counts})
+
+    def store_changed(self) -> None:
+        """This worker loaded a new version of the store: so do the others, at once (not at
+        their next poll), so that all of them decide by the same rules."""
+        self._send("store", {})
 
     def elsewhere(self, tunnel_id: str) -> int | None:
         """A worker holding connections of `tunnel_id` (in turns when several do)."""
@@ -205,6 +213,9 @@ class WorkerLink:
             task = asyncio.ensure_future(self._answer(msg.body))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
+        elif msg.kind == "store":
+            if self.on_store is not None:
+                self.on_store()
         elif msg.kind == "reply":
             waiter = self._questions.get(int(msg.body.get("id", 0)))
             if waiter is not None and not waiter.done():

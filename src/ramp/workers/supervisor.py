@@ -211,6 +211,11 @@ class Supervisor:
             self._pass_flow(worker, msg)
         elif msg.kind in ("ask", "reply"):
             self._pass_on(worker, msg)
+        elif msg.kind == "store":
+            for other in list(self.workers.values()):
+                if other is not worker:
+                    with contextlib.suppress(ChannelError):
+                        other.channel.send("store", {"from": worker.index})
         elif msg.kind == "scraped":
             scrape_id, waiter = self._scrapes.get(worker.index, (0, None))
             if waiter is not None and not waiter.done() and msg.body.get("id") == scrape_id:
