@@ -289,7 +289,7 @@ class Connector:
             worker.scrape = self.scrape
             worker.start()
             worker.listening()
-            stop_on_gone = asyncio.ensure_future(_stop_when(worker.closed, stop))
+            stop_on_gone = asyncio.ensure_future(_stop_when(worker.stop, stop))
         elif predecessor is None:
             await self._start_serving()
         edges = ", ".join(f"{h}:{p}" for h, p in self.edges)

@@ -881,6 +881,7 @@ async def serve_edge(
     *,
     command: list[str] | None = None,
     upgrade: asyncio.Queue[None] | None = None,
+    load: Callable[[], EdgeConfig] | None = None,
 ) -> int:
     """Run an edge until `stop` (then drain) or until a successor serves (then drain and
     return). `command` is what a restart runs; `upgrade` takes SIGQUIT's restarts."""
@@ -943,8 +944,10 @@ async def serve_edge(
         tasks.append(asyncio.ensure_future(predecessor.gone(_predecessor_gone)))
     stopping = asyncio.ensure_future(stop.wait())
     handed = asyncio.ensure_future(edge.handed_over.wait())
-    if worker is not None:  # a worker whose supervisor is gone drains and exits
-        tasks.append(asyncio.ensure_future(_stop_when(worker.closed, stop)))
+    if worker is not None:  # told to stop, or its supervisor is gone: it drains and exits
+        tasks.append(asyncio.ensure_future(_stop_when(worker.stop, stop)))
+        if reloaded is not None and load is not None:
+            worker.on_reload = lambda: reloaded.put_nowait(load)
     try:
         await asyncio.wait({stopping, handed}, return_when=asyncio.FIRST_COMPLETED)
         if handed.done():  # the successor is the service now: not a stop
@@ -1065,9 +1068,13 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
         nonlocal queue, upgrades
         queue = asyncio.Queue()
         upgrades = asyncio.Queue()
-        return await serve_edge(config, stop, queue, command=successor_command(), upgrade=upgrades)
+        return await serve_edge(
+            config, stop, queue, command=successor_command(), upgrade=upgrades, load=load
+        )
 
     def reload() -> None:
+        if worker:
+            return  # a worker reloads when its supervisor says (ramp.workers.link)
         if queue is not None and load is not None:
             queue.put_nowait(load)
 

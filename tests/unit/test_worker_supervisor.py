@@ -23,12 +23,14 @@ async def main():
     link.start()
     link.listening()
     mode = os.environ.get("FAKE_MODE", "")
-    if mode == "garbage" and link.index == 1:
+    marker = os.environ["FAKE_MARKER"]
+    if mode == "garbage" and link.index == 1 and not os.path.exists(marker):
+        open(marker, "w").close()  # once: the worker started again behaves
         link.channel.sock.send(b"this is not json")
     if mode == "move" and link.index == 1:
         a, b = socket.socketpair()
         link.move(a, 7, {"flow": {}, "plan": {}})
-    await link.closed.wait()
+    await link.stop.wait()
 
 asyncio.run(main())
 """
@@ -44,6 +46,7 @@ def _supervisor(tmp_path: Path, mode: str) -> Supervisor:
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE)
     os.environ["FAKE_MODE"] = mode
+    os.environ["FAKE_MARKER"] = str(tmp_path / "garbage-sent")
     return Supervisor("edge", [sys.executable, str(script)], 2, "off")
 
 
@@ -82,10 +85,17 @@ def test_a_worker_sending_garbage_is_stopped_and_started_again(tmp_path: Path) -
     sup = _supervisor(tmp_path, "garbage")
 
     async def body() -> None:
-        first = sup.workers[1].proc.pid
+        pid0 = sup.workers[0].proc.pid
         await _until(
-            lambda: 1 in sup.workers and sup.workers[1].proc.pid != first, "a new worker 1"
+            lambda: (
+                sup.registry.get_sample_value("ramp_worker_restarts_total", {"how": "signal"}) == 1
+                and 1 in sup.workers
+                and sup.workers[1].listening
+            ),
+            "worker 1 stopped and started again",
         )
+        assert (tmp_path / "garbage-sent").exists()
+        assert sup.workers[0].proc.pid == pid0
         assert 0 in sup.workers  # the other one is untouched
 
     asyncio.run(_run(sup, body))

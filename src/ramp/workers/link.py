@@ -18,6 +18,11 @@ supervisor -> worker:
     flow       {from, flow, plan}  + the client socket, from worker `from`
     ask, reply {from, id, ...}     passed on from worker `from`
     store      {from}              another worker saw the store change
+    reload     {}                  SIGHUP reached the supervisor: reload the config
+    stop       {}                  drain and exit (the supervisor stops)
+
+A worker takes reloads and stops from its channel only: signals sent to the whole process
+group (a terminal's Ctrl-C, a test's killpg) would otherwise reach it twice.
     scrape     {id}
 """
 
@@ -82,6 +87,8 @@ class WorkerLink:
         self.adopt: Adopt | None = None
         self.answerers: dict[str, Answerer] = {}
         self.on_store: Callable[[], None] | None = None  # read the store again
+        self.on_reload: Callable[[], None] | None = None  # SIGHUP, passed on
+        self.stop = asyncio.Event()  # told to stop, or the supervisor is gone
         self._questions: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._question_ids = itertools.count(1)
         self._answering: set[asyncio.Task[None]] = set()
@@ -202,6 +209,7 @@ class WorkerLink:
             log.warning("worker %d: bad message from the supervisor: %s", self.index, e)
         finally:
             self.closed.set()
+            self.stop.set()
 
     def _handle(self, msg: Message) -> None:
         if msg.kind == "siblings":
@@ -213,6 +221,11 @@ class WorkerLink:
             task = asyncio.ensure_future(self._answer(msg.body))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
+        elif msg.kind == "reload":
+            if self.on_reload is not None:
+                self.on_reload()
+        elif msg.kind == "stop":
+            self.stop.set()
         elif msg.kind == "store":
             if self.on_store is not None:
                 self.on_store()

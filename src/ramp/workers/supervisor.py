@@ -412,9 +412,19 @@ class Supervisor:
             reload.clear()
             self.reloaded()
 
+    def tell_all(self, kind: str) -> None:
+        """A message to every worker; one that cannot take it gets the signal instead."""
+        for worker in list(self.workers.values()):
+            try:
+                worker.channel.send(kind, {})
+            except ChannelError:
+                sig = signal.SIGHUP if kind == "reload" else signal.SIGTERM
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(sig)
+
     def reloaded(self) -> None:
         self.notify.reloading()
-        self.signal_all(signal.SIGHUP)
+        self.tell_all("reload")
         self.notify.ready(f"{len(self.workers)} workers; reload passed to each")
 
     def signal_all(self, sig: int) -> None:
@@ -423,9 +433,9 @@ class Supervisor:
                 worker.proc.send_signal(sig)
 
     async def stop_workers(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM (each drains), then SIGKILL for those still running after `timeout`."""
+        """`stop` (each drains), then SIGKILL for those still running after `timeout`."""
         workers = list(self.workers.values())
-        self.signal_all(signal.SIGTERM)
+        self.tell_all("stop")
         waits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
         if waits:
             await asyncio.wait(waits, timeout=timeout)
