@@ -49,6 +49,7 @@ from ramp.restart.successor import (
     successor_command,
     take_over,
 )
+from ramp.runtime import stop_when
 from ramp.tunnel.connector_side import FlowEnd, PinError, RegistrationRefused, TunnelClient
 from ramp.tunnel.resolver import Resolver
 from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
@@ -289,7 +290,7 @@ class Connector:
             worker.scrape = self.scrape
             worker.start()
             worker.listening()
-            stop_on_gone = asyncio.ensure_future(_stop_when(worker.stop, stop))
+            stop_on_gone = asyncio.ensure_future(stop_when(worker.stop, stop))
         elif predecessor is None:
             await self._start_serving()
         edges = ", ".join(f"{h}:{p}" for h, p in self.edges)
@@ -452,11 +453,6 @@ def load_token(config: ConnectorConfig) -> Token:
 
 
 MAX_CONNECTIONS_PER_WORKER = 64  # a worker's connection indexes start at index * this
-
-
-async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
-    await event.wait()
-    stop.set()
 
 
 def run_connector(config: ConnectorConfig) -> int:

@@ -71,6 +71,7 @@ from ramp.restart.successor import (
     hand_over,
     take_over,
 )
+from ramp.runtime import stop_when
 from ramp.store.db import Store
 from ramp.tunnel.dns_edge import DnsZoneRoute, DnsZones, TunnelDnsClient
 from ramp.tunnel.edge_side import TunnelEdge, Verdict, server_configuration
@@ -945,7 +946,7 @@ async def serve_edge(
     stopping = asyncio.ensure_future(stop.wait())
     handed = asyncio.ensure_future(edge.handed_over.wait())
     if worker is not None:  # told to stop, or its supervisor is gone: it drains and exits
-        tasks.append(asyncio.ensure_future(_stop_when(worker.stop, stop)))
+        tasks.append(asyncio.ensure_future(stop_when(worker.stop, stop)))
         if reloaded is not None and load is not None:
             worker.on_reload = lambda: reloaded.put_nowait(load)
     try:
@@ -972,11 +973,6 @@ async def serve_edge(
         if worker is not None:
             worker.close()
     return 0
-
-
-async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
-    await event.wait()
-    stop.set()
 
 
 async def _take_over(edge: Edge, predecessor: Predecessor) -> None:

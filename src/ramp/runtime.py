@@ -64,3 +64,9 @@ def run_until_signal(
     if uvloop is not None:
         return uvloop.run(runner())
     return asyncio.run(runner())
+
+
+async def stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
+    """Set `stop` once `event` is set (a worker told to stop, or left by its supervisor)."""
+    await event.wait()
+    stop.set()

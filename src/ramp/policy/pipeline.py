@@ -166,11 +166,29 @@ class FlowPipeline:
         )
 
     async def open_tcp(self, flow: Flow) -> TcpLeg:
+        return await self._open_stream(flow, self._decide_and_route)
+
+    async def open_moved(self, flow: Flow) -> TcpLeg:
+        """A flow another worker decided and routed (ramp.flows.moved): admitted here, its
+        stream opened on this worker's connections, with no second policy decision."""
+        return await self._open_stream(flow, self._moved_route)
+
+    async def _moved_route(self, flow: Flow) -> Any:
+        route = flow.route
+        if route is None:
+            raise FlowError(FlowResult.ERROR, "a moved flow without a route")
+        flow.advance(FlowState.ROUTED)
+        offramp = self.offramps.get(route.offramp)
+        if offramp is None:
+            raise FlowError(FlowResult.ERROR, f"no off-ramp {route.offramp!r} on this edge")
+        return route, offramp
+
+    async def _open_stream(self, flow: Flow, route_of: Callable[[Flow], Awaitable[Any]]) -> TcpLeg:
         started = time.monotonic()
         self._admit(flow)
         self._take_opening(flow)
         try:
-            route, offramp = await self._decide_and_route(flow)
+            route, offramp = await route_of(flow)
             leg: TcpLeg = await offramp.open_stream(flow, route)
         finally:
             self._release_opening(flow)
@@ -179,30 +197,6 @@ class FlowPipeline:
         except FlowError:
             leg.abort()
             raise
-        flow.advance(FlowState.OPENED)
-        if self._on_open is not None:
-            self._on_open(flow)
-        if self._on_setup is not None:
-            self._on_setup(time.monotonic() - started)
-        return leg
-
-    async def open_moved(self, flow: Flow) -> TcpLeg:
-        """A flow another worker decided and routed (ramp.flows.moved): admitted here, its
-        stream opened on this worker's connections, with no second policy decision."""
-        started = time.monotonic()
-        route = flow.route
-        if route is None:
-            raise FlowError(FlowResult.ERROR, "a moved flow without a route")
-        self._admit(flow)
-        flow.advance(FlowState.ROUTED)
-        offramp = self.offramps.get(route.offramp)
-        if offramp is None:
-            raise FlowError(FlowResult.ERROR, f"no off-ramp {route.offramp!r} on this edge")
-        self._take_opening(flow)
-        try:
-            leg: TcpLeg = await offramp.open_stream(flow, route)
-        finally:
-            self._release_opening(flow)
         flow.advance(FlowState.OPENED)
         if self._on_open is not None:
             self._on_open(flow)
