@@ -695,10 +695,17 @@ class Edge:
             self.metrics.tunnel_connections.labels(self._tunnel_names.get(tid, tid)).set(
                 len(entry.conns)
             )
-        if self.worker is not None:
-            self.worker.tunnels(
-                {tid: len(entry.conns) for tid, entry in self.tunnels.tunnels.items()}
-            )
+        if self.worker is not None:  # the connections other workers may send flows to
+            self.worker.tunnels(self.tunnels.serving_counts())
+
+    def _rebalance(self, tunnel_id: str, slot: int) -> bool:
+        """The supervisor asks to move one of this worker's connections of the tunnel to the
+        worker at `slot`: its connector redials with an Initial id carrying that slot."""
+        given = self.steering.get("tunnel")
+        if self.tunnels is None or given is None:
+            return False
+        group, _ = given
+        return self.tunnels.redial(tunnel_id, group.cookies.issue(slot))
 
     # -- workers (ramp.workers, ramp.flows.moved) ------------------------------------------------
 
@@ -927,6 +934,7 @@ async def serve_edge(
         worker.adopt = edge._adopt
         worker.answerers["dns"] = edge._answer_dns
         worker.on_store = lambda: edge.reload_store(told=True)
+        worker.on_rebalance = edge._rebalance
         worker.start()
         worker.listening()
         log.info("edge worker %d of %d ready", worker.index, worker.workers)

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_udp_socks5 import Association
 
 from ramp.testing.lab import (
     APP_NAME,
+    CLIENT_SOCKS,
+    CLIENT_SOCKS_PORT,
     DNS_ZONE,
     EDGE_DNS,
     HTTP_PORT,
@@ -49,6 +52,12 @@ def ready_doc(proc: LabProcess) -> dict[str, Any]:
 
 def worker_pids(proc: LabProcess) -> dict[int, int]:
     return {int(w["index"]): int(w["pid"]) for w in ready_doc(proc).get("workers", [])}
+
+
+def connections_by_worker(proc: LabProcess, tunnel: str = "corp") -> list[int]:
+    """The tunnel's connections each edge worker holds, in worker order."""
+    workers = sorted(ready_doc(proc).get("workers", []), key=lambda w: int(w["index"]))
+    return [int(w.get("connections", {}).get(tunnel, 0)) for w in workers]
 
 
 def fetch_small(lab: Lab, via: str) -> Digest:
@@ -206,6 +215,54 @@ def test_a_flow_moves_to_the_worker_holding_its_tunnel(workers_lab: Lab, payload
     ]
 
 
+def test_every_edge_worker_holds_connections_of_the_tunnel_so_flows_that_cannot_move_work(
+    workers_lab: Lab, payload: Payload
+) -> None:
+    """A SOCKS5 UDP association and a MASQUE client's streams and connect-udp requests are
+    not sockets that can move to another worker: the worker they reach must hold the tunnel.
+    The supervisor spreads the tunnel's connections over the workers (REDIAL) however the
+    kernel's hash placed them, without the connector ever having fewer."""
+    lab = workers_lab
+    lab.start_standard(connector_args=(*CONNECTOR_ARGS, "--workers", "1"), ha_connections=4)
+    lab.wait_tunnel_connections("corp", 4)
+    wait_until(
+        lambda: connections_by_worker(lab.edge) == [2, 2],
+        DEADLINE,
+        what="the tunnel's 4 connections spread 2 and 2 over the edge workers",
+    )
+    connector = lab.connectors[0]
+    assert connector.metrics().value("ramp_tunnel_connections") == 4
+    # 16 associations open at once: their control connections land on both workers
+    assocs: list[Association] = []
+    try:
+        for _ in range(16):
+            assocs.append(Association(lab))
+        assert set(holders(lab).values()) == set(worker_pids(lab.edge).values()), holders(lab)
+        lost = [i for i, a in enumerate(assocs) if not a.ping()]
+        assert lost == [], f"associations {lost} got no echo"
+    finally:
+        for a in assocs:
+            a.close()
+    # a MASQUE client: one QUIC connection, on whichever worker its Initial reached
+    client = lab.start_client(lab.client_token("laptop"))
+    got = [
+        lab.curl_digest(
+            "--socks5", CLIENT_SOCKS, f"http://{ORIGIN}:{HTTP_PORT}/small.bin", timeout=30
+        )
+        for _ in range(10)
+    ]
+    assert all(d.returncode == 0 and d.sha256 == payload.small.sha256 for d in got), [
+        d.stderr for d in got if d.returncode
+    ]
+    assoc = Association(lab, proxy=("127.0.0.1", CLIENT_SOCKS_PORT), bind="127.0.0.1")
+    try:
+        assert assoc.ping(), "no echo through the client's connect-udp"
+    finally:
+        assoc.close()
+    assert client.metrics().value("ramp_client_edge_connects_total") == 1
+    assert lab.edge_metrics().value("ramp_flows_moved_total", direction="out") == 0
+
+
 def test_kill_9_of_an_edge_worker_loses_only_its_flows_and_it_comes_back(
     workers_lab: Lab, payload: Payload
 ) -> None:
@@ -242,6 +299,13 @@ def test_kill_9_of_an_edge_worker_loses_only_its_flows_and_it_comes_back(
     )
     assert lab.edge_metrics().value("ramp_worker_restarts_total", how="signal") == 1
     lab.wait_tunnel_connections("corp", 4, timeout=DEADLINE)
+    # the connections it lost were redialled to the worker that stayed; the supervisor moves
+    # half of them back to the new one
+    wait_until(
+        lambda: connections_by_worker(lab.edge) == [2, 2],
+        DEADLINE,
+        what="the tunnel's connections spread over both workers again",
+    )
     got = [fetch_small(lab, "socks5") for _ in range(20)]
     assert all(d.returncode == 0 and d.sha256 == payload.small.sha256 for d in got)
 

@@ -16,6 +16,7 @@ from ramp.wire.tunnel import (
     ConnectTcp,
     FrameDecoder,
     ProtocolError,
+    Redial,
     Register,
     Registered,
     RegisterError,
@@ -56,6 +57,7 @@ frames = st.one_of(
     st.builds(RegisterRefused, code=st.sampled_from(RegisterError), message=text),
     st.just(Unregister()),
     st.builds(Successor, edge_id=text),
+    st.builds(Redial, initial_cid=st.binary(min_size=8, max_size=20)),
     st.builds(Window, stream_id=st.integers(0, MAX_VARINT), increment=st.integers(1, 1 << 32)),
     st.builds(
         ConnectTcp,
@@ -244,3 +246,11 @@ def test_stream_datagram_frames(data: bytes) -> None:
 def test_payload_too_large_is_refused() -> None:
     with pytest.raises(ProtocolError, match="too large"):
         parse_datagram(payload_prefix(1) + b"x" * 65536)
+
+
+@pytest.mark.parametrize("length", [0, 7, 21])
+def test_redial_refuses_ids_an_initial_cannot_carry(length: int) -> None:
+    raw = encode_frame(Redial(b"\x01" * 8))
+    bad = raw[:1] + encode_varint(1 + length) + encode_varint(length) + b"\x01" * length
+    with pytest.raises(ProtocolError):
+        parse_frame(bad)

@@ -12,6 +12,7 @@ from ramp.wire.tunnel import (
     ALPN,
     CloseCode,
     FrameDecoder,
+    Redial,
     Register,
     Registered,
     RegisterError,
@@ -234,3 +235,27 @@ def test_edge_refuses_a_successor_frame_from_a_connector() -> None:
     m.control_data(encode_frame(REGISTER), False, 101.0)
     actions = m.control_data(encode_frame(Successor("x")), False, 102.0)
     assert actions[-1] == cs.CloseConnection(CloseCode.PROTOCOL_ERROR, "unexpected Successor")
+
+
+def test_edge_asks_a_redial_only_of_registered_connections_that_take_flows() -> None:
+    cid = bytes(range(8))
+    m, _ = edge()
+    assert m.ask_redial(cid) == []  # not registered yet
+    m.control_data(encode_frame(REGISTER), False, 101.0)
+    assert sent_frames(m.ask_redial(cid)) == [Redial(cid)]
+    m.control_data(encode_frame(Unregister()), False, 102.0)
+    assert m.ask_redial(cid) == []  # draining: it is going away anyway
+
+
+def test_connector_takes_a_redial_once_registered() -> None:
+    cid = bytes(range(8))
+    m = ConnectorControl()
+    m.start(REGISTER)
+    early = m.control_data(encode_frame(Redial(cid)), False, 0.0)
+    assert early[-1] == cs.CloseConnection(CloseCode.PROTOCOL_ERROR, "unexpected Redial")
+
+    m = ConnectorControl()
+    m.start(REGISTER)
+    m.control_data(encode_frame(Registered("t1", "edge-1")), False, 0.0)
+    assert m.control_data(encode_frame(Redial(cid)), False, 0.0) == [cs.RedialAsked(cid)]
+    assert m.accepts_flows  # it serves until its replacement registered

@@ -525,9 +525,11 @@ async def dial(
     configuration: QuicConfiguration,
     create_protocol: Callable[[QuicConnection], P],
     max_streams_bidi: int = qh3compat.QH3_MAX_STREAMS_BIDI,
+    initial_cid: bytes | None = None,
 ) -> P:
     """Open a QUIC connection that lets the peer open `max_streams_bidi` streams at once;
-    returns once the handshake completed (or raises)."""
+    returns once the handshake completed (or raises). `initial_cid`: the destination id of
+    its Initial packets (one the server handed out to steer the connection), else random."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, addr = infos[0]
@@ -535,6 +537,8 @@ async def dial(
     connection = qh3compat.LimitedConnection(
         configuration=configuration, max_streams_bidi=max_streams_bidi
     )
+    if initial_cid is not None:
+        qh3compat.set_initial_destination(connection, initial_cid)
     transport, protocol = await _datagram_endpoint(lambda: create_protocol(connection), sock)
     assert isinstance(protocol, QuicPeer)
     protocol.connect(addr)

@@ -170,6 +170,16 @@ class LimitedConnection(QuicConnection):
             super()._log_packets(event, data)
 
 
+def set_initial_destination(quic: QuicConnection, cid: bytes) -> None:
+    """A client connection's Initial packets carry `cid` as their destination id (qh3 picks
+    a random one in the constructor and offers no way to choose it)."""
+    if not is_client(quic) or quic._core is not None:
+        raise ValueError("only a client connection that has not connected yet")
+    if not 8 <= len(cid) <= 20:
+        raise ValueError(f"an Initial's destination id is 8 to 20 bytes, not {len(cid)}")
+    quic._original_destination_connection_id = cid
+
+
 def free_bidi_streams(quic: QuicConnection) -> int:
     """How many more bidirectional streams the peer's MAX_STREAMS lets us open now."""
     core = quic._core

@@ -35,6 +35,7 @@ from ramp.wire import proxy_protocol
 from ramp.wire.tunnel import (
     ALPN,
     CAP_IP_PACKETS,
+    CAP_REDIAL,
     CAP_SUCCESSOR,
     META_PROXY_PROTOCOL,
     CloseCode,
@@ -56,6 +57,8 @@ BACKOFF_CAP = 60.0
 REGISTER_TIMEOUT = 10.0
 SUCCESSOR_FOLLOW_TIMEOUT = 30.0  # trying to reach an edge's successor, then keep the old
 SUCCESSOR_RETRY = 0.2
+REDIAL_ATTEMPTS = 3  # dials of a REDIAL's new connection before the old one just stays
+REDIAL_DRAIN = 60.0  # a moved connection's flows may run this long before it is cut
 EDGE_SERVER_NAME = "ramp-edge"
 
 
@@ -140,6 +143,7 @@ class ConnectorConnection(endpoint.TunnelConnection):
         self.edge_id = ""
         self.successor = asyncio.Event()  # the edge said SUCCESSOR: a new process serves
         self.successor_id = ""
+        self.redial_cid: bytes | None = None  # the edge said REDIAL: move to this Initial id
 
     def start_registration(self, frame: Register) -> None:
         sid = self.open_stream(None)  # type: ignore[arg-type]
@@ -165,6 +169,14 @@ class ConnectorConnection(endpoint.TunnelConnection):
                     self.index,
                 )
                 self.successor_id = a.edge_id
+                self.successor.set()
+            elif isinstance(a, cs.RedialAsked):
+                log.info(
+                    "edge %s asks connection %d to move to another of its workers",
+                    self.edge_id,
+                    self.index,
+                )
+                self.redial_cid = a.initial_cid
                 self.successor.set()
             elif isinstance(a, cs.RegistrationFailed) and not self.registered.done():
                 if a.code is None:
@@ -392,6 +404,8 @@ class TunnelClient:
     ) -> ConnectorConnection:
         """Register a connection with the successor; the old one serves its flows until its
         edge closes it. Returns the connection to watch from now on."""
+        if old.redial_cid is not None:
+            return await self._move(old, host, port, index, old.redial_cid)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SUCCESSOR_FOLLOW_TIMEOUT
         while not old.closed and not self.draining and loop.time() < deadline:
@@ -413,6 +427,54 @@ class TunnelClient:
         old.successor.clear()
         return old
 
+    async def _move(
+        self, old: ConnectorConnection, host: str, port: int, index: int, cid: bytes
+    ) -> ConnectorConnection:
+        """REDIAL: register a connection whose Initial carries `cid`, then retire the old
+        one ourselves (its edge process keeps serving): UNREGISTER, let its flows end, close.
+        If the new one cannot be had, the old one stays."""
+        old.successor.clear()
+        old.redial_cid = None
+        for attempt in range(REDIAL_ATTEMPTS):
+            if old.closed or self.draining:
+                return old
+            try:
+                new = await self._connect(host, port, index, initial_cid=cid)
+            except (OSError, ConnectionError, TimeoutError, RegistrationRefused) as e:
+                log.warning("connection %d: the redial failed (try %d): %s", index, attempt + 1, e)
+                await asyncio.sleep(SUCCESSOR_RETRY)
+                continue
+            task = asyncio.ensure_future(self._wind_down(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            return new
+        log.warning("connection %d: could not move it; it stays where it is", index)
+        return old
+
+    async def _wind_down(self, conn: ConnectorConnection) -> None:
+        """A connection replaced by a redial: the edge opens no new flows on it after
+        UNREGISTER and moves its UDP sessions; close it once those are gone."""
+        conn.unregister()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REDIAL_DRAIN
+        udp_deadline = loop.time() + UDP_MOVE_WAIT
+
+        def busy() -> bool:
+            if conn.flow_tasks or conn.bridges:
+                return True
+            return loop.time() < udp_deadline and any(
+                getattr(s, "conn", None) is conn
+                for s in getattr(self.sessions, "sessions", {}).values()
+            )
+
+        try:
+            while not conn.closed and busy() and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            if not conn.closed:
+                conn.close_with(CloseCode.NO_ERROR, "moved to another edge worker")
+        finally:
+            self._drop(conn)
+
     async def _retire(self, conn: ConnectorConnection) -> None:
         """The old edge process closes its connections once it has drained."""
         try:
@@ -420,7 +482,9 @@ class TunnelClient:
         finally:
             self._drop(conn)
 
-    async def _connect(self, host: str, port: int, index: int) -> ConnectorConnection:
+    async def _connect(
+        self, host: str, port: int, index: int, initial_cid: bytes | None = None
+    ) -> ConnectorConnection:
         config = client_configuration(self.idle_timeout)
         async with asyncio.timeout(REGISTER_TIMEOUT):
             conn = await endpoint.dial(
@@ -429,6 +493,7 @@ class TunnelClient:
                 configuration=config,
                 create_protocol=lambda quic: ConnectorConnection(quic, owner=self, index=index),
                 max_streams_bidi=self.max_streams_bidi,
+                initial_cid=initial_cid,
             )
         assert isinstance(conn, ConnectorConnection)
         try:
@@ -463,7 +528,7 @@ class TunnelClient:
 
     def client_info(self) -> str:
         """REGISTER's client info: version, host, and the optional features served here."""
-        caps = {CAP_SUCCESSOR}
+        caps = {CAP_SUCCESSOR, CAP_REDIAL}
         if self.packets is not None:
             caps.add(CAP_IP_PACKETS)
         return with_capabilities(f"ramp/{__version__} {socket.gethostname()}", caps)

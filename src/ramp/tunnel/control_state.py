@@ -18,6 +18,7 @@ from ramp.wire.tunnel import (
     Frame,
     FrameDecoder,
     ProtocolError,
+    Redial,
     Register,
     Registered,
     RegisterError,
@@ -119,6 +120,13 @@ class SuccessorServes:
 
 
 @dataclass(frozen=True, slots=True)
+class RedialAsked:
+    """The edge said REDIAL: dial a connection with this Initial id, then retire this one."""
+
+    initial_cid: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class RegistrationDone:
     """The connector's registration was accepted."""
 
@@ -144,6 +152,7 @@ ControlAction = (
     | Accepted
     | Draining
     | SuccessorServes
+    | RedialAsked
     | RegistrationDone
     | RegistrationFailed
 )
@@ -269,6 +278,13 @@ class EdgeControl(_Control):
             return []
         return [SendControl(encode_frame(Successor(edge_id)))]
 
+    def ask_redial(self, initial_cid: bytes) -> list[ControlAction]:
+        """Ask a registered connector to move this connection (ramp.workers: to the worker
+        whose steering cookie `initial_cid` carries)."""
+        if self.closing or not self.registered or self.draining:
+            return []
+        return [SendControl(encode_frame(Redial(initial_cid)))]
+
     def _register(self, frame: Register, now: float) -> list[ControlAction]:
         actions: list[ControlAction] = [CancelTimer(TIMER_REGISTRATION)]
         verdict = self._check(frame)
@@ -326,6 +342,8 @@ class ConnectorControl(_Control):
             return [RegistrationDone(frame)]
         if isinstance(frame, Successor) and self.state == "registered":
             return [SuccessorServes(frame.edge_id)]
+        if isinstance(frame, Redial) and self.state == "registered":
+            return [RedialAsked(frame.initial_cid)]
         if isinstance(frame, RegisterRefused) and self.state == "registering":
             self.state = "refused"
             return [RegistrationFailed(frame.code, frame.message)]

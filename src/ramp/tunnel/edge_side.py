@@ -26,6 +26,7 @@ from ramp.tunnel.interfaces import STALE_AFTER, EdgeDatagramSink
 from ramp.tunnel.packets_edge import EdgePackets
 from ramp.wire.tunnel import (
     ALPN,
+    CAP_REDIAL,
     CAP_SUCCESSOR,
     PROTOCOL_VERSION,
     CloseCode,
@@ -58,6 +59,8 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.sessions: dict[int, Any] = {}  # UDP sessions riding this connection, by id
         self.ip_packets = False  # its connector takes PACKET datagrams (said at registration)
         self.follows_successor = False  # it answers SUCCESSOR by dialling the successor
+        self.redials = False  # it answers REDIAL by moving the connection
+        self.redial_asked = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def handshake_done(self, alpn: str | None) -> None:
@@ -108,6 +111,10 @@ class EdgeConnection(endpoint.TunnelConnection):
     def announce_successor(self, edge_id: str) -> None:
         self._run(self.machine.announce_successor(edge_id))
 
+    def ask_redial(self, initial_cid: bytes) -> None:
+        self.redial_asked = True
+        self._run(self.machine.ask_redial(initial_cid))
+
     def _timer(self, name: str) -> None:
         self._timers.pop(name, None)
         self._run(self.machine.timer(name, self.loop.time()))
@@ -151,7 +158,9 @@ class EdgeConnection(endpoint.TunnelConnection):
         self.tunnel_name = tunnel_name
         self.connector_id = str(frame.connector_id)
         self.conn_index = frame.conn_index
-        self.follows_successor = CAP_SUCCESSOR in capabilities(frame.client_info)
+        caps = capabilities(frame.client_info)
+        self.follows_successor = CAP_SUCCESSOR in caps
+        self.redials = CAP_REDIAL in caps
         if self.edge.packets is not None:
             self.ip_packets = self.edge.packets.connection_registered(self, frame.client_info)
         self.edge.add(self)
@@ -306,6 +315,33 @@ class TunnelEdge:
                     conn.announce_successor(edge_id)
                     told[tid] = told.get(tid, 0) + 1
         return told
+
+    def serving_counts(self) -> dict[str, int]:
+        """Tunnel id: connections that take new flows (not draining, not closed)."""
+        counts: dict[str, int] = {}
+        for tid, entry in self.tunnels.items():
+            n = sum(1 for c in entry.conns if not c.draining and not c.closed)
+            if n:
+                counts[tid] = n
+        return counts
+
+    def redial(self, tunnel_id: str, initial_cid: bytes) -> bool:
+        """Ask one connection of the tunnel to move (REDIAL): the one with the fewest flows
+        among those whose connector can, unless it is the tunnel's last serving one here."""
+        entry = self.tunnels.get(tunnel_id)
+        serving = [c for c in entry.conns if not c.draining and not c.closed] if entry else []
+        able = [c for c in serving if c.redials and not c.redial_asked]
+        if len(serving) < 2 or not able:
+            return False
+        conn = min(able, key=lambda c: len(c.bridges) + len(c.sessions))
+        log.info(
+            "asking connector %s conn %d (tunnel %s) to move to another worker",
+            conn.connector_id[:8],
+            conn.conn_index,
+            conn.tunnel_name,
+        )
+        conn.ask_redial(initial_cid)
+        return True
 
     def drop_tunnel(self, tunnel_id: str, code: int, reason: str) -> None:
         entry = self.tunnels.pop(tunnel_id, None)

@@ -55,6 +55,7 @@ class FrameType(enum.IntEnum):
     UNREGISTER = 0x04
     WINDOW = 0x05
     SUCCESSOR = 0x06
+    REDIAL = 0x07
     CONNECT_TCP = 0x10
     CONNECT_RESULT = 0x11
     DATAGRAM = 0x20  # a tunnel datagram too large for a QUIC DATAGRAM frame, on a uni stream
@@ -281,6 +282,30 @@ class Successor:
 
 CAP_SUCCESSOR = "successor"  # a REGISTER's client info word "+successor": answers SUCCESSOR
 
+REDIAL_CID_MIN, REDIAL_CID_MAX = 8, 20  # an Initial's destination id (RFC 9000 7.2: >= 8)
+
+
+@dataclass(frozen=True, slots=True)
+class Redial:
+    """Edge -> connector: move this connection. Dial one more whose Initial packets carry
+    `initial_cid` as their destination connection id (the edge's steering sends it to the
+    process that should hold it), then UNREGISTER this one and close it once its flows end."""
+
+    initial_cid: bytes
+
+    def payload(self) -> bytes:
+        return _blob(self.initial_cid)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Redial:
+        cid = r.blob("initial connection id", REDIAL_CID_MAX)
+        if len(cid) < REDIAL_CID_MIN:
+            raise ProtocolError(f"initial connection id of {len(cid)} bytes (at least 8)")
+        return cls(cid)
+
+
+CAP_REDIAL = "redial"  # a REGISTER's client info word "+redial": answers REDIAL
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -377,6 +402,7 @@ Frame = (
     | RegisterRefused
     | Unregister
     | Successor
+    | Redial
     | Window
     | ConnectTcp
     | ConnectResult
@@ -389,6 +415,7 @@ _TYPES: dict[type, FrameType] = {
     RegisterRefused: FrameType.REGISTER_ERROR,
     Unregister: FrameType.UNREGISTER,
     Successor: FrameType.SUCCESSOR,
+    Redial: FrameType.REDIAL,
     Window: FrameType.WINDOW,
     ConnectTcp: FrameType.CONNECT_TCP,
     ConnectResult: FrameType.CONNECT_RESULT,

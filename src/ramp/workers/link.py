@@ -15,6 +15,8 @@ supervisor -> worker:
 
     hello      {index, workers}    + the layout memfd, stderr, the groups' descriptors
     siblings   {tunnels}           tunnel id: the other workers holding connections of it
+    rebalance  {tunnel, slot}      move one connection of the tunnel to the worker at that
+                                   slot of the tunnel port's steering group (REDIAL)
     flow       {from, flow, plan}  + the client socket, from worker `from`
     ask, reply {from, id, ...}     passed on from worker `from`
     store      {from}              another worker saw the store change
@@ -88,6 +90,8 @@ class WorkerLink:
         self.answerers: dict[str, Answerer] = {}
         self.on_store: Callable[[], None] | None = None  # read the store again
         self.on_reload: Callable[[], None] | None = None  # SIGHUP, passed on
+        # move a connection of a tunnel to the worker at a slot; False: none could move
+        self.on_rebalance: Callable[[str, int], bool] | None = None
         self.stop = asyncio.Event()  # told to stop, or the supervisor is gone
         self._questions: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._question_ids = itertools.count(1)
@@ -215,6 +219,10 @@ class WorkerLink:
         if msg.kind == "siblings":
             tunnels = msg.body.get("tunnels", {})
             self.siblings = {str(t): [int(w) for w in ws] for t, ws in tunnels.items()}
+        elif msg.kind == "rebalance":
+            tunnel, slot = msg.body.get("tunnel"), msg.body.get("slot")
+            if self.on_rebalance is not None and isinstance(tunnel, str) and isinstance(slot, int):
+                self.on_rebalance(tunnel, slot)
         elif msg.kind == "scrape":
             self._answer_scrape(msg.body.get("id"))
         elif msg.kind == "ask":

@@ -41,6 +41,7 @@ from ramp.restart.channel import (
 )
 from ramp.restart.coordinator import RestartRefused, RestartServer, open_restart_server
 from ramp.restart.successor import Handoff
+from ramp.workers.balance import SETTLE, Balancer
 from ramp.workers.link import WORKER_ENV, size_buffers
 from ramp.workers.metrics_sum import SummedCollector, sum_expositions
 
@@ -64,6 +65,7 @@ class Worker:
     started: float
     listening: bool = False
     tunnels: dict[str, int] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)  # steering group name: its slot
     reader: asyncio.Task[None] | None = None
 
 
@@ -88,6 +90,12 @@ class SupervisorMetrics:
             "Questions one worker passed to another through the supervisor (dns: a query "
             "through a tunnel only the other worker holds).",
             ["what"],
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            "ramp_worker_rebalances",
+            "Tunnel connections the supervisor asked a worker to move to another worker "
+            "(ramp.workers.balance).",
             registry=registry,
         )
         self.scrape_failures = Counter(
@@ -131,6 +139,7 @@ class Supervisor:
         self.notify = Notifier()
         self.status_code = 0  # what the supervisor exits with
         self._told_ready = False
+        self.balancer = Balancer()
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -193,6 +202,9 @@ class Supervisor:
     def _handle(self, worker: Worker, msg: Message) -> None:
         if msg.kind == "listening":
             worker.listening = True
+            slots = msg.body.get("slots", {})
+            if isinstance(slots, dict):
+                worker.slots = {str(k): int(v) for k, v in slots.items() if isinstance(v, int)}
             for group in self.groups.values():
                 group.joined(worker.index)
             self._set_working()
@@ -203,10 +215,12 @@ class Supervisor:
             ):
                 self._told_ready = True
                 self.notify.ready(f"{self.count} workers listening")
+            self.balance()
         elif msg.kind == "tunnels":
             counts = msg.body.get("counts", {})
             worker.tunnels = {str(t): int(n) for t, n in counts.items() if int(n) > 0}
             self._tell_siblings()
+            self.balance()
         elif msg.kind == "flow":
             self._pass_flow(worker, msg)
         elif msg.kind in ("ask", "reply"):
@@ -229,6 +243,33 @@ class Supervisor:
         slots = sorted(w.index for w in self.workers.values() if w.listening)
         for group in self.groups.values():
             group.set_working(slots)
+
+    def balance(self) -> None:
+        """Ask for the moves that spread each tunnel's connections over the workers."""
+        listening = [w.index for w in self.workers.values() if w.listening and "tunnel" in w.slots]
+        holdings = {w.index: w.tunnels for w in self.workers.values()}
+        now = asyncio.get_running_loop().time()
+        for move in self.balancer.due(holdings, listening, now):
+            source, target = self.workers[move.source], self.workers[move.target]
+            log.info(
+                "tunnel %s: %d connections on worker %d, %d on worker %d: moving one",
+                move.tunnel,
+                source.tunnels.get(move.tunnel, 0),
+                source.index,
+                target.tunnels.get(move.tunnel, 0),
+                target.index,
+            )
+            with contextlib.suppress(ChannelError, ValueError):
+                source.channel.send(
+                    "rebalance", {"tunnel": move.tunnel, "slot": target.slots["tunnel"]}
+                )
+                self.metrics.rebalances.inc()
+
+    async def _rebalancing(self) -> None:
+        """Moves given up (SETTLE) are asked again even when no worker reports a change."""
+        while True:
+            await asyncio.sleep(SETTLE / 2)
+            self.balance()
 
     def _tell_siblings(self) -> None:
         for worker in self.workers.values():
@@ -286,6 +327,7 @@ class Supervisor:
                 group.release(worker.index)
         self._set_working()
         self._tell_siblings()
+        self.balance()
         how = f"signal {-code}" if code < 0 else f"status {code}"
         if self._stopping:
             log.info("worker %d (pid %d) exited: %s", worker.index, worker.proc.pid, how)
@@ -385,10 +427,13 @@ class Supervisor:
         self.notify.start_watchdog()
         keeper = asyncio.ensure_future(self._keep(stop))
         forwarder = asyncio.ensure_future(self._forward(reload)) if reload is not None else None
+        balancer = asyncio.ensure_future(self._rebalancing()) if "tunnel" in self.groups else None
         try:
             await stop.wait()
         finally:
             self._stopping = True
+            if balancer is not None:
+                balancer.cancel()
             self.notify.stopping(f"stopping {len(self.workers)} workers")
             keeper.cancel()
             if forwarder is not None:
@@ -473,7 +518,13 @@ def merge_ready(
     statuses = [str(a[3].get("status", "")) for a in answers if a[2] == ok]
     merged["status"] = statuses[0] if statuses else "no worker answered"
     merged["workers"] = [
-        {"index": i, "pid": pid, "ready": r, "status": info.get("status", "")}
+        {
+            "index": i,
+            "pid": pid,
+            "ready": r,
+            "status": info.get("status", ""),
+            **({"connections": info["connections"]} if "connections" in info else {}),
+        }
         for i, pid, r, info in answers
     ]
     return ok, merged
