@@ -56,6 +56,7 @@ from ramp.tunnel.sessions_connector import ConnectorSessions, SessionEnd
 from ramp.tunnel.token import Token, TokenError, token_text
 from ramp.wire.tunnel import RegisterError
 from ramp.workers.link import WORKER_ENV, WorkerLink
+from ramp.workers.shares import worker_share
 
 log = logging.getLogger("ramp.connector")
 
@@ -495,7 +496,7 @@ def run_connector(config: ConnectorConfig) -> int:
         own = config
         if worker is not None:  # this worker's share of the connections to each edge
             share, extra = divmod(config.ha_connections, worker.workers)
-            own = config.model_copy(
+            own = worker_share(config, worker.workers).model_copy(
                 update={"ha_connections": share + (1 if worker.index < extra else 0)}
             )
             number_flows(worker.index + 1, worker.workers)

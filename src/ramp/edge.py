@@ -1044,7 +1044,13 @@ async def _reloads(
             edge.reload_config(config)
         except (ConfigError, HookLoadError) as e:
             edge.metrics.config_reloads.labels("failed").inc()
-            log.error("reload failed, keeping the running configuration: %s", e)
+            # every worker reads the same file: one line per reload, from the first worker
+            speaks = edge.worker is None or edge.worker.index == 0
+            log.log(
+                logging.ERROR if speaks else logging.DEBUG,
+                "reload failed, keeping the running configuration: %s",
+                e,
+            )
         except Exception:
             edge.metrics.config_reloads.labels("failed").inc()
             log.exception("reload failed, keeping the running configuration")
@@ -1063,10 +1069,19 @@ def run_edge(config: EdgeConfig, load: Callable[[], EdgeConfig] | None = None) -
     queue: asyncio.Queue[Callable[[], EdgeConfig]] | None = None
     upgrades: asyncio.Queue[None] | None = None
 
-    apply_budget(config)
     worker = WORKER_ENV in os.environ  # read here: the worker's link takes it out
     if config.workers > 1 and not worker:
+        apply_budget(config)
         return _supervise(config, successor_command())
+    if worker:  # limits are for the whole edge: this worker enforces its share
+        from ramp.workers.shares import worker_share
+
+        workers = config.workers
+        config = worker_share(config, workers)
+        if load is not None:
+            whole = load
+            load = lambda: worker_share(whole(), workers)  # noqa: E731
+    apply_budget(config)
 
     async def main(stop: asyncio.Event) -> int:
         nonlocal queue, upgrades

@@ -47,6 +47,16 @@ def test_a_move_that_never_happens_is_asked_again_after_the_settle_time() -> Non
     assert b.due(holdings, [0, 1], SETTLE + 0.1) == [Move("t", 0, 1)]
 
 
+def test_a_tunnel_whose_connections_cannot_move_is_left_alone_until_they_change() -> None:
+    b = Balancer()
+    holdings = {0: {"t": 2}, 1: {}}
+    assert b.due(holdings, [0, 1], 0.0) == [Move("t", 0, 1)]
+    b.cannot("t", holdings)  # its connector predates REDIAL
+    assert b.due(holdings, [0, 1], SETTLE * 3) == []  # not asked every settle time
+    holdings = {0: {"t": 3}, 1: {}}  # a new connection (of a connector that may redial)
+    assert b.due(holdings, [0, 1], SETTLE * 3) == [Move("t", 0, 1)]
+
+
 @given(
     st.dictionaries(
         st.integers(0, 5),

@@ -25,6 +25,7 @@ def _worker_text(flows: int, active: int, limit: int, delays: list[float]) -> st
     Counter("ramp_flows", "f", ["result"], registry=registry).labels("ok").inc(flows)
     Gauge("ramp_flows_active", "a", registry=registry).set(active)
     Gauge("ramp_limit", "l", ["name"], registry=registry).labels("max_flows").set(limit)
+    Gauge("ramp_routes", "r", registry=registry).set(5)
     h = Histogram("ramp_flow_setup_seconds", "s", buckets=(0.01, 0.1), registry=registry)
     for d in delays:
         h.observe(d)
@@ -48,7 +49,9 @@ def test_the_workers_samples_are_summed_and_shared_gauges_are_not() -> None:
     got = _values(generate_latest(registry).decode())
     assert got[("ramp_flows_total", (("result", "ok"),))] == 7
     assert got[("ramp_flows_active", ())] == 3
-    assert got[("ramp_limit", (("name", "max_flows"),))] == 100  # the same in every worker
+    # each worker enforces its share of a limit: the edge's limit is their sum
+    assert got[("ramp_limit", (("name", "max_flows"),))] == 200
+    assert got[("ramp_routes", ())] == 5  # the same in every worker
     assert got[("ramp_flow_setup_seconds_bucket", (("le", "0.01"),))] == 1
     assert got[("ramp_flow_setup_seconds_bucket", (("le", "+Inf"),))] == 3
     assert got[("ramp_flow_setup_seconds_count", ())] == 3

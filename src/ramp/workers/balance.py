@@ -8,7 +8,9 @@ client's QUIC connection. So the supervisor keeps every tunnel's connections spr
 listening workers, as evenly as their number allows: when one worker holds at least two more
 of a tunnel's connections than another, it asks the first to move one (REDIAL, docs/
 protocol.md) to the second. One move per tunnel is under way at a time: it is done when the
-source worker reports one connection fewer, or given up after `SETTLE` seconds.
+source worker reports one connection fewer, or given up after `SETTLE` seconds. A worker
+that cannot move one (its connectors predate REDIAL) says so; the tunnel is then left alone
+until its connections change.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Balancer:
     """The moves under way, so each tunnel has at most one."""
 
     pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    stuck: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     def due(
         self, holdings: Mapping[int, Mapping[str, int]], listening: Sequence[int], now: float
@@ -57,7 +60,24 @@ class Balancer:
         for tunnel, (source, had, since) in list(self.pending.items()):
             if holdings.get(source, {}).get(tunnel, 0) < had or now - since > SETTLE:
                 del self.pending[tunnel]
-        moves = [m for m in plan(holdings, listening) if m.tunnel not in self.pending]
+        for tunnel, seen in list(self.stuck.items()):
+            if _spread(holdings, tunnel) != seen:
+                del self.stuck[tunnel]
+        moves = [
+            m
+            for m in plan(holdings, listening)
+            if m.tunnel not in self.pending and m.tunnel not in self.stuck
+        ]
         for m in moves:
             self.pending[m.tunnel] = (m.source, holdings[m.source][m.tunnel], now)
         return moves
+
+    def cannot(self, tunnel: str, holdings: Mapping[int, Mapping[str, int]]) -> None:
+        """The source worker has no connection of the tunnel that can move: ask again only
+        once the tunnel's connections are spread differently."""
+        self.pending.pop(tunnel, None)
+        self.stuck[tunnel] = _spread(holdings, tunnel)
+
+
+def _spread(holdings: Mapping[int, Mapping[str, int]], tunnel: str) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((w, h.get(tunnel, 0)) for w, h in holdings.items()))

@@ -10,6 +10,7 @@ Messages, worker -> supervisor:
     reply      {to, id, ...}       the answer to worker `to`'s question `id`
     store      {}                  it saw the store change: the others read it now too
     scraped    {id, ok, info}      + a memfd with its metrics, the answer to `scrape`
+    unmovable  {tunnel}            it has no connection of the tunnel that can move (REDIAL)
 
 supervisor -> worker:
 
@@ -221,8 +222,9 @@ class WorkerLink:
             self.siblings = {str(t): [int(w) for w in ws] for t, ws in tunnels.items()}
         elif msg.kind == "rebalance":
             tunnel, slot = msg.body.get("tunnel"), msg.body.get("slot")
-            if self.on_rebalance is not None and isinstance(tunnel, str) and isinstance(slot, int):
-                self.on_rebalance(tunnel, slot)
+            valid = isinstance(tunnel, str) and isinstance(slot, int)
+            if valid and self.on_rebalance is not None and not self.on_rebalance(tunnel, slot):
+                self._send("unmovable", {"tunnel": tunnel})
         elif msg.kind == "scrape":
             self._answer_scrape(msg.body.get("id"))
         elif msg.kind == "ask":

@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 # metrics every worker sets alike, from the config, the shared store or a signal they all get
 SAME_IN_EVERY_WORKER = frozenset(
     {
-        "ramp_limit",
         "ramp_policy_rules",
         "ramp_routes",
         "ramp_icmp_mode",

@@ -221,6 +221,10 @@ class Supervisor:
             worker.tunnels = {str(t): int(n) for t, n in counts.items() if int(n) > 0}
             self._tell_siblings()
             self.balance()
+        elif msg.kind == "unmovable":
+            tunnel = str(msg.body.get("tunnel", ""))
+            log.info("tunnel %s: worker %d has no connection that can move", tunnel, worker.index)
+            self.balancer.cannot(tunnel, {w.index: w.tunnels for w in self.workers.values()})
         elif msg.kind == "flow":
             self._pass_flow(worker, msg)
         elif msg.kind in ("ask", "reply"):
