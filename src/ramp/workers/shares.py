@@ -33,12 +33,14 @@ SHARED_LIMITS: dict[type, tuple[str, ...]] = {
         "max_opening_flows_per_identity",
         "quic_max_handshakes",
         "quic_max_handshakes_per_source",
+        "quic_refusals_per_source",
         "max_udp_sessions",
         "max_udp_sessions_per_source",
         "max_udp_sessions_per_identity",
         "masque_ip_max_flows",
         "max_waiting_flows",
         "flow_memory_budget",
+        "resolve_max_concurrent",
     ),
     ConnectorConfig: (
         "max_udp_sessions",
@@ -46,6 +48,7 @@ SHARED_LIMITS: dict[type, tuple[str, ...]] = {
         "max_udp_sessions_per_identity",
         "icmp_flow_limit",
         "flow_memory_budget",
+        "resolve_max_concurrent",
     ),
 }
 
