@@ -111,6 +111,11 @@ class EdgeConnection(endpoint.TunnelConnection):
     def announce_successor(self, edge_id: str) -> None:
         self._run(self.machine.announce_successor(edge_id))
 
+    @property
+    def takes_flows(self) -> bool:
+        """Registered and neither draining nor closed: new flows may use it."""
+        return not self.draining and not self.closed
+
     def ask_redial(self, initial_cid: bytes) -> None:
         self.redial_asked = True
         self._run(self.machine.ask_redial(initial_cid))
@@ -281,7 +286,7 @@ class TunnelEdge:
         entry = self.tunnels.get(tunnel_id)
         if entry is None:
             return []
-        conns = [c for c in entry.conns if not c.draining and not c.closed]
+        conns = [c for c in entry.conns if c.takes_flows]
         if not conns:
             return []
         start = entry.next % len(conns)
@@ -295,8 +300,7 @@ class TunnelEdge:
         unlike candidates() it leaves the round robin alone."""
         entry = self.tunnels.get(tunnel_id)
         return entry is not None and any(
-            not c.draining and not c.closed and (replica is None or c.connector_id == replica)
-            for c in entry.conns
+            c.takes_flows and (replica is None or c.connector_id == replica) for c in entry.conns
         )
 
     def count(self, tunnel_id: str | None = None) -> int:
@@ -311,7 +315,7 @@ class TunnelEdge:
         told: dict[str, int] = {}
         for tid, entry in self.tunnels.items():
             for conn in entry.conns:
-                if conn.follows_successor and not conn.closed and not conn.draining:
+                if conn.follows_successor and conn.takes_flows:
                     conn.announce_successor(edge_id)
                     told[tid] = told.get(tid, 0) + 1
         return told
@@ -320,7 +324,7 @@ class TunnelEdge:
         """Tunnel id: connections that take new flows (not draining, not closed)."""
         counts: dict[str, int] = {}
         for tid, entry in self.tunnels.items():
-            n = sum(1 for c in entry.conns if not c.draining and not c.closed)
+            n = sum(1 for c in entry.conns if c.takes_flows)
             if n:
                 counts[tid] = n
         return counts
@@ -329,7 +333,7 @@ class TunnelEdge:
         """Ask one connection of the tunnel to move (REDIAL): the one with the fewest flows
         among those whose connector can, unless it is the tunnel's last serving one here."""
         entry = self.tunnels.get(tunnel_id)
-        serving = [c for c in entry.conns if not c.draining and not c.closed] if entry else []
+        serving = [c for c in entry.conns if c.takes_flows] if entry else []
         able = [c for c in serving if c.redials and not c.redial_asked]
         if len(serving) < 2 or not able:
             return False
